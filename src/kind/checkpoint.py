@@ -1,0 +1,184 @@
+"""Files on disk: atomic writes, training checkpoints, and model directories.
+
+Tensors go to safetensors and everything else to JSON, so loading never unpickles. Every write lands
+in a temporary file or directory first and is renamed into place: a crash leaves the previous file
+whole. A training checkpoint is a directory `checkpoints/step_NNNNNNN/` holding the model, the EMA
+weights, the optimiser state (flattened to tensors keyed by parameter name), the RNG states and a
+`state.json` with the step; a model directory is `model.json` + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from kind.diffusion import DiffusionConfig
+from kind.model import DiT, ModelConfig
+
+MODEL_JSON, MODEL_WEIGHTS = "model.json", "model.safetensors"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+        tmp,
+        metadata={k: str(v) for k, v in (meta or {}).items()},
+    )
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():  # re-saving the same step: move the old one aside, then drop it
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated headers etc.
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); the file is damaged or truncated"
+        ) from e
+
+
+# ---- optimiser state, flattened so it can live in safetensors ------------------------------
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict, list]:
+    """(tensors keyed 'param_name/state_key', hyper-parameters of each param group)."""
+    sd = optimizer.state_dict()
+    tensors = {f"{names[i]}/{k}": v for i, st in sd["state"].items() for k, v in st.items()}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, groups: list
+) -> None:
+    sd = optimizer.state_dict()
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        name, _, k = key.rpartition("/")
+        if name not in index:
+            raise ValueError(f"checkpoint has optimiser state for unknown parameter {name!r}")
+        state.setdefault(index[name], {})[k] = value
+    for g, saved in zip(sd["param_groups"], groups, strict=True):
+        g.update(saved)
+    optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+# ---- run checkpoints ------------------------------------------------------------------------
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    dirs = checkpoint_dirs(run_dir)
+    return dirs[-1] if dirs else None
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old)
+
+
+# ---- model directories ----------------------------------------------------------------------
+
+
+def save_model_dir(
+    path: Path,
+    model: DiT,
+    diffusion: DiffusionConfig,
+    extra: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write `model.json` (architecture + diffusion config) and `model.safetensors` atomically."""
+    with atomic_dir(Path(path)) as tmp:
+        meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
+        atomic_write_text(tmp / MODEL_JSON, json.dumps(meta, indent=2))
+        atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """load_state_dict with an error that names the file and the mismatching tensors."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or bad:
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", bad),
+            )
+            if keys
+        )
+        raise ValueError(
+            f"weights in {source} do not fit this model ({detail}); they were saved "
+            "for a different configuration"
+        )
+    model.load_state_dict(state)
+
+
+def load_model_dir(path: Path) -> tuple[DiT, DiffusionConfig, dict]:
+    path = Path(path)
+    meta = read_json(path / MODEL_JSON)
+    model = DiT(ModelConfig.from_dict(meta["model"]))
+    load_state(model, read_tensors(path / MODEL_WEIGHTS), path / MODEL_WEIGHTS)
+    return model.eval(), DiffusionConfig(**meta["diffusion"]), meta

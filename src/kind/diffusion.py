@@ -1,0 +1,212 @@
+"""The diffusion objective and samplers, separate from the network.
+
+Schedules and sampler steps come from diffusers' `DDPMScheduler` / `DDIMScheduler` (linear and cosine
+β schedules, respacing, DDIM η, learned-range variance, x₀ clipping with ε re-derived from the clipped
+x₀). What diffusers has no piece for is written here: the training loss (ε- or v-prediction,
+min-SNR-γ weighting, and the learned-σ variational bound of improved DDPM / DiT) and classifier-free
+guidance over all channels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+PREDICTIONS = {"eps": "epsilon", "v": "v_prediction"}
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class DiffusionConfig:
+    prediction: str = "v"  # "eps" | "v"
+    schedule: str = "cosine"  # "linear" (DiT) | "cosine"
+    num_timesteps: int = 1000
+    min_snr_gamma: float | None = 5.0  # None: plain MSE (DiT)
+    clip_x0: float | None = 1.0  # clip predicted x₀ to ±clip_x0 while sampling (None: latents)
+
+    def __post_init__(self):
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(
+                f"diffusion.prediction must be one of {list(PREDICTIONS)}, got {self.prediction!r}"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"diffusion.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}"
+            )
+
+
+def _normal_kl(mean1, logvar1, mean2, logvar2):
+    return 0.5 * (
+        -1.0
+        + logvar2
+        - logvar1
+        + torch.exp(logvar1 - logvar2)
+        + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
+    )
+
+
+def _discretized_gaussian_nll(x, mean, log_scale):
+    """-log p(x) of data quantised to 256 levels in [-1, 1] under N(mean, exp(log_scale)²)."""
+
+    def cdf(v):
+        return 0.5 * (1.0 + torch.erf(v / math.sqrt(2.0)))
+
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1 / 255)), cdf(inv_std * (centered - 1 / 255))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_probs = torch.where(
+        x < -0.999,
+        log_cdf_plus,
+        torch.where(
+            x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+        ),
+    )
+    return -log_probs
+
+
+class Diffusion:
+    """Forward process q(x_t | x₀), the training loss, and reverse-process sampling."""
+
+    def __init__(self, config: DiffusionConfig):
+        self.config = config
+        self.train_scheduler = DDPMScheduler(
+            num_train_timesteps=config.num_timesteps,
+            beta_schedule=SCHEDULES[config.schedule],
+            prediction_type=PREDICTIONS[config.prediction],
+        )
+        ab = self.train_scheduler.alphas_cumprod.double()
+        self.alphas_cumprod = ab.float()
+        self.snr = (ab / (1 - ab)).float()
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        betas = 1 - ab / ab_prev
+        post_var = betas * (1 - ab_prev) / (1 - ab)
+        # coefficients of the true posterior q(x_{t-1} | x_t, x₀) for the variational bound
+        self.post_coef_x0 = (betas * ab_prev.sqrt() / (1 - ab)).float()
+        self.post_coef_xt = ((1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)).float()
+        self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])).float()
+        self.log_betas = torch.log(betas).float()
+
+    def _at(self, table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        return table.to(t.device)[t].view(-1, *([1] * (ndim - 1)))  # [B, 1, 1, 1]
+
+    def loss(
+        self,
+        model: Callable,
+        x0: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-sample loss [B] for clean data x0 [B, C, H, W], labels y, timesteps t and noise."""
+        ab = self._at(self.alphas_cumprod, t, x0.dim())
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        out = model(xt, t, y)  # [B, C or 2C, H, W]
+        C = x0.shape[1]
+        pred, var_out = out[:, :C], out[:, C:]
+        target = (
+            noise if self.config.prediction == "eps" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+        )
+        mse = ((pred - target) ** 2).flatten(1).mean(1)  # [B]
+        if self.config.min_snr_gamma is not None:
+            snr = self.snr.to(t.device)[t]
+            denom = snr if self.config.prediction == "eps" else snr + 1
+            mse = mse * snr.clamp(max=self.config.min_snr_gamma) / denom
+        if var_out.shape[1]:
+            mse = mse + self._vb(pred.detach(), var_out, x0, xt, t)
+        return mse
+
+    def _predict_x0(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        ab = self._at(self.alphas_cumprod, t, xt.dim())
+        if self.config.prediction == "eps":
+            return (xt - (1 - ab).sqrt() * pred) / ab.sqrt()
+        return ab.sqrt() * xt - (1 - ab).sqrt() * pred
+
+    def _vb(self, pred, var_out, x0, xt, t) -> torch.Tensor:
+        """Variational-bound term for the learned variance (improved DDPM's hybrid loss, as in DiT):
+        the mean is frozen (pred detached) so the bound trains the variance only. In bits/dim."""
+        n = x0.dim()
+        x0_hat = self._predict_x0(pred, xt, t)
+        mean_true = self._at(self.post_coef_x0, t, n) * x0 + self._at(self.post_coef_xt, t, n) * xt
+        mean_pred = (
+            self._at(self.post_coef_x0, t, n) * x0_hat + self._at(self.post_coef_xt, t, n) * xt
+        )
+        min_log, max_log = self._at(self.post_logvar, t, n), self._at(self.log_betas, t, n)
+        frac = (var_out + 1) / 2
+        logvar_pred = frac * max_log + (1 - frac) * min_log
+        kl = _normal_kl(mean_true, min_log, mean_pred, logvar_pred).flatten(1).mean(1)
+        nll = _discretized_gaussian_nll(x0, mean_pred, 0.5 * logvar_pred).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl) / math.log(2.0)
+
+    def scheduler(self, sampler: str, steps: int, learn_sigma: bool):
+        """A diffusers scheduler for `sampler` ("ddim" η=0, or "ddpm" ancestral), respaced to `steps`."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        if not 1 <= steps <= self.config.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.config.num_timesteps}, got {steps}")
+        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+        extra = (
+            {"variance_type": "learned_range" if learn_sigma else "fixed_small"}
+            if sampler == "ddpm"
+            else {}
+        )
+        sched = cls(
+            num_train_timesteps=self.config.num_timesteps,
+            beta_schedule=SCHEDULES[self.config.schedule],
+            prediction_type=PREDICTIONS[self.config.prediction],
+            clip_sample=self.config.clip_x0 is not None,
+            clip_sample_range=self.config.clip_x0 or 1.0,
+            timestep_spacing="trailing",
+            **extra,
+        )
+        sched.set_timesteps(steps)
+        return sched
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Callable,
+        y: torch.Tensor,
+        shape: tuple[int, ...],
+        *,
+        null_id: int,
+        sampler: str = "ddim",
+        steps: int = 50,
+        cfg_scale: float = 1.0,
+        generators: list[torch.Generator] | None = None,
+        learn_sigma: bool = False,
+        progress: Callable | None = None,
+    ) -> torch.Tensor:
+        """Draw samples [B, *shape] in the data range for labels y [B].
+
+        `generators` holds one generator per sample, so a sample depends only on its own seed, not on
+        the batch it was drawn in. Classifier-free guidance mixes the conditional and null-class
+        outputs on every channel: out = uncond + s · (cond − uncond); a learned variance is taken
+        from the conditional output.
+        """
+        device = y.device
+        sched = self.scheduler(sampler, steps, learn_sigma)
+        x = randn_tensor((len(y), *shape), generator=generators, device=device)
+        C = shape[0]
+        guided = cfg_scale != 1.0
+        y_in = torch.cat([y, torch.full_like(y, null_id)]) if guided else y
+        timesteps = progress(sched.timesteps) if progress else sched.timesteps
+        for t in timesteps:
+            x_in = torch.cat([x, x]) if guided else x
+            t_in = torch.full((len(y_in),), int(t), device=device, dtype=torch.long)
+            out = model(x_in, t_in, y_in)  # [B or 2B, C or 2C, H, W]
+            if guided:
+                cond, uncond = out.chunk(2)
+                eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
+                out = torch.cat([eps, cond[:, C:]], dim=1)
+            if sampler == "ddim":
+                x = sched.step(out[:, :C], t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+            else:
+                x = sched.step(out, t, x, generator=generators).prev_sample
+        return x

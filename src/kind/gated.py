@@ -1,0 +1,241 @@
+"""The class-gated SVD linear layer: learngene components shared by every sample, tailor components
+chosen per sample by its class.
+
+    y = U_G diag(S_G) V_Gᵀ x + U_T[g] diag(S_T[g]) V_T[g]ᵀ x + b,      g = τ(class of the sample)
+
+The factors are the trained parameters (knowledge integration); the dense weight never is. Each
+tailor group lives in its own `Tailor` module (its own parameters) so that a batch without group g
+leaves g's parameters out of the autograd graph: their `.grad` stays None and a stock optimiser
+(AdamW, with weight decay and momentum) skips them entirely, which is what KIND.md invariant 2 asks.
+peft cannot express this (its per-sample adapter routing refuses training mode), so the gate is ours.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Route:
+    """How a batch is split among tailor groups; built once per forward by the model.
+
+    Inside a layer every group is one contiguous block of samples: `sizes[i]` samples use group
+    `keys[i]`, and the last `sizes[-1]` samples (the null class of classifier-free guidance) use no
+    tailor, so each block costs one small matmul pair instead of a per-sample batched product.
+    `order` sorts a batch into that block order (None when it already is); the DiT sorts its batch
+    once on the way in, so its layers never need to.
+    """
+
+    keys: tuple[str, ...]
+    sizes: tuple[int, ...]  # len(keys) + 1 block sizes; the last block has no tailor
+    order: torch.Tensor | None  # int64 [B] permutation into block order (None: already in order)
+
+
+def make_route(groups: torch.Tensor) -> Route:
+    """Route for per-sample tailor groups `groups` (int64 [B], -1 = no tailor)."""
+    g = groups.tolist()
+    present = sorted(set(g) - {-1})
+    block = {v: i for i, v in enumerate(present)} | {-1: len(present)}
+    ranks = [block[v] for v in g]
+    sizes = [0] * (len(present) + 1)
+    for r in ranks:
+        sizes[r] += 1
+    order = None
+    if ranks != sorted(ranks):
+        order = torch.tensor(sorted(range(len(g)), key=ranks.__getitem__), device=groups.device)
+    return Route(keys=tuple(str(v) for v in present), sizes=tuple(sizes), order=order)
+
+
+def resolve_rank(rank: float, in_features: int, out_features: int) -> int:
+    """A rank given as a fraction (< 1) of min(in, out) or as an absolute count (≥ 1)."""
+    full = min(in_features, out_features)
+    r = round(rank * full) if rank < 1 else int(rank)
+    if not 0 <= r <= full:
+        raise ValueError(
+            f"rank {rank} gives {r} components; a {out_features}x{in_features} "
+            f"matrix has at most {full}"
+        )
+    return r
+
+
+def _orthonormal(rows: int, cols: int, avoid: torch.Tensor | None = None) -> torch.Tensor:
+    """Random matrix with orthonormal columns [rows, cols], orthogonal to `avoid`'s columns when
+    there is room, so a fresh tailor starts in the complement of the learngene's subspace."""
+    a = torch.randn(rows, cols, dtype=torch.float64)
+    if avoid is not None and avoid.shape[1] + cols <= rows:
+        q_avoid, _ = torch.linalg.qr(avoid.double())
+        a -= q_avoid @ (q_avoid.T @ a)
+    q, _ = torch.linalg.qr(a)
+    return q[:, :cols]
+
+
+class Tailor(nn.Module):
+    """One tailor group's components in one layer: U [out, r], S [r], V [in, r]."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.U = nn.Parameter(torch.empty(out_features, rank))
+        self.S = nn.Parameter(torch.empty(rank))
+        self.V = nn.Parameter(torch.empty(in_features, rank))
+
+    def weight(self) -> torch.Tensor:
+        return (self.U * self.S) @ self.V.T  # [out, in]
+
+
+class KindLinear(nn.Module):
+    """Linear layer in SVD form, split into learngene components and per-group tailor components.
+
+    Args:
+        rank_learngene / rank_tailor: number of components (≥ 1) or fraction of min(in, out) (< 1).
+        groups: the tailor groups this layer holds (all groups of a pre-trained model, a subset in an
+            assembled one). A layer with no groups is a plain learngene-only SVD layer.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank_learngene: float,
+        rank_tailor: float = 0,
+        groups: list[int] = (),
+        bias: bool = True,
+        tailor_sigma: float = 1e-2,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.rank_learngene = resolve_rank(rank_learngene, in_features, out_features)
+        self.rank_tailor = resolve_rank(rank_tailor, in_features, out_features) if groups else 0
+        self.tailor_sigma = tailor_sigma
+        r = self.rank_learngene
+        self.U = nn.Parameter(torch.empty(out_features, r))
+        self.S = nn.Parameter(torch.empty(r))
+        self.V = nn.Parameter(torch.empty(in_features, r))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.tailors = nn.ModuleDict(
+            {str(g): Tailor(in_features, out_features, self.rank_tailor) for g in groups}
+        )
+        self.init_from_dense(nn.init.xavier_uniform_(torch.empty(out_features, in_features)))
+
+    @torch.no_grad()
+    def init_from_dense(self, weight: torch.Tensor) -> None:
+        """Learngene = the leading r_G SVD triples of a conventionally initialised dense weight;
+        tailors = fresh random components (KIND.md, initialisation)."""
+        u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+        r = self.rank_learngene
+        self.U.copy_(u[:, :r])
+        self.S.copy_(s[:r])
+        self.V.copy_(vh[:r].T)
+        for key in self.tailors:
+            self.reset_tailor(key)
+
+    @torch.no_grad()
+    def reset_tailor(self, key: str) -> None:
+        """Random orthonormal directions (outside the learngene subspace when there is room) with
+        small singular values: the tailor starts near zero but every factor receives gradient."""
+        t = self.tailors[key]
+        t.U.copy_(_orthonormal(self.out_features, self.rank_tailor, self.U))
+        t.V.copy_(_orthonormal(self.in_features, self.rank_tailor, self.V))
+        t.S.fill_(self.tailor_sigma)
+
+    def learngene_weight(self) -> torch.Tensor:
+        return (self.U * self.S) @ self.V.T  # [out, in]
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        # x: [B, T, in] (or [B, in]) -> [B, T, out]
+        n, io = x.numel() // self.in_features, self.in_features * self.out_features
+        # Learngene: keep it factored when its rank is small, else one matmul on the dense weight.
+        dense = n * self.rank_learngene * (self.in_features + self.out_features) >= io * n
+        keys = route.keys if route is not None else ()
+        if not keys:
+            return self._learngene(x, dense)
+        # One block of samples per group: a sample only ever touches its own group's factors
+        # (invariant 1). With few groups and many tokens, folding each group's tailor into its own
+        # [out, in] weight costs less than the factored per-token tailor path.
+        if route.order is not None:  # sort into group blocks, compute, then restore the order
+            out = self.forward(x[route.order], replace(route, order=None))
+            return torch.empty_like(out).index_copy_(0, route.order, out)
+        blocks = x.split(route.sizes)  # group blocks, then the null block
+        if dense and len(keys) * io < n * (self.in_features + self.out_features):
+            w = self.learngene_weight()
+            outs = [
+                F.linear(xb, w + self.tailors[k].weight(), self.bias) for k, xb in zip(keys, blocks)
+            ]  # each [n_g, (T,) out]
+            null = [F.linear(blocks[-1], w, self.bias)]
+        else:
+            ys = self._learngene(x, dense).split(route.sizes)
+            outs = [
+                yb + ((xb @ self.tailors[k].V) * self.tailors[k].S) @ self.tailors[k].U.T
+                for k, xb, yb in zip(keys, blocks, ys)
+            ]
+            null = [ys[-1]]
+        return torch.cat(outs + null if route.sizes[-1] else outs)
+
+    def _learngene(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
+        if dense:
+            return F.linear(x, self.learngene_weight(), self.bias)
+        y = ((x @ self.V) * self.S) @ self.U.T
+        return y + self.bias if self.bias is not None else y
+
+    @torch.no_grad()
+    def merge(self, group: int | None) -> nn.Linear:
+        """Fold the learngene plus group `group`'s tailor (None: learngene only) into a dense layer."""
+        weight = (self.U.double() * self.S.double()) @ self.V.double().T
+        if group is not None:
+            t = self.tailors[str(group)]
+            weight += (t.U.double() * t.S.double()) @ t.V.double().T
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        dense.to(device=self.U.device, dtype=self.U.dtype)
+        dense.weight.copy_(weight)
+        if self.bias is not None:
+            dense.bias.copy_(self.bias)
+        return dense
+
+    def _factor_gram_error(self, keys: tuple[str, ...], which: str) -> torch.Tensor:
+        """Σ over groups g in keys of ‖AᵀA − I‖² with A = [learngene | tailor g] for factor `which`
+        (U or V); ‖GᵀG − I‖² alone when keys is empty. Tailors of different groups are never used
+        together, so they are not asked to be orthogonal to each other: this keeps the penalty, and
+        its gradient, free of any group absent from the batch (invariant 2)."""
+        G = getattr(self, which)
+        eye = torch.eye(G.shape[1], device=G.device, dtype=G.dtype)
+        err = ((G.T @ G - eye) ** 2).sum()
+        for key in keys:
+            T = getattr(self.tailors[key], which)
+            eye_t = torch.eye(T.shape[1], device=T.device, dtype=T.dtype)
+            err = err + 2 * ((G.T @ T) ** 2).sum() + ((T.T @ T - eye_t) ** 2).sum()
+        return err
+
+    def orthogonality_penalty(self, keys: tuple[str, ...] = ()) -> torch.Tensor:
+        """‖UᵀU − I‖² + ‖VᵀV − I‖² over the learngene and the tailors of groups `keys`."""
+        return self._factor_gram_error(keys, "U") + self._factor_gram_error(keys, "V")
+
+    @torch.no_grad()
+    def orthogonality_error(self) -> float:
+        """Worst RMS deviation from orthonormal columns of [U_G | U_T[g]] and [V_G | V_T[g]] over all
+        groups g (or the learngene alone): 0 for an exact SVD."""
+        keys = [(k,) for k in self.tailors] or [()]
+        worst = 0.0
+        for key in keys:
+            n = self.rank_learngene + (self.rank_tailor if key else 0)
+            for which in ("U", "V"):
+                worst = max(
+                    worst, math.sqrt(self._factor_gram_error(key, which).item()) / max(n, 1)
+                )
+        return worst
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, r_learngene={self.rank_learngene}, "
+            f"r_tailor={self.rank_tailor}, groups={list(self.tailors)}"
+        )
+
+
+class Linear(nn.Linear):
+    """nn.Linear that accepts (and ignores) a route, so dense and KIND blocks share one code path."""
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        return super().forward(x)

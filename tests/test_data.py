@@ -1,0 +1,267 @@
+"""Data specs, bundled sets, image folders and their errors (CPU, no network, a few seconds)."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kind.data import (
+    BUNDLED,
+    DataError,
+    ImageSet,
+    dataset_classes,
+    load_images,
+    parse_spec,
+    to_model_range,
+    to_uint8,
+)
+
+ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+
+
+# ---------------------------------------------------------------- spec parsing
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("mnist", ("mnist", None)),
+        ("animals", ("animals", None)),
+        ("mnist:0-5", ("mnist", ["0", "1", "2", "3", "4", "5"])),
+        ("mnist:6,7,8,9", ("mnist", ["6", "7", "8", "9"])),
+        ("mnist:9,2", ("mnist", ["9", "2"])),  # spec order, not dataset order
+        ("mnist: 3 , 0-1", ("mnist", ["3", "0", "1"])),  # ranges and names mix; spaces ignored
+        ("mnist:4-4", ("mnist", ["4"])),
+        ("animals:cat,dog", ("animals", ["cat", "dog"])),
+        ("animals:cow-elephant", ("animals", ["cow", "dog", "elephant"])),
+    ],
+)
+def test_parse_spec_expands_names_and_ranges(spec, expected):
+    assert parse_spec(spec) == expected
+
+
+def test_bundled_class_order():
+    assert BUNDLED == ("mnist", "animals")
+    assert dataset_classes("mnist") == [str(d) for d in range(10)]
+    assert dataset_classes("animals") == ANIMALS
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        ("mnist:5-0", "bad range '5-0'"),
+        ("mnist:0-12", "bad range '0-12'"),
+        ("mnist:0,3,0", "'0' is listed twice"),
+        ("mnist:0-3,2", "'2' is listed twice"),
+        ("mnist:", "empty class name"),
+        ("mnist:1,,2", "empty class name"),
+    ],
+)
+def test_parse_spec_rejects_bad_selections(spec, needle):
+    with pytest.raises(DataError, match=needle):
+        parse_spec(spec)
+
+
+def test_unknown_class_is_named_with_the_available_ones():
+    with pytest.raises(DataError) as err:
+        parse_spec("animals:cat,unicorn")
+    message = str(err.value)
+    assert "'unicorn'" in message and "bear, bird, cat" in message
+    assert isinstance(err.value, ValueError)
+
+
+def test_unknown_dataset_lists_bundled_names_and_accepts_folders(tmp_path):
+    with pytest.raises(DataError) as err:
+        parse_spec(str(tmp_path / "nope") + ":cat")
+    message = str(err.value)
+    assert "nope" in message and "mnist, animals" in message and "folder" in message
+    with pytest.raises(DataError, match="fashion"):
+        load_images("fashion")
+
+
+# ---------------------------------------------------------------- bundled sets
+
+
+def test_mnist_0_5_counts_labels_and_shapes():
+    train, test = load_images("mnist:0-5"), load_images("mnist:0-5", split="test")
+    assert isinstance(train, ImageSet)
+    assert train.images.shape == (2400, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert test.images.shape == (600, 1, 28, 28)
+    assert train.labels.dtype == torch.int64 and train.labels.shape == (2400,)
+    assert torch.bincount(train.labels).tolist() == [400] * 6
+    assert torch.bincount(test.labels).tolist() == [100] * 6
+    assert train.class_names == ["0", "1", "2", "3", "4", "5"]
+    assert (train.spec, train.dataset, len(train)) == ("mnist:0-5", "mnist", 2400)
+    assert train.images.max() == 255 and train.images.min() == 0
+
+
+def test_mnist_6_9_labels_index_the_spec_order():
+    data = load_images("mnist:9,6,7,8")
+    assert data.class_names == ["9", "6", "7", "8"]
+    assert data.labels.unique().tolist() == [0, 1, 2, 3]
+    assert torch.bincount(data.labels).tolist() == [400] * 4
+    # label 0 must be the digit 9: its images equal the source rows of digit 9, train split
+    with resources.as_file(resources.files("kind") / "assets" / "mnist.npz") as path:
+        with np.load(path, allow_pickle=False) as npz:
+            nines = npz["images"][npz["labels"] == 9]
+    expected = nines[np.arange(500) % 5 != 4]
+    assert np.array_equal(data.images[data.labels == 0, 0].numpy(), expected)
+
+
+def test_animals_counts_and_class_order():
+    train, test = load_images("animals"), load_images("animals", "test")
+    assert train.class_names == ANIMALS
+    assert train.images.shape == (8000, 1, 28, 28)
+    assert torch.bincount(train.labels).tolist() == [800] * 10
+    assert torch.bincount(test.labels).tolist() == [200] * 10
+    cats = load_images("animals:cat")
+    assert torch.equal(cats.images, train.images[train.labels == ANIMALS.index("cat")])
+
+
+def test_split_is_every_fifth_image_disjoint_and_deterministic():
+    with resources.as_file(resources.files("kind") / "assets" / "mnist.npz") as path:
+        with np.load(path, allow_pickle=False) as npz:
+            images, labels = npz["images"], npz["labels"]
+    zeros = images[labels == 0]  # [500, 28, 28], source order
+    test = load_images("mnist:0", "test")
+    assert np.array_equal(test.images[:, 0].numpy(), zeros[4::5])
+    train = load_images("mnist:0")
+    assert len(train) + len(test) == 500
+    train_rows = {im.tobytes() for im in train.images.numpy()}
+    assert not any(im.tobytes() in train_rows for im in test.images.numpy())
+    again = load_images("mnist:0")
+    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
+
+
+def test_bundled_resize_and_rgb():
+    data = load_images("mnist:3", image_size=16, channels=3)
+    assert data.images.shape == (400, 3, 16, 16) and data.images.dtype == torch.uint8
+    assert torch.equal(data.images[:, 0], data.images[:, 2])  # grey repeated into RGB
+    native = load_images("mnist:3").images.float().mean()
+    assert abs(data.images.float().mean() - native) < 10  # same content, just smaller
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _write(path: Path, size: tuple[int, int], color, mode: str = "RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """cat: 6 red RGB 40x30 pngs; dog: 5 grey 20x20 jpgs (name order 'a'..'e'); bird: 10 gif."""
+    root = tmp_path / "pets"
+    for i in range(6):
+        _write(root / "cat" / f"c{i}.png", (40, 30), (200, 0, 0))
+    for i, name in enumerate("edcba"):  # written in reverse to check sorting by name
+        _write(root / "dog" / f"{name}.JPG", (20, 20), 10 + 40 * i, mode="L")
+    for i in range(10):
+        _write(root / "bird" / f"b{i:02d}.gif", (28, 28), 128, mode="L")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_folder_classes_counts_and_defaults(folder):
+    assert dataset_classes(str(folder)) == ["bird", "cat", "dog"]
+    train, test = load_images(str(folder)), load_images(str(folder), "test")
+    assert train.dataset == str(folder.resolve())
+    assert train.class_names == ["bird", "cat", "dog"]
+    assert train.images.shape == (8 + 5 + 4, 3, 32, 32)  # defaults: 32x32 RGB
+    assert torch.bincount(train.labels).tolist() == [8, 5, 4]
+    assert torch.bincount(test.labels).tolist() == [2, 1, 1]
+
+
+def test_folder_selection_order_and_sorted_file_split(folder):
+    data = load_images(f"{folder}:dog,cat", "test", image_size=8)
+    assert data.class_names == ["dog", "cat"] and data.labels.tolist() == [0, 1]
+    # dog files sorted by name: a..e; 'e' (index 4) is the test image, written with grey 10
+    assert data.images[0].unique().tolist() == [10]
+    assert data.images[1, :, 0, 0].tolist() == [200, 0, 0]  # red cat, RGB
+
+
+def test_folder_resize_crop_and_channels(folder):
+    grey = load_images(f"{folder}:cat", image_size=12, channels=1)
+    assert grey.images.shape == (5, 1, 12, 12)
+    red_as_l = round(200 * 299 / 1000)  # Pillow's L = R*299/1000 + G*587/1000 + B*114/1000
+    assert grey.images.unique().tolist() == [red_as_l]
+    rgb = load_images(f"{folder}:dog", image_size=20, channels=3)
+    assert rgb.images.shape == (4, 3, 20, 20)
+    assert torch.equal(rgb.images[:, 0], rgb.images[:, 1])  # grey -> RGB repeats
+
+
+def test_non_square_folder_image_is_centre_cropped(tmp_path):
+    root = tmp_path / "stripes"
+    image = np.zeros((10, 30, 3), np.uint8)  # H 10, W 30: left/right thirds white, centre black
+    image[:, :10] = image[:, 20:] = 255
+    for i in range(5):
+        (root / "x").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / "x" / f"{i}.png")
+    data = load_images(str(root), image_size=10)
+    assert data.images.shape == (4, 3, 10, 10)
+    assert data.images.max() == 0  # only the black centre survives the crop
+
+
+def test_directory_beats_bundled_name(tmp_path, monkeypatch):
+    for i in range(5):
+        _write(tmp_path / "mnist" / "only" / f"{i}.png", (8, 8), (0, 0, 255))
+    monkeypatch.chdir(tmp_path)
+    assert parse_spec("mnist") == (str((tmp_path / "mnist").resolve()), None)
+    assert load_images("mnist").class_names == ["only"]
+
+
+def test_corrupt_image_names_the_file(folder):
+    bad = folder / "cat" / "c3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    with pytest.raises(DataError) as err:
+        load_images(f"{folder}:cat")
+    assert str(bad) in str(err.value) and "remove or replace" in str(err.value)
+
+
+def test_truncated_image_names_the_file(folder):
+    bad = folder / "bird" / "b03.gif"
+    bad.write_bytes(bad.read_bytes()[:20])
+    with pytest.raises(DataError, match="b03.gif"):
+        load_images(f"{folder}:bird")
+
+
+def test_empty_class_folder(folder):
+    (folder / "fish").mkdir()
+    (folder / "fish" / "readme.txt").write_text("no images here")
+    assert "fish" in dataset_classes(str(folder))
+    load_images(f"{folder}:cat")  # other classes still load
+    with pytest.raises(DataError, match="fish.*no image files"):
+        load_images(str(folder))
+
+
+def test_folder_without_class_folders(tmp_path):
+    _write(tmp_path / "flat" / "a.png", (8, 8), (1, 2, 3))
+    with pytest.raises(DataError, match="no class sub-folders"):
+        load_images(str(tmp_path / "flat"))
+
+
+# ---------------------------------------------------------------- arguments and value ranges
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"split": "val"}, {"split": "Train"}, {"channels": 2}, {"image_size": 0}]
+)
+def test_bad_arguments(kwargs):
+    with pytest.raises(DataError):
+        load_images("mnist:0", **kwargs)
+
+
+def test_model_range_round_trip():
+    x = torch.arange(256, dtype=torch.uint8)
+    y = to_model_range(x)
+    assert y.dtype == torch.float32 and y.min() == -1.0 and y.max() == 1.0
+    assert torch.equal(to_uint8(y), x)
+    assert to_uint8(torch.tensor([-3.0, 0.0, 2.0])).tolist() == [0, 128, 255]  # clamp, round
+    with pytest.raises(TypeError):
+        to_model_range(y)

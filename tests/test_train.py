@@ -1,0 +1,130 @@
+"""The training loop: gate isolation of updates (KIND.md invariant 2), exact resume, refusals."""
+
+import json
+
+import pytest
+import torch
+
+from kind import checkpoint as ckpt
+from kind.config import load_config
+from kind.train import TrainingError, train
+
+CLASSES = ["0", "1", "2", "3"]
+
+
+def _cfg(steps, **train_kw):
+    return load_config(
+        overrides={
+            "data": "mnist:0-3",
+            "model": {"rank_tailor": 4},
+            "train": {
+                "steps": steps,
+                "batch_size": 8,
+                "log_every": 1,
+                "sample_every": 0,
+                "checkpoint_every": 2,
+                "keep_checkpoints": 10,
+                "warmup_steps": 1,
+                "threads": 1,
+                **train_kw,
+            },
+            "sample": {"steps": 2, "per_class": 1},
+        }
+    )
+
+
+def _data(classes, n=16):
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    return torch.rand(n, 1, 28, 28, generator=g) * 2 - 1, labels, CLASSES
+
+
+def _checkpoint(run, step):
+    d = run / "checkpoints" / f"step_{step:07d}"
+    return (
+        ckpt.read_tensors(d / "model.safetensors"),
+        ckpt.read_tensors(d / "ema.safetensors"),
+        ckpt.read_tensors(d / "optimizer.safetensors"),
+        ckpt.read_json(d / "state.json"),
+    )
+
+
+def test_steps_without_a_class_leave_its_tailors_and_their_optimiser_state_unchanged(tmp_path):
+    run = tmp_path / "run"
+    # weight decay and momentum on: the two ways a stock optimiser moves parameters with no gradient
+    cfg = _cfg(2, weight_decay=0.1, class_dropout=0.0)
+    train(cfg, run, data=_data([0, 1, 2, 3]))  # every class gets optimiser state
+    train(_cfg(4, weight_decay=0.1, class_dropout=0.0), run, resume=True, data=_data([0, 1, 3]))
+    model2, ema2, opt2, state2 = _checkpoint(run, 2)
+    model4, ema4, opt4, state4 = _checkpoint(run, 4)
+
+    def is_class2(name):
+        return ".tailors.2." in name or name.startswith("y_embedder.rows.2")
+
+    owned = [k for k in model2 if is_class2(k)]
+    assert len(owned) == 6 * 4 * 3 + 1  # 6 layers x 4 blocks x (U, S, V) + the label row
+    for k in owned:
+        assert torch.equal(model2[k], model4[k]), k
+        assert torch.equal(ema2[k], ema4[k]), k
+        assert state2["ema_counts"][k] == state4["ema_counts"][k] >= 1
+    opt_keys = [k for k in opt2 if is_class2(k.rpartition("/")[0])]
+    assert {k.rpartition("/")[2] for k in opt_keys} == {"exp_avg", "exp_avg_sq", "step"}
+    for k in opt_keys:
+        assert torch.equal(opt2[k], opt4[k]), k
+    # ... while the classes in those batches and the learngenes did move
+    for k in ("blocks.0.attn.q.tailors.1.U", "blocks.0.attn.q.U", "y_embedder.rows.3"):
+        assert not torch.equal(model2[k], model4[k]), k
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    data = _data([0, 1, 2, 3])
+    train(_cfg(4, weight_decay=0.05), tmp_path / "straight", data=data)
+    train(_cfg(2, weight_decay=0.05), tmp_path / "resumed", data=data)
+    train(_cfg(4, weight_decay=0.05), tmp_path / "resumed", resume=True, data=data)
+    a, b = _checkpoint(tmp_path / "straight", 4), _checkpoint(tmp_path / "resumed", 4)
+    for part_a, part_b in zip(a[:3], b[:3]):
+        assert part_a.keys() == part_b.keys()
+        for k in part_a:
+            torch.testing.assert_close(part_a[k], part_b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert a[3]["ema_counts"] == b[3]["ema_counts"]
+    rows = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+
+
+def test_run_writes_config_model_and_samples(tmp_path):
+    train(_cfg(2), tmp_path / "r", data=_data([0, 1, 2, 3]))
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["model"]["class_names"] == CLASSES and cfg["train"]["steps"] == 2
+    model, _, _ = ckpt.load_model_dir(tmp_path / "r" / "model")
+    assert model.config.class_names == CLASSES
+    assert (tmp_path / "r" / "samples" / "step_0000002.png").is_file()
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train(_cfg(2), tmp_path / "r", data=_data([0, 1]))
+    before = (tmp_path / "r" / "config.json").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+        train(_cfg(2), tmp_path / "r", data=_data([0, 1]))
+    assert (tmp_path / "r" / "config.json").read_bytes() == before
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        train(_cfg(2), tmp_path / "nothing", resume=True, data=_data([0, 1]))
+
+
+def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
+    images, labels, names = _data([0, 1])
+    images[:] = float("nan")
+    with pytest.raises(TrainingError, match="loss became nan at step 1"):
+        train(_cfg(2), tmp_path / "nan", data=(images, labels, names))
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    data = _data([0, 1, 2, 3])
+    train(_cfg(2, class_dropout=0.0), tmp_path / "big", data=data)
+    train(_cfg(2, class_dropout=0.0, micro_batch_size=2), tmp_path / "micro", data=data)
+    a = _checkpoint(tmp_path / "big", 2)[0]
+    b = _checkpoint(tmp_path / "micro", 2)[0]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
