@@ -24,28 +24,43 @@ from kind.diffusion import DiffusionConfig
 from kind.model import DiT, ModelConfig
 
 MODEL_JSON, MODEL_WEIGHTS = "model.json", "model.safetensors"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish(tmp: str | Path, final: Path, directory: bool = False) -> None:
+    """Give a temporary file or directory the usual permissions, then rename it into place."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_UMASK)
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[str]:
+    """Yield a temporary file name beside `path` (same suffix); on success rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    save_file(
-        {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-        tmp,
-        metadata={k: str(v) for k, v in (meta or {}).items()},
-    )
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            tmp,
+            metadata={k: str(v) for k, v in (meta or {}).items()},
+        )
 
 
 @contextmanager
@@ -60,10 +75,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-            os.replace(tmp, final)
+            _publish(tmp, final, directory=True)
             shutil.rmtree(old)
         else:
-            os.replace(tmp, final)
+            _publish(tmp, final, directory=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -179,6 +194,37 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: P
 def load_model_dir(path: Path) -> tuple[DiT, DiffusionConfig, dict]:
     path = Path(path)
     meta = read_json(path / MODEL_JSON)
-    model = DiT(ModelConfig.from_dict(meta["model"]))
+    config = ModelConfig.from_dict(meta["model"])
+    if meta.get("merged") not in (None, "null"):  # one class folded in, plus its null model
+        from kind.parts import MergedDiT
+
+        model = MergedDiT(config)
+    else:
+        model = DiT(config)
     load_state(model, read_tensors(path / MODEL_WEIGHTS), path / MODEL_WEIGHTS)
     return model.eval(), DiffusionConfig(**meta["diffusion"]), meta
+
+
+def load_model(path: Path, classes: list[str] | None = None) -> tuple[DiT, DiffusionConfig, dict]:
+    """A model from a parts directory (assembled for `classes`, None: all), a model directory, or
+    a run directory (its exported EMA model, else the EMA weights of its latest checkpoint, for a
+    run that was interrupted)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        from kind.parts import load_parts
+
+        return load_parts(path, classes)
+    for candidate in (path, path / "model"):
+        if (candidate / MODEL_JSON).is_file():
+            return load_model_dir(candidate)
+    last = latest_checkpoint(path)
+    if last is None or not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} holds no model: expected a run directory (config.json + checkpoints/), "
+            f"a model directory ({MODEL_JSON} + {MODEL_WEIGHTS}) or a parts directory"
+        )
+    cfg = read_json(path / "config.json")
+    model = DiT(ModelConfig.from_dict(cfg["model"]))
+    state = read_tensors(last / "model.safetensors") | read_tensors(last / "ema.safetensors")
+    load_state(model, state, last)
+    return model.eval(), DiffusionConfig(**cfg["diffusion"]), {"sample": cfg["sample"]}

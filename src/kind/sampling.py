@@ -7,9 +7,7 @@ alongside; that is also what lets an assembled model reproduce the full model's 
 
 from __future__ import annotations
 
-import os
 from functools import partial
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from kind.checkpoint import atomic_file
 from kind.diffusion import Diffusion, DiffusionConfig
 
 
@@ -99,12 +98,8 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> Image.Image:
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    image_grid(images, nrow).save(tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image_grid(images, nrow).save(tmp, format="PNG")
 
 
 def save_npz(
@@ -112,16 +107,12 @@ def save_npz(
 ) -> None:
     """`arr_0` uint8 [N, H, W, C] (the ADM evaluator's layout), `labels`, `class_names`, and
     generation metadata as 0-d arrays; loads with allow_pickle=False."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
     extra = {k: np.asarray(v) for k, v in meta.items() if v is not None}
-    np.savez(
-        tmp,
-        arr_0=images.permute(0, 2, 3, 1).numpy(),
-        labels=np.asarray(labels, np.int64),
-        class_names=np.asarray(class_names, dtype=str),
-        **extra,
-    )
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            arr_0=images.permute(0, 2, 3, 1).numpy(),
+            labels=np.asarray(labels, np.int64),
+            class_names=np.asarray(class_names, dtype=str),
+            **extra,
+        )

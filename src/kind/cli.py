@@ -1,0 +1,353 @@
+"""`kind-dit`: the command line on top of the library.
+
+kind-dit train      pre-train a KIND (or dense) DiT
+kind-dit sample     images from a run, a parts directory or an assembled model
+kind-dit info       parameter counts and bytes per part
+kind-dit decompose  a run -> learngene + tailor files
+kind-dit assemble   parts -> a model for some classes (or one class merged dense)
+kind-dit transfer   parts -> a model for new classes, trained from the learngenes
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+SET_HELP = (
+    "override a config value, e.g. --set train.lr=3e-4 (repeatable; sections: model, "
+    "diffusion, train, sample, and the top-level keys data and group_file)"
+)
+
+
+def _classes(text: str | None) -> list[str] | None:
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def _add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -> None:
+    p.add_argument(
+        "--config",
+        help="YAML/JSON config file (sections model, diffusion, train, "
+        "sample); command-line options override it",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument(
+        "--data",
+        required=data_required,
+        help="data spec: mnist:0-5, mnist:6,7,8,9, animals, path/to/folder[:cat,dog]",
+    )
+    p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    p.add_argument("--seed", type=int, help="seed for init, batches and noise (train.seed)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory to create (refused if it holds a run, unless --resume)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    from kind.config import parse_overrides
+
+    ov = parse_overrides(args.set)
+    flags = {
+        "steps": "steps",
+        "batch_size": "batch_size",
+        "lr": "lr",
+        "seed": "seed",
+        "device": "device",
+        "precision": "precision",
+    }
+    for attr, key in flags.items():
+        if getattr(args, attr, None) is not None:
+            ov.setdefault("train", {})[key] = getattr(args, attr)
+    if getattr(args, "data", None):
+        ov["data"] = args.data
+    if getattr(args, "model", None):
+        ov.setdefault("model", {})["kind"] = args.model == "kind"
+    if getattr(args, "size", None):
+        ov.setdefault("model", {})["size"] = args.size
+    return ov
+
+
+def _run_config(args: argparse.Namespace):
+    """The run's config: on --resume the saved one with overrides, else defaults + file + flags."""
+    from kind.checkpoint import read_json
+    from kind.config import load_config
+
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.is_file():
+        base = read_json(saved)
+        cfg = load_config(args.config, _overrides(args), base=base)
+        for section in ("model", "diffusion", "data"):
+            if getattr(cfg, section) != load_config(base=base).__getattribute__(section):
+                raise SystemExit(
+                    f"error: --resume cannot change {section}; it is fixed by the run in {args.out}"
+                )
+        return cfg
+    return load_config(args.config, _overrides(args))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from kind.train import train
+
+    cfg = _run_config(args)
+    result = train(cfg, args.out, resume=args.resume)
+    logging.info("trained %d steps in %.0f s -> %s", result.steps, result.seconds, result.run_dir)
+    print(
+        f"run: {result.run_dir}  (model: {result.run_dir / 'model'}, samples: "
+        f"{result.run_dir / 'samples'})"
+    )
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    import torch
+
+    from kind.checkpoint import load_model
+    from kind.distributed import pick_device
+    from kind.parts import resolve_classes
+    from kind.sampling import generate, save_grid, save_npz
+
+    out = Path(args.out)
+    targets = [out / "samples.png", out / "samples.npz"]
+    if not args.overwrite and any(p.exists() for p in targets):
+        raise SystemExit(
+            f"error: {out} already holds samples; pass --overwrite or choose another --out"
+        )
+    names = _classes(args.classes)
+    model, diffusion, meta = load_model(Path(args.source), names)
+    defaults = meta.get("sample", {})
+    steps = args.steps or defaults.get("steps", 50)
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.5)
+    device = pick_device(args.device)
+    model.to(device)
+    if args.unconditional:
+        ids = [model.null_id]
+    else:
+        ids = resolve_classes(model.config, names)
+    labels = [c for c in ids for _ in range(args.n)]
+    torch.set_grad_enabled(False)
+    images = generate(
+        model,
+        diffusion,
+        labels,
+        seed=args.seed,
+        sampler=args.sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        batch_size=args.batch_size,
+        device=device,
+        progress=True,
+    )
+    save_grid(images, args.n, targets[0])
+    class_names = model.config.class_names + ["<null>"]
+    save_npz(
+        targets[1],
+        images,
+        labels,
+        class_names,
+        sampler=args.sampler,
+        steps=steps,
+        cfg_scale=cfg_scale,
+        seed=args.seed,
+        checkpoint=str(Path(args.source).resolve()),
+    )
+    print(f"{len(labels)} samples -> {targets[0]}, {targets[1]}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from kind.parts import size_table
+
+    rows = size_table(Path(args.source))
+    width = max(len(r[0]) for r in rows)
+    print(f"{'part':<{width}}  {'parameters':>12}  {'bytes':>12}")
+    for name, params, size in rows:
+        size_text = f"{size:>12,}" if size is not None else f"{'-':>12}"
+        print(f"{name:<{width}}  {params:>12,}  {size_text}")
+
+
+def cmd_decompose(args: argparse.Namespace) -> None:
+    from kind.checkpoint import load_model
+    from kind.parts import decompose
+
+    model, diffusion, meta = load_model(Path(args.source))
+    out = decompose(
+        model,
+        diffusion,
+        args.out,
+        {"sample": meta.get("sample", {}), "source": str(Path(args.source).resolve())},
+    )
+    print(f"parts -> {out}")
+    args.source = out
+    cmd_info(args)
+
+
+def cmd_assemble(args: argparse.Namespace) -> None:
+    from kind.parts import assemble
+
+    merge_null = args.merge == "null"
+    merge_class = None if merge_null else args.merge
+    out = assemble(
+        args.parts, _classes(args.classes), args.out, merge_class=merge_class, merge_null=merge_null
+    )
+    print(f"model -> {out}")
+
+
+def cmd_transfer(args: argparse.Namespace) -> None:
+    from kind.transfer import run_transfer
+
+    cfg = _run_config(args)
+    result = run_transfer(
+        args.parts,
+        cfg,
+        args.out,
+        method=args.method,
+        train_learngenes=args.train_learngenes,
+        resume=args.resume,
+    )
+    print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kind-dit",
+        description="KIND: decomposable Diffusion Transformers (learngenes and "
+        "tailors): pre-train, decompose, recombine, transfer.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="pre-train a KIND or dense DiT",
+        description="Pre-train a class-conditional DiT (KIND by default) on a data "
+        "spec; writes checkpoints, sample grids, metrics.csv and the EMA model.",
+    )
+    _add_train_options(p)
+    p.add_argument(
+        "--model",
+        choices=["kind", "dense"],
+        help="KIND gated SVD layers or plain dense linears (model.kind)",
+    )
+    p.add_argument(
+        "--size",
+        help="model size: tiny, mini (patch 7 for 28x28), tiny/4, mini/2, "
+        "DiT-S/2 ... DiT-XL/8 (model.size)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sample",
+        help="draw samples to a PNG grid and an .npz",
+        description="Sample from a run directory, a parts directory or an "
+        "assembled/merged model directory. Writes OUT/samples.png (one row per "
+        "class) and OUT/samples.npz (arr_0 uint8 NxHxWxC, labels, class_names).",
+    )
+    p.add_argument("source", help="run, parts or model directory")
+    p.add_argument("--classes", help="comma-separated class names (default: every class held)")
+    p.add_argument(
+        "--unconditional",
+        action="store_true",
+        help="sample the null class (learngene-only model) instead of classes",
+    )
+    p.add_argument("--n", type=int, default=8, help="samples per class (default 8)")
+    p.add_argument(
+        "--sampler",
+        choices=["ddim", "ddpm"],
+        default="ddim",
+        help="DDIM (eta 0) or ancestral DDPM, both respaced (default ddim)",
+    )
+    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        help="classifier-free guidance scale; 1 = off (default: the run's sample.cfg_scale)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed; same seed, same samples")
+    p.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser(
+        "info",
+        help="parameter counts and bytes per part",
+        description="Size table: learngenes, each tailor, assembled variants, and "
+        "the dense model of the same size, for a run, model or parts directory.",
+    )
+    p.add_argument("source", help="run, parts or model directory")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "decompose",
+        help="split a KIND run into learngene and tailor files",
+        description="Write a parts directory: learngene.safetensors, one "
+        "tailor_NNNN.safetensors per tailor group, and manifest.json (config, "
+        "classes, tau, per-file parameters, bytes and sha256).",
+    )
+    p.add_argument("source", help="KIND run or model directory")
+    p.add_argument("--out", required=True, help="parts directory to create")
+    p.set_defaults(func=cmd_decompose)
+
+    p = sub.add_parser(
+        "assemble",
+        help="build a model for some classes from parts",
+        description="Learngenes + the tailors of --classes -> a model directory "
+        "that computes exactly the full model's outputs for those classes. With "
+        "--merge CLASS, one class folded into a dense DiT (plus the learngene-only "
+        "network for guidance); --merge null gives the unconditional dense model.",
+    )
+    p.add_argument("parts", help="parts directory")
+    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.add_argument(
+        "--merge", metavar="CLASS|null", help="fold one class (or null) into dense weights"
+    )
+    p.add_argument("--out", required=True, help="model directory to create")
+    p.set_defaults(func=cmd_assemble)
+
+    p = sub.add_parser(
+        "transfer",
+        help="train a model for new classes from the learngenes",
+        description="Start from the learngenes of PARTS with fresh, randomly "
+        "initialised tailors and label rows for the classes of --data, learngenes "
+        "frozen unless --train-learngenes, and train with the usual loop.",
+    )
+    p.add_argument("parts", help="parts directory of the source model")
+    _add_train_options(p, data_required=True)
+    p.add_argument("--method", default="kind", help="kind (default); issue baselines: see docs")
+    p.add_argument(
+        "--train-learngenes",
+        action="store_true",
+        help="train the learngenes too instead of freezing them",
+    )
+    p.set_defaults(func=cmd_transfer)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

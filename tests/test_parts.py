@@ -1,0 +1,157 @@
+"""Decompose, assemble, merge and transfer: KIND.md invariants 3, 4 and 5, and damaged parts."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from kind import checkpoint as ckpt
+from kind.diffusion import DiffusionConfig
+from kind.model import DiT, ModelConfig
+from kind.parts import (
+    PartsError,
+    assemble,
+    decompose,
+    load_learngene,
+    load_parts,
+    merge,
+    size_table,
+    split_state,
+    transfer,
+)
+from kind.sampling import generate
+
+NAMES = ["zero", "one", "two", "three"]
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(class_names=NAMES, rank_tailor=4))
+    with torch.no_grad():  # leave the identity start so every class's tailors matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def parts(source, tmp_path_factory):
+    return decompose(source, DiffusionConfig(), tmp_path_factory.mktemp("p") / "parts")
+
+
+def _batch(y, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(y)
+    x = torch.randn(len(y), 1, 28, 28, generator=g)
+    return x, torch.randint(0, 1000, (len(y),), generator=g), y
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_assembled_model_equals_the_full_model_on_its_classes(source, parts):
+    small, _, _ = load_parts(parts, ["one", "three"])
+    x, t, y = _batch([1, 3, 4, 3, 1, 4])  # 4 = null
+    assert _rel(small(x, t, y), source(x, t, y)) <= 1e-6
+    n_small = sum(p.numel() for p in small.parameters())
+    n_full = sum(p.numel() for p in source.parameters())
+    assert n_small < n_full
+
+
+def test_assembled_model_refuses_other_classes(parts):
+    small, _, _ = load_parts(parts, ["one"])
+    x, t, _ = _batch([0])
+    with pytest.raises(ValueError, match=r"\['zero'\].*holds \['one'\]"):
+        small(x, t, torch.tensor([0]))
+    with pytest.raises(PartsError, match="unknown class.*'seven'"):
+        load_parts(parts, ["seven"])
+
+
+def test_same_seed_gives_the_same_samples_from_parts_and_full_model(source, parts):
+    small, diffusion, _ = load_parts(parts, ["two"])
+    kw = dict(seed=3, steps=3, cfg_scale=2.0, sampler="ddpm")
+    assert torch.equal(generate(source, diffusion, [2, 2], **kw),
+                       generate(small, diffusion, [2, 2], **kw))
+
+
+def test_merged_class_model_matches_the_factored_model(source):
+    merged = merge(source, "two")
+    assert not merged.cond.kind_layers()
+    x, t, _ = _batch([0, 0, 0])
+    assert _rel(merged(x, t, torch.tensor([0, 0, 0])), source(x, t, torch.tensor([2, 2, 2]))) <= 1e-5
+    null = torch.full((3,), source.null_id)
+    assert _rel(merged(x, t, torch.full((3,), merged.null_id)), source(x, t, null)) <= 1e-5
+    uncond = merge(source, None)
+    assert _rel(uncond(x, t, torch.full((3,), uncond.null_id)), source(x, t, null)) <= 1e-5
+
+
+def test_merged_model_directory_round_trip(parts, source, tmp_path):
+    out = assemble(parts, None, tmp_path / "m", merge_class="three")
+    model, _, meta = ckpt.load_model(out)
+    assert meta["merged"] == "three"
+    x, t, _ = _batch([0, 0])
+    assert _rel(model(x, t, torch.tensor([0, 1])), source(x, t, torch.tensor([3, 4]))) <= 1e-5
+
+
+def test_transfer_carries_the_learngene_bit_for_bit_and_nothing_class_specific(source, parts):
+    model, _ = transfer(parts, ["cat", "dog", "cow"])
+    learngene, source_tailors = split_state(source)
+    own = model.state_dict()
+    for name, tensor in learngene.items():
+        assert torch.equal(own[name], tensor), name
+    for name in split_state(model)[1][0]:
+        assert name not in source_tailors[0] or not torch.equal(own[name], source_tailors[0][name])
+    assert sorted(model.y_embedder.rows) == ["0", "1", "2"]
+    for name, p in model.named_parameters():
+        specific = ".tailors." in name or name.startswith("y_embedder.rows.")
+        assert p.requires_grad == specific, name
+    unfrozen, _ = transfer(parts, ["cat"], train_learngenes=True)
+    assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+def test_learngene_of_another_shape_is_refused(parts):
+    other = DiT(ModelConfig(class_names=["a"], rank_learngene=0.25))
+    with pytest.raises(PartsError, match="shape.*learngene rank"):
+        load_learngene(other, parts)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "swap", "delete", "flip"])
+def test_damaged_part_file_is_refused(parts, tmp_path, damage):
+    copy = shutil.copytree(parts, tmp_path / "copy")
+    target = copy / "tailor_0001.safetensors"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:-100])
+    elif damage == "swap":
+        shutil.copy(copy / "tailor_0002.safetensors", target)
+    elif damage == "delete":
+        target.unlink()
+    else:
+        data = bytearray(target.read_bytes())
+        data[-5] ^= 0xFF
+        target.write_bytes(bytes(data))
+    with pytest.raises(PartsError, match="tailor_0001.safetensors"):
+        load_parts(copy, ["one"])
+    load_parts(copy, ["two"])  # the intact parts still load
+
+
+def test_manifest_records_sizes_and_classes(parts):
+    manifest = json.loads((parts / "manifest.json").read_text())
+    assert [c["name"] for c in manifest["classes"]] == NAMES
+    assert manifest["tailors"]["2"]["classes"] == [2]
+    for entry in [manifest["learngene"], *manifest["tailors"].values()]:
+        assert (parts / entry["file"]).stat().st_size == entry["bytes"]
+        assert entry["params"] > 0 and len(entry["sha256"]) == 64
+
+
+def test_size_table_grows_with_classes_and_adds_up(parts, source):
+    rows = {name: (params, size) for name, params, size in size_table(parts)}
+    one, two, every = (rows[f"assembled: {k} tailor group(s)"][0] for k in ("1", "2", "all"))
+    assert rows["learngene"][0] < one < two < every
+    assert every == sum(p.numel() for p in source.parameters())
+
+
+def test_decompose_will_not_overwrite(parts, source):
+    with pytest.raises(PartsError, match="not empty"):
+        decompose(source, DiffusionConfig(), parts)
