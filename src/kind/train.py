@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +80,28 @@ def build_model(cfg: Config, class_names: list[str], image_size: int, channels: 
     return DiT(mc)
 
 
+class InMemoryImages:
+    """Training images held as one tensor in the model's range; a flip is the mirror image.
+
+    The loop reads data only through `len`, `shape` and `get`, so a memory-mapped latent store
+    (whose flips are cached encodings of mirrored images) plugs in the same way."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images  # float [N, C, H, W]
+        self.shape = tuple(images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.images[idx]  # [b, C, H, W]
+        return x if flip is None else torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
 def load_dataset(cfg: Config, image_size: int | None = None, channels: int | None = None):
-    """(images float [N, C, H, W] in [-1, 1], labels [N], class names) of the training split."""
+    """(images, labels [N], class names) of the training split; images in [-1, 1]."""
     data = load_images(cfg.data, "train", image_size=image_size, channels=channels)
-    return to_model_range(data.images), data.labels, data.class_names
+    return InMemoryImages(to_model_range(data.images)), data.labels, data.class_names
 
 
 class CsvLog:
@@ -140,13 +159,16 @@ def train(
     resume: bool = False,
     meta: dict | None = None,
     data: tuple | None = None,
+    export: Callable[[nn.Module], nn.Module] | None = None,
 ) -> TrainResult:
     """Train `model` (default: a fresh one for `cfg`) on `cfg.data`, writing the run to `out`.
 
     Only parameters with requires_grad train (transfer freezes the learngenes this way). `meta` is
     stored in the run's `run.json` (e.g. where a transfer came from). `data` overrides the dataset
-    as (images in [-1, 1], labels, class names). With `resume`, the caller builds the same initial
-    model and the latest checkpoint in `out` is loaded over it.
+    as (images in [-1, 1], labels, class names). `export` turns the trained model (EMA weights in
+    place) into the plain DiT written to `out/model` (baselines merge their adapters this way).
+    With `resume`, the caller builds the same initial model and the latest checkpoint in `out` is
+    loaded over it.
     """
     tc, out = cfg.train, Path(out)
     info = distributed.setup(tc.device)
@@ -166,6 +188,8 @@ def train(
         shape = (model.config.image_size, model.config.in_channels) if model else (None, None)
         data = load_dataset(cfg, *shape)
     images, labels, class_names = data
+    if isinstance(images, torch.Tensor):
+        images = InMemoryImages(images)
     if model is None:
         model = build_model(cfg, class_names, images.shape[-1], images.shape[1])
     if list(model.config.class_names) != list(class_names):
@@ -187,7 +211,9 @@ def train(
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
-    opt = torch.optim.AdamW([p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay, foreach=True
+    )
     ema = EMA(named, tc.ema_decay)
     gens = {
         "data": torch.Generator().manual_seed(tc.seed),
@@ -208,11 +234,11 @@ def train(
 
     net: nn.Module = model
     if world > 1:
-        # find_unused_parameters: absent classes' tailors are legitimately unused in a step
+        # find_unused_parameters: the tailors and label rows of absent classes are unused in a step
         net = nn.parallel.DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=model.config.kind,
+            find_unused_parameters=True,
         )
     if tc.compile:
         net = torch.compile(net)
@@ -222,7 +248,6 @@ def train(
         if info.is_main
         else None
     )
-    images, labels = images.to(device), labels.to(device)
     C, H, W = images.shape[1:]
     start_step, t0, window_t, window_steps = step, time.time(), time.time(), 0
     bar = tqdm(
@@ -236,16 +261,15 @@ def train(
     shard = slice(info.rank * local, (info.rank + 1) * local)
     while step < tc.steps:
         # one global batch from the shared generators, then this rank's shard
-        idx = torch.randint(len(images), (B,), generator=gens["data"]).to(device)[shard]
+        idx = torch.randint(len(images), (B,), generator=gens["data"])[shard]
         t = torch.randint(
             diffusion.config.num_timesteps, (B,), generator=gens["noise"], device=device
         )[shard]
         noise = torch.randn((B, C, H, W), generator=gens["noise"], device=device)[shard]
         drop = (torch.rand(B, generator=gens["noise"], device=device) < tc.class_dropout)[shard]
         flip = (torch.rand(B, generator=gens["noise"], device=device) < 0.5)[shard]
-        x0, y = images[idx], torch.where(drop, model.null_id, labels[idx])
-        if tc.hflip:
-            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        x0 = images.get(idx, flip.cpu() if tc.hflip else None).to(device, non_blocking=True)
+        y = torch.where(drop, model.null_id, labels[idx].to(device))
 
         for g in opt.param_groups:
             g["lr"] = tc.lr * min(1.0, (step + 1) / max(tc.warmup_steps, 1))
@@ -308,7 +332,8 @@ def train(
     if info.is_main:
         write_grid(cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device)
         with ema.applied():
-            ckpt.save_model_dir(out / "model", model, cfg.diffusion, {"sample": vars(cfg.sample)})
+            final = export(model) if export else model
+            ckpt.save_model_dir(out / "model", final, cfg.diffusion, {"sample": vars(cfg.sample)})
     distributed.barrier(info)
     with torch.no_grad():
         for n, p in ema.params.items():

@@ -1,0 +1,198 @@
+"""Speed of KIND against dense, in one process, alternating, median of many repeats.
+
+    python benchmarks/bench_speed.py                      # the default CPU size (tiny/7, batch 128)
+    python benchmarks/bench_speed.py --size DiT-B/2 --image-size 32 --channels 4 --batch-size 64 \
+        --precision bf16 --device cuda                    # the scale path on a GPU
+
+Measures, for a mixed-class batch (every class plus ~10% null samples, as in training):
+  1. one training step (forward + backward + AdamW step) of the KIND DiT vs the dense DiT;
+  2. the gated layer vs nn.Linear (forward + backward) at the model's MLP shape;
+  3. inference of one class merged into a dense DiT vs the dense DiT.
+Prints a Markdown table and writes the numbers as JSON (--json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from kind.diffusion import Diffusion, DiffusionConfig
+from kind.gated import make_route
+from kind.model import SIZES, DiT, ModelConfig, parse_size
+from kind.parts import merge
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def timed(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device) -> dict:
+    """Median seconds per call of each function, calls alternating so drift hits all equally."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--size", default="tiny")
+    ap.add_argument("--image-size", type=int, default=28)
+    ap.add_argument("--channels", type=int, default=1)
+    ap.add_argument("--classes", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp = PRECISIONS[args.precision]
+    torch.manual_seed(0)
+
+    names = [str(i) for i in range(args.classes)]
+    common = dict(
+        size=args.size, image_size=args.image_size, in_channels=args.channels, class_names=names
+    )
+    models = {k: DiT(ModelConfig(kind=k == "kind", **common)).to(device) for k in ("kind", "dense")}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for k, m in models.items()}
+    diffusion = Diffusion(DiffusionConfig())
+    B = args.batch_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, args.channels, args.image_size, args.image_size, generator=g).to(device)
+    y = torch.arange(B) % args.classes
+    y[torch.rand(B, generator=g) < 0.1] = args.classes  # ~10% null samples
+    y = y[torch.randperm(B, generator=g)].to(device)
+    t = torch.randint(0, 1000, (B,), generator=g).to(device)
+    noise = torch.randn(x.shape, generator=g).to(device)
+
+    def train_step(k):
+        def fn():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = diffusion.loss(models[k], x, y, t, noise).mean()
+            loss.backward()
+            opts[k].step()
+            opts[k].zero_grad(set_to_none=True)
+
+        return fn
+
+    step = timed({k: train_step(k) for k in models}, args.repeats, args.warmup, device)
+
+    # the gated layer vs nn.Linear at the MLP's first matrix, same tokens
+    _, hidden, _ = SIZES[parse_size(args.size)[0]]
+    layer_tokens = (args.image_size // parse_size(args.size)[1]) ** 2
+    gated = models["kind"].blocks[0].mlp.fc1
+    linear = torch.nn.Linear(hidden, gated.out_features).to(device)
+    h = torch.randn(B, layer_tokens, hidden, device=device, requires_grad=True)
+    groups = models["kind"].tau[y]
+    sort = torch.argsort(groups, stable=True)
+    route = make_route(groups[sort])  # in the model the batch arrives sorted into group blocks
+
+    def layer_fn(fn):
+        def run():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                out = fn()
+            out.float().sum().backward()
+
+        return run
+
+    layer = timed(
+        {"kind": layer_fn(lambda: gated(h, route)), "dense": layer_fn(lambda: linear(h))},
+        args.repeats,
+        args.warmup,
+        device,
+    )
+
+    # inference: one class merged into dense weights vs the dense DiT
+    merged = merge(models["kind"], names[0]).cond
+    y0 = torch.zeros(B, dtype=torch.long, device=device)
+
+    @torch.no_grad()
+    def infer(m):
+        def run():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                m(x, t, y0)
+
+        return run
+
+    inference = timed(
+        {"merged": infer(merged.eval()), "dense": infer(models["dense"].eval())},
+        args.repeats,
+        args.warmup,
+        device,
+    )
+    models["kind"].eval()
+    inference |= timed({"kind": infer(models["kind"])}, args.repeats, args.warmup, device)
+
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    result = {
+        "machine": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "size": args.size,
+        "batch_size": B,
+        "classes": args.classes,
+        "precision": args.precision,
+        "params": params,
+        "train_step_s": step,
+        "train_step_ratio": step["kind"] / step["dense"],
+        "layer_s": layer,
+        "layer_ratio": layer["kind"] / layer["dense"],
+        "inference_s": inference,
+        "merged_inference_ratio": inference["merged"] / inference["dense"],
+    }
+    rows = [
+        ("training step (fwd+bwd+AdamW)", step["kind"], step["dense"], result["train_step_ratio"]),
+        (
+            f"gated layer vs nn.Linear ({hidden}->{gated.out_features}, fwd+bwd)",
+            layer["kind"],
+            layer["dense"],
+            result["layer_ratio"],
+        ),
+        (
+            "inference: merged class model vs dense",
+            inference["merged"],
+            inference["dense"],
+            result["merged_inference_ratio"],
+        ),
+        (
+            "inference: unmerged KIND vs dense",
+            inference["kind"],
+            inference["dense"],
+            inference["kind"] / inference["dense"],
+        ),
+    ]
+    print(
+        f"{result['machine']}, torch {torch.__version__}, {args.size}, batch {B}, "
+        f"{args.classes} classes, {args.precision}, median of {args.repeats}"
+    )
+    print("| measurement | KIND (ms) | dense (ms) | ratio |\n|---|---|---|---|")
+    for name, a, b, r in rows:
+        print(f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {r:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
