@@ -227,4 +227,6 @@ def load_model(path: Path, classes: list[str] | None = None) -> tuple[DiT, Diffu
     model = DiT(ModelConfig.from_dict(cfg["model"]))
     state = read_tensors(last / "model.safetensors") | read_tensors(last / "ema.safetensors")
     load_state(model, state, last)
-    return model.eval(), DiffusionConfig(**cfg["diffusion"]), {"sample": cfg["sample"]}
+    run = read_json(path / "run.json") if (path / "run.json").is_file() else {}
+    meta = {"sample": cfg["sample"], "latent": run.get("latent")}
+    return model.eval(), DiffusionConfig(**cfg["diffusion"]), meta

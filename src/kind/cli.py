@@ -136,6 +136,11 @@ def cmd_sample(args: argparse.Namespace) -> None:
         ids = resolve_classes(model.config, names)
     labels = [c for c in ids for _ in range(args.n)]
     torch.set_grad_enabled(False)
+    decode = None
+    if meta.get("latent") or args.vae:
+        from kind.latents import decoder
+
+        decode = decoder(meta.get("latent") or {}, args.vae, device)
     images = generate(
         model,
         diffusion,
@@ -147,6 +152,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         device=device,
         progress=True,
+        decode=decode,
     )
     save_grid(images, args.n, targets[0])
     class_names = model.config.class_names + ["<null>"]
@@ -180,11 +186,9 @@ def cmd_decompose(args: argparse.Namespace) -> None:
     from kind.parts import decompose
 
     model, diffusion, meta = load_model(Path(args.source))
+    extra = {k: meta.get(k) for k in ("sample", "latent")}
     out = decompose(
-        model,
-        diffusion,
-        args.out,
-        {"sample": meta.get("sample", {}), "source": str(Path(args.source).resolve())},
+        model, diffusion, args.out, extra | {"source": str(Path(args.source).resolve())}
     )
     print(f"parts -> {out}")
     args.source = out
@@ -203,18 +207,68 @@ def cmd_assemble(args: argparse.Namespace) -> None:
 
 
 def cmd_transfer(args: argparse.Namespace) -> None:
-    from kind.transfer import run_transfer
+    from kind.data import load_images
+    from kind.transfer import kind_budget, run_transfer
 
     cfg = _run_config(args)
+    budget = args.budget
+    if args.match_kind:
+        budget = kind_budget(args.match_kind, load_images(cfg.data, "test").class_names)
     result = run_transfer(
-        args.parts,
+        args.source,
         cfg,
         args.out,
         method=args.method,
         train_learngenes=args.train_learngenes,
+        budget=budget,
         resume=args.resume,
     )
     print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from kind.evaluate import evaluate, write_result
+
+    result = evaluate(
+        args.samples,
+        args.ref,
+        feature_net=args.feature_net,
+        k=args.k,
+        inception_weights=args.inception_weights,
+        device=args.device,
+    )
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
+    write_result(result, out)
+    keys = ("fid", "precision", "recall", "class_accuracy", "sfid", "inception_score")
+    print("  ".join(f"{k} {result[k]:.4g}" for k in keys if result.get(k) is not None))
+    print(f"-> {out}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from kind.demo import run_demo
+
+    report = run_demo(
+        args.out, args.preset, jobs=args.jobs, device=args.device, methods=_classes(args.methods)
+    )
+    print(f"report: {report}")
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    from kind.latents import encode_to_store
+
+    out = encode_to_store(
+        args.data,
+        args.out,
+        args.vae,
+        args.image_size,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        workers=args.workers,
+        limit_per_class=args.limit_per_class,
+    )
+    print(f"latent store -> {out}  (train on it with --data {out})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,6 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
+    p.add_argument(
+        "--vae",
+        help="VAE directory to decode a latent model's samples (default: the "
+        "one recorded when the model was trained)",
+    )
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser(
@@ -322,15 +381,107 @@ def build_parser() -> argparse.ArgumentParser:
         "initialised tailors and label rows for the classes of --data, learngenes "
         "frozen unless --train-learngenes, and train with the usual loop.",
     )
-    p.add_argument("parts", help="parts directory of the source model")
+    p.add_argument(
+        "source",
+        help="parts directory of a KIND model (methods kind, kind-tailors) "
+        "or run/model directory of a dense DiT (the baselines)",
+    )
     _add_train_options(p, data_required=True)
-    p.add_argument("--method", default="kind", help="kind (default); issue baselines: see docs")
+    p.add_argument(
+        "--method",
+        default="kind",
+        help="kind: learngenes + fresh "
+        "tailors; kind-tailors: also the source tailors (ablation); full, lora, pissa, "
+        "oft, svdiff, difffit, heurlg, scratch: baselines on a dense source",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        help="trainable-parameter budget the LoRA/PiSSA/OFT rank is matched to",
+    )
+    p.add_argument(
+        "--match-kind",
+        metavar="PARTS",
+        help="set --budget to what a KIND transfer from PARTS to the same classes trains",
+    )
     p.add_argument(
         "--train-learngenes",
         action="store_true",
         help="train the learngenes too instead of freezing them",
     )
     p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="FID, precision, recall, class accuracy of samples",
+        description="Score a samples .npz (arr_0 uint8 NxHxWxC, labels, "
+        "class_names) against the test split of a data spec. Bundled data use a "
+        "classifier trained on that dataset; other data use Inception-V3 from a "
+        "local weights file (FID, sFID, IS, precision, recall).",
+    )
+    p.add_argument("samples", help="samples .npz from `kind-dit sample`")
+    p.add_argument("--ref", required=True, help="reference data spec (its test split)")
+    p.add_argument("--feature-net", default="auto", help="auto, mnist, animals or inception")
+    p.add_argument(
+        "--inception-weights",
+        help="local path of the FID Inception weights "
+        "(pt_inception-2015-12-05); or set KIND_INCEPTION_WEIGHTS",
+    )
+    p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", help="result JSON (default: SAMPLES.eval.json)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "demo",
+        help="the end-to-end demo: pre-train, decompose, transfer, evaluate, report",
+        description="Every stage of KIND on the bundled data "
+        "against the baselines; writes OUT/report.md. Re-running with the same "
+        "--out continues where it stopped.",
+    )
+    p.add_argument(
+        "--preset",
+        choices=["quick", "default", "paper"],
+        default="default",
+        help="quick: toy sizes (minutes); default: KIND, its ablation, LoRA and full "
+        "fine-tuning (about half an hour on 2 cores); paper: every baseline, 3 seeds",
+    )
+    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument(
+        "--jobs", type=int, help="jobs side by side (default: one a core, at most 4; 1 on a GPU)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--methods", help="comma-separated transfer methods instead of the preset's")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "encode",
+        help="encode images into a latent store with a local VAE",
+        description="Encode the images of a data spec (and their mirror images) "
+        "with a local Stable Diffusion VAE into a memory-mapped latent store; "
+        "train on it with --data STORE.",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="data spec, e.g. /data/imagenet/train or /data/imagenet/train:n01440764,n01443537",
+    )
+    p.add_argument("--vae", required=True, help="local VAE directory (sd-vae-ft-ema layout)")
+    p.add_argument("--out", required=True, help="store directory to create")
+    p.add_argument("--image-size", type=int, default=256, help="pixels (default 256)")
+    p.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default="train",
+        help="which split of the spec (every 5th image of a class is test)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="VAE compute precision"
+    )
+    p.add_argument("--workers", type=int, default=4, help="image-reading threads")
+    p.add_argument("--limit-per-class", type=int, help="encode at most N images a class")
+    p.set_defaults(func=cmd_encode)
     return parser
 
 

@@ -58,6 +58,7 @@ class SampleConfig:
 class Config:
     data: str = "mnist:0-5"
     group_file: str | None = None  # YAML/JSON {class name: group}; None = one group per class
+    vae: str | None = None  # VAE directory for latent data; None = the one the latent store records
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

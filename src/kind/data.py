@@ -24,7 +24,9 @@ Bundled sets ship in the package as ``assets/{mnist,animals}.npz`` (28x28 grey, 
 ``scripts/build_data.py``, see ``assets/DATA_LICENSES.md``): nothing is ever downloaded.
 An image folder holds one sub-directory per class (class order = sorted directory names) with
 image files directly inside (png, jpg, jpeg, bmp, webp, gif, any case; hidden files skipped).
-Folder images are decoded eagerly: these are small sets (a latent path handles large ones).
+Folder images are decoded eagerly by ``load_images``: these are small sets. Large ones (ImageNet)
+are streamed instead: ``list_images`` names the images of a split without reading them and
+``read_image`` reads one, which is how ``kind.latents`` encodes a set batch by batch.
 
 Fixed train/test split, the same for every dataset and every run: within each class, taking the
 images in source order (bundled) or sorted file-name order (folders), the image at index i is a
@@ -59,6 +61,18 @@ FOLDER_IMAGE_SIZE, FOLDER_CHANNELS = 32, 3
 
 class DataError(ValueError):
     """A data spec or data folder that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BundledImage:
+    """One image of a bundled set. Bundled sets are arrays in memory, not files, so the dataset
+    name and the row in its array stand for the image where a folder set has a file path."""
+
+    dataset: str  # "mnist" or "animals"
+    index: int  # row in the bundled arrays
+
+
+ImageItem = Path | BundledImage  # what list_images names and read_image reads
 
 
 @dataclass
@@ -240,6 +254,7 @@ def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
 
 
 def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """uint8 [size, size, channels] of an image file; a DataError naming the file if unreadable."""
     try:
         with Image.open(path) as image:
             return _to_array(image, size, channels)
@@ -253,16 +268,39 @@ def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
 # ---------------------------------------------------------------- loading
 
 
-def _load_bundled(
-    dataset: str, class_names: list[str], split: str, size: int | None, channels: int
-) -> tuple[np.ndarray, list[int]]:
-    """uint8 [N, C, H, W] of the chosen classes (class by class, source order) and per-class N."""
-    all_images, all_labels, all_names = _bundled_arrays(dataset)
+def _bundled_split(dataset: str, class_names: list[str], split: str) -> list[np.ndarray]:
+    """Per chosen class, the rows of the bundled arrays in ``split`` (source order)."""
+    _, all_labels, all_names = _bundled_arrays(dataset)
     parts = []
     for name in class_names:
         index = np.flatnonzero(all_labels == all_names.index(name))  # this class, source order
         parts.append(index[_in_split(len(index), split)])
-    picked = all_images[np.concatenate(parts)]  # [N, 28, 28]
+    return parts
+
+
+def _folder_split(root: str, class_names: list[str], split: str) -> list[list[Path]]:
+    """Per chosen class, the image files in ``split`` (file-name order); an empty split errors."""
+    parts = []
+    for name in class_names:
+        files = _class_files(Path(root) / name)
+        keep = _in_split(len(files), split)
+        parts.append([f for f, k in zip(files, keep, strict=True) if k])
+        if not parts[-1]:
+            log.warning("class %r of %s has no %s images (%d files)", name, root, split, len(files))
+    if not any(parts):
+        raise DataError(
+            f"the {split} split of {root} {class_names} is empty: a class needs at least "
+            f"{TEST_EVERY} images to have a test image."
+        )
+    return parts
+
+
+def _load_bundled(
+    dataset: str, class_names: list[str], split: str, size: int | None, channels: int
+) -> tuple[np.ndarray, list[int]]:
+    """uint8 [N, C, H, W] of the chosen classes (class by class, source order) and per-class N."""
+    parts = _bundled_split(dataset, class_names, split)
+    picked = _bundled_arrays(dataset)[0][np.concatenate(parts)]  # [N, 28, 28]
     if size is not None and size != picked.shape[-1]:
         picked = np.stack([_to_array(Image.fromarray(im), size, 1)[..., 0] for im in picked])
     array = np.repeat(picked[:, None], channels, axis=1)  # [N, H, W] -> [N, C, H, W]
@@ -273,21 +311,63 @@ def _load_folder(
     root: str, class_names: list[str], split: str, size: int, channels: int
 ) -> tuple[np.ndarray, list[int]]:
     """uint8 [N, C, H, W] of the chosen classes (class by class, file-name order), per-class N."""
-    decoded, counts = [], []
-    for name in class_names:
-        files = _class_files(Path(root) / name)
-        keep = _in_split(len(files), split)
-        picked = [f for f, k in zip(files, keep, strict=True) if k]
-        if not picked:
-            log.warning("class %r of %s has no %s images (%d files)", name, root, split, len(files))
-        decoded += [_read_image(f, size, channels) for f in picked]  # each [H, W, C]
-        counts.append(len(picked))
-    if not decoded:
-        raise DataError(
-            f"the {split} split of {root} {class_names} is empty: a class needs at least "
-            f"{TEST_EVERY} images to have a test image."
-        )
-    return np.stack(decoded).transpose(0, 3, 1, 2), counts  # [N, H, W, C] -> [N, C, H, W]
+    parts = _folder_split(root, class_names, split)
+    decoded = [_read_image(f, size, channels) for files in parts for f in files]  # [H, W, C] each
+    return np.stack(decoded).transpose(0, 3, 1, 2), [len(p) for p in parts]  # -> [N, C, H, W]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
+
+
+def _check_size(image_size: int | None) -> None:
+    if image_size is not None and (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int | np.integer)
+        or image_size < 1
+    ):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
+
+
+def list_images(
+    spec: str, split: str = "train", limit_per_class: int | None = None
+) -> tuple[list[ImageItem], torch.Tensor, list[str]]:
+    """Name the images of a split without reading them: (items, labels int64 [N], class names).
+
+    Same classes, order and split as ``load_images``, so a set streamed item by item through
+    ``read_image`` matches the one loaded at once. Items are file paths (folders) or
+    ``BundledImage`` rows (bundled sets). ``limit_per_class`` keeps the first images of each
+    class's split, for tests and quick looks.
+    """
+    _check_split(split)
+    if limit_per_class is not None and limit_per_class < 1:
+        raise DataError(f"limit_per_class must be a positive integer, got {limit_per_class!r}.")
+    dataset, chosen = parse_spec(spec)
+    class_names = chosen if chosen is not None else dataset_classes(dataset)
+    if dataset in BUNDLED:
+        rows = _bundled_split(dataset, class_names, split)
+        parts = [[BundledImage(dataset, int(i)) for i in r] for r in rows]
+    else:
+        parts = _folder_split(dataset, class_names, split)
+    parts = [p[:limit_per_class] for p in parts]
+    items = [item for p in parts for item in p]
+    labels = torch.repeat_interleave(
+        torch.arange(len(parts)), torch.tensor([len(p) for p in parts])
+    )
+    return items, labels.to(torch.int64), list(class_names)
+
+
+def read_image(item: ImageItem, image_size: int, channels: int = 3) -> np.ndarray:
+    """One item of ``list_images`` as uint8 [image_size, image_size, channels], made the way
+    ``load_images`` makes it (centre crop, bicubic resize, grey <-> RGB)."""
+    _check_size(image_size)
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels!r}.")
+    if isinstance(item, BundledImage):
+        image = Image.fromarray(_bundled_arrays(item.dataset)[0][item.index])  # grey 28x28
+        return _to_array(image, int(image_size), channels)
+    return _read_image(Path(item), int(image_size), channels)
 
 
 def load_images(
@@ -297,16 +377,10 @@ def load_images(
 
     ``image_size``/``channels`` default to 28/1 for bundled sets and 32/3 for folders.
     """
-    if split not in SPLITS:
-        raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
+    _check_split(split)
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels!r}.")
-    if image_size is not None and (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, int | np.integer)
-        or image_size < 1
-    ):
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
+    _check_size(image_size)
     size = None if image_size is None else int(image_size)
     dataset, chosen = parse_spec(spec)
     class_names = chosen if chosen is not None else dataset_classes(dataset)

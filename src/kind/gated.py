@@ -161,10 +161,12 @@ class KindLinear(nn.Module):
             return torch.empty_like(out).index_copy_(0, route.order, out)
         blocks = x.split(route.sizes)  # group blocks, then the null block
         if dense and len(keys) * io < n * (self.in_features + self.out_features):
-            w = self.learngene_weight()
-            outs = [
-                F.linear(xb, w + self.tailors[k].weight(), self.bias) for k, xb in zip(keys, blocks)
-            ]  # each [n_g, (T,) out]
+            w = self.learngene_weight()  # [out, in]
+            tailors = [self.tailors[k] for k in keys]
+            U = torch.stack([t.U for t in tailors]) * torch.stack([t.S for t in tailors])[:, None]
+            V = torch.stack([t.V for t in tailors])  # [P, in, r]
+            W = torch.baddbmm(w.expand(len(keys), -1, -1), U, V.transpose(1, 2))  # [P, out, in]
+            outs = [F.linear(xb, W[i], self.bias) for i, xb in enumerate(blocks[:-1])]
             null = [F.linear(blocks[-1], w, self.bias)]
         else:
             ys = self._learngene(x, dense).split(route.sizes)

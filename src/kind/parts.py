@@ -219,10 +219,16 @@ def transfer(
     *,
     class_to_group: list[int] | None = None,
     train_learngenes: bool = False,
+    carry_tailors: bool = False,
     seed: int = 0,
 ) -> tuple[DiT, DiffusionConfig]:
     """A model for new classes: the learngenes of `parts` (frozen unless `train_learngenes`),
-    freshly, randomly initialised tailors and label rows; nothing of the source's tailors."""
+    freshly, randomly initialised tailors and label rows; nothing of the source's tailors.
+
+    `carry_tailors` is the ablation behind the domain-shift claim: new tailor group g starts from
+    source tailor group g mod G instead of random (the class-specific knowledge of the old domain
+    comes along); label rows stay fresh."""
+    parts = Path(parts)
     manifest = read_manifest(parts)
     source = ModelConfig.from_dict(manifest["model"])
     config = replace(
@@ -231,6 +237,18 @@ def transfer(
     torch.manual_seed(seed)
     model = DiT(config)
     load_learngene(model, parts)
+    if carry_tailors:
+        source_groups = sorted(int(g) for g in manifest["tailors"])
+        state = {}
+        for g in config.held_groups:
+            src = source_groups[g % len(source_groups)]
+            tensors = _read_part(parts, manifest["tailors"][str(src)], str(src))
+            state |= {
+                k.replace(f".tailors.{src}.", f".tailors.{g}."): v
+                for k, v in tensors.items()
+                if f".tailors.{src}." in k
+            }
+        model.load_state_dict(state, strict=False)
     for name, p in model.named_parameters():
         p.requires_grad_(train_learngenes or group_of(name, config) is not None)
     return model, DiffusionConfig(**manifest["diffusion"])
@@ -322,7 +340,8 @@ def assemble(
         raise PartsError(f"{out} already exists and is not empty; choose another output directory")
     needed = [merge_class] if merge_class is not None else classes
     model, diffusion, manifest = load_parts(parts, [] if merge_null else needed)
-    extra = {"source": str(Path(parts).resolve()), "sample": manifest.get("sample", {})}
+    extra = {"source": str(Path(parts).resolve())}
+    extra |= {k: manifest[k] for k in ("sample", "latent") if k in manifest}
     if merge_class is not None or merge_null:
         merged = merge(model, None if merge_null else merge_class)
         extra["merged"] = "null" if merge_null else merge_class

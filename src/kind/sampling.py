@@ -7,6 +7,7 @@ alongside; that is also what lets an assembled model reproduce the full model's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -37,10 +38,12 @@ def generate(
     device: torch.device | str = "cpu",
     first_index: int = 0,
     progress: bool = False,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Images uint8 [N, C, H, W] for class ids `labels` (indices into model.config.class_names).
 
-    `first_index` offsets the per-sample seeds, for sampling a slice of a larger set (ranks)."""
+    `first_index` offsets the per-sample seeds, for sampling a slice of a larger set (ranks).
+    `decode` maps a latent model's samples to uint8 images (see `kind.latents.decoder`)."""
     from kind.data import to_uint8
 
     diff = diffusion if isinstance(diffusion, Diffusion) else Diffusion(diffusion)
@@ -71,10 +74,10 @@ def generate(
             learn_sigma=cfg.learn_sigma,
             progress=partial(_counted, bar=bar, n=len(chunk)),
         )
-        out.append(to_uint8(x).cpu())
+        out.append(decode(x) if decode else to_uint8(x).cpu())
     bar.close()
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, *shape, dtype=torch.uint8)
+    return torch.cat(out)
 
 
 def _counted(timesteps, bar, n):

@@ -33,6 +33,7 @@ from kind.config import Config, save_config
 from kind.data import load_images, to_model_range
 from kind.diffusion import Diffusion
 from kind.ema import EMA
+from kind.latents import LatentStore, decoder, is_store
 from kind.model import DiT
 from kind.sampling import generate, save_grid
 
@@ -99,7 +100,16 @@ class InMemoryImages:
 
 
 def load_dataset(cfg: Config, image_size: int | None = None, channels: int | None = None):
-    """(images, labels [N], class names) of the training split; images in [-1, 1]."""
+    """(images, labels [N], class names) of the training split: a latent store when `cfg.data`
+    names one (see `kind.latents`), else images of the data spec in [-1, 1]."""
+    if is_store(cfg.data):
+        store = LatentStore(cfg.data)
+        if image_size not in (None, store.shape[-1]) or channels not in (None, store.shape[1]):
+            raise ValueError(
+                f"latent store {cfg.data} holds {store.shape[1:]} latents; the model "
+                f"expects {channels}x{image_size}x{image_size}"
+            )
+        return store, store.labels, store.class_names
     data = load_images(cfg.data, "train", image_size=image_size, channels=channels)
     return InMemoryImages(to_model_range(data.images)), data.labels, data.class_names
 
@@ -198,6 +208,13 @@ def train(
         )
     model.to(device)
     model.grad_checkpointing = tc.grad_checkpointing
+    latent = None  # how samples become images: recorded beside the model, used by the grids
+    if isinstance(images, LatentStore):
+        latent = {
+            "vae": cfg.vae or images.meta["vae"],
+            "image_size": images.meta["image_size"],
+            "store": str(images.path),
+        }
     diffusion = Diffusion(cfg.diffusion)
 
     B, world = tc.batch_size, info.world
@@ -229,7 +246,9 @@ def train(
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.json")
-        ckpt.atomic_write_text(out / "run.json", json.dumps(meta or {}, indent=2))
+        ckpt.atomic_write_text(
+            out / "run.json", json.dumps((meta or {}) | {"latent": latent}, indent=2)
+        )
     distributed.barrier(info)
 
     net: nn.Module = model
@@ -325,15 +344,20 @@ def train(
         if info.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
             _save_checkpoint(out, step, model, ema, opt, names, gens, scaler, tc.keep_checkpoints)
         if info.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-            write_grid(cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device)
+            write_grid(
+                cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device, latent
+            )
         distributed.barrier(info)
     bar.close()
     seconds = time.time() - t0
     if info.is_main:
-        write_grid(cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device)
+        write_grid(
+            cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device, latent
+        )
         with ema.applied():
             final = export(model) if export else model
-            ckpt.save_model_dir(out / "model", final, cfg.diffusion, {"sample": vars(cfg.sample)})
+            extra = {"sample": vars(cfg.sample), "latent": latent}
+            ckpt.save_model_dir(out / "model", final, cfg.diffusion, extra)
     distributed.barrier(info)
     with torch.no_grad():
         for n, p in ema.params.items():
@@ -342,7 +366,13 @@ def train(
 
 
 def write_grid(
-    cfg: Config, model: DiT, ema: EMA, diffusion: Diffusion, path: Path, device: torch.device
+    cfg: Config,
+    model: DiT,
+    ema: EMA,
+    diffusion: Diffusion,
+    path: Path,
+    device: torch.device,
+    latent: dict | None = None,
 ) -> None:
     """A grid with `sample.per_class` EMA samples of every class the model holds, one row each."""
     classes = model.config.held_classes
@@ -358,6 +388,7 @@ def write_grid(
             steps=sc.steps,
             cfg_scale=sc.cfg_scale,
             device=device,
+            decode=decoder(latent, device=device) if latent else None,
         )
     save_grid(imgs, sc.per_class, path)
 

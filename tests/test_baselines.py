@@ -1,0 +1,222 @@
+"""Baselines for novel classes: what trains, budget matching, export equivalence, Heur-LG's split,
+and a real training run whose exported model loads back as a plain DiT."""
+
+import pytest
+import torch
+
+from kind import checkpoint as ckpt
+from kind.baselines import METHODS, adapt, deployed_params, size_for_budget, target_shapes
+from kind.config import load_config
+from kind.model import DiT, ModelConfig
+from kind.train import train
+
+NEW = ["six", "seven", "eight", "nine"]
+# KIND's transfer budget for a tiny model (hidden 128, depth 4, r_T 8): per class 4 blocks of
+# 4 square tailors (8 x 257) + fc1, fc2 tailors (8 x 641 each), plus the class's label row.
+KIND_BUDGET = len(NEW) * (4 * (4 * 8 * 257 + 2 * 8 * 641) + 128)
+
+# which parameters each method trains, besides the new label rows (always)
+TRAINS = {
+    "full": lambda n: True,
+    "lora": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "pissa": lambda n: ".lora_A." in n or ".lora_B." in n,
+    "oft": lambda n: ".oft_R." in n,
+    "svdiff": lambda n: n.endswith(".delta"),
+    "difffit": lambda n: n.endswith((".bias", ".gamma")),
+    "heurlg": lambda n: True,
+    "scratch": lambda n: True,
+}
+# methods that start from the source's function (everything inherited, adapters start as identity)
+STARTS_AT_SOURCE = ("full", "lora", "pissa", "oft", "svdiff", "difffit")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # LAPACK's SVD (PiSSA, SVDiff) slows down by orders of magnitude on a shared, busy CPU when
+    # its threads contend; one thread keeps these tests at their normal speed.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(kind=False, class_names=[str(i) for i in range(6)]))
+    with torch.no_grad():  # leave DiT's identity start so every block matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _batch(y, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(y)
+    x = torch.randn(len(y), 1, 28, 28, generator=g)
+    return x, torch.randint(0, 1000, (len(y),), generator=g), y
+
+
+MIXED = [0, 1, 4, 2, 3, 4, 1]  # the new classes and the null class (4)
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@torch.no_grad()
+def _perturb(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_adapted_model_runs_a_mixed_batch_of_new_classes_and_null(source, method):
+    adapted = adapt(method, source, NEW, budget=KIND_BUDGET)
+    assert adapted.model.config.class_names == NEW and not adapted.model.config.kind
+    assert adapted.model.null_id == len(NEW)
+    out = adapted.model(*_batch(MIXED))
+    assert out.shape == (len(MIXED), 1, 28, 28) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_only_the_intended_parameters_train(source, method):
+    adapted = adapt(method, source, NEW, budget=KIND_BUDGET)
+    named = dict(adapted.model.named_parameters())
+    trained = {n for n, p in named.items() if p.requires_grad}
+    rows = {f"y_embedder.rows.{c}" for c in range(len(NEW))}
+    assert trained == {n for n in named if n in rows or TRAINS[method](n)}
+    assert trained > rows  # something besides the label rows trains
+    assert ("y_embedder.null" in trained) == (TRAINS[method]("y_embedder.null"))
+    assert adapted.trainable == sum(named[n].numel() for n in trained)
+
+
+def test_parameter_efficient_counts_for_the_kind_budget(source):
+    counts = {m: adapt(m, source, NEW, budget=KIND_BUDGET).trainable for m in METHODS}
+    rows = len(NEW) * 128
+    assert counts["lora"] == counts["pissa"] == 32 * 4 * (4 * 256 + 2 * 640) + rows
+    assert counts["oft"] == 4 * (5 * 128 + 512) * 127 // 2 + rows  # block size 128
+    assert counts["svdiff"] == 4 * 6 * 128 + rows  # fixed by the shapes
+    n_dense = sum(p.numel() for p in adapt("full", source, NEW).model.parameters())
+    assert counts["full"] == counts["heurlg"] == counts["scratch"] == n_dense
+    assert deployed_params(adapt("lora", source, NEW)) == n_dense
+
+
+def test_a_larger_budget_picks_a_larger_lora_rank_within_one_rank_step(source):
+    shapes, rows = target_shapes(source), len(NEW) * 128
+    step = sum(i + o for i, o in shapes)  # parameters one rank adds
+    small, large = KIND_BUDGET // 3, KIND_BUDGET
+    r_small, r_large = (size_for_budget("lora", shapes, b, rows) for b in (small, large))
+    assert r_small < r_large
+    for budget, rank in ((small, r_small), (large, r_large)):
+        adapted = adapt("lora", source, NEW, budget=budget)
+        assert f"rank {rank} " in adapted.detail
+        assert abs(adapted.trainable - budget) <= step / 2
+
+
+def test_oft_block_size_divides_every_input_width(source):
+    shapes = target_shapes(source)
+    for budget in (1, KIND_BUDGET // 10, KIND_BUDGET, 10 * KIND_BUDGET):
+        b = size_for_budget("oft", shapes, budget, 0)
+        assert all(i % b == 0 for i, _ in shapes)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_source_model_is_left_untouched(source, method):
+    before = {k: v.clone() for k, v in source.state_dict().items()}
+    requires = {n: p.requires_grad for n, p in source.named_parameters()}
+    adapted = adapt(method, source, NEW, budget=KIND_BUDGET)
+    _perturb(adapted.model)
+    adapted.export(adapted.model)
+    after = source.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k]), k
+    assert requires == {n: p.requires_grad for n, p in source.named_parameters()}
+
+
+@pytest.mark.parametrize("method", STARTS_AT_SOURCE)
+def test_adaptation_starts_from_the_source_function(source, method):
+    # the null row is inherited and every adapter starts as the identity, so the unconditional
+    # model is the source's until training moves it
+    adapted = adapt(method, source, NEW, budget=KIND_BUDGET).model.eval()
+    x, t, _ = _batch([0] * 4)
+    out = adapted(x, t, torch.full((4,), len(NEW)))
+    ref = source(x, t, torch.full((4,), source.null_id))
+    assert _rel(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_export_computes_what_the_adapted_model_computes(source, method):
+    adapted = adapt(method, source, NEW, budget=KIND_BUDGET)
+    _perturb(adapted.model)  # non-trivial adapters, scales and shifts
+    model = adapted.model.eval()
+    dense = adapted.export(model)
+    assert type(dense) is DiT and dense.config == model.config
+    assert dense.state_dict().keys() == DiT(model.config).state_dict().keys()
+    batch = _batch(MIXED)
+    with torch.no_grad():
+        assert _rel(dense(*batch), model(*batch)) <= 1e-5
+    assert model(*batch).requires_grad  # the adapted model itself still trains
+
+
+def test_heurlg_inherits_embedders_and_first_half_and_reinitialises_the_rest(source):
+    model = adapt("heurlg", source, NEW).model
+    own, src = model.state_dict(), source.state_dict()
+    for name in ("x_embedder.weight", "t_embedder.mlp.0.weight", "y_embedder.null"):
+        assert torch.equal(own[name], src[name]), name
+    for name in own:
+        if name.startswith(("blocks.0.", "blocks.1.")):
+            assert torch.equal(own[name], src[name]), name
+        elif name.startswith(("blocks.2.", "blocks.3.", "final_layer.")):
+            assert not torch.equal(own[name], src[name]), name
+    # DiT's init: adaLN-Zero, so a re-initialised block starts as the identity
+    assert not model.blocks[2].adaLN_modulation[-1].weight.any()
+    assert not model.final_layer.linear.weight.any()
+
+
+def test_unknown_method_and_kind_source_are_refused(source):
+    with pytest.raises(ValueError, match="unknown baseline 'adalora'.*lora"):
+        adapt("adalora", source, NEW)
+    with pytest.raises(ValueError, match="dense DiT.*kind.parts.transfer"):
+        adapt("lora", DiT(ModelConfig(class_names=["a"], rank_tailor=2)), NEW)
+
+
+def test_lora_run_writes_a_plain_model_that_loads_back(source, tmp_path):
+    adapted = adapt("lora", source, NEW, budget=KIND_BUDGET)
+    cfg = load_config(
+        overrides={
+            "data": "mnist:6-9",
+            "train": {
+                "steps": 2,
+                "batch_size": 8,
+                "log_every": 1,
+                "sample_every": 0,
+                "checkpoint_every": 2,
+                "warmup_steps": 1,
+                "threads": 1,
+            },
+            "sample": {"steps": 2, "per_class": 1},
+        }
+    )
+    cfg.model = adapted.model.config
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 1, 28, 28, generator=g) * 2 - 1
+    labels = torch.arange(16) % len(NEW)
+    before = {n: p.clone() for n, p in adapted.model.named_parameters()}
+    result = train(
+        cfg,
+        tmp_path / "run",
+        model=adapted.model,
+        data=(images, labels, NEW),
+        export=adapted.export,
+    )
+    moved = {n for n, p in result.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(adapted.model.get_parameter(n).requires_grad for n in moved)
+    loaded, _, _ = ckpt.load_model_dir(tmp_path / "run" / "model")
+    assert type(loaded) is DiT and loaded.config.class_names == NEW
+    batch = _batch(MIXED)
+    with torch.no_grad():
+        assert _rel(loaded(*batch), result.model(*batch)) <= 1e-5

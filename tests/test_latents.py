@@ -1,0 +1,246 @@
+"""The latent data path with a tiny random VAE: loading, encoding a spec into a store, reading it
+back through the training loop's interface, decoding (CPU, no network, a few seconds)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kind.data import BundledImage, DataError, list_images, load_images, read_image
+from kind.latents import (
+    FORMAT,
+    LatentError,
+    LatentStore,
+    decode,
+    encode,
+    encode_to_store,
+    is_store,
+    load_vae,
+    scaling_factor,
+)
+
+SIZE = 16  # pixels; the tiny VAE downsamples by 2 -> 8x8 latents
+# on the CPU wherever the tests run: a GPU's TF32 convolutions would not match `encode` on the CPU
+encode_cpu = functools.partial(encode_to_store, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions gain nothing from threads, and spin-waiting ones slow a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised AutoencoderKL in the sd-vae-ft-* layout (2 down blocks: x2)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vae(vae_dir):
+    return load_vae(vae_dir)
+
+
+def _folder(root: Path) -> Path:
+    """Two RGB classes: 'a' with 6 images (one non-square), 'b' with 5 -> train 5 + 4, test 1 + 1."""
+    rng = np.random.default_rng(0)
+    for name, count in (("a", 6), ("b", 5)):
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            shape = (24, 40, 3) if (name, i) == ("a", 0) else (20, 20, 3)  # H, W, C
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+                root / name / f"{i}.png"
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_store(tmp_path_factory, vae_dir) -> tuple[Path, Path]:
+    root = _folder(tmp_path_factory.mktemp("data") / "imgs")
+    out = tmp_path_factory.mktemp("stores") / "folder"
+    return root, encode_cpu(str(root), out, vae_dir, SIZE, batch_size=3, workers=2)
+
+
+# ---------------------------------------------------------------- the VAE
+
+
+def test_load_vae_round_trips_saved_weights(vae_dir, vae):
+    from diffusers import AutoencoderKL
+
+    assert isinstance(vae, AutoencoderKL) and not vae.training
+    assert scaling_factor(vae) == pytest.approx(0.18215)
+    reference = AutoencoderKL.from_pretrained(vae_dir)
+    for (name, p), q in zip(vae.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert not any(p.requires_grad for p in vae.parameters())
+
+
+def test_load_vae_reads_the_vae_subfolder_of_a_pipeline(tmp_path, vae_dir):
+    (tmp_path / "vae").symlink_to(vae_dir, target_is_directory=True)
+    assert load_vae(tmp_path).config.latent_channels == 4
+
+
+@pytest.mark.parametrize("case", ["none", "missing", "empty", "other-model", "no-weights"])
+def test_load_vae_errors_say_how_to_get_one(tmp_path, case):
+    path = {"none": None, "missing": tmp_path / "nope"}.get(case, tmp_path)
+    if case == "other-model":
+        (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    if case == "no-weights":
+        (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(LatentError, match="sd-vae-ft-ema") as err:
+        load_vae(path)
+    assert isinstance(err.value, ValueError) and "--vae PATH" in str(err.value)
+
+
+def test_decode_returns_uint8_images(vae):
+    z = torch.randn(5, 4, 8, 8)
+    images = decode(vae, z, batch_size=2)
+    assert images.dtype == torch.uint8 and images.shape == (5, 3, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------- data.py streaming helpers
+
+
+def test_list_and_read_images_match_load_images(tmp_path):
+    root = _folder(tmp_path / "imgs")
+    for spec, size in ((str(root), SIZE), ("mnist:3,1", 20)):
+        items, labels, names = list_images(spec, "test")
+        loaded = load_images(spec, "test", image_size=size, channels=3)
+        assert names == loaded.class_names and torch.equal(labels, loaded.labels)
+        streamed = np.stack([read_image(it, size, 3) for it in items]).transpose(0, 3, 1, 2)
+        assert np.array_equal(streamed, loaded.images.numpy())
+    items, labels, _ = list_images("mnist:0-1", limit_per_class=2)
+    assert all(isinstance(it, BundledImage) for it in items) and labels.tolist() == [0, 0, 1, 1]
+
+
+# ---------------------------------------------------------------- encoding and reading a store
+
+
+def test_folder_store_layout_and_meta(folder_store, vae_dir):
+    _, out = folder_store
+    latents = np.load(out / "latents.npy", mmap_mode="r")
+    assert latents.dtype == np.float16 and latents.shape == (9, 2, 4, 8, 8)
+    labels = np.load(out / "labels.npy")
+    assert labels.dtype == np.int64 and labels.tolist() == [0] * 5 + [1] * 4
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["format"] == FORMAT and meta["class_names"] == ["a", "b"]
+    assert (meta["count"], meta["class_counts"], meta["split"]) == (9, [5, 4], "train")
+    assert meta["latent_shape"] == [4, 8, 8] and meta["image_size"] == SIZE
+    assert meta["vae"] == str(vae_dir.resolve()) and meta["scaling_factor"] == pytest.approx(
+        0.18215
+    )
+    assert meta["dtype"] == "float16" and meta["posterior"] == "mean"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
+
+
+def test_store_holds_encodings_of_the_image_and_its_mirror(folder_store, vae):
+    root, out = folder_store
+    latents = np.load(out / "latents.npy").astype(np.float32)
+    items, _, _ = list_images(str(root))
+    assert items[0].name == "0.png" and items[0].parent.name == "a"  # the non-square one
+    images = torch.from_numpy(np.stack([read_image(it, SIZE, 3) for it in items[:4]]))
+    images = images.permute(0, 3, 1, 2)  # [4, H, W, 3] -> [4, 3, H, W]
+    plain, mirrored = encode(vae, images).numpy(), encode(vae, images.flip(-1)).numpy()
+    np.testing.assert_allclose(latents[:4, 0], plain, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(latents[:4, 1], mirrored, rtol=2e-3, atol=2e-3)
+    assert np.abs(latents[:, 1] - latents[:, 0]).max() > 0.01  # the mirror is a different latent
+    assert not np.allclose(latents[:4, 1], plain[..., ::-1], atol=2e-3)  # not a flipped latent
+
+
+def test_latent_store_get_with_and_without_flips(folder_store):
+    _, out = folder_store
+    store = LatentStore(out)
+    raw = np.load(out / "latents.npy").astype(np.float32)
+    assert is_store(out) and not is_store(out.parent)
+    assert len(store) == 9 and store.shape == (9, 4, 8, 8)
+    assert store.class_names == ["a", "b"] and store.meta["split"] == "train"
+    assert store.labels.dtype == torch.int64 and store.labels.tolist() == [0] * 5 + [1] * 4
+    idx = torch.tensor([7, 0, 7, 3])
+    x = store.get(idx)
+    assert x.dtype == torch.float32 and x.shape == (4, 4, 8, 8)
+    assert np.array_equal(x.numpy(), raw[[7, 0, 7, 3], 0])
+    flip = torch.tensor([True, False, False, True])
+    y = store.get(idx, flip)
+    assert np.array_equal(y.numpy(), raw[[7, 0, 7, 3], [1, 0, 0, 1]])
+
+
+def test_bundled_spec_encodes_with_limit_and_test_split(tmp_path, vae_dir):
+    out = encode_cpu(
+        "mnist:0-1", tmp_path / "m", vae_dir, SIZE, "test", limit_per_class=2, workers=0
+    )
+    store = LatentStore(out)
+    assert store.shape == (4, 4, 8, 8) and store.labels.tolist() == [0, 0, 1, 1]
+    assert store.class_names == ["0", "1"] and store.meta["split"] == "test"
+    assert store.meta["dataset"] == "mnist" and store.meta["limit_per_class"] == 2
+
+
+def test_corrupt_image_error_names_the_file_and_leaves_nothing(tmp_path, vae_dir):
+    root = _folder(tmp_path / "imgs")
+    (root / "b" / "3.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match=r"b/3\.png"):
+        encode_cpu(str(root), tmp_path / "out", vae_dir, SIZE, batch_size=2, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+
+
+def test_existing_output_is_refused_but_an_empty_dir_is_filled(tmp_path, vae_dir):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(LatentError, match="not an empty directory"):
+        encode_cpu("mnist:0", tmp_path / "full", vae_dir, SIZE, limit_per_class=1)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    (tmp_path / "empty").mkdir()
+    encode_cpu("mnist:0", tmp_path / "empty", vae_dir, SIZE, limit_per_class=1, workers=0)
+    assert len(LatentStore(tmp_path / "empty")) == 1
+
+
+def test_image_size_must_fit_the_vae(tmp_path, vae_dir):
+    with pytest.raises(LatentError, match="multiple of the VAE's downsampling factor 2"):
+        encode_cpu("mnist:0", tmp_path / "odd", vae_dir, 15, limit_per_class=1)
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        ("no-meta", "not a latent store"),
+        ("format", "kind-latents/1"),
+        ("count", "damaged or incomplete"),
+        ("labels", "outside 0..1"),
+    ],
+)
+def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
+    import shutil
+
+    out = Path(shutil.copytree(folder_store[1], tmp_path / "copy"))
+    meta = json.loads((out / "meta.json").read_text())
+    if damage == "no-meta":
+        (out / "meta.json").unlink()
+    elif damage == "labels":
+        np.save(out / "labels.npy", np.full(9, 5, dtype=np.int64))
+    else:
+        meta["format" if damage == "format" else "count"] = "x/0" if damage == "format" else 10
+        (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(LatentError, match=needle):
+        LatentStore(out)
