@@ -382,10 +382,6 @@ def deploy_job(out: str, kind_run: str, threads: int, device: str) -> dict:
 # ---- the scheduler --------------------------------------------------------------------------
 
 
-def _worker_init() -> None:
-    os.environ["TQDM_DISABLE"] = "1"  # the demo's own progress bar is the only one
-
-
 def _call(fn: str, kwargs: dict) -> dict:
     t0 = time.time()
     result = globals()[fn](**kwargs)
@@ -500,7 +496,10 @@ def run_demo(
     )
     t0 = time.time()
     ctx = get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init) as pool:
+    # Workers inherit the environment when they start (on first submit): tqdm reads TQDM_DISABLE
+    # on import, so the demo's own bar stays the only one.
+    os.environ["TQDM_DISABLE"] = "1"
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         running = {}
         while pending or running:
             for job in list(pending):
@@ -525,6 +524,7 @@ def run_demo(
                 path.write_text(json.dumps(job.result, indent=2))
                 done[job.name] = job
                 bar.update(job.weight)
+    os.environ.pop("TQDM_DISABLE", None)
     bar.close()
     results = {name: job.result for name, job in done.items()}
     report = write_report(out, settings, results, failed, wall_seconds=time.time() - t0)

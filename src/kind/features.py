@@ -196,7 +196,9 @@ def save_feature_net(
     weights, sidecar = feature_net_paths(dataset, assets)
     weights.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(state, str(weights), metadata={"architecture": SMALL_CNN_ARCH, "dataset": dataset})
+    # One metadata key only: safetensors writes the metadata map in a per-process random order,
+    # so two keys made the file's bytes (and sha256) differ between identical runs.
+    save_file(state, str(weights), metadata={"architecture": SMALL_CNN_ARCH})
     weights.chmod(0o644)  # safetensors writes 0600; a packaged asset must be world-readable
     info = {
         "architecture": SMALL_CNN_ARCH,

@@ -29,7 +29,6 @@ METHOD_NAMES = {
     "difffit": "DiffFit",
     "heurlg": "Heur-LG",
     "scratch": "from scratch",
-    "dense": "dense DiT",
 }
 
 
@@ -120,7 +119,11 @@ def write_report(
     if pre:
         md += [f"## 1. Pre-training on `{SOURCE}`", ""]
         rows = [
-            [METHOD_NAMES.get(r["method"], r["method"]), _count(r["deployed"]), *_metrics_row([r])]
+            [
+                {"kind": "KIND DiT"}.get(r["method"], "dense DiT"),
+                _count(r["deployed"]),
+                *_metrics_row([r]),
+            ]
             for r in pre
         ]
         md += [
@@ -149,7 +152,9 @@ def write_report(
             "The KIND model split into learngene and tailor files, then assembled for a subset "
             "of classes (or one class merged into dense weights). `max rel. diff` compares the "
             "outputs with the full model's on a mixed batch of the kept classes and the null "
-            "class; `same samples` draws with the same seed from both.",
+            "class; `same samples` draws with the same seed from both."
+            " The merged variant holds two dense networks: the class folded in, and the"
+            " learngene-only network that classifier-free guidance needs for the null class.",
             "",
         ]
         md += [
@@ -187,7 +192,8 @@ def write_report(
         if not runs:
             continue
         by_method: dict[str, list[dict]] = defaultdict(list)
-        for r in runs:
+        order = list(settings["methods"])
+        for r in sorted(runs, key=lambda r: (order.index(r["method"]), r["seed"])):
             by_method[r["method"]].append(r)
         md += [
             f"## {i}. Transfer: {TASK_TITLES[task]} (`{TASKS[task]}`)",
