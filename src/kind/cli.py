@@ -110,7 +110,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
 
     from kind.checkpoint import load_model
     from kind.distributed import pick_device
@@ -135,7 +134,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
     else:
         ids = resolve_classes(model.config, names)
     labels = [c for c in ids for _ in range(args.n)]
-    torch.set_grad_enabled(False)
     decode = None
     if meta.get("latent") or args.vae:
         from kind.latents import decoder
@@ -155,7 +153,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         decode=decode,
     )
     save_grid(images, args.n, targets[0])
-    class_names = model.config.class_names + ["<null>"]
+    class_names = model.config.class_names + (["<null>"] if args.unconditional else [])
     save_npz(
         targets[1],
         images,

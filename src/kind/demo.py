@@ -448,16 +448,18 @@ def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
 
 def run_demo(
     out: str | Path,
-    preset_name: str = "default",
+    preset: str | Preset = "default",
     jobs: int | None = None,
     device: str = "auto",
     methods: tuple[str, ...] | None = None,
 ) -> Path:
-    """Run (or continue) the demo into `out`; returns the path of report.md."""
+    """Run (or continue) the demo into `out` with a named preset (or a custom `Preset`); returns
+    the path of report.md."""
     from kind.report import write_report
 
     out = Path(out)
-    preset = PRESETS[preset_name]
+    preset_name = preset if isinstance(preset, str) else "custom"
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
     if methods:
         preset = replace(preset, methods=tuple(methods))
     if device == "auto":

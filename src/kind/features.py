@@ -169,8 +169,9 @@ class BundledFeatureNet:
         _check_images(images, self.image_shape, f"feature net {self.name!r}")
         self.module.eval()
         feats, logits = [], []
-        # Native convolutions: oneDNN's varied in the last bits between launches, and a metric
-        # should give the same digits for the same samples.
+        # Native convolutions: with oneDNN, the same images gave features differing in the last
+        # bits from one call to the next; a metric should give the same digits for the same
+        # samples.
         with _native_convolutions():
             for start in range(0, images.shape[0], batch_size):
                 f, lg = self.module(to_model_range(images[start : start + batch_size]))

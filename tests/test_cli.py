@@ -1,0 +1,220 @@
+"""The command line end to end at toy size: train -> sample -> info -> decompose -> assemble ->
+transfer (KIND and a baseline) -> evaluate, and the errors a user sees."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kind.cli import build_parser, main
+
+TOY = [
+    "--set",
+    "model.rank_tailor=2",
+    "--set",
+    "train.threads=1",
+    "--set",
+    "train.sample_every=0",
+    "--set",
+    "sample.steps=2",
+    "--set",
+    "sample.per_class=1",
+    "--set",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    main(
+        [
+            "train",
+            "--data",
+            "mnist:0-2",
+            "--size",
+            "tiny",
+            "--steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            *TOY,
+        ]
+    )
+    return out
+
+
+def test_train_writes_a_run(run):
+    assert (run / "model" / "model.json").is_file()
+    assert len((run / "metrics.csv").read_text().splitlines()) == 4  # header + 3 steps
+
+
+def test_sample_is_reproducible_and_writes_png_and_npz(run, tmp_path):
+    for name in ("a", "b"):
+        main(
+            [
+                "sample",
+                str(run),
+                "--classes",
+                "0,1",
+                "--n",
+                "3",
+                "--steps",
+                "2",
+                "--seed",
+                "0",
+                "--out",
+                str(tmp_path / name),
+            ]
+        )
+    a, b = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
+    assert a["arr_0"].shape == (6, 28, 28, 1) and a["arr_0"].dtype == np.uint8
+    assert np.array_equal(a["arr_0"], b["arr_0"])
+    assert [str(a["class_names"][i]) for i in a["labels"]] == ["0"] * 3 + ["1"] * 3
+    assert (tmp_path / "a" / "samples.png").stat().st_size > 0
+
+
+def test_sample_refuses_to_overwrite_and_unknown_classes(run, tmp_path, capsys):
+    main(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        main(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(run), "--classes", "7", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "'7'" in capsys.readouterr().err
+
+
+def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
+    parts = tmp_path / "parts"
+    main(["decompose", str(run), "--out", str(parts)])
+    table = capsys.readouterr().out
+    assert "learngene" in table and "tailor 2 (2)" in table and "dense DiT" in table
+    main(["assemble", str(parts), "--classes", "1", "--out", str(tmp_path / "one")])
+    main(["assemble", str(parts), "--merge", "1", "--out", str(tmp_path / "merged")])
+    outs = {}
+    for src in ("run", "parts", "one", "merged"):
+        path = run if src == "run" else tmp_path / src
+        main(
+            [
+                "sample",
+                str(path),
+                "--classes",
+                "1",
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--sampler",
+                "ddpm",
+                "--out",
+                str(tmp_path / f"s_{src}"),
+            ]
+        )
+        outs[src] = np.load(tmp_path / f"s_{src}" / "samples.npz")["arr_0"].astype(int)
+    assert np.array_equal(outs["run"], outs["parts"]) and np.array_equal(outs["run"], outs["one"])
+    assert np.abs(outs["run"] - outs["merged"]).max() <= 2  # fp32 rounding of the folded weights
+
+
+def test_transfer_with_kind_and_a_matched_baseline_then_evaluate(run, tmp_path, capsys):
+    parts = tmp_path / "parts"
+    main(["decompose", str(run), "--out", str(parts)])
+    main(
+        [
+            "transfer",
+            str(parts),
+            "--data",
+            "mnist:6,7",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "kind"),
+            *TOY,
+        ]
+    )
+    kind_meta = json.loads((tmp_path / "kind" / "run.json").read_text())["transfer"]
+    dense = tmp_path / "dense"
+    main(
+        [
+            "train",
+            "--model",
+            "dense",
+            "--data",
+            "mnist:0-2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            str(dense),
+            *TOY,
+        ]
+    )
+    main(
+        [
+            "transfer",
+            str(dense),
+            "--method",
+            "lora",
+            "--match-kind",
+            str(parts),
+            "--data",
+            "mnist:6,7",
+            "--steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            str(tmp_path / "lora"),
+            *TOY,
+        ]
+    )
+    lora_meta = json.loads((tmp_path / "lora" / "run.json").read_text())["transfer"]
+    assert lora_meta["budget"] == kind_meta["trainable_params"]
+    assert (
+        abs(lora_meta["trainable_params"] - kind_meta["trainable_params"])
+        < 0.1 * lora_meta["budget"]
+    )
+    main(
+        ["sample", str(tmp_path / "lora"), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]
+    )
+    capsys.readouterr()
+    main(["evaluate", str(tmp_path / "s" / "samples.npz"), "--ref", "mnist:6,7"])
+    result = json.loads((tmp_path / "s" / "samples.eval.json").read_text())
+    assert result["num_samples"] == 8 and result["fid"] > 0 and result["generation"]["steps"] == 2
+
+
+def test_baseline_from_a_kind_source_is_refused(run, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "transfer",
+                str(run),
+                "--method",
+                "lora",
+                "--data",
+                "mnist:6",
+                "--out",
+                str(tmp_path / "x"),
+                *TOY,
+            ]
+        )
+    assert "dense" in capsys.readouterr().err
+
+
+def test_wrong_config_key_names_the_known_keys(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "r"), "--set", "train.learning_rate=1"])
+    err = capsys.readouterr().err
+    assert "learning_rate" in err and "lr" in err
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
