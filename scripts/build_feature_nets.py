@@ -9,7 +9,7 @@ import beside the CPU torch wheel here), so each bundled dataset gets its own sm
 trained on that dataset's *train* split (all 10 classes) and scored on its *test* split. Samples
 are later compared with the test split, so the network has never seen the reference images.
 
-Deterministic: fixed seed, deterministic algorithms, one thread by default, a seeded generator for
+Deterministic: fixed seed, deterministic algorithms, a fixed thread count, a seeded generator for
 shuffling and augmentation. Writes ``src/kind/assets/featnet_<dataset>.safetensors`` and a JSON
 sidecar (architecture, classes, test accuracy, sha256 of the weights, this command).
 """
@@ -120,20 +120,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
-    # One thread: with two, the weights' bytes differed between runs when other processes
-    # competed for the CPU (cause not pinned down), and contended runs got ~5x slower.
-    parser.add_argument("--threads", type=int, default=1)
+    # Two threads on an idle 2-core machine; when other processes compete for the cores, two
+    # OpenMP threads ran ~5-25x slower than one, so pass --threads 1 there. The weights depend
+    # on the thread count (it is recorded in the sidecar), not on the run.
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ASSETS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     torch.set_num_threads(args.threads)
-    # Late in the schedule tiny gradients make denormal floats, which ran ~20x slower on CPU.
-    torch.set_flush_denormal(True)
     torch.use_deterministic_algorithms(True)
-    # oneDNN's convolutions gave different weights from one launch to the next (seen on 2 of 4
-    # launches, one thread, same inputs); the native convolution was bit-stable and as fast here.
-    torch.backends.mkldnn.enabled = False
     command = "python scripts/build_feature_nets.py " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )

@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--inception-weights",
         help="local path of the FID Inception weights "
-        "(pt_inception-2015-12-05); or set KIND_INCEPTION_WEIGHTS",
+        "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth); or set KIND_INCEPTION_WEIGHTS",
     )
     p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

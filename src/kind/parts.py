@@ -90,7 +90,7 @@ def decompose(
         for key, name, tensors in [("learngene", LEARNGENE_FILE, learngene)] + [
             (str(g), tailor_file(g), t) for g, t in tailors.items()
         ]:
-            ckpt.atomic_save_tensors(tmp / name, tensors, {"part": key, "format": FORMAT})
+            ckpt.atomic_save_tensors(tmp / name, tensors, {"part": key})
             files[key] = {
                 "file": name,
                 "params": count(tensors),
