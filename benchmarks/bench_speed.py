@@ -73,7 +73,7 @@ def main() -> None:
         size=args.size, image_size=args.image_size, in_channels=args.channels, class_names=names
     )
     models = {k: DiT(ModelConfig(kind=k == "kind", **common)).to(device) for k in ("kind", "dense")}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for k, m in models.items()}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
     diffusion = Diffusion(DiffusionConfig())
     B = args.batch_size
     g = torch.Generator().manual_seed(0)
@@ -103,8 +103,8 @@ def main() -> None:
     linear = torch.nn.Linear(hidden, gated.out_features).to(device)
     h = torch.randn(B, layer_tokens, hidden, device=device, requires_grad=True)
     groups = models["kind"].tau[y]
-    sort = torch.argsort(groups, stable=True)
-    route = make_route(groups[sort])  # in the model the batch arrives sorted into group blocks
+    order = make_route(groups).order
+    route = make_route(groups[order])  # the model sorts its batch into group blocks once
 
     def layer_fn(fn):
         def run():

@@ -4,7 +4,7 @@ row per layer configuration, covering both the per-group-weight and the factored
 import pytest
 import torch
 
-from kind.gated import KindLinear, make_route, resolve_rank
+from kind.gated import KindLinear, grouped_linear, make_route, resolve_rank
 
 # (in, out, rank_learngene, rank_tailor, groups, tokens): small ranks and few tokens take the
 # factored path, large ranks and many tokens fold each group into its own dense weight.
@@ -116,3 +116,11 @@ def test_rank_is_a_count_or_a_fraction(rank, expected):
 def test_rank_larger_than_the_matrix_is_refused():
     with pytest.raises(ValueError, match="at most 32"):
         KindLinear(32, 48, 40, 2, [0])
+
+
+def test_grouped_linear_gradients_match_finite_differences():
+    torch.manual_seed(5)
+    x = torch.randn(5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: grouped_linear(x, w, b, (2, 0, 3)), (x, w, b))

@@ -72,15 +72,18 @@ def test_assembled_model_refuses_other_classes(parts):
 def test_same_seed_gives_the_same_samples_from_parts_and_full_model(source, parts):
     small, diffusion, _ = load_parts(parts, ["two"])
     kw = dict(seed=3, steps=3, cfg_scale=2.0, sampler="ddpm")
-    assert torch.equal(generate(source, diffusion, [2, 2], **kw),
-                       generate(small, diffusion, [2, 2], **kw))
+    assert torch.equal(
+        generate(source, diffusion, [2, 2], **kw), generate(small, diffusion, [2, 2], **kw)
+    )
 
 
 def test_merged_class_model_matches_the_factored_model(source):
     merged = merge(source, "two")
     assert not merged.cond.kind_layers()
     x, t, _ = _batch([0, 0, 0])
-    assert _rel(merged(x, t, torch.tensor([0, 0, 0])), source(x, t, torch.tensor([2, 2, 2]))) <= 1e-5
+    assert (
+        _rel(merged(x, t, torch.tensor([0, 0, 0])), source(x, t, torch.tensor([2, 2, 2]))) <= 1e-5
+    )
     null = torch.full((3,), source.null_id)
     assert _rel(merged(x, t, torch.full((3,), merged.null_id)), source(x, t, null)) <= 1e-5
     uncond = merge(source, None)

@@ -74,6 +74,54 @@ def _orthonormal(rows: int, cols: int, avoid: torch.Tensor | None = None) -> tor
     return q[:, :cols]
 
 
+class _GroupedLinear(torch.autograd.Function):
+    """y_i = x_i W_iᵀ + b for consecutive row blocks x_i of x, as one autograd node.
+
+    The per-block products are plain ATen calls writing into preallocated outputs, so a layer with
+    P groups adds one graph node instead of ~4P (P linears, their bias adds, the concatenation):
+    at CPU sizes, where each block is small, that bookkeeping costs as much as the arithmetic.
+    On GPUs a grouped GEMM (torch._grouped_mm) could do the block loop in one kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weights, bias, rows):
+        # x: [M, in], weights: [G, out, in], rows: G block lengths summing to M -> [M, out]
+        ctx.save_for_backward(x, weights)
+        ctx.rows, ctx.has_bias = rows, bias is not None
+        y = x.new_empty(x.shape[0], weights.shape[1])
+        for xb, yb, w in zip(x.split(rows), y.split(rows), weights):
+            if bias is None:
+                torch.mm(xb, w.T, out=yb)
+            else:
+                torch.addmm(bias, xb, w.T, out=yb)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weights = ctx.saved_tensors
+        grad_x, grad_w = torch.empty_like(x), torch.empty_like(weights)
+        blocks = zip(x.split(ctx.rows), grad_y.split(ctx.rows), grad_x.split(ctx.rows))
+        for i, (xb, gy, gx) in enumerate(blocks):
+            torch.mm(gy, weights[i], out=gx)  # [m, out] @ [out, in]
+            torch.mm(gy.T, xb, out=grad_w[i])  # [out, m] @ [m, in]
+        grad_b = grad_y.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None
+
+
+def grouped_linear(
+    x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, sizes: tuple[int, ...]
+) -> torch.Tensor:
+    """Block i of `sizes[i]` samples of x [B, ..., in] through weights[i] [out, in] (+ bias)."""
+    if torch.is_autocast_enabled(x.device.type):  # compute in what F.linear would use
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weights = x.to(dtype), weights.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    per_sample = x[0].numel() // x.shape[-1]  # tokens per sample
+    rows = tuple(n * per_sample for n in sizes)
+    with torch.autocast(x.device.type, enabled=False):
+        y = _GroupedLinear.apply(x.reshape(-1, x.shape[-1]), weights, bias, rows)
+    return y.view(*x.shape[:-1], weights.shape[1])
+
+
 class Tailor(nn.Module):
     """One tailor group's components in one layer: U [out, r], S [r], V [in, r]."""
 
@@ -149,7 +197,7 @@ class KindLinear(nn.Module):
         # x: [B, T, in] (or [B, in]) -> [B, T, out]
         n, io = x.numel() // self.in_features, self.in_features * self.out_features
         # Learngene: keep it factored when its rank is small, else one matmul on the dense weight.
-        dense = n * self.rank_learngene * (self.in_features + self.out_features) >= io * n
+        dense = 2 * self.rank_learngene * (self.in_features + self.out_features) >= io
         keys = route.keys if route is not None else ()
         if not keys:
             return self._learngene(x, dense)
@@ -159,23 +207,21 @@ class KindLinear(nn.Module):
         if route.order is not None:  # sort into group blocks, compute, then restore the order
             out = self.forward(x[route.order], replace(route, order=None))
             return torch.empty_like(out).index_copy_(0, route.order, out)
-        blocks = x.split(route.sizes)  # group blocks, then the null block
         if dense and len(keys) * io < n * (self.in_features + self.out_features):
             w = self.learngene_weight()  # [out, in]
             tailors = [self.tailors[k] for k in keys]
             U = torch.stack([t.U for t in tailors]) * torch.stack([t.S for t in tailors])[:, None]
             V = torch.stack([t.V for t in tailors])  # [P, in, r]
             W = torch.baddbmm(w.expand(len(keys), -1, -1), U, V.transpose(1, 2))  # [P, out, in]
-            outs = [F.linear(xb, W[i], self.bias) for i, xb in enumerate(blocks[:-1])]
-            null = [F.linear(blocks[-1], w, self.bias)]
+            W = torch.cat([W, w.unsqueeze(0)])  # [P + 1, out, in]: the null block uses w alone
+            return grouped_linear(x, W, self.bias, route.sizes)
         else:
             ys = self._learngene(x, dense).split(route.sizes)
             outs = [
                 yb + ((xb @ self.tailors[k].V) * self.tailors[k].S) @ self.tailors[k].U.T
-                for k, xb, yb in zip(keys, blocks, ys)
-            ]
-            null = [ys[-1]]
-        return torch.cat(outs + null if route.sizes[-1] else outs)
+                for k, xb, yb in zip(keys, x.split(route.sizes), ys)
+            ]  # group blocks, then the null block
+            return torch.cat(outs + [ys[-1]] if route.sizes[-1] else outs)
 
     def _learngene(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
         if dense:

@@ -229,7 +229,7 @@ def train(
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names = [n for n, _ in named]
     opt = torch.optim.AdamW(
-        [p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay, foreach=True
+        [p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay, fused=True
     )
     ema = EMA(named, tc.ema_decay)
     gens = {
