@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from kind.diffusion import Diffusion, DiffusionConfig
 from kind.gated import make_route
@@ -28,6 +29,14 @@ from kind.model import SIZES, DiT, ModelConfig, parse_size
 from kind.parts import merge
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts)
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
+
+
+def result_machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
 
 
 def timed(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device) -> dict:
@@ -60,6 +69,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
+    ap.add_argument("--peak-tflops", type=float, help="the card's bf16 peak (default: by name)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -95,6 +105,15 @@ def main() -> None:
         return fn
 
     step = timed({k: train_step(k) for k in models}, args.repeats, args.warmup, device)
+    flops, memory = {}, {}
+    for k in models:  # one more step each: its floating-point work and its peak memory
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with FlopCounterMode(display=False) as counter:
+            train_step(k)()
+        flops[k] = counter.get_total_flops()
+        if device.type == "cuda":
+            memory[k] = torch.cuda.max_memory_allocated(device) / 2**30
 
     # the gated layer vs nn.Linear at the MLP's first matrix, same tokens
     _, hidden, _ = SIZES[parse_size(args.size)[0]]
@@ -143,11 +162,12 @@ def main() -> None:
     inference |= timed({"kind": infer(models["kind"])}, args.repeats, args.warmup, device)
 
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    tflops = {k: flops[k] / step[k] / 1e12 for k in models}
+    peak = args.peak_tflops or next(
+        (v for name, v in PEAK_BF16_TFLOPS.items() if name in result_machine(device)), None
+    )
     result = {
-        "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads"
-        if device.type == "cpu"
-        else torch.cuda.get_device_name(device),
+        "machine": result_machine(device),
         "torch": torch.__version__,
         "size": args.size,
         "batch_size": B,
@@ -160,6 +180,10 @@ def main() -> None:
         "layer_ratio": layer["kind"] / layer["dense"],
         "inference_s": inference,
         "merged_inference_ratio": inference["merged"] / inference["dense"],
+        "train_step_flops": flops,
+        "train_tflops_per_s": tflops,
+        "peak_bf16_tflops": peak,
+        "peak_memory_gib": memory,
     }
     rows = [
         ("training step (fwd+bwd+AdamW)", step["kind"], step["dense"], result["train_step_ratio"]),
@@ -189,6 +213,10 @@ def main() -> None:
     print("| measurement | KIND (ms) | dense (ms) | ratio |\n|---|---|---|---|")
     for name, a, b, r in rows:
         print(f"| {name} | {a * 1e3:.1f} | {b * 1e3:.1f} | {r:.3f} |")
+    for k in models:
+        util = f", {100 * tflops[k] / peak:.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
+        mem = f", peak memory {memory[k]:.2f} GiB" if memory else ""
+        print(f"{k}: {flops[k] / 1e12:.3f} TFLOP a step, {tflops[k]:.2f} TFLOP/s{util}{mem}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -265,3 +265,11 @@ def test_model_range_round_trip():
     assert to_uint8(torch.tensor([-3.0, 0.0, 2.0])).tolist() == [0, 128, 255]  # clamp, round
     with pytest.raises(TypeError):
         to_model_range(y)
+
+
+def test_class_list_file(tmp_path):
+    listing = tmp_path / "classes.txt"
+    listing.write_text("# digits to keep\n6\n\n8  # eight\n")
+    assert parse_spec(f"mnist:@{listing},9") == ("mnist", ["6", "8", "9"])
+    with pytest.raises(DataError, match="does not exist"):
+        parse_spec(f"mnist:@{tmp_path / 'missing.txt'}")

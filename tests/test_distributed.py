@@ -62,3 +62,19 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
         assert torch.equal(before["optimizer"][k], after["optimizer"][k]), k
     moved = "blocks.0.attn.q.tailors.1.U"
     assert not torch.equal(before["model"][moved], after["model"][moved])
+
+
+def test_sampling_over_two_ranks_gathers_what_one_process_draws(tmp_path):
+    import numpy as np
+
+    _run(tmp_path / "run", 1, "--steps", "1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    args = ["sample", str(tmp_path / "run"), "--n", "3", "--steps", "2", "--device", "cpu"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    for name, cmd in (("one", [sys.executable]), ("two", launch)):
+        subprocess.run([*cmd, "-m", "kind.cli", *args, "--out", str(tmp_path / name)],
+                       check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
+    one, two = (np.load(tmp_path / n / "samples.npz") for n in ("one", "two"))
+    assert one["arr_0"].shape == (12, 28, 28, 1)
+    assert np.array_equal(one["arr_0"], two["arr_0"])
+    assert np.array_equal(one["labels"], two["labels"])

@@ -110,11 +110,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-
+    from kind import distributed
     from kind.checkpoint import load_model
-    from kind.distributed import pick_device
     from kind.parts import resolve_classes
-    from kind.sampling import generate, save_grid, save_npz
+    from kind.sampling import generate_sharded, save_grid, save_npz
 
     out = Path(args.out)
     targets = [out / "samples.png", out / "samples.npz"]
@@ -122,13 +121,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"error: {out} already holds samples; pass --overwrite or choose another --out"
         )
+    info = distributed.setup(args.device)  # under torchrun every rank draws a share
     names = _classes(args.classes)
     model, diffusion, meta = load_model(Path(args.source), names)
     defaults = meta.get("sample", {})
     steps = args.steps or defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.5)
-    device = pick_device(args.device)
-    model.to(device)
+    model.to(info.device)
     if args.unconditional:
         ids = [model.null_id]
     else:
@@ -138,20 +137,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if meta.get("latent") or args.vae:
         from kind.latents import decoder
 
-        decode = decoder(meta.get("latent") or {}, args.vae, device)
-    images = generate(
+        decode = decoder(meta.get("latent") or {}, args.vae, info.device)
+    images = generate_sharded(
         model,
         diffusion,
         labels,
+        info,
         seed=args.seed,
         sampler=args.sampler,
         steps=steps,
         cfg_scale=cfg_scale,
         batch_size=args.batch_size,
-        device=device,
-        progress=True,
+        progress=info.is_main,
         decode=decode,
     )
+    if not info.is_main:
+        return
     save_grid(images, args.n, targets[0])
     class_names = model.config.class_names + (["<null>"] if args.unconditional else [])
     save_npz(

@@ -93,7 +93,23 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
         return value
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(current, float) and isinstance(value, str):  # YAML 1.1 reads 1e-4 as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     raise ValueError(f"config key {key!r} expects a {type(current).__name__}, got {value!r}")
+
+
+def _scalar(raw: str) -> Any:
+    """A YAML scalar, with 3e-4 read as a number (YAML 1.1 wants 3.0e-4)."""
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -108,7 +124,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         *parents, leaf = key.strip().split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = _scalar(raw)
     return out
 
 

@@ -9,6 +9,7 @@ Spec grammar::
     mnist | animals                       every class of a bundled dataset
     mnist:0-5                             an inclusive range, in the dataset's class order
     mnist:6,7,8,9 | animals:cat,dog       a list of class names (ranges and names can be mixed)
+    folder:@classes.txt                   class names read from a file, one a line
     path/to/folder[:cat,dog]              an image folder (ImageFolder layout), all or some classes
 
 Items are class names (mnist's are "0".."9"); ``a-b`` is a range when both ends are class names.
@@ -150,6 +151,16 @@ def _expand_item(item: str, classes: list[str], dataset: str) -> list[str]:
     )
 
 
+def _read_list(item: str) -> list[str]:
+    """``@file``: class names, one a line (blank lines and ``#`` comments skipped), for class
+    lists too long for a command line (the paper's 150 ImageNet classes)."""
+    path = Path(item[1:]).expanduser()
+    if not path.is_file():
+        raise DataError(f"class list file {path} (from {item!r} in a data spec) does not exist.")
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
 def parse_spec(spec: str) -> tuple[str, list[str] | None]:
     """Split a data spec into (dataset, selected class names or None for all); ranges expanded.
 
@@ -167,6 +178,7 @@ def parse_spec(spec: str) -> tuple[str, list[str] | None]:
 
     classes = dataset_classes(dataset)
     items = [item.strip() for item in selection.split(",")]
+    items = [name for item in items for name in (_read_list(item) if item[:1] == "@" else [item])]
     if not all(items):
         raise DataError(
             f"empty class name in spec {spec!r}; write e.g. {spec.split(':')[0]}:"

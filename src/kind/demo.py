@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -99,10 +100,13 @@ class Job:
 
 
 def _setup_worker(threads: int, log_file: Path) -> None:
+    """One job's process: its thread count, and its log and progress bars in its own log file
+    (the terminal shows only the demo's overall progress)."""
     torch.set_num_threads(threads)
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr = open(log_file, "a", buffering=1)  # noqa: SIM115 (lives as long as the job)
     logging.basicConfig(
-        filename=log_file,
+        stream=sys.stderr,
         level=logging.INFO,
         force=True,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -498,9 +502,7 @@ def run_demo(
     )
     t0 = time.time()
     ctx = get_context("spawn")
-    # Workers inherit the environment when they start (on first submit): tqdm reads TQDM_DISABLE
-    # on import, so the demo's own bar stays the only one.
-    os.environ["TQDM_DISABLE"] = "1"
+    os.environ["TQDM_MININTERVAL"] = "10"  # read by tqdm in the workers: sparse log lines
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
         running = {}
         while pending or running:
@@ -526,7 +528,7 @@ def run_demo(
                 path.write_text(json.dumps(job.result, indent=2))
                 done[job.name] = job
                 bar.update(job.weight)
-    os.environ.pop("TQDM_DISABLE", None)
+    os.environ.pop("TQDM_MININTERVAL", None)
     bar.close()
     results = {name: job.result for name, job in done.items()}
     report = write_report(out, settings, results, failed, wall_seconds=time.time() - t0)

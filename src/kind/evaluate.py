@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from kind import metrics
+from kind.checkpoint import atomic_write_text
 from kind.data import BUNDLED, dataset_classes, load_images, parse_spec
 from kind.features import (
     FeatureNet,
@@ -33,6 +32,7 @@ from kind.features import (
     load_inception,
     resolve_inception_weights,
 )
+from kind.sampling import save_npz
 
 log = logging.getLogger(__name__)
 
@@ -330,27 +330,10 @@ def evaluate(
     )
 
 
-def _atomic_target(path: str | Path) -> tuple[Path, str]:
-    """(final path, temp file in the same directory): ``os.replace`` is atomic only within one
-    file system, and a reader must never see a half-written result."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    return path, tmp
-
-
 def write_result(result: dict, path: str | Path) -> Path:
-    """Write a result dict as JSON, atomically (temp file + ``os.replace``)."""
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write a result dict as JSON, atomically (temp file + rename)."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -369,20 +352,7 @@ def write_adm_reference(
     ``None`` for the dataset's native channel count.
     """
     ref = load_images(spec, split, image_size=image_size, channels=channels)
-    path, tmp = _atomic_target(path)
-    try:
-        with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz"
-            np.savez(
-                f,
-                arr_0=ref.images.permute(0, 2, 3, 1).numpy(),  # [N, C, H, W] → [N, H, W, C]
-                labels=ref.labels.numpy(),
-                class_names=np.asarray(ref.class_names, dtype=str),
-                spec=np.asarray(ref.spec),
-                split=np.asarray(split),
-            )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    path = Path(path)
+    save_npz(path, ref.images, ref.labels.tolist(), ref.class_names, spec=ref.spec, split=split)
     log.info("wrote %d %s images of %s to %s", len(ref.labels), split, spec, path)
     return path

@@ -195,36 +195,41 @@ class KindLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         # x: [B, T, in] (or [B, in]) -> [B, T, out]
-        n, io = x.numel() // self.in_features, self.in_features * self.out_features
-        # Learngene: keep it factored when its rank is small, else one matmul on the dense weight.
-        dense = 2 * self.rank_learngene * (self.in_features + self.out_features) >= io
-        keys = route.keys if route is not None else ()
-        if not keys:
-            return self._learngene(x, dense)
-        # One block of samples per group: a sample only ever touches its own group's factors
-        # (invariant 1). With few groups and many tokens, folding each group's tailor into its own
-        # [out, in] weight costs less than the factored per-token tailor path.
+        if route is None or not route.keys:
+            return self._learngene(x)
         if route.order is not None:  # sort into group blocks, compute, then restore the order
             out = self.forward(x[route.order], replace(route, order=None))
             return torch.empty_like(out).index_copy_(0, route.order, out)
-        if dense and len(keys) * io < n * (self.in_features + self.out_features):
+        # A sample only ever touches its own group's factors (invariant 1), and groups absent
+        # from the batch stay out of the graph (invariant 2). Two ways to compute the same thing:
+        n, fin, fout = x.numel() // self.in_features, self.in_features, self.out_features
+        tailors = [self.tailors[k] for k in route.keys]
+        U = torch.stack([t.U for t in tailors]) * torch.stack([t.S for t in tailors])[:, None]
+        V = torch.stack([t.V for t in tailors])  # U: [P, out, r] (σ folded in), V: [P, in, r]
+        if len(tailors) * fin * fout <= n * max(fin, fout):
+            # Few groups (CPU sizes): fold each group into its own dense weight, no bigger in all
+            # than the layer's activations, and run each block of samples through its weight.
             w = self.learngene_weight()  # [out, in]
-            tailors = [self.tailors[k] for k in keys]
-            U = torch.stack([t.U for t in tailors]) * torch.stack([t.S for t in tailors])[:, None]
-            V = torch.stack([t.V for t in tailors])  # [P, in, r]
-            W = torch.baddbmm(w.expand(len(keys), -1, -1), U, V.transpose(1, 2))  # [P, out, in]
+            W = torch.baddbmm(w.expand(len(tailors), -1, -1), U, V.transpose(1, 2))  # [P, out, in]
             W = torch.cat([W, w.unsqueeze(0)])  # [P + 1, out, in]: the null block uses w alone
             return grouped_linear(x, W, self.bias, route.sizes)
-        else:
-            ys = self._learngene(x, dense).split(route.sizes)
-            outs = [
-                yb + ((xb @ self.tailors[k].V) * self.tailors[k].S) @ self.tailors[k].U.T
-                for k, xb, yb in zip(keys, x.split(route.sizes), ys)
-            ]  # group blocks, then the null block
-            return torch.cat(outs + [ys[-1]] if route.sizes[-1] else outs)
+        # Many groups (the ImageNet setting): the learngene in one matmul for the whole batch,
+        # each sample's rank-r tailor through its gathered factors in one batched product.
+        slot = torch.repeat_interleave(
+            torch.arange(len(route.sizes), device=x.device),
+            torch.tensor(route.sizes, device=x.device),
+        )  # [B]
+        U = torch.cat([U, U.new_zeros(1, *U.shape[1:])])[slot]  # [B, out, r]; null: zeros
+        V = torch.cat([V, V.new_zeros(1, *V.shape[1:])])[slot]  # [B, in, r]
+        x3 = x.reshape(x.shape[0], -1, fin)  # [B, T, in]
+        y = self._learngene(x3)
+        return torch.baddbmm(y, torch.bmm(x3, V), U.transpose(1, 2)).view(*x.shape[:-1], fout)
 
-    def _learngene(self, x: torch.Tensor, dense: bool) -> torch.Tensor:
-        if dense:
+    def _learngene(self, x: torch.Tensor) -> torch.Tensor:
+        """The learngene for the whole batch: one matmul on the materialised weight, unless the
+        rank is small enough that two thin factored matmuls cost under half as much."""
+        fin, fout, r = self.in_features, self.out_features, self.rank_learngene
+        if 2 * r * (fin + fout) >= fin * fout:
             return F.linear(x, self.learngene_weight(), self.bias)
         y = ((x @ self.V) * self.S) @ self.U.T
         return y + self.bias if self.bias is not None else y

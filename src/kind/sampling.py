@@ -80,6 +80,23 @@ def generate(
     return torch.cat(out)
 
 
+def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> torch.Tensor | None:
+    """`generate` spread over the ranks of a torchrun job (`info`: kind.distributed.DistInfo):
+    each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
+    None). Per-sample seeds make the result the same as one process drawing everything."""
+    per = -(-len(labels) // info.world)
+    start = info.rank * per
+    mine = generate(model, diffusion, labels[start : start + per], first_index=start,
+                    device=info.device, **kwargs)  # fmt: skip
+    if info.world == 1:
+        return mine
+    import torch.distributed as dist
+
+    shares = [None] * info.world if info.is_main else None
+    dist.gather_object(mine, shares, dst=0)
+    return torch.cat(shares) if info.is_main else None
+
+
 def _counted(timesteps, bar, n):
     for t in timesteps:
         yield t

@@ -1,0 +1,49 @@
+"""Configuration: files, --set overrides, and clear errors for wrong keys and types."""
+
+from pathlib import Path
+
+import pytest
+
+from kind.config import load_config, parse_overrides
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = [p for p in CONFIGS if "groups" not in p.name]
+
+
+def test_overrides_parse_yaml_scalars():
+    ov = parse_overrides(["train.lr=3e-4", "model.kind=false", "diffusion.min_snr_gamma=null",
+                          "data=mnist:6,7"])  # fmt: skip
+    assert ov == {"train": {"lr": 3e-4}, "model": {"kind": False},
+                  "diffusion": {"min_snr_gamma": None}, "data": "mnist:6,7"}  # fmt: skip
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.batch_size > 0 and cfg.sample.steps > 0
+
+
+def test_unknown_key_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown config key 'train.learning_rate'.*\blr\b"):
+        load_config(overrides={"train": {"learning_rate": 1}})
+
+
+def test_wrong_type_is_refused():
+    with pytest.raises(ValueError, match="train.steps.*expects a int"):
+        load_config(overrides={"train": {"steps": "many"}})
+    with pytest.raises(ValueError, match="diffusion.prediction must be one of"):
+        load_config(overrides={"diffusion": {"prediction": "x0"}})
+
+
+def test_ints_widen_to_floats():
+    assert load_config(overrides={"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_exponent_without_a_dot_in_a_yaml_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-4\n")
+    assert load_config(tmp_path / "c.yaml").train.lr == 1e-4
