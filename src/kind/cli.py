@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         default="kind",
         help="kind: learngenes + fresh "
-        "tailors; kind-tailors: also the source tailors (ablation); full, lora, pissa, "
+        "tailors; kind-tailors: also the source tailors, kind-unfrozen: learngenes trained "
+        "too (ablations); full, lora, pissa, "
         "oft, svdiff, difffit, heurlg, scratch: baselines on a dense source",
     )
     p.add_argument(

@@ -65,12 +65,12 @@ PRESETS = {
         sample_steps=20,
     ),
     "default": Preset(),
+    # the default's pre-training, every transfer method, three seeds
     "paper": Preset(
-        pretrain_steps=4000,
-        transfer_steps=1500,
         methods=(
             "kind",
             "kind-tailors",
+            "kind-unfrozen",
             "full",
             "lora",
             "pissa",
@@ -81,7 +81,6 @@ PRESETS = {
             "scratch",
         ),
         seeds=(0, 1, 2),
-        curve_points=5,
     ),
 }
 

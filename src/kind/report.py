@@ -21,6 +21,7 @@ from kind.checkpoint import atomic_write_text  # noqa: E402
 METHOD_NAMES = {
     "kind": "KIND (learngenes frozen, fresh tailors)",
     "kind-tailors": "KIND + source tailors (ablation)",
+    "kind-unfrozen": "KIND, learngenes trained too (ablation)",
     "full": "full fine-tuning",
     "lora": "LoRA",
     "pissa": "PiSSA",

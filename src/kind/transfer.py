@@ -1,9 +1,10 @@
 """Transfer runs: a model for new classes, started from a pre-trained source, trained with the
 ordinary loop.
 
-KIND methods start from a parts directory: `kind` transfers the learngenes with fresh tailors
-(KIND.md, "Novel classes" and "Large domain shift"); `kind-tailors` is the ablation that also
-carries the source's tailors. The baselines (`kind.baselines`) adapt a dense pre-trained DiT.
+KIND methods start from a parts directory: `kind` transfers the learngenes (frozen) with fresh
+tailors (KIND.md, "Novel classes" and "Large domain shift"); two ablations: `kind-tailors` also
+carries the source's tailors, `kind-unfrozen` trains the learngenes too. The baselines
+(`kind.baselines`) adapt a dense pre-trained DiT.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kind.config import Config
 from kind.model import DiT, ModelConfig
 from kind.train import TrainResult, load_dataset, read_group_file, train
 
-KIND_METHODS = ("kind", "kind-tailors")
+KIND_METHODS = ("kind", "kind-tailors", "kind-unfrozen")
 METHODS = KIND_METHODS + baselines.METHODS
 
 
@@ -56,6 +57,7 @@ def prepare(
         raise ValueError(f"unknown transfer method {method!r}; choose one of {', '.join(METHODS)}")
     meta = {"method": method, "source": str(Path(source).resolve())}
     if method in KIND_METHODS:
+        train_learngenes = train_learngenes or method == "kind-unfrozen"
         model, diffusion = parts_lib.transfer(
             source,
             class_names,
