@@ -244,3 +244,26 @@ def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
         (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(LatentError, match=needle):
         LatentStore(out)
+
+
+def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_path):
+    """encode -> train a few steps on the store -> sample through the CLI -> decoded images."""
+    from kind.checkpoint import load_model
+    from kind.cli import main
+
+    store = tmp_path / "store"
+    main(["encode", "--data", "mnist:0-1", "--vae", str(vae_dir), "--out", str(store),
+          "--image-size", str(SIZE), "--device", "cpu", "--limit-per-class", "6"])  # fmt: skip
+    run = tmp_path / "run"
+    main(["train", "--data", str(store), "--size", "tiny/2", "--steps", "2", "--batch-size", "4",
+          "--out", str(run), "--set", "train.hflip=true", "--set", "train.sample_every=0",
+          "--set", "sample.steps=2", "--set", "sample.per_class=1", "--set", "train.threads=1",
+          "--set", "diffusion.clip_x0=null"])  # fmt: skip
+    model, _, meta = load_model(run)
+    assert (model.config.in_channels, model.config.image_size) == (4, SIZE // 2)
+    assert meta["latent"]["vae"] == str(Path(vae_dir).resolve())
+    main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "s")])
+    images = np.load(tmp_path / "s" / "samples.npz")["arr_0"]
+    assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
+    grid = Image.open(run / "samples" / "step_0000002.png")
+    assert grid.mode == "RGB" and grid.height > SIZE  # the training grid is decoded too

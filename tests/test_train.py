@@ -128,3 +128,40 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     b = _checkpoint(tmp_path / "micro", 2)[0]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path):
+    data = _data([0, 1, 2, 3])
+    train(_cfg(2), tmp_path / "plain", data=data)
+    train(_cfg(2, grad_checkpointing=True), tmp_path / "ckpt", data=data)
+    a, b = _checkpoint(tmp_path / "plain", 2)[0], _checkpoint(tmp_path / "ckpt", 2)[0]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
+    data = _data([0, 1, 2, 3])
+    train(_cfg(2), tmp_path / "fp32", data=data)
+    train(_cfg(2, precision="bf16"), tmp_path / "bf16", data=data)
+    a, b = _checkpoint(tmp_path / "fp32", 2)[0], _checkpoint(tmp_path / "bf16", 2)[0]
+    assert all(torch.isfinite(t).all() for t in b.values())
+    assert all(t.dtype == torch.float32 for t in b.values())  # master weights stay fp32
+    moved = [k for k in a if not torch.equal(a[k], b[k])]
+    assert moved  # bf16 really ran
+    for k in a:  # Adam moves a weight by at most ~lr a step, whatever the gradient's precision
+        torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2 * 2 * 1e-3, msg=k)
+
+
+def test_group_file_maps_classes_to_shared_tailors(tmp_path):
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("'0': round\n'1': straight\n'2': round\n'3': straight\n")
+    cfg = _cfg(1)
+    cfg.group_file = str(groups)
+    result = train(cfg, tmp_path / "r", data=_data([0, 1, 2, 3]))
+    assert result.model.config.class_to_group == [0, 1, 0, 1]
+    assert sorted(result.model.blocks[0].attn.q.tailors) == ["0", "1"]
+    groups.write_text("'0': round\n")
+    cfg = _cfg(1)
+    cfg.group_file = str(groups)
+    with pytest.raises(ValueError, match=r"does not map classes \['1', '2', '3'\]"):
+        train(cfg, tmp_path / "r2", data=_data([0, 1, 2, 3]))
