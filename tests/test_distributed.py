@@ -69,7 +69,7 @@ def test_sampling_over_two_ranks_gathers_what_one_process_draws(tmp_path):
 
     _run(tmp_path / "run", 1, "--steps", "1")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    args = ["sample", str(tmp_path / "run"), "--n", "3", "--steps", "2", "--device", "cpu"]
+    args = ["sample", str(tmp_path / "run"), "--per-class", "3", "--steps", "2", "--device", "cpu"]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     for name, cmd in (("one", [sys.executable]), ("two", launch)):
         subprocess.run([*cmd, "-m", "kind.cli", *args, "--out", str(tmp_path / name)],

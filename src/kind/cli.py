@@ -312,7 +312,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="sample the null class (learngene-only model) instead of classes",
     )
-    p.add_argument("--n", type=int, default=8, help="samples per class (default 8)")
+    p.add_argument(
+        "--n",
+        "--per-class",
+        dest="n",
+        type=int,
+        default=8,
+        help="samples per class (default 8); under torchrun write --per-class (torchrun reads "
+        "--n as one of its own options)",
+    )
     p.add_argument(
         "--sampler",
         choices=["ddim", "ddpm"],

@@ -26,9 +26,9 @@ class Route:
 
     Inside a layer every group is one contiguous block of samples: `sizes[i]` samples use group
     `keys[i]`, and the last `sizes[-1]` samples (the null class of classifier-free guidance) use no
-    tailor, so each block costs one small matmul pair instead of a per-sample batched product.
-    `order` sorts a batch into that block order (None when it already is); the DiT sorts its batch
-    once on the way in, so its layers never need to.
+    tailor, so a group's samples can go through one weight together. `order` sorts a batch into
+    that block order (None when it already is); the DiT sorts its batch once on the way in, so its
+    layers never need to.
     """
 
     keys: tuple[str, ...]
@@ -130,9 +130,6 @@ class Tailor(nn.Module):
         self.U = nn.Parameter(torch.empty(out_features, rank))
         self.S = nn.Parameter(torch.empty(rank))
         self.V = nn.Parameter(torch.empty(in_features, rank))
-
-    def weight(self) -> torch.Tensor:
-        return (self.U * self.S) @ self.V.T  # [out, in]
 
 
 class KindLinear(nn.Module):
