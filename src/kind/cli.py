@@ -247,7 +247,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from kind.demo import run_demo
 
     report = run_demo(
-        args.out, args.preset, jobs=args.jobs, device=args.device, methods=_classes(args.methods)
+        args.out,
+        args.preset,
+        jobs=args.jobs,
+        device=args.device,
+        methods=_classes(args.methods),
+        report_only=args.report_only,
     )
     print(f"report: {report}")
 
@@ -460,6 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--methods", help="comma-separated transfer methods instead of the preset's")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write report.md from the jobs finished so far, run nothing",
+    )
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser(
         "encode",

@@ -422,9 +422,10 @@ def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
             deps=("pretrain/kind",),
         ),
     ]
-    for task in TASKS:
-        for method in preset.methods:
-            for seed in preset.seeds:
+    # seed-major, so an interrupted run has every method and task at least once
+    for seed in preset.seeds:
+        for task in TASKS:
+            for method in preset.methods:
                 name = f"transfer/{task}/{method}/seed{seed}"
                 deps = ("deploy",) if method.startswith("kind") else ("deploy", "pretrain/dense")
                 jobs.append(
@@ -455,9 +456,10 @@ def run_demo(
     jobs: int | None = None,
     device: str = "auto",
     methods: tuple[str, ...] | None = None,
+    report_only: bool = False,
 ) -> Path:
     """Run (or continue) the demo into `out` with a named preset (or a custom `Preset`); returns
-    the path of report.md."""
+    the path of report.md. `report_only` writes the report from the jobs finished so far."""
     from kind.report import write_report
 
     out = Path(out)
@@ -490,7 +492,7 @@ def run_demo(
         if result_file.is_file():
             job.result = json.loads(result_file.read_text())
             done[job.name] = job
-    pending = [j for j in todo if j.name not in done]
+    pending = [] if report_only else [j for j in todo if j.name not in done]
     total = sum(j.weight for j in todo)
     bar = tqdm(
         total=total,
