@@ -64,12 +64,11 @@ def resolve_rank(rank: float, in_features: int, out_features: int) -> int:
 
 
 def _orthonormal(rows: int, cols: int, avoid: torch.Tensor | None = None) -> torch.Tensor:
-    """Random matrix with orthonormal columns [rows, cols], orthogonal to `avoid`'s columns when
-    there is room, so a fresh tailor starts in the complement of the learngene's subspace."""
+    """Random matrix with orthonormal columns [rows, cols], orthogonal to the orthonormal columns
+    of `avoid` when there is room, so a fresh tailor starts outside the learngene's subspace."""
     a = torch.randn(rows, cols, dtype=torch.float64)
     if avoid is not None and avoid.shape[1] + cols <= rows:
-        q_avoid, _ = torch.linalg.qr(avoid.double())
-        a -= q_avoid @ (q_avoid.T @ a)
+        a -= avoid @ (avoid.T @ a)
     q, _ = torch.linalg.qr(a)
     return q[:, :cols]
 
@@ -175,17 +174,19 @@ class KindLinear(nn.Module):
         self.U.copy_(u[:, :r])
         self.S.copy_(s[:r])
         self.V.copy_(vh[:r].T)
-        for key in self.tailors:
-            self.reset_tailor(key)
+        self.reset_tailors()
 
     @torch.no_grad()
-    def reset_tailor(self, key: str) -> None:
-        """Random orthonormal directions (outside the learngene subspace when there is room) with
-        small singular values: the tailor starts near zero but every factor receives gradient."""
-        t = self.tailors[key]
-        t.U.copy_(_orthonormal(self.out_features, self.rank_tailor, self.U))
-        t.V.copy_(_orthonormal(self.in_features, self.rank_tailor, self.V))
-        t.S.fill_(self.tailor_sigma)
+    def reset_tailors(self) -> None:
+        """Every tailor: random orthonormal directions (outside the learngene's subspace when there
+        is room) with small singular values, so it starts near zero but every factor gets
+        gradient."""
+        basis_u = torch.linalg.qr(self.U.double())[0]  # [out, r_G]; U may have drifted from
+        basis_v = torch.linalg.qr(self.V.double())[0]  # orthonormal after training
+        for t in self.tailors.values():
+            t.U.copy_(_orthonormal(self.out_features, self.rank_tailor, basis_u))
+            t.V.copy_(_orthonormal(self.in_features, self.rank_tailor, basis_v))
+            t.S.fill_(self.tailor_sigma)
 
     def learngene_weight(self) -> torch.Tensor:
         return (self.U * self.S) @ self.V.T  # [out, in]

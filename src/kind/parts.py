@@ -237,6 +237,8 @@ def transfer(
     torch.manual_seed(seed)
     model = DiT(config)
     load_learngene(model, parts)
+    for _, layer in model.kind_layers():  # fresh tailors outside the transferred learngene
+        layer.reset_tailors()
     if carry_tailors:
         source_groups = sorted(int(g) for g in manifest["tailors"])
         state = {}
