@@ -8,41 +8,22 @@ import pytest
 
 from kind.cli import build_parser, main
 
-TOY = [
-    "--set",
-    "model.rank_tailor=2",
-    "--set",
-    "train.threads=1",
-    "--set",
-    "train.sample_every=0",
-    "--set",
-    "sample.steps=2",
-    "--set",
-    "sample.per_class=1",
-    "--set",
-    "train.log_every=1",
-]
+TOY = (
+    "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
+    "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
+).split()
+
+
+def cli(command: str, *paths) -> None:
+    """`kind-dit` with the words of `command`, `{}` filled with `paths` in order."""
+    main(command.format(*map(str, paths)).split())
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
-    main(
-        [
-            "train",
-            "--data",
-            "mnist:0-2",
-            "--size",
-            "tiny",
-            "--steps",
-            "3",
-            "--batch-size",
-            "8",
-            "--out",
-            str(out),
-            *TOY,
-        ]
-    )
+    main(["train", "--data", "mnist:0-2", "--size", "tiny", "--steps", "3", "--batch-size", "8",
+          "--out", str(out), *TOY])  # fmt: skip
     return out
 
 
@@ -53,22 +34,7 @@ def test_train_writes_a_run(run):
 
 def test_sample_is_reproducible_and_writes_png_and_npz(run, tmp_path):
     for name in ("a", "b"):
-        main(
-            [
-                "sample",
-                str(run),
-                "--classes",
-                "0,1",
-                "--n",
-                "3",
-                "--steps",
-                "2",
-                "--seed",
-                "0",
-                "--out",
-                str(tmp_path / name),
-            ]
-        )
+        cli("sample {} --classes 0,1 --n 3 --steps 2 --seed 0 --out {}", run, tmp_path / name)
     a, b = np.load(tmp_path / "a" / "samples.npz"), np.load(tmp_path / "b" / "samples.npz")
     assert a["arr_0"].shape == (6, 28, 28, 1) and a["arr_0"].dtype == np.uint8
     assert np.array_equal(a["arr_0"], b["arr_0"])
@@ -95,91 +61,27 @@ def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
     outs = {}
     for src in ("run", "parts", "one", "merged"):
         path = run if src == "run" else tmp_path / src
-        main(
-            [
-                "sample",
-                str(path),
-                "--classes",
-                "1",
-                "--n",
-                "2",
-                "--steps",
-                "2",
-                "--sampler",
-                "ddpm",
-                "--out",
-                str(tmp_path / f"s_{src}"),
-            ]
-        )
+        cli("sample {} --classes 1 --n 2 --steps 2 --sampler ddpm --out {}", path,
+            tmp_path / f"s_{src}")  # fmt: skip
         outs[src] = np.load(tmp_path / f"s_{src}" / "samples.npz")["arr_0"].astype(int)
     assert np.array_equal(outs["run"], outs["parts"]) and np.array_equal(outs["run"], outs["one"])
     assert np.abs(outs["run"] - outs["merged"]).max() <= 2  # fp32 rounding of the folded weights
 
 
 def test_transfer_with_kind_and_a_matched_baseline_then_evaluate(run, tmp_path, capsys):
-    parts = tmp_path / "parts"
+    parts, dense = tmp_path / "parts", tmp_path / "dense"
+    short = "--steps 2 --batch-size 8".split() + TOY
     main(["decompose", str(run), "--out", str(parts)])
-    main(
-        [
-            "transfer",
-            str(parts),
-            "--data",
-            "mnist:6,7",
-            "--steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--out",
-            str(tmp_path / "kind"),
-            *TOY,
-        ]
-    )
+    main(["transfer", str(parts), "--data", "mnist:6,7", "--out", str(tmp_path / "kind"), *short])
+    main(["train", "--model", "dense", "--data", "mnist:0-2", "--out", str(dense), *short])
+    main(["transfer", str(dense), "--method", "lora", "--match-kind", str(parts), "--data",
+          "mnist:6,7", "--out", str(tmp_path / "lora"), *short])  # fmt: skip
     kind_meta = json.loads((tmp_path / "kind" / "run.json").read_text())["transfer"]
-    dense = tmp_path / "dense"
-    main(
-        [
-            "train",
-            "--model",
-            "dense",
-            "--data",
-            "mnist:0-2",
-            "--steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--out",
-            str(dense),
-            *TOY,
-        ]
-    )
-    main(
-        [
-            "transfer",
-            str(dense),
-            "--method",
-            "lora",
-            "--match-kind",
-            str(parts),
-            "--data",
-            "mnist:6,7",
-            "--steps",
-            "2",
-            "--batch-size",
-            "8",
-            "--out",
-            str(tmp_path / "lora"),
-            *TOY,
-        ]
-    )
     lora_meta = json.loads((tmp_path / "lora" / "run.json").read_text())["transfer"]
     assert lora_meta["budget"] == kind_meta["trainable_params"]
-    assert (
-        abs(lora_meta["trainable_params"] - kind_meta["trainable_params"])
-        < 0.1 * lora_meta["budget"]
-    )
-    main(
-        ["sample", str(tmp_path / "lora"), "--n", "4", "--steps", "2", "--out", str(tmp_path / "s")]
-    )
+    assert abs(lora_meta["trainable_params"] - lora_meta["budget"]) < 0.1 * lora_meta["budget"]
+    main(["sample", str(tmp_path / "lora"), "--n", "4", "--steps", "2", "--out",
+          str(tmp_path / "s")])  # fmt: skip
     capsys.readouterr()
     main(["evaluate", str(tmp_path / "s" / "samples.npz"), "--ref", "mnist:6,7"])
     result = json.loads((tmp_path / "s" / "samples.eval.json").read_text())
