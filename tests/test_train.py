@@ -175,3 +175,14 @@ def test_torch_compile_trains_like_eager(tmp_path):
     a, b = _checkpoint(tmp_path / "eager", 2)[0], _checkpoint(tmp_path / "compiled", 2)[0]
     for k in a:  # inductor fuses differently: Adam steps of ~lr can flip on rounding
         torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2 * 2 * 1e-3, msg=k)
+
+
+def test_resumed_run_reports_its_whole_training_time(tmp_path):
+    data = _data([0, 1])
+    first = train(_cfg(2), tmp_path / "r", data=data)
+    second = train(_cfg(4), tmp_path / "r", resume=True, data=data)
+    assert second.steps == 4 and second.seconds > first.seconds
+    elapsed = [
+        float(r.split(",")[-1]) for r in (tmp_path / "r" / "metrics.csv").read_text().split()[1:]
+    ]
+    assert elapsed == sorted(elapsed)  # cumulative across the resume

@@ -49,8 +49,8 @@ class TrainingError(RuntimeError):
 class TrainResult:
     run_dir: Path
     model: nn.Module  # with the EMA weights in place
-    steps: int
-    seconds: float  # wall time of the steps run in this call
+    steps: int  # the run's step count (earlier calls of a resumed run included)
+    seconds: float  # the run's training wall time, across resumes
 
 
 def read_group_file(path: str, class_names: list[str]) -> list[int]:
@@ -239,9 +239,11 @@ def train(
     amp_dtype = PRECISIONS[tc.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
 
-    step = 0
+    step, before = 0, 0.0  # before: training seconds of earlier calls (resume)
     if resume:
-        step = _load_checkpoint(ckpt.latest_checkpoint(out), model, ema, opt, names, gens, scaler)
+        step, before = _load_checkpoint(
+            ckpt.latest_checkpoint(out), model, ema, opt, names, gens, scaler
+        )
         log.info("resumed %s at step %d", out, step)
     elif info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +270,7 @@ def train(
         else None
     )
     C, H, W = images.shape[1:]
-    start_step, t0, window_t, window_steps = step, time.time(), time.time(), 0
+    t0, window_t, window_steps = time.time(), time.time(), 0
     bar = tqdm(
         total=tc.steps,
         initial=step,
@@ -338,18 +340,20 @@ def train(
                         "grad_norm": f"{grad_norm.item():.4f}",
                         "steps_per_s": f"{rate:.3f}",
                         "images_per_s": f"{rate * B:.1f}",
-                        "elapsed_s": f"{now - t0:.1f}",
+                        "elapsed_s": f"{before + now - t0:.1f}",
                     }
                 )
         if info.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
-            _save_checkpoint(out, step, model, ema, opt, names, gens, scaler, tc.keep_checkpoints)
+            elapsed = before + time.time() - t0
+            _save_checkpoint(out, step, model, ema, opt, names, gens, scaler, tc.keep_checkpoints,
+                             elapsed)  # fmt: skip
         if info.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
             write_grid(
                 cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device, latent
             )
         distributed.barrier(info)
     bar.close()
-    seconds = time.time() - t0
+    seconds = before + time.time() - t0
     if info.is_main:
         write_grid(
             cfg, model, ema, diffusion, out / "samples" / f"step_{step:07d}.png", device, latent
@@ -362,7 +366,7 @@ def train(
     with torch.no_grad():
         for n, p in ema.params.items():
             p.copy_(ema.shadow[n])
-    return TrainResult(out, model.eval(), step - start_step, seconds)
+    return TrainResult(out, model.eval(), step, seconds)
 
 
 def write_grid(
@@ -394,7 +398,16 @@ def write_grid(
 
 
 def _save_checkpoint(
-    out: Path, step: int, model: DiT, ema: EMA, opt, names, gens, scaler, keep: int
+    out: Path,
+    step: int,
+    model: DiT,
+    ema: EMA,
+    opt,
+    names,
+    gens,
+    scaler,
+    keep: int,
+    elapsed: float,
 ) -> None:
     with ckpt.atomic_dir(out / "checkpoints" / f"step_{step:07d}") as d:
         ckpt.atomic_save_tensors(d / "model.safetensors", model.state_dict())
@@ -408,12 +421,16 @@ def _save_checkpoint(
             "ema_counts": counts,
             "param_groups": groups,
             "grad_scaler": {k: v for k, v in scaler.state_dict().items()},
+            "elapsed_s": elapsed,
         }
         ckpt.atomic_write_text(d / "state.json", json.dumps(state))
     ckpt.prune_checkpoints(out, keep)
 
 
-def _load_checkpoint(path: Path, model: DiT, ema: EMA, opt, names, gens, scaler) -> int:
+def _load_checkpoint(
+    path: Path, model: DiT, ema: EMA, opt, names, gens, scaler
+) -> tuple[int, float]:
+    """Restore a checkpoint into the run's objects; returns (step, training seconds so far)."""
     ckpt.load_state(model, ckpt.read_tensors(path / "model.safetensors"), path)
     state = ckpt.read_json(path / "state.json")
     ema.load(ckpt.read_tensors(path / "ema.safetensors"), state["ema_counts"])
@@ -423,4 +440,4 @@ def _load_checkpoint(path: Path, model: DiT, ema: EMA, opt, names, gens, scaler)
     _restore_rng(gens, ckpt.read_tensors(path / "rng.safetensors"))
     if state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("elapsed_s", 0.0))
