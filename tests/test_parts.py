@@ -158,3 +158,19 @@ def test_size_table_grows_with_classes_and_adds_up(parts, source):
 def test_decompose_will_not_overwrite(parts, source):
     with pytest.raises(PartsError, match="not empty"):
         decompose(source, DiffusionConfig(), parts)
+
+
+def test_transfer_can_give_new_tailors_another_rank(parts, source):
+    model, _ = transfer(parts, ["cat"], rank_tailor=2)
+    assert model.blocks[0].attn.q.tailors["0"].U.shape[1] == 2
+    learngene = split_state(source)[0]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in learngene.items())
+    with pytest.raises(PartsError, match="source's tailor rank"):
+        transfer(parts, ["cat"], rank_tailor=2, carry_tailors=True)
+
+
+def test_carried_tailors_start_from_the_source(parts, source):
+    model, _ = transfer(parts, ["a", "b"], carry_tailors=True)
+    own, src = model.state_dict(), source.state_dict()
+    assert torch.equal(own["blocks.1.mlp.fc2.tailors.1.V"], src["blocks.1.mlp.fc2.tailors.1.V"])
+    assert not torch.equal(own["y_embedder.rows.1"], src["y_embedder.rows.1"])

@@ -220,6 +220,7 @@ def cmd_transfer(args: argparse.Namespace) -> None:
         method=args.method,
         train_learngenes=args.train_learngenes,
         budget=budget,
+        rank_tailor=args.rank_tailor,
         resume=args.resume,
     )
     print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")
@@ -421,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-learngenes",
         action="store_true",
         help="train the learngenes too instead of freezing them",
+    )
+    p.add_argument(
+        "--rank-tailor",
+        type=float,
+        help="tailor rank of the new model (KIND methods; default: the source's)",
     )
     p.set_defaults(func=cmd_transfer)
 

@@ -220,6 +220,7 @@ def transfer(
     class_to_group: list[int] | None = None,
     train_learngenes: bool = False,
     carry_tailors: bool = False,
+    rank_tailor: float | None = None,
     seed: int = 0,
 ) -> tuple[DiT, DiffusionConfig]:
     """A model for new classes: the learngenes of `parts` (frozen unless `train_learngenes`),
@@ -227,13 +228,16 @@ def transfer(
 
     `carry_tailors` is the ablation behind the domain-shift claim: new tailor group g starts from
     source tailor group g mod G instead of random (the class-specific knowledge of the old domain
-    comes along); label rows stay fresh."""
+    comes along); label rows stay fresh. `rank_tailor` gives the new tailors another rank than
+    the source's (the learngenes are unchanged)."""
     parts = Path(parts)
     manifest = read_manifest(parts)
     source = ModelConfig.from_dict(manifest["model"])
-    config = replace(
-        source, class_names=list(class_names), class_to_group=class_to_group, groups=None
-    )
+    rank = source.rank_tailor if rank_tailor is None else rank_tailor
+    if carry_tailors and rank != source.rank_tailor:
+        raise PartsError("carried source tailors keep the source's tailor rank; drop rank_tailor")
+    config = replace(source, class_names=list(class_names), class_to_group=class_to_group,
+                     groups=None, rank_tailor=rank)  # fmt: skip
     torch.manual_seed(seed)
     model = DiT(config)
     load_learngene(model, parts)

@@ -50,6 +50,7 @@ def prepare(
     class_to_group: list[int] | None = None,
     train_learngenes: bool = False,
     budget: int | None = None,
+    rank_tailor: float | None = None,
     seed: int = 0,
 ) -> tuple[nn.Module, object, dict, Callable[[nn.Module], DiT] | None]:
     """(initial model with requires_grad set, diffusion config, run metadata, export function)."""
@@ -64,6 +65,7 @@ def prepare(
             class_to_group=class_to_group,
             train_learngenes=train_learngenes,
             carry_tailors=method == "kind-tailors",
+            rank_tailor=rank_tailor,
             seed=seed,
         )
         meta |= {"train_learngenes": train_learngenes, "detail": "learngenes "
@@ -93,6 +95,7 @@ def run_transfer(
     method: str = "kind",
     train_learngenes: bool = False,
     budget: int | None = None,
+    rank_tailor: float | None = None,
     resume: bool = False,
 ) -> TrainResult:
     """Train a transferred model for the classes of `cfg.data` into run directory `out`.
@@ -110,6 +113,7 @@ def run_transfer(
         class_to_group=tau,
         train_learngenes=train_learngenes,
         budget=budget,
+        rank_tailor=rank_tailor,
         seed=cfg.train.seed,
     )
     cfg.model, cfg.diffusion = model.config, diffusion
