@@ -263,7 +263,9 @@ def _finish(
     }
 
 
-def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, device: str) -> dict:
+def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, device: str,
+                 orth_weight: float = 0.0) -> dict:  # fmt: skip
+    """Pre-train on the source classes and evaluate; `orth_weight`: the orthogonality penalty."""
     from kind.diffusion import Diffusion
     from kind.train import train
 
@@ -271,6 +273,7 @@ def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, de
     run = Path(out)
     _setup_worker(threads, run.parent / f"{run.name}.log")
     cfg = _config(SOURCE, preset, preset.pretrain_steps, seed, device, kind=kind)
+    cfg.train.orth_weight = orth_weight
     result = train(cfg, run, resume=_continue(run))
     return _finish(
         run,
@@ -293,7 +296,9 @@ def transfer_job(
     preset: dict,
     threads: int,
     device: str,
+    rank_tailor: float | None = None,
 ) -> dict:
+    """One transfer run and its evaluation; `rank_tailor` varies KIND's tailor rank (ablation)."""
     from kind.data import load_images
     from kind.diffusion import Diffusion
     from kind.transfer import KIND_METHODS, kind_budget, run_transfer
@@ -306,7 +311,8 @@ def transfer_job(
     classes = load_images(spec, "test").class_names
     budget = kind_budget(parts, classes)
     source = parts if method in KIND_METHODS else dense
-    result = run_transfer(source, cfg, run, method=method, budget=budget, resume=_continue(run))
+    result = run_transfer(source, cfg, run, method=method, budget=budget,
+                          rank_tailor=rank_tailor, resume=_continue(run))  # fmt: skip
     meta = json.loads((run / "run.json").read_text())["transfer"]
     return _finish(
         run,
@@ -321,6 +327,7 @@ def transfer_job(
             "seed": seed,
             "budget": budget,
             "detail": meta.get("detail", ""),
+            "rank_tailor": rank_tailor,
         },
     )
 
@@ -379,7 +386,8 @@ def deploy_job(out: str, kind_run: str, threads: int, device: str) -> dict:
             }
         )
     table = [{"part": n, "params": p, "bytes": b} for n, p, b in size_table(parts)]
-    return {"parts": str(parts), "variants": variants, "size_table": table}
+    return {"parts": str(parts), "variants": variants, "size_table": table,
+            "orthogonality_error": full.orthogonality_error()}  # fmt: skip
 
 
 # ---- the scheduler --------------------------------------------------------------------------
@@ -450,6 +458,58 @@ def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
     return jobs
 
 
+def execute(
+    jobs: list[Job], out: Path, workers: int, report_only: bool = False
+) -> tuple[dict[str, dict], dict[str, str]]:
+    """Run `jobs` (respecting their dependencies) in `workers` processes; a job whose
+    `out/results/NAME.json` exists is done already. Returns (results, failures) by job name."""
+    done: dict[str, Job] = {}
+    failed: dict[str, str] = {}
+    for job in jobs:
+        result_file = out / "results" / f"{job.name.replace('/', '__')}.json"
+        if result_file.is_file():
+            job.result = json.loads(result_file.read_text())
+            done[job.name] = job
+    pending = [] if report_only else [j for j in jobs if j.name not in done]
+    bar = tqdm(
+        total=sum(j.weight for j in jobs),
+        initial=sum(j.weight for j in done.values()),
+        unit="work",
+        desc="demo",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
+    )
+    ctx = get_context("spawn")
+    os.environ["TQDM_MININTERVAL"] = "10"  # read by tqdm in the workers: sparse log lines
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        running = {}
+        while pending or running:
+            for job in list(pending):
+                if any(d in failed for d in job.deps):
+                    failed[job.name] = f"skipped: {[d for d in job.deps if d in failed]} failed"
+                    pending.remove(job)
+                elif all(d in done for d in job.deps) and len(running) < workers:
+                    running[pool.submit(_call, job.fn, job.kwargs)] = job
+                    pending.remove(job)
+            bar.set_description("demo: " + ", ".join(sorted(j.name for j in running.values())))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                try:
+                    job.result = fut.result()
+                except Exception as e:  # one failed job must not take the others down
+                    failed[job.name] = "".join(traceback.format_exception_only(e)).strip()
+                    log.error("job %s failed: %s", job.name, failed[job.name])
+                    continue
+                path = out / "results" / f"{job.name.replace('/', '__')}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(job.result, indent=2))
+                done[job.name] = job
+                bar.update(job.weight)
+    os.environ.pop("TQDM_MININTERVAL", None)
+    bar.close()
+    return {name: job.result for name, job in done.items()}, failed
+
+
 def run_demo(
     out: str | Path,
     preset: str | Preset = "default",
@@ -484,54 +544,8 @@ def run_demo(
         raise ValueError(f"{out} holds a demo with another preset; choose another --out")
     saved.write_text(json.dumps(settings, indent=2))
 
-    todo = plan(out, preset, threads, device)
-    done: dict[str, Job] = {}
-    failed: dict[str, str] = {}
-    for job in todo:
-        result_file = out / "results" / f"{job.name.replace('/', '__')}.json"
-        if result_file.is_file():
-            job.result = json.loads(result_file.read_text())
-            done[job.name] = job
-    pending = [] if report_only else [j for j in todo if j.name not in done]
-    total = sum(j.weight for j in todo)
-    bar = tqdm(
-        total=total,
-        initial=sum(j.weight for j in done.values()),
-        unit="work",
-        desc="demo",
-        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
-    )
     t0 = time.time()
-    ctx = get_context("spawn")
-    os.environ["TQDM_MININTERVAL"] = "10"  # read by tqdm in the workers: sparse log lines
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        running = {}
-        while pending or running:
-            for job in list(pending):
-                if any(d in failed for d in job.deps):
-                    failed[job.name] = f"skipped: {[d for d in job.deps if d in failed]} failed"
-                    pending.remove(job)
-                elif all(d in done for d in job.deps) and len(running) < workers:
-                    running[pool.submit(_call, job.fn, job.kwargs)] = job
-                    pending.remove(job)
-            bar.set_description("demo: " + ", ".join(sorted(j.name for j in running.values())))
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                job = running.pop(fut)
-                try:
-                    job.result = fut.result()
-                except Exception as e:  # one failed job must not take the others down
-                    failed[job.name] = "".join(traceback.format_exception_only(e)).strip()
-                    log.error("job %s failed: %s", job.name, failed[job.name])
-                    continue
-                path = out / "results" / f"{job.name.replace('/', '__')}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(job.result, indent=2))
-                done[job.name] = job
-                bar.update(job.weight)
-    os.environ.pop("TQDM_MININTERVAL", None)
-    bar.close()
-    results = {name: job.result for name, job in done.items()}
+    results, failed = execute(plan(out, preset, threads, device), out, workers, report_only)
     report = write_report(out, settings, results, failed, wall_seconds=time.time() - t0)
     if failed:
         log.error("%d job(s) failed; see %s and the job logs beside the runs", len(failed), report)

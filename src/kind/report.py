@@ -175,6 +175,13 @@ def write_report(
             ),
             "",
         ]
+        if "orthogonality_error" in dep:
+            md += [
+                "Orthogonality error of the pre-trained KIND model (worst RMS deviation of "
+                "[U_G U_T]ᵀ[U_G U_T] and [V_G V_T]ᵀ[V_G V_T] from the identity over layers and "
+                f"tailors; 0 for an exact SVD): {dep['orthogonality_error']:.3f}.",
+                "",
+            ]
         md += [
             "Parts on disk:",
             "",
