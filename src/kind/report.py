@@ -98,6 +98,7 @@ def write_report(
     from kind.demo import SOURCE, TASK_TITLES, TASKS
 
     out = Path(out)
+    job_seconds = sum(r.get("job_seconds", 0.0) for r in results.values())
     md = ["# KIND demo report", ""]
     md += [
         f"Preset **{settings['preset']}**: model size `{settings['size']}`, batch "
@@ -105,7 +106,9 @@ def write_report(
         f"{settings['pretrain_steps']} steps, transfer {settings['transfer_steps']} steps, "
         f"seeds {list(settings['seeds'])}; {settings['jobs']} job(s) side by side with "
         f"{settings['threads_per_job']} thread(s) each on {settings['device']}. Wall time of "
-        f"this invocation: {wall_seconds / 60:.1f} min.",
+        f"this invocation: {wall_seconds / 60:.1f} min; the jobs' own times add up to "
+        f"{job_seconds / 60:.1f} min ({job_seconds / 60 / settings['jobs']:.1f} min with "
+        f"{settings['jobs']} side by side; a job finished by an earlier invocation is reused).",
         "",
         "Samples: DDIM "
         f"{settings['sample_steps']} steps, classifier-free guidance {settings['cfg_scale']}, "
