@@ -546,7 +546,8 @@ def run_demo(
 
     t0 = time.time()
     results, failed = execute(plan(out, preset, threads, device), out, workers, report_only)
-    report = write_report(out, settings, results, failed, wall_seconds=time.time() - t0)
+    wall = None if report_only else time.time() - t0
+    report = write_report(out, settings, results, failed, wall_seconds=wall)
     if failed:
         log.error("%d job(s) failed; see %s and the job logs beside the runs", len(failed), report)
     return report

@@ -70,20 +70,27 @@ def _copy_grid(src: str, out: Path, name: str) -> str:
 
 
 def _plot(task: str, by_method: dict[str, list[dict]], out: Path) -> str:
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for method, runs in by_method.items():
+    fig, ax = plt.subplots(figsize=(7.2, 4))
+    for i, (method, runs) in enumerate(by_method.items()):
         steps = defaultdict(list)
         for r in runs:
             for p in r["curve"]:
                 steps[p["step"]].append(p["fid"])
         xs = sorted(steps)
-        ax.plot(xs, [statistics.mean(steps[x]) for x in xs], marker="o", label=method)
+        ax.plot(
+            xs,
+            [statistics.mean(steps[x]) for x in xs],
+            marker="o",
+            color=f"C{i}" if i < 10 else "black",  # 11 methods: one colour each
+            linestyle="-" if method.startswith("kind") else "--",  # KIND solid, baselines dashed
+            label=method,
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel("FID (classifier features, lower is better)")
     ax.set_yscale("log")
     ax.set_title(f"FID against training steps: {task}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     path = out / "report" / f"fid_{task}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -93,22 +100,31 @@ def _plot(task: str, by_method: dict[str, list[dict]], out: Path) -> str:
 
 
 def write_report(
-    out: Path, settings: dict, results: dict[str, dict], failed: dict[str, str], wall_seconds: float
+    out: Path,
+    settings: dict,
+    results: dict[str, dict],
+    failed: dict[str, str],
+    wall_seconds: float | None,
 ) -> Path:
     from kind.demo import SOURCE, TASK_TITLES, TASKS
 
     out = Path(out)
     job_seconds = sum(r.get("job_seconds", 0.0) for r in results.values())
+    wall = (
+        ""
+        if wall_seconds is None
+        else f"Wall time of this invocation: {wall_seconds / 60:.1f} min. "
+    )
     md = ["# KIND demo report", ""]
     md += [
         f"Preset **{settings['preset']}**: model size `{settings['size']}`, batch "
         f"{settings['batch_size']}, lr {settings['lr']}, pre-training "
         f"{settings['pretrain_steps']} steps, transfer {settings['transfer_steps']} steps, "
         f"seeds {list(settings['seeds'])}; {settings['jobs']} job(s) side by side with "
-        f"{settings['threads_per_job']} thread(s) each on {settings['device']}. Wall time of "
-        f"this invocation: {wall_seconds / 60:.1f} min; the jobs' own times add up to "
-        f"{job_seconds / 60:.1f} min ({job_seconds / 60 / settings['jobs']:.1f} min with "
-        f"{settings['jobs']} side by side; a job finished by an earlier invocation is reused).",
+        f"{settings['threads_per_job']} thread(s) each on {settings['device']}. {wall}"
+        f"The jobs' own times add up to {job_seconds / 60:.1f} min "
+        f"({job_seconds / 60 / settings['jobs']:.1f} min with {settings['jobs']} side by side; "
+        "a job finished by an earlier invocation is reused).",
         "",
         "Samples: DDIM "
         f"{settings['sample_steps']} steps, classifier-free guidance {settings['cfg_scale']}, "
