@@ -15,49 +15,49 @@ import json
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from kind.demo import PRESETS, TASKS, Job, Preset, execute
+from kind.demo import PRESETS, TASKS, Job, Preset, execute, transfer_task
 from kind.report import _count, _table
 
 
 def jobs(demo: Path, out: Path, preset: Preset, orth_weight: float) -> list[Job]:
     parts, dense = str(demo / "deploy" / "parts"), str(demo / "pretrain" / "dense")
-    common = dict(seed=0, parts=parts, dense=dense, threads=1, device="cpu")
+    common = dict(seed=0, dense=dense, threads=1, device="cpu")
     p, long = asdict(preset), asdict(replace(preset, transfer_steps=3 * preset.transfer_steps))
-    todo = []
-    for task in TASKS:
-        for rank in (2, 32):
-            name = f"{task}/kind-r{rank}"
-            todo.append(
-                Job(
-                    name,
-                    "transfer_job",
-                    dict(
-                        out=str(out / name),
-                        task=task,
-                        method="kind",
-                        preset=p,
-                        rank_tailor=rank,
-                        **common,
-                    ),
-                    1000,
-                )
-            )
-    for method in ("kind", "full"):
-        name = f"novel/{method}-steps{3 * preset.transfer_steps}"
-        todo.append(
-            Job(
-                name,
-                "transfer_job",
-                dict(out=str(out / name), task="novel", method=method, preset=long, **common),
-                3000,
-            )
+    todo = [
+        transfer_task(
+            out,
+            f"{task}/kind-r{rank}",
+            1000,
+            task=task,
+            method="kind",
+            preset=p,
+            parts=parts,
+            rank_tailor=rank,
+            **common,
         )
-    todo.append(
+        for task in TASKS
+        for rank in (2, 32)
+    ]
+    todo += [
+        transfer_task(
+            out,
+            f"novel/{method}-steps{3 * preset.transfer_steps}",
+            3000,
+            task="novel",
+            method=method,
+            preset=long,
+            parts=parts,
+            **common,
+        )
+        for method in ("kind", "full")
+    ]
+    orth_run = out / "pretrain" / "kind-orth"
+    todo += [
         Job(
             "pretrain/kind-orth",
             "pretrain_job",
             dict(
-                out=str(out / "pretrain" / "kind-orth"),
+                out=str(orth_run),
                 kind=True,
                 preset=p,
                 seed=0,
@@ -66,43 +66,29 @@ def jobs(demo: Path, out: Path, preset: Preset, orth_weight: float) -> list[Job]
                 orth_weight=orth_weight,
             ),
             preset.pretrain_steps * 1.4,
-        )
-    )
-    todo.append(
+        ),
         Job(
             "deploy-orth",
             "deploy_job",
-            dict(
-                out=str(out / "deploy-orth"),
-                kind_run=str(out / "pretrain" / "kind-orth"),
-                threads=1,
-                device="cpu",
-            ),
+            dict(out=str(out / "deploy-orth"), kind_run=str(orth_run), threads=1, device="cpu"),
             100,
             deps=("pretrain/kind-orth",),
+        ),
+    ]
+    todo += [
+        transfer_task(
+            out,
+            f"{task}/kind-orth",
+            1000,
+            ("deploy-orth",),
+            task=task,
+            method="kind",
+            preset=p,
+            parts=str(out / "deploy-orth" / "parts"),
+            **common,
         )
-    )
-    for task in TASKS:
-        name = f"{task}/kind-orth"
-        todo.append(
-            Job(
-                name,
-                "transfer_job",
-                dict(
-                    out=str(out / name),
-                    task=task,
-                    method="kind",
-                    preset=p,
-                    seed=0,
-                    parts=str(out / "deploy-orth" / "parts"),
-                    dense=dense,
-                    threads=1,
-                    device="cpu",
-                ),
-                1000,
-                deps=("deploy-orth",),
-            )
-        )
+        for task in TASKS
+    ]
     return todo
 
 

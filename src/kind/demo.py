@@ -400,6 +400,11 @@ def _call(fn: str, kwargs: dict) -> dict:
     return result
 
 
+def transfer_task(out: Path, name: str, weight: float, deps: tuple[str, ...] = (), **kwargs) -> Job:
+    """A `transfer_job` called `name` whose run goes to out/name; kwargs are transfer_job's."""
+    return Job(name, "transfer_job", dict(out=str(out / name), **kwargs), weight, deps=deps)
+
+
 def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
     p = asdict(preset)
     pre = out / "pretrain"
@@ -437,22 +442,19 @@ def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
                 name = f"transfer/{task}/{method}/seed{seed}"
                 deps = ("deploy",) if method.startswith("kind") else ("deploy", "pretrain/dense")
                 jobs.append(
-                    Job(
+                    transfer_task(
+                        out,
                         name,
-                        "transfer_job",
-                        dict(
-                            out=str(out / name),
-                            task=task,
-                            method=method,
-                            seed=seed,
-                            parts=str(out / "deploy" / "parts"),
-                            dense=str(pre / "dense"),
-                            preset=p,
-                            threads=threads,
-                            device=device,
-                        ),
                         preset.transfer_steps,
-                        deps=deps,
+                        deps,
+                        task=task,
+                        method=method,
+                        seed=seed,
+                        parts=str(out / "deploy" / "parts"),
+                        dense=str(pre / "dense"),
+                        preset=p,
+                        threads=threads,
+                        device=device,
                     )
                 )
     return jobs
