@@ -23,10 +23,10 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from kind.diffusion import Diffusion, DiffusionConfig
-from kind.gated import make_route
-from kind.model import SIZES, DiT, ModelConfig, parse_size
-from kind.parts import merge
+from kind.core.decomposition import merge
+from kind.core.diffusion import Diffusion, DiffusionConfig
+from kind.core.gated import make_route
+from kind.core.model import SIZES, DiT, ModelConfig, parse_size
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts)

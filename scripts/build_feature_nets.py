@@ -31,8 +31,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # run from a checkout without installing
 
-from kind.data import BUNDLED, load_images, to_model_range  # noqa: E402
-from kind.features import ASSETS, SmallCNN, save_feature_net  # noqa: E402
+from kind.core.images import to_model_range  # noqa: E402
+from kind.data.images import BUNDLED, load_images  # noqa: E402
+from kind.eval.features import ASSETS, SmallCNN, save_feature_net  # noqa: E402
 
 log = logging.getLogger("build_feature_nets")
 

@@ -5,8 +5,9 @@ import argparse
 
 import torch
 
-from kind.config import load_config
-from kind.train import train
+from kind.data.dataset import Dataset
+from kind.training.config import load_config
+from kind.training.loop import train
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
@@ -39,4 +40,9 @@ cfg = load_config(
         "sample": {"steps": 1, "per_class": 1},
     }
 )
-train(cfg, args.out, resume=args.resume, data=(images, labels, ["0", "1", "2", "3"]))
+train(
+    cfg,
+    args.out,
+    resume=args.resume,
+    data=Dataset.from_tensors(images, labels, ["0", "1", "2", "3"]),
+)

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from kind.cli import build_parser, main
+from kind.cli.main import build_parser, main
 
 TOY = (
     "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from kind.config import load_config, parse_overrides
+from kind.training.config import load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 CONFIGS = [p for p in CONFIGS if "groups" not in p.name]

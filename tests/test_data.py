@@ -10,16 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kind.data import (
-    BUNDLED,
-    DataError,
-    ImageSet,
-    dataset_classes,
-    load_images,
-    parse_spec,
-    to_model_range,
-    to_uint8,
-)
+from kind.core.images import to_model_range, to_uint8
+from kind.data.images import BUNDLED, DataError, ImageSet, dataset_classes, load_images, parse_spec
 
 ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
 

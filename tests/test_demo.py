@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from kind.demo import Preset, run_demo
+from kind.experiments.demo import run_demo
+from kind.experiments.presets import Preset
 
 pytestmark = pytest.mark.slow
 

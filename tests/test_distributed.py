@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kind import checkpoint as ckpt
+from kind.io import read_tensors
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 pytestmark = pytest.mark.slow
@@ -34,9 +34,7 @@ def _run(out: Path, ranks: int, *extra: str) -> None:
 
 def _tensors(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
     d = run / "checkpoints" / f"step_{step:07d}"
-    return {
-        part: ckpt.read_tensors(d / f"{part}.safetensors") for part in ("model", "ema", "optimizer")
-    }
+    return {part: read_tensors(d / f"{part}.safetensors") for part in ("model", "ema", "optimizer")}
 
 
 def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isolated(tmp_path):

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from kind import evaluate as ev
-from kind import features
-from kind.data import load_images
+from kind.data.images import load_images
+from kind.eval import evaluate as ev
+from kind.eval import features
+from kind.io import sha256_file
 
 MNIST = [str(d) for d in range(10)]
 REQUIRED_KEYS = {
@@ -52,10 +53,10 @@ def random_net() -> features.BundledFeatureNet:
 
 
 @pytest.fixture(autouse=True)
-def _fresh_cache():
-    ev.clear_reference_cache()
-    yield
-    ev.clear_reference_cache()
+def _fresh_cache(monkeypatch):
+    # every test starts with empty caches of networks and reference features
+    monkeypatch.setattr(ev, "_REF_CACHE", {})
+    monkeypatch.setattr(ev, "_NET_CACHE", {})
 
 
 def test_evaluate_end_to_end_writes_every_required_field(tmp_path, random_net):
@@ -203,9 +204,7 @@ def test_bundled_feature_nets_load_with_their_metadata():
         net = features.load_feature_net(dataset)
         sidecar = json.loads(features.feature_net_paths(dataset)[1].read_text())
         assert (
-            net.sha256
-            == sidecar["sha256"]
-            == features.sha256_file(features.feature_net_paths(dataset)[0])
+            net.sha256 == sidecar["sha256"] == sha256_file(features.feature_net_paths(dataset)[0])
         )
         assert net.class_names == load_images(dataset, "test").class_names
         assert sidecar["test_accuracy"] >= acc and "build_feature_nets.py" in sidecar["command"]

@@ -1,10 +1,10 @@
-"""The class-gated SVD layer: KIND.md invariants 1 (forward isolation) and 4 (merge exactness), one
+"""The class-gated SVD layer: docs/KIND.md invariants 1 (forward isolation) and 4 (merge exactness), one
 row per layer configuration, covering both the per-group-weight and the factored tailor paths."""
 
 import pytest
 import torch
 
-from kind.gated import KindLinear, grouped_linear, make_route, resolve_rank
+from kind.core.gated import KindLinear, grouped_linear, make_route, resolve_rank
 
 # (in, out, rank_learngene, rank_tailor, groups, tokens): small ranks and few tokens take the
 # factored path, large ranks and many tokens fold each group into its own dense weight.

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from kind.data import BundledImage, DataError, list_images, load_images, read_image
-from kind.latents import (
+from kind.data.images import BundledImage, DataError, list_images, load_images, read_image
+from kind.data.latents import (
     FORMAT,
     LatentError,
     LatentStore,
@@ -248,8 +248,8 @@ def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
 
 def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_path):
     """encode -> train a few steps on the store -> sample through the CLI -> decoded images."""
-    from kind.checkpoint import load_model
-    from kind.cli import main
+    from kind.cli.main import main
+    from kind.store.load import load_model
 
     store = tmp_path / "store"
     main(["encode", "--data", "mnist:0-1", "--vae", str(vae_dir), "--out", str(store),
@@ -267,3 +267,39 @@ def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_pat
     assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
     grid = Image.open(run / "samples" / "step_0000002.png")
     assert grid.mode == "RGB" and grid.height > SIZE  # the training grid is decoded too
+
+
+def test_transfer_with_match_kind_on_a_latent_store(vae_dir, tmp_path):
+    """docs/scale.md step 4 in miniature: a baseline at KIND's budget, trained on a latent store of
+    the novel classes (its class names come from the store, no image is decoded)."""
+    from kind.cli.main import main
+    from kind.io import read_json
+    from kind.transfer.kind import kind_budget
+
+    source, novel = tmp_path / "source", tmp_path / "novel"
+    for spec, out in (("mnist:0-1", source), ("mnist:2-4", novel)):
+        main(["encode", "--data", spec, "--vae", str(vae_dir), "--out", str(out), "--image-size",
+              str(SIZE), "--device", "cpu", "--limit-per-class", "4"])  # fmt: skip
+    quick = ["--size", "tiny/2", "--steps", "1", "--batch-size", "4", "--set",
+             "train.sample_every=0", "--set", "sample.steps=1", "--set", "sample.per_class=1",
+             "--set", "train.threads=1"]  # fmt: skip
+    main(["train", "--data", str(source), *quick, "--out", str(tmp_path / "kind")])
+    main(
+        [
+            "train",
+            "--data",
+            str(source),
+            "--model",
+            "dense",
+            *quick,
+            "--out",
+            str(tmp_path / "dense"),
+        ]
+    )
+    main(["decompose", str(tmp_path / "kind"), "--out", str(tmp_path / "parts")])
+    main(["transfer", str(tmp_path / "dense"), "--method", "lora", "--match-kind",
+          str(tmp_path / "parts"), "--data", str(novel), *quick[2:], "--out", str(tmp_path / "lora")])  # fmt: skip
+    meta = read_json(tmp_path / "lora" / "run.json")
+    assert meta["transfer"]["budget"] == kind_budget(tmp_path / "parts", ["2", "3", "4"])
+    assert meta["latent"]["store"] == str(novel)
+    assert read_json(tmp_path / "lora" / "config.json")["model"]["class_names"] == ["2", "3", "4"]

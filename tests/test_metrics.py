@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kind import metrics
+from kind.eval import metrics
 
 
 def _gaussian(n: int, d: int, seed: int, shift: float = 0.0, scale: float = 1.0) -> torch.Tensor:

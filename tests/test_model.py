@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kind.model import SIZES, DiT, ModelConfig, parse_size
+from kind.core.model import SIZES, DiT, ModelConfig, parse_size
 
 NAMES = ["a", "b", "c", "d"]
 

@@ -1,4 +1,4 @@
-"""Decompose, assemble, merge and transfer: KIND.md invariants 3, 4 and 5, and damaged parts."""
+"""Decompose, assemble, merge and transfer: docs/KIND.md invariants 3, 4 and 5, and damaged parts."""
 
 import json
 import shutil
@@ -6,21 +6,14 @@ import shutil
 import pytest
 import torch
 
-from kind import checkpoint as ckpt
-from kind.diffusion import DiffusionConfig
-from kind.model import DiT, ModelConfig
-from kind.parts import (
-    PartsError,
-    assemble,
-    decompose,
-    load_learngene,
-    load_parts,
-    merge,
-    size_table,
-    split_state,
-    transfer,
-)
-from kind.sampling import generate
+from kind.core.decomposition import PartsError, merge, split_state
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT, ModelConfig
+from kind.core.sampling import generate
+from kind.store.load import load_model
+from kind.store.parts import assemble, decompose, load_learngene, load_parts
+from kind.store.sizes import size_table
+from kind.transfer.kind import inherit_learngenes
 
 NAMES = ["zero", "one", "two", "three"]
 
@@ -92,14 +85,14 @@ def test_merged_class_model_matches_the_factored_model(source):
 
 def test_merged_model_directory_round_trip(parts, source, tmp_path):
     out = assemble(parts, None, tmp_path / "m", merge_class="three")
-    model, _, meta = ckpt.load_model(out)
+    model, _, meta = load_model(out)
     assert meta["merged"] == "three"
     x, t, _ = _batch([0, 0])
     assert _rel(model(x, t, torch.tensor([0, 1])), source(x, t, torch.tensor([3, 4]))) <= 1e-5
 
 
 def test_transfer_carries_the_learngene_bit_for_bit_and_nothing_class_specific(source, parts):
-    model, _ = transfer(parts, ["cat", "dog", "cow"])
+    model, _ = inherit_learngenes(parts, ["cat", "dog", "cow"])
     learngene, source_tailors = split_state(source)
     own = model.state_dict()
     for name, tensor in learngene.items():
@@ -110,7 +103,7 @@ def test_transfer_carries_the_learngene_bit_for_bit_and_nothing_class_specific(s
     for name, p in model.named_parameters():
         specific = ".tailors." in name or name.startswith("y_embedder.rows.")
         assert p.requires_grad == specific, name
-    unfrozen, _ = transfer(parts, ["cat"], train_learngenes=True)
+    unfrozen, _ = inherit_learngenes(parts, ["cat"], train_learngenes=True)
     assert all(p.requires_grad for p in unfrozen.parameters())
 
 
@@ -161,16 +154,16 @@ def test_decompose_will_not_overwrite(parts, source):
 
 
 def test_transfer_can_give_new_tailors_another_rank(parts, source):
-    model, _ = transfer(parts, ["cat"], rank_tailor=2)
+    model, _ = inherit_learngenes(parts, ["cat"], rank_tailor=2)
     assert model.blocks[0].attn.q.tailors["0"].U.shape[1] == 2
     learngene = split_state(source)[0]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in learngene.items())
     with pytest.raises(PartsError, match="source's tailor rank"):
-        transfer(parts, ["cat"], rank_tailor=2, carry_tailors=True)
+        inherit_learngenes(parts, ["cat"], rank_tailor=2, carry_tailors=True)
 
 
 def test_carried_tailors_start_from_the_source(parts, source):
-    model, _ = transfer(parts, ["a", "b"], carry_tailors=True)
+    model, _ = inherit_learngenes(parts, ["a", "b"], carry_tailors=True)
     own, src = model.state_dict(), source.state_dict()
     assert torch.equal(own["blocks.1.mlp.fc2.tailors.1.V"], src["blocks.1.mlp.fc2.tailors.1.V"])
     assert not torch.equal(own["y_embedder.rows.1"], src["y_embedder.rows.1"])

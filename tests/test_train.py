@@ -1,13 +1,15 @@
-"""The training loop: gate isolation of updates (KIND.md invariant 2), exact resume, refusals."""
+"""The training loop: gate isolation of updates (docs/KIND.md invariant 2), exact resume, refusals."""
 
 import json
 
 import pytest
 import torch
 
-from kind import checkpoint as ckpt
-from kind.config import load_config
-from kind.train import TrainingError, train
+from kind.data.dataset import Dataset
+from kind.io import read_json, read_tensors
+from kind.store.modeldir import load_model_dir
+from kind.training.config import load_config
+from kind.training.loop import TrainingError, train
 
 CLASSES = ["0", "1", "2", "3"]
 
@@ -36,16 +38,16 @@ def _cfg(steps, **train_kw):
 def _data(classes, n=16):
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
-    return torch.rand(n, 1, 28, 28, generator=g) * 2 - 1, labels, CLASSES
+    return Dataset.from_tensors(torch.rand(n, 1, 28, 28, generator=g) * 2 - 1, labels, CLASSES)
 
 
 def _checkpoint(run, step):
     d = run / "checkpoints" / f"step_{step:07d}"
     return (
-        ckpt.read_tensors(d / "model.safetensors"),
-        ckpt.read_tensors(d / "ema.safetensors"),
-        ckpt.read_tensors(d / "optimizer.safetensors"),
-        ckpt.read_json(d / "state.json"),
+        read_tensors(d / "model.safetensors"),
+        read_tensors(d / "ema.safetensors"),
+        read_tensors(d / "optimizer.safetensors"),
+        read_json(d / "state.json"),
     )
 
 
@@ -95,7 +97,7 @@ def test_run_writes_config_model_and_samples(tmp_path):
     train(_cfg(2), tmp_path / "r", data=_data([0, 1, 2, 3]))
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     assert cfg["model"]["class_names"] == CLASSES and cfg["train"]["steps"] == 2
-    model, _, _ = ckpt.load_model_dir(tmp_path / "r" / "model")
+    model, _, _ = load_model_dir(tmp_path / "r" / "model")
     assert model.config.class_names == CLASSES
     assert (tmp_path / "r" / "samples" / "step_0000002.png").is_file()
 
@@ -114,10 +116,10 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
-    images, labels, names = _data([0, 1])
-    images[:] = float("nan")
+    data = _data([0, 1])
+    data.images.images[:] = float("nan")
     with pytest.raises(TrainingError, match="loss became nan at step 1"):
-        train(_cfg(2), tmp_path / "nan", data=(images, labels, names))
+        train(_cfg(2), tmp_path / "nan", data=data)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

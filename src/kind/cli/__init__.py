@@ -1,0 +1,1 @@
+"""`kind-dit`, the command line: a command table (main.py) and one small module per command."""

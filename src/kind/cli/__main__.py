@@ -1,0 +1,5 @@
+"""`python -m kind.cli` (what torchrun launches): the `kind-dit` command line."""
+
+from kind.cli.main import main
+
+main()

@@ -1,0 +1,38 @@
+"""`kind-dit assemble`: parts -> a model for some classes (or one class merged dense)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kind.cli.common import classes
+
+NAME = "assemble"
+HELP = "build a model for some classes from parts"
+DESCRIPTION = (
+    "Learngenes + the tailors of --classes -> a model directory "
+    "that computes exactly the full model's outputs for those classes. With "
+    "--merge CLASS, one class folded into a dense DiT (plus the learngene-only "
+    "network for guidance); --merge null gives the unconditional dense model."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The parts, which classes to keep, and whether to fold one into dense weights."""
+    p.add_argument("parts", help="parts directory")
+    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.add_argument(
+        "--merge", metavar="CLASS|null", help="fold one class (or null) into dense weights"
+    )
+    p.add_argument("--out", required=True, help="model directory to create")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Write the assembled (or merged) model directory."""
+    from kind.store.parts import assemble
+
+    merge_null = args.merge == "null"
+    merge_class = None if merge_null else args.merge
+    out = assemble(
+        args.parts, classes(args.classes), args.out, merge_class=merge_class, merge_null=merge_null
+    )
+    print(f"model -> {out}")

@@ -1,0 +1,94 @@
+"""What several commands share: the training options of `train` and `transfer`, and how they
+become a run config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kind.training.config import Config
+
+SET_HELP = (
+    "override a config value, e.g. --set train.lr=3e-4 (repeatable; sections: model, "
+    "diffusion, train, sample, and the top-level keys data and group_file)"
+)
+
+# command-line flag (argparse dest) -> key of the config's train section
+_TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "device", "precision")
+
+
+def classes(text: str | None) -> list[str] | None:
+    """A comma list as names; None (not []) when the option was not given, meaning "all"."""
+    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+
+
+def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -> None:
+    """The options every training command takes, so `train` and `transfer` read alike."""
+    p.add_argument(
+        "--config",
+        help="YAML/JSON config file (sections model, diffusion, train, "
+        "sample); command-line options override it",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument(
+        "--data",
+        required=data_required,
+        help="data spec: mnist:0-5, mnist:6,7,8,9, animals, path/to/folder[:cat,dog]",
+    )
+    p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
+    p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
+    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
+    p.add_argument("--seed", type=int, help="seed for init, batches and noise (train.seed)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)"
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="run directory to create (refused if it holds a run, unless --resume)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+
+
+def overrides(args: argparse.Namespace) -> dict:
+    """--set pairs plus the shortcut flags as one override dict; a flag beats a --set of its key."""
+    from kind.training.config import parse_overrides
+
+    ov = parse_overrides(args.set)
+    for key in _TRAIN_FLAGS:
+        if getattr(args, key, None) is not None:
+            ov.setdefault("train", {})[key] = getattr(args, key)
+    if getattr(args, "data", None):
+        ov["data"] = args.data
+    if getattr(args, "model", None):
+        ov.setdefault("model", {})["kind"] = args.model == "kind"
+    if getattr(args, "size", None):
+        ov.setdefault("model", {})["size"] = args.size
+    return ov
+
+
+def run_config(args: argparse.Namespace) -> Config:
+    """The run's config: on --resume the saved one with overrides, else defaults + file + flags.
+
+    A resumed run may change how it trains, never what it is: model, diffusion and data are fixed.
+    """
+    from kind.io import read_json
+    from kind.training.config import load_config
+
+    saved = Path(args.out) / "config.json"
+    if args.resume and saved.is_file():
+        base = read_json(saved)
+        cfg = load_config(args.config, overrides(args), base=base)
+        before = load_config(base=base)
+        for section in ("model", "diffusion", "data"):
+            if getattr(cfg, section) != getattr(before, section):
+                raise SystemExit(
+                    f"error: --resume cannot change {section}; it is fixed by the run in {args.out}"
+                )
+        return cfg
+    return load_config(args.config, overrides(args))

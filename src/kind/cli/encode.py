@@ -1,0 +1,57 @@
+"""`kind-dit encode`: images -> a latent store, with a local VAE."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "encode"
+HELP = "encode images into a latent store with a local VAE"
+DESCRIPTION = (
+    "Encode the images of a data spec (and their mirror images) "
+    "with a local Stable Diffusion VAE into a memory-mapped latent store; "
+    "train on it with --data STORE."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The images, the VAE, the store to write, and how fast to encode."""
+    p.add_argument(
+        "--data",
+        required=True,
+        help="data spec, e.g. /data/imagenet/train or /data/imagenet/train:n01440764,n01443537",
+    )
+    p.add_argument("--vae", required=True, help="local VAE directory (sd-vae-ft-ema layout)")
+    p.add_argument("--out", required=True, help="store directory to create")
+    p.add_argument("--image-size", type=int, default=256, help="pixels (default 256)")
+    p.add_argument(
+        "--split",
+        choices=["train", "test"],
+        default="train",
+        help="which split of the spec (every 5th image of a class is test)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="VAE compute precision"
+    )
+    p.add_argument("--workers", type=int, default=4, help="image-reading threads")
+    p.add_argument("--limit-per-class", type=int, help="encode at most N images a class")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Encode into a new store and say how to train on it."""
+    from kind.data.latents import encode_to_store
+
+    out = encode_to_store(
+        args.data,
+        args.out,
+        args.vae,
+        args.image_size,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        workers=args.workers,
+        limit_per_class=args.limit_per_class,
+    )
+    print(f"latent store -> {out}  (train on it with --data {out})")

@@ -1,0 +1,63 @@
+"""`kind-dit`: the command line on top of the library.
+
+kind-dit train      pre-train a KIND (or dense) DiT
+kind-dit sample     images from a run, a parts directory or an assembled model
+kind-dit info       parameter counts and bytes per part
+kind-dit decompose  a run -> learngene + tailor files
+kind-dit assemble   parts -> a model for some classes (or one class merged dense)
+kind-dit transfer   parts -> a model for new classes, trained from the learngenes
+kind-dit evaluate   FID, precision, recall, class accuracy of a samples .npz
+kind-dit demo       the end-to-end demo: pre-train, decompose, transfer, evaluate, report
+kind-dit encode     images -> a latent store, with a local VAE
+
+Each command is a module of this package with NAME, HELP, DESCRIPTION, add_arguments(parser)
+and run(args); COMMANDS lists them in --help order. Command modules import the library only
+inside run(), so building the parser (and `kind-dit --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kind.cli import assemble, decompose, demo, encode, evaluate, info, sample, train, transfer
+
+COMMANDS = (train, sample, info, decompose, assemble, transfer, evaluate, demo, encode)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser with one subcommand per entry of COMMANDS; each sets `func` to its run()."""
+    parser = argparse.ArgumentParser(
+        prog="kind-dit",
+        description="KIND: decomposable Diffusion Transformers (learngenes and "
+        "tailors): pre-train, decompose, recombine, transfer.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        command.add_arguments(p)
+        p.set_defaults(func=command.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one command; the library's user-facing errors print as one line and exit 2
+    (--verbose re-raises them with the traceback)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""`kind-dit transfer`: parts -> a model for new classes, trained from the learngenes.
+
+The --method names and their help come from kind.transfer.registry, the one table of methods. It
+imports torch and peft (about 10 s), so this module reads it only when --method is given or the
+help is shown, never while the parser is built: `kind-dit --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+
+from kind.cli.common import add_train_options, run_config
+
+NAME = "transfer"
+HELP = "train a model for new classes from the learngenes"
+DESCRIPTION = (
+    "Start from the learngenes of PARTS with fresh, randomly "
+    "initialised tailors and label rows for the classes of --data, learngenes "
+    "frozen unless --train-learngenes, and train with the usual loop."
+)
+METHOD_HELP = "how to transfer (default kind). "
+
+
+class _Methods:
+    """--method's choices: the registry's names, looked up on first use."""
+
+    def __contains__(self, name: object) -> bool:
+        from kind.transfer.registry import METHODS
+
+        return name in METHODS
+
+    def __iter__(self) -> Iterator[str]:
+        from kind.transfer.registry import METHODS
+
+        return iter(METHODS)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Appends the registry's one line per method to --method's help, when help is printed."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if action.dest == "method" and text:
+            from kind.transfer.registry import help_text
+
+            text += help_text().replace("%", "%%")
+        return text
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The source, the shared training options, and what only a transfer chooses."""
+    p.add_argument(
+        "source",
+        help="parts directory of a KIND model (methods kind, kind-tailors) "
+        "or run/model directory of a dense DiT (the baselines)",
+    )
+    add_train_options(p, data_required=True)
+    p.add_argument(
+        "--method",
+        default="kind",
+        choices=_Methods(),
+        metavar="METHOD",  # a metavar keeps usage lines from listing (importing) the choices
+        help=METHOD_HELP,
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        help="trainable-parameter budget the LoRA/PiSSA/OFT rank is matched to",
+    )
+    p.add_argument(
+        "--match-kind",
+        metavar="PARTS",
+        help="set --budget to what a KIND transfer from PARTS to the same classes trains",
+    )
+    p.add_argument(
+        "--train-learngenes",
+        action="store_true",
+        help="train the learngenes too instead of freezing them",
+    )
+    p.add_argument(
+        "--rank-tailor",
+        type=float,
+        help="tailor rank of the new model (KIND methods; default: the source's)",
+    )
+    # Last: Python >= 3.14 expands each help string with this formatter as it is added.
+    p.formatter_class = _Formatter
+
+
+def run(args: argparse.Namespace) -> None:
+    """Transfer into --out; --match-kind first sizes the budget from a KIND transfer's."""
+    from kind.data.dataset import class_names
+    from kind.transfer.kind import kind_budget
+    from kind.transfer.run import run_transfer
+
+    cfg = run_config(args)
+    budget = args.budget
+    if args.match_kind:
+        budget = kind_budget(args.match_kind, class_names(cfg.data))
+    result = run_transfer(
+        args.source,
+        cfg,
+        args.out,
+        method=args.method,
+        train_learngenes=args.train_learngenes,
+        budget=budget,
+        rank_tailor=args.rank_tailor,
+        resume=args.resume,
+    )
+    print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")

@@ -1,0 +1,127 @@
+"""How a KIND model comes apart and folds back: which tensors are learngene and which belong to a
+tailor group, and merging one class (or none) into plain dense weights.
+
+These are operations on models in memory; `kind.store.parts` writes and reads them as files.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from kind.core.model import DiT, ModelConfig, load_state
+
+_TAILOR = re.compile(r"\.tailors\.(\d+)\.")
+_ROW = re.compile(r"y_embedder\.rows\.(\d+)")
+
+
+class PartsError(ValueError):
+    """A parts directory that cannot be used as asked; the message says what to do."""
+
+
+def group_of(name: str, config: ModelConfig) -> int | None:
+    """The tailor group a parameter belongs to (tailor factors and class label rows), or None for
+    the learngene (everything class-agnostic, the null row included)."""
+    if m := _TAILOR.search(name):
+        return int(m.group(1))
+    if m := _ROW.fullmatch(name):
+        return config.tau[int(m.group(1))]
+    return None
+
+
+def split_state(model: DiT) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """(learngene tensors, {group: tailor tensors}) of a KIND model's state dict."""
+    if not model.config.kind:
+        raise PartsError("only a KIND model decomposes; this is a dense DiT")
+    learngene: dict[str, torch.Tensor] = {}
+    tailors: dict[int, dict[str, torch.Tensor]] = {g: {} for g in model.config.held_groups}
+    for name, tensor in model.state_dict().items():
+        g = group_of(name, model.config)
+        (learngene if g is None else tailors[g])[name] = tensor
+    return learngene, tailors
+
+
+def resolve_classes(config: ModelConfig, names: list[str] | None) -> list[int]:
+    """Class ids for class names (None: every class the model holds); clear error for unknown ones."""
+    if names is None:
+        return list(config.held_classes)
+    held = {config.class_names[c]: c for c in config.held_classes}
+    unknown = [n for n in names if n not in held]
+    if unknown:
+        raise PartsError(f"unknown class(es) {unknown}; this model holds {list(held)}")
+    return [held[n] for n in names]
+
+
+class MergedDiT(nn.Module):
+    """One class folded into a dense DiT, plus the learngene-only dense DiT for the null class, so
+    classifier-free guidance works on a merged model too. Same call signature as DiT."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.cond = DiT(config)
+        self.uncond = DiT(replace(config, class_names=[]))
+        self.null_id = self.cond.null_id
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        null = y == self.null_id
+        if not null.any():
+            return self.cond(x, t, y)
+        if null.all():
+            return self.uncond(x, t, torch.full_like(y, self.uncond.null_id))
+        out = torch.empty(
+            (len(y), self.cond.out_channels, *x.shape[2:]), device=x.device, dtype=x.dtype
+        )
+        out[~null] = self.cond(x[~null], t[~null], y[~null])
+        out[null] = self.uncond(x[null], t[null], torch.full_like(y[null], self.uncond.null_id))
+        return out
+
+
+@torch.no_grad()
+def merge(model: DiT, class_name: str | None) -> DiT | MergedDiT:
+    """Fold the learngene plus one class's tailor into plain dense weights (docs/KIND.md invariant 4).
+
+    `class_name` None gives the unconditional (learngene-only) dense DiT; a class gives a
+    `MergedDiT` whose conditional network computes the full model's output for that class."""
+    if not model.config.kind:
+        raise PartsError("merge needs a KIND model; this one is already dense")
+    if class_name is None:
+        return _fold(
+            model,
+            None,
+            replace(model.config, kind=False, class_names=[], class_to_group=None, groups=None),
+        )
+    (c,) = resolve_classes(model.config, [class_name])
+    dense_cfg = replace(
+        model.config, kind=False, class_names=[class_name], class_to_group=None, groups=None
+    )
+    merged = MergedDiT(dense_cfg)
+    merged.cond.load_state_dict(_fold(model, c, dense_cfg).state_dict())
+    merged.uncond.load_state_dict(_fold(model, None, merged.uncond.config).state_dict())
+    return merged.eval()
+
+
+def _fold(model: DiT, c: int | None, dense_cfg: ModelConfig) -> DiT:
+    """A dense DiT with class c's (or only the learngene's) weights folded in; label row c -> 0."""
+    dense = DiT(dense_cfg).to(next(model.parameters()).device)
+    state = {}
+    group = None if c is None else model.config.tau[c]
+    kind_layers = dict(model.kind_layers())
+    for name, tensor in model.state_dict().items():
+        if ".tailors." in name or (_ROW.fullmatch(name) and name != f"y_embedder.rows.{c}"):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if owner in kind_layers:
+            if leaf in ("U", "S", "V"):
+                layer = kind_layers[owner]
+                linear = layer.merge(group if layer.tailors else None)
+                state[f"{owner}.weight"] = linear.weight
+                if linear.bias is not None:
+                    state[f"{owner}.bias"] = linear.bias
+            continue
+        state["y_embedder.rows.0" if _ROW.fullmatch(name) else name] = tensor
+    load_state(dense, state, "the merged weights")
+    return dense.eval()

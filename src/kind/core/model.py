@@ -1,0 +1,368 @@
+"""A class-conditional Diffusion Transformer (DiT, Peebles & Xie 2023), built from dense linears or
+from KIND's class-gated SVD linears with one switch (`ModelConfig.kind`).
+
+In the KIND form, the attention q, k, v, output projection and both MLP matrices of every block are
+`KindLinear`s (learngenes + tailors); adaLN modulation, embeddings and the final layer are
+class-agnostic (learngene side, dense unless `decompose_adaln`). The label embedding keeps one row
+per class: row c travels with class c's tailors, the null row (classifier-free guidance) with the
+learngenes. The null class activates no tailor, so the learngene-only network is the unconditional
+model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from kind.core.gated import KindLinear, Linear, Route, make_route
+
+# name -> (depth, hidden size, heads); DiT-* as in the DiT paper, the small ones for CPUs.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "DiT-XL": (28, 1152, 16),
+    "DiT-L": (24, 1024, 16),
+    "DiT-B": (12, 768, 12),
+    "DiT-S": (12, 384, 6),
+    "mini": (6, 192, 6),
+    "tiny": (4, 128, 4),
+}
+PATCHES: dict[str, tuple[int, ...]] = {name: (2, 4, 8) for name in SIZES}
+PATCHES |= {"mini": (2, 4, 7), "tiny": (2, 4, 7)}
+DEFAULT_PATCH = {"mini": 7, "tiny": 7}  # 28x28 bundled data -> 16 tokens (MEASURED.md)
+SIZE_NAMES = tuple(f"{n}/{p}" for n in SIZES for p in PATCHES[n]) + tuple(DEFAULT_PATCH)
+
+
+def parse_size(name: str) -> tuple[str, int]:
+    """'DiT-B/2' -> ('DiT-B', 2); 'tiny' -> ('tiny', 7)."""
+    base, _, patch = name.partition("/")
+    if base not in SIZES or (not patch and base not in DEFAULT_PATCH):
+        raise ValueError(f"unknown model size {name!r}; choose one of {', '.join(SIZE_NAMES)}")
+    p = int(patch) if patch else DEFAULT_PATCH[base]
+    if p not in PATCHES[base]:
+        raise ValueError(f"size {base} comes with patch {PATCHES[base]}, not {p}")
+    return base, p
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture (saved as JSON beside its weights)."""
+
+    size: str = "tiny"
+    kind: bool = True  # False: a plain dense DiT
+    image_size: int = 28
+    in_channels: int = 1
+    learn_sigma: bool = (
+        False  # output 2C channels: ε/v and the variance interpolation (DiT's hybrid)
+    )
+    class_names: list[str] = field(default_factory=list)
+    class_to_group: list[int] | None = None  # τ; None = identity (each class owns its tailors)
+    groups: list[int] | None = (
+        None  # tailor groups held; None = all (an assembled model holds fewer)
+    )
+    rank_learngene: float = 0.5  # components, or fraction (< 1) of min(in, out)
+    rank_tailor: float = 8
+    tailor_sigma: float = 1e-2  # initial singular values of fresh tailors
+    decompose_adaln: bool = False  # adaLN modulation as learngene-only SVD layers
+    mlp_ratio: float = 4.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def tau(self) -> list[int]:
+        return (
+            self.class_to_group
+            if self.class_to_group is not None
+            else list(range(self.num_classes))
+        )
+
+    @property
+    def held_groups(self) -> list[int]:
+        if not self.kind:
+            return []
+        return sorted(set(self.tau)) if self.groups is None else list(self.groups)
+
+    @property
+    def held_classes(self) -> list[int]:
+        """Class ids whose label rows (and, for KIND, tailors) this model holds."""
+        if not self.kind or self.groups is None:
+            return list(range(self.num_classes))
+        kept = set(self.groups)
+        return [c for c, g in enumerate(self.tau) if g in kept]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position embedding [grid*grid, dim] (MAE / DiT)."""
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2))
+        out = np.outer(pos.reshape(-1), omega)  # [M, d/2]
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)  # [M, d]
+
+    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    emb = np.concatenate([one_axis(dim // 2, gw), one_axis(dim // 2, gh)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal frequencies, then a 2-layer MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # [B, half]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # [B, hidden]
+
+
+class LabelEmbedder(nn.Module):
+    """One embedding row per class (its own parameter, so an absent class gets no gradient and no
+    optimiser update) plus the null row for classifier-free guidance."""
+
+    def __init__(self, classes: list[int], hidden: int):
+        super().__init__()
+        self.rows = nn.ParameterDict({str(c): nn.Parameter(torch.randn(hidden)) for c in classes})
+        self.null = nn.Parameter(torch.randn(hidden))
+
+    def forward(self, y: torch.Tensor, present: list[int], null_id: int) -> torch.Tensor:
+        # Only the rows of classes in the batch enter the graph.
+        table = torch.stack([self.null if c == null_id else self.rows[str(c)] for c in present])
+        lut = torch.zeros(max(present) + 1, dtype=torch.long, device=y.device)
+        lut[present] = torch.arange(len(present), device=y.device)
+        return table[lut[y]]  # [B, hidden]
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, heads: int, linear):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.proj = (linear(hidden, hidden) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = (
+            m(x, route).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+            for m in (self.q, self.k, self.v)
+        )  # 3 x [B, heads, T, D/heads]
+        out = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, heads, T, D/heads]
+        return self.proj(out.transpose(1, 2).reshape(B, T, D), route)  # [B, T, D]
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden: int, inner: int, linear):
+        super().__init__()
+        self.fc1, self.fc2 = linear(hidden, inner), linear(inner, hidden)
+        self.act = nn.GELU(approximate="tanh")
+
+    def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x, route)), route)
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, linear, adaln_linear):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads, linear)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, int(hidden * mlp_ratio), linear)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), adaln_linear(hidden, 6 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, route: Route | None) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), route)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2), route)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden: int, patch: int, out_channels: int, adaln_linear):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), adaln_linear(hidden, 2 * hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # [B, T, p*p*C_out]
+
+
+class DiT(nn.Module):
+    """Diffusion Transformer: (x [B, C, H, W], t [B], y [B]) -> [B, C_out, H, W].
+
+    `y` holds class ids 0..K-1 into `config.class_names`, or K (`null_id`) for the null class.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        base, self.patch = parse_size(cfg.size)
+        depth, hidden, heads = SIZES[base]
+        if cfg.image_size % self.patch:
+            raise ValueError(f"image size {cfg.image_size} is not divisible by patch {self.patch}")
+        if len(cfg.tau) != cfg.num_classes:
+            raise ValueError(
+                f"class_to_group has {len(cfg.tau)} entries for {cfg.num_classes} classes"
+            )
+        self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
+        self.null_id = cfg.num_classes
+        self.grid = cfg.image_size // self.patch
+        groups = cfg.held_groups
+
+        def linear(i: int, o: int) -> nn.Module:
+            if not cfg.kind:
+                return Linear(i, o)
+            return KindLinear(
+                i, o, cfg.rank_learngene, cfg.rank_tailor, groups, tailor_sigma=cfg.tailor_sigma
+            )
+
+        def adaln_linear(i: int, o: int) -> nn.Module:
+            if cfg.kind and cfg.decompose_adaln:
+                return KindLinear(i, o, cfg.rank_learngene)
+            return nn.Linear(i, o)
+
+        self.x_embedder = nn.Conv2d(cfg.in_channels, hidden, self.patch, stride=self.patch)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.y_embedder = LabelEmbedder(cfg.held_classes, hidden)
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid), persistent=False)
+        # tau[y] for y in 0..K (K = null -> -1: no tailor)
+        self.register_buffer(
+            "tau", torch.tensor(cfg.tau + [-1], dtype=torch.long), persistent=False
+        )
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden, heads, cfg.mlp_ratio, linear, adaln_linear) for _ in range(depth)
+        )
+        self.final_layer = FinalLayer(hidden, self.patch, self.out_channels, adaln_linear)
+        self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT's init (xavier linears, adaLN-Zero, zero output layer), KIND layers as SVDs of it;
+        label rows N(0, 1), which made the class signal count early on (MEASURED.md)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.x_embedder.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        for m in self.t_embedder.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+        zero_layers = [b.adaLN_modulation[-1] for b in self.blocks]
+        zero_layers += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for m in zero_layers:
+            if isinstance(m, KindLinear):
+                m.init_from_dense(torch.zeros(m.out_features, m.in_features))
+            else:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def kind_layers(self) -> list[tuple[str, KindLinear]]:
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, KindLinear)]
+
+    def present_classes(self, y: torch.Tensor) -> list[int]:
+        """Distinct class ids in y; a clear error for a class this model does not hold."""
+        present = sorted(set(y.tolist()))
+        held = set(self.config.held_classes) | {self.null_id}
+        missing = [c for c in present if c not in held]
+        if missing:
+            names = self.config.class_names
+            bad = [names[c] if 0 <= c < len(names) else str(c) for c in missing]
+            kept = [names[c] for c in self.config.held_classes]
+            raise ValueError(
+                f"class(es) {bad} are not in this model, which holds {kept}; "
+                "assemble a model with those classes from the parts directory"
+            )
+        return present
+
+    def route(self, y: torch.Tensor) -> Route | None:
+        return make_route(self.tau[y]) if self.config.kind else None
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        # [B, T, p*p*C] -> [B, C, H, W]
+        B, p, g, C = x.shape[0], self.patch, self.grid, self.out_channels
+        x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        present = self.present_classes(y)
+        route = self.route(y)
+        order = route.order if route is not None else None
+        if order is not None:  # sort once into group blocks so no layer has to (see Route)
+            x, t, y = x[order], t[order], y[order]
+            route = self.route(y)
+        h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D]
+        c = self.t_embedder(t) + self.y_embedder(y, present, self.null_id)  # [B, D]
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(block, h, c, route, use_reentrant=False)
+            else:
+                h = block(h, c, route)
+        out = self.unpatchify(self.final_layer(h, c))  # [B, C_out, H, W]
+        if order is not None:
+            out = torch.empty_like(out).index_copy_(0, order, out)  # back to the input order
+        return out
+
+    def orthogonality_penalty(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum over KIND layers of the orthogonality penalty for the learngene and the tailors of
+        the groups in y (never an absent group: invariant 2)."""
+        route = self.route(y)
+        keys = route.keys if route is not None else ()
+        terms = [m.orthogonality_penalty(keys if m.tailors else ()) for _, m in self.kind_layers()]
+        return torch.stack(terms).sum() if terms else torch.zeros((), device=y.device)
+
+    def orthogonality_error(self) -> float:
+        return max((m.orthogonality_error() for _, m in self.kind_layers()), default=0.0)
+
+
+def count_params(model: nn.Module, trainable: bool = False) -> int:
+    """Number of parameters of `model` (only those with requires_grad when `trainable`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
+    """load_state_dict with an error that names the source and the mismatching tensors."""
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]
+    if missing or unexpected or bad:
+        detail = "; ".join(
+            f"{what}: {', '.join(keys[:5])}{' …' if len(keys) > 5 else ''}"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", bad),
+            )
+            if keys
+        )
+        raise ValueError(
+            f"weights in {source} do not fit this model ({detail}); they were saved "
+            "for a different configuration"
+        )
+    model.load_state_dict(state)

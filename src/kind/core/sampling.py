@@ -1,0 +1,98 @@
+"""Generating images from a model, on one process or spread over the ranks of a torchrun job.
+
+Each sample draws its noise from its own generator seeded by (seed, index), so the same seed gives
+the same samples whatever the batch size, the number of ranks, or which other classes are drawn
+alongside; that is also what lets an assembled model reproduce the full model's samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from tqdm.auto import tqdm
+
+from kind.core.diffusion import Diffusion, DiffusionConfig
+from kind.core.images import to_uint8
+
+
+def sample_seed(seed: int, index: int) -> int:
+    return seed * 1_000_003 + index
+
+
+@torch.no_grad()
+def generate(
+    model,
+    diffusion: DiffusionConfig | Diffusion,
+    labels: list[int],
+    *,
+    seed: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    cfg_scale: float = 1.5,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    first_index: int = 0,
+    progress: bool = False,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Images uint8 [N, C, H, W] for class ids `labels` (indices into model.config.class_names).
+
+    `first_index` offsets the per-sample seeds, for sampling a slice of a larger set (ranks).
+    `decode` maps a latent model's samples to uint8 images (see `kind.data.latents.decoder`)."""
+    diff = diffusion if isinstance(diffusion, Diffusion) else Diffusion(diffusion)
+    cfg, device = model.config, torch.device(device)
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    was_training = model.training
+    model.eval()
+    out = []
+    bar = tqdm(
+        total=len(labels) * steps, desc="sampling", unit="step", disable=not progress, leave=False
+    )
+    for start in range(0, len(labels), batch_size):
+        chunk = labels[start : start + batch_size]
+        gens = [
+            torch.Generator(device).manual_seed(sample_seed(seed, first_index + start + i))
+            for i in range(len(chunk))
+        ]
+        y = torch.tensor(chunk, dtype=torch.long, device=device)
+        x = diff.sample(
+            model,
+            y,
+            shape,
+            null_id=model.null_id,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            generators=gens,
+            learn_sigma=cfg.learn_sigma,
+            progress=partial(_counted, bar=bar, n=len(chunk)),
+        )
+        out.append(decode(x) if decode else to_uint8(x).cpu())
+    bar.close()
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> torch.Tensor | None:
+    """`generate` spread over the ranks of a torchrun job (`info`: kind.training.distributed.DistInfo):
+    each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
+    None). Per-sample seeds make the result the same as one process drawing everything."""
+    per = -(-len(labels) // info.world)
+    start = info.rank * per
+    mine = generate(model, diffusion, labels[start : start + per], first_index=start,
+                    device=info.device, **kwargs)  # fmt: skip
+    if info.world == 1:
+        return mine
+    import torch.distributed as dist
+
+    shares = [None] * info.world if info.is_main else None
+    dist.gather_object(mine, shares, dst=0)
+    return torch.cat(shares) if info.is_main else None
+
+
+def _counted(timesteps, bar, n):
+    for t in timesteps:
+        yield t
+        bar.update(n)

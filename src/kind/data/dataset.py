@@ -1,0 +1,94 @@
+"""One way to open training data: `open_dataset(spec)` for a bundled set, an image folder or a latent
+store alike, and `class_names(spec)` that only reads names.
+
+Every consumer (pre-training, transfer, budget matching, the demo) goes through here, so a latent
+store works wherever a data spec does. The training loop reads images only through `len`,
+`shape` and `get(idx, flip)`: `InMemoryImages` holds a small set as one tensor, a memory-mapped
+`LatentStore` streams a large one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kind.core.images import to_model_range
+from kind.data.images import DataError, dataset_classes, load_images, parse_spec
+from kind.data.latents import META_FILE, LatentStore, is_store
+from kind.io import read_json
+
+
+class InMemoryImages:
+    """Training images held as one tensor in the model's range; a flip is the mirror image."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images  # float [N, C, H, W]
+        self.shape = tuple(images.shape)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def get(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.images[idx]  # [b, C, H, W]
+        return x if flip is None else torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+@dataclass
+class Dataset:
+    """Training data: `images` (len, shape, get), `labels` int64 [N] into `class_names`, and for a
+    latent store `latent` (the VAE that decodes samples, the pixel size, the store path)."""
+
+    images: InMemoryImages | LatentStore
+    labels: torch.Tensor
+    class_names: list[str]
+    latent: dict | None = None
+
+    @classmethod
+    def from_tensors(
+        cls, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]
+    ) -> Dataset:
+        """A dataset from float images [N, C, H, W] in [-1, 1] (tests, callers with their own data)."""
+        return cls(InMemoryImages(images), labels, list(class_names))
+
+
+def open_dataset(
+    spec: str,
+    split: str = "train",
+    image_size: int | None = None,
+    channels: int | None = None,
+    vae: str | None = None,
+) -> Dataset:
+    """The `split` of a data spec (bundled set, image folder, `@file` lists) as images in [-1, 1],
+    or a latent store as it was encoded. `image_size`/`channels` are what the model expects (None:
+    the data's own); a store cannot be resized, so a mismatch is an error. `vae` overrides the VAE
+    a store records (the VAE moved to another machine)."""
+    if is_store(spec):
+        store = LatentStore(spec)
+        if store.meta.get("split", split) != split:
+            raise DataError(
+                f"latent store {spec} holds the {store.meta['split']} split, not {split}; "
+                f"encode the {split} split with `kind-dit encode --split {split}`"
+            )
+        if image_size not in (None, store.shape[-1]) or channels not in (None, store.shape[1]):
+            raise DataError(
+                f"latent store {spec} holds {store.shape[1:]} latents; the model "
+                f"expects {channels}x{image_size}x{image_size}"
+            )
+        latent = {
+            "vae": vae or store.meta["vae"],
+            "image_size": store.meta["image_size"],
+            "store": str(store.path),
+        }
+        return Dataset(store, store.labels, store.class_names, latent)
+    data = load_images(spec, split, image_size=image_size, channels=channels)
+    return Dataset(InMemoryImages(to_model_range(data.images)), data.labels, data.class_names)
+
+
+def class_names(spec: str) -> list[str]:
+    """The class names a data spec or latent store holds, in label order, without reading images."""
+    if is_store(spec):
+        return [str(c) for c in read_json(Path(spec).expanduser() / META_FILE)["class_names"]]
+    dataset, chosen = parse_spec(spec)
+    return chosen if chosen is not None else dataset_classes(dataset)

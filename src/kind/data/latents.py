@@ -1,0 +1,404 @@
+"""The latent-diffusion data path: SD-VAE latents of a data spec, cached once in a memory-mapped
+store, so a DiT trains on [C, h, w] latents (4x32x32 for 256x256 ImageNet) instead of pixels.
+
+Why a cache: the VAE encoder costs far more than a DiT-B/2 step's share of it, and the same
+image is drawn hundreds of times in a run. Encoding once, streaming (never all images in memory:
+ImageNet has 1.28M), into one ``.npy`` that training opens with ``mmap_mode="r"`` keeps RAM flat
+and lets every rank read the same file.
+
+A store is a directory::
+
+    latents.npy   float16 [N, 2, C, h, w]; [:, 0] the image, [:, 1] its horizontal mirror
+    labels.npy    int64 [N], index into class_names
+    meta.json     format "kind-latents/1", class names, spec, split, sizes, VAE, scaling factor
+
+Choices, each with its reason:
+
+- **Posterior mean, not a sample.** DiT's ``extract_features`` stores ``latent_dist.sample()``,
+  but a cache freezes that one draw for every epoch, so it adds no augmentation; it only adds
+  noise of the SD-VAE's posterior std (small next to the latents) to the training targets and
+  makes a store depend on a seed. The mean is deterministic: the same images give the same store.
+- **Flips encoded, not flipped in latent space.** The VAE's convolutions are not mirror-symmetric,
+  so the mirror of a latent is not the latent of the mirrored image; the store keeps the true
+  encoding of both (twice the disk, no extra cost per step).
+- **float16 on disk.** Scaled latents have unit-order std, far inside float16's range, and its
+  ~1e-3 relative step is below the VAE's own reconstruction error; it halves the store (ImageNet
+  256: 1.28M x 2 x 4x32x32 x 2 B = 21 GB). ``get`` returns float32.
+- **Latents are scaled** as latent diffusion does: z = (mean - shift) * scaling_factor, with the
+  factor (0.18215 for SD VAEs) read from the VAE config, so the diffusion sees unit-order data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kind.core.device import pick_device
+from kind.core.images import to_uint8
+from kind.data.images import DataError, ImageItem, list_images, parse_spec, read_image
+from kind.io import atomic_dir, atomic_write_text
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+
+log = logging.getLogger(__name__)
+
+FORMAT = "kind-latents/1"
+DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x/2.x VAEs (sd-vae-ft-ema, sd-vae-ft-mse)
+LATENTS_FILE, LABELS_FILE, META_FILE = "latents.npy", "labels.npy", "meta.json"
+STORE_DTYPE = np.float16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+GET_VAE = (
+    "download stabilityai/sd-vae-ft-ema on a machine with network "
+    "(`hf download stabilityai/sd-vae-ft-ema --local-dir PATH`, or with an older huggingface_hub "
+    "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir PATH`), copy PATH here "
+    "and pass --vae PATH"
+)
+
+
+class LatentError(DataError):
+    """A VAE directory or latent store that cannot be used; the message says what to do."""
+
+
+# ---------------------------------------------------------------- the VAE
+
+
+def load_vae(path: str | Path | None, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
+    """An SD-style ``AutoencoderKL`` (eval mode, no grad) from a local directory, never the network.
+
+    ``path`` holds ``config.json`` + ``diffusion_pytorch_model.safetensors`` (the layout of the
+    stabilityai/sd-vae-ft-* repositories); a full Stable Diffusion directory works too (its
+    ``vae/`` sub-folder is used). Only safetensors weights load, so loading never unpickles.
+    ``dtype`` is applied while loading (diffusers warns when a loaded VAE is cast afterwards).
+    """
+    if path is None or not str(path).strip():
+        raise LatentError(f"no VAE directory given; {GET_VAE}.")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise LatentError(f"VAE directory {root} does not exist; {GET_VAE}.")
+    if not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
+        root = root / "vae"  # a whole Stable Diffusion pipeline directory
+    config = root / "config.json"
+    if not config.is_file():
+        raise LatentError(f"{root} is not a VAE directory (no config.json); {GET_VAE}.")
+    try:
+        class_name = json.loads(config.read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise LatentError(f"{config} is not a readable JSON config ({err}); {GET_VAE}.") from err
+    if class_name != "AutoencoderKL":
+        raise LatentError(
+            f"{root} holds a {class_name or 'non-diffusers'} model, not an AutoencoderKL VAE; "
+            f"{GET_VAE}."
+        )
+    if not (root / "diffusion_pytorch_model.safetensors").is_file():
+        raise LatentError(
+            f"{root} has no diffusion_pytorch_model.safetensors (only safetensors weights are "
+            f"loaded); {GET_VAE}."
+        )
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            root, local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise LatentError(f"cannot load the VAE in {root} ({err}); {GET_VAE}.") from err
+    log.info("loaded VAE %s (scaling factor %g)", root, scaling_factor(vae))
+    return vae.eval().requires_grad_(False)
+
+
+def scaling_factor(vae: AutoencoderKL) -> float:
+    """The VAE config's ``scaling_factor``, 0.18215 (SD 1.x/2.x) where the config has none."""
+    value = getattr(vae.config, "scaling_factor", None)
+    return float(value) if value is not None else DEFAULT_SCALING_FACTOR
+
+
+def _shift_factor(vae: AutoencoderKL) -> float:
+    """The config's ``shift_factor`` (SD3/FLUX VAEs), 0 for SD 1.x/2.x VAEs, which have none."""
+    value = getattr(vae.config, "shift_factor", None)
+    return float(value) if value is not None else 0.0
+
+
+def downsampling(vae: AutoencoderKL) -> int:
+    """Pixels per latent cell along a side: 2 per down block after the first (8 for SD VAEs)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _vae_place(vae: AutoencoderKL) -> tuple[torch.device, torch.dtype]:
+    p = next(vae.parameters())
+    return p.device, p.dtype
+
+
+@torch.no_grad()
+def encode(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] -> scaled posterior means, float32 [B, C, H/f, W/f] on the CPU."""
+    device, dtype = _vae_place(vae)
+    x = (images.to(device, torch.float32) / 127.5 - 1.0).to(dtype)  # uint8 -> [-1, 1]
+    mean = vae.encode(x).latent_dist.mean  # [B, C, h, w]
+    return ((mean.float() - _shift_factor(vae)) * scaling_factor(vae)).cpu()
+
+
+@torch.no_grad()
+def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Scaled latents float [B, C, h, w] -> uint8 images [B, 3, H, W] on the CPU, in batches so a
+    large sample set fits the decoder's memory."""
+    device, dtype = _vae_place(vae)
+    scale, shift = scaling_factor(vae), _shift_factor(vae)
+    out = []
+    for start in range(0, len(latents), batch_size):
+        z = latents[start : start + batch_size].to(device, torch.float32) / scale + shift
+        x = vae.decode(z.to(dtype)).sample  # [b, C, h, w] -> [b, 3, H, W] in about [-1, 1]
+        out.append(to_uint8(x).cpu())
+    if not out:
+        f = downsampling(vae)
+        return torch.empty(0, 3, latents.shape[-2] * f, latents.shape[-1] * f, dtype=torch.uint8)
+    return torch.cat(out)
+
+
+def decoder(latent: dict, vae_path: str | Path | None = None, device: str | torch.device = "cpu"):
+    """A function latents -> uint8 images for a model trained on a store; `latent` is the entry a
+    run records (its "vae" path), `vae_path` overrides it (the VAE moved to another machine)."""
+    vae = load_vae(vae_path or latent.get("vae")).to(device)
+    return lambda z: decode(vae, z)
+
+
+# ---------------------------------------------------------------- encoding a data spec
+
+
+def _read_batches(
+    items: Sequence[ImageItem], batch_size: int, image_size: int, workers: int
+) -> Iterator[np.ndarray]:
+    """uint8 batches [b, H, W, 3] of ``items`` in order; reads the next batch in threads (Pillow
+    decodes outside the GIL) while the caller encodes this one, and never holds more than two."""
+    if workers <= 0:
+        for start in range(0, len(items), batch_size):
+            yield np.stack(
+                [read_image(it, image_size, 3) for it in items[start : start + batch_size]]
+            )
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        pending: list[Future] | None = None
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            submitted = [pool.submit(read_image, it, image_size, 3) for it in chunk]
+            if pending is not None:
+                yield np.stack([f.result() for f in pending])
+            pending = submitted
+        if pending is not None:
+            yield np.stack([f.result() for f in pending])
+
+
+def _encode_into(
+    latents: np.ndarray,
+    vae: AutoencoderKL,
+    items: Sequence[ImageItem],
+    image_size: int,
+    batch_size: int,
+    workers: int,
+    desc: str,
+) -> None:
+    """Fill ``latents`` (float16 [N, 2, C, h, w], memory-mapped) with the encodings of ``items``
+    and of their mirrors, batch by batch, so only a batch of images is ever in memory."""
+    start = 0
+    with tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True) as bar:
+        for batch in _read_batches(items, batch_size, image_size, workers):
+            x = torch.from_numpy(batch).permute(0, 3, 1, 2)  # [b, H, W, 3] -> [b, 3, H, W]
+            both = torch.cat([x, x.flip(-1)])  # [2b, 3, H, W]: originals, then mirrors
+            z = encode(vae, both).unflatten(0, (2, len(x))).transpose(0, 1)  # [b, 2, C, h, w]
+            z16 = z.to(torch.float16)
+            if not torch.isfinite(z16).all():
+                raise LatentError(
+                    f"latents of images {start}..{start + len(x) - 1} ({items[start]} ...) are "
+                    "not finite in float16; the VAE diverged (try dtype fp32) or the images are "
+                    "unusual."
+                )
+            latents[start : start + len(x)] = z16.numpy()
+            start += len(x)
+            bar.update(len(x))
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LatentError(
+            f"{out} already exists and is not an empty directory; choose another output "
+            "directory or remove it (nothing was overwritten)."
+        )
+
+
+def encode_to_store(
+    spec: str,
+    out: str | Path,
+    vae_path: str | Path,
+    image_size: int,
+    split: str = "train",
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "auto",
+    dtype: torch.dtype | str = torch.float32,
+    workers: int = 4,
+    limit_per_class: int | None = None,
+) -> Path:
+    """Encode the ``split`` of a data spec with the VAE at ``vae_path`` into a new store ``out``.
+
+    Images are read, centre-cropped and resized (bicubic) to ``image_size`` as RGB exactly as
+    ``kind.data.images`` makes them, ``batch_size`` at a time, and each is encoded twice (as is and
+    mirrored). ``device`` is "auto" (CUDA when present), "cpu", "cuda:N" or a torch device;
+    ``dtype`` is the VAE's compute dtype ("fp32", "bf16", "fp16" or a torch dtype);
+    ``workers`` threads read images. The store is built in a temporary directory beside ``out``
+    and renamed into place at the end, so ``out`` is either complete or absent; an existing
+    non-empty ``out`` is refused. ``limit_per_class`` keeps the first images of each class.
+    Returns ``out``.
+    """
+    out = Path(out).expanduser().absolute()
+    _check_out(out)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if compute not in DTYPES.values():
+        raise LatentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    items, labels, class_names = list_images(spec, split, limit_per_class)
+    dataset, _ = parse_spec(spec)
+    device = pick_device(device) if isinstance(device, str) else device
+    vae = load_vae(vae_path, compute).to(device)
+    f = downsampling(vae)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % f:
+        raise LatentError(
+            f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
+            f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
+        )
+    latent_shape = (int(vae.config.latent_channels), image_size // f, image_size // f)
+    n = len(items)
+
+    with atomic_dir(out) as tmp:
+        latents = np.lib.format.open_memmap(
+            tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE, shape=(n, 2, *latent_shape)
+        )
+        _encode_into(latents, vae, items, image_size, batch_size, workers, f"encode {out.name}")
+        latents.flush()
+        del latents  # close the memory map before the directory is renamed
+        np.save(tmp / LABELS_FILE, labels.numpy().astype(np.int64))
+        meta = {
+            "format": FORMAT,
+            "count": n,
+            "class_names": class_names,
+            "class_counts": torch.bincount(labels, minlength=len(class_names)).tolist(),
+            "spec": spec.strip(),
+            "dataset": dataset,
+            "split": split,
+            "limit_per_class": limit_per_class,
+            "image_size": image_size,
+            "latent_shape": list(latent_shape),
+            "dtype": np.dtype(STORE_DTYPE).name,
+            "flips": "latents[:, 1] encodes the horizontally mirrored image",
+            "posterior": "mean",
+            "vae": str(Path(vae_path).expanduser().resolve()),
+            "scaling_factor": scaling_factor(vae),
+            "shift_factor": _shift_factor(vae),
+            "downsampling": f,
+        }
+        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+        _check_out(out)  # someone may have filled `out` while we encoded
+    log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, latent_shape)
+    return out
+
+
+# ---------------------------------------------------------------- reading a store
+
+
+def is_store(path: str | Path) -> bool:
+    """Whether ``path`` is a latent store directory (its meta.json carries this format's tag), so a
+    data spec can name a store or an image folder alike."""
+    meta = Path(path).expanduser() / META_FILE
+    try:
+        return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
+class LatentStore:
+    """A latent store opened read-only and memory-mapped, with the training loop's data interface
+    (``len``, ``shape``, ``get``; see ``kind.train.InMemoryImages``): ``get`` reads only the
+    rows a batch needs, so a 21 GB ImageNet store costs no RAM beyond the page cache."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        if not (self.path / META_FILE).is_file():
+            raise LatentError(
+                f"{self.path} is not a latent store (no {META_FILE}); make one with "
+                "kind.data.latents.encode_to_store (`kind-dit encode`)."
+            )
+        try:
+            meta = json.loads((self.path / META_FILE).read_text())
+        except json.JSONDecodeError as err:
+            raise LatentError(f"{self.path / META_FILE} is not valid JSON ({err}).") from err
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise LatentError(
+                f"{self.path / META_FILE} has format {found!r}, not {FORMAT!r}; re-encode "
+                "the data with this version of kind."
+            )
+        missing = [k for k in ("count", "class_names", "latent_shape") if k not in meta]
+        if missing:
+            raise LatentError(f"{self.path / META_FILE} lacks {missing}; the store is damaged.")
+        self.meta: dict = meta
+        self.class_names: list[str] = [str(c) for c in meta["class_names"]]
+        self._latents = self._load(LATENTS_FILE, mmap=True)  # [N, 2, C, h, w]
+        labels = self._load(LABELS_FILE, mmap=False)  # [N]
+        n, shape = int(meta["count"]), tuple(int(s) for s in meta["latent_shape"])
+        if self._latents.shape != (n, 2, *shape) or self._latents.dtype.kind != "f":
+            raise LatentError(
+                f"{self.path / LATENTS_FILE} holds {self._latents.dtype} "
+                f"{self._latents.shape}, but {META_FILE} says float {(n, 2, *shape)}; the "
+                "store is damaged or incomplete: re-encode it."
+            )
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            raise LatentError(
+                f"{self.path / LABELS_FILE} holds {labels.dtype} {labels.shape}, expected int64 "
+                f"({n},); the store is damaged: re-encode it."
+            )
+        if n and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise LatentError(
+                f"{self.path / LABELS_FILE} has labels outside 0..{len(self.class_names) - 1}; "
+                "the store is damaged: re-encode it."
+            )
+        self.labels = torch.from_numpy(labels.astype(np.int64))  # int64 [N]
+        self.shape: tuple[int, int, int, int] = (n, *shape)  # (N, C, h, w)
+
+    def _load(self, name: str, mmap: bool) -> np.ndarray:
+        try:
+            return np.load(self.path / name, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise LatentError(
+                f"cannot read {self.path / name} ({err}); the store is damaged or incomplete: "
+                "re-encode it."
+            ) from err
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (
+            f"LatentStore({str(self.path)!r}, shape={self.shape}, classes={len(self.class_names)})"
+        )
+
+    def get(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [b, C, h, w] latents of rows ``idx`` (int64 [b]); where ``flip`` (bool [b]) is
+        True, the encoding of the mirrored image."""
+        rows = torch.as_tensor(idx, dtype=torch.int64).cpu().numpy()  # [b]
+        copy = (
+            np.zeros(len(rows), dtype=np.int64)
+            if flip is None
+            else torch.as_tensor(flip, dtype=torch.bool).cpu().numpy().astype(np.int64)
+        )  # [b]: 0 the image, 1 its mirror
+        order = np.argsort(rows, kind="stable")  # ascending rows read the file forwards
+        picked = np.empty((len(rows), *self.shape[1:]), dtype=self._latents.dtype)
+        picked[order] = self._latents[rows[order], copy[order]]  # [b, C, h, w]
+        return torch.from_numpy(picked).float()

@@ -1,0 +1,104 @@
+"""What each experiment job returns, typed: the contract between the jobs, the report and the
+ablations. Each result is written as `results/<job>.json` when its job finishes and read back by
+later invocations (a resumed demo, `--report-only`, the ablations)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class EvalSummary:
+    """One evaluation of a sample set against the task's test split."""
+
+    fid: float
+    precision: float
+    recall: float
+    class_accuracy: float | None
+    per_class_accuracy: dict[str, float] | None
+    num_samples: int
+    feature_net: str
+
+
+@dataclass
+class CurvePoint:
+    """FID of one kept checkpoint's EMA weights, for FID-against-steps curves."""
+
+    step: int
+    fid: float
+    class_accuracy: float | None
+
+
+@dataclass
+class RunResult:
+    """A pre-training or transfer run, evaluated. `task`, `seed`, `budget` and `detail` are set
+    for transfers; `rank_tailor` for a KIND transfer at another tailor rank than the source's."""
+
+    run: str
+    method: str
+    train_seconds: float
+    steps: int
+    trainable: int
+    deployed: int
+    eval: EvalSummary
+    curve: list[CurvePoint]
+    curve_seconds: float
+    grid: str
+    task: str | None = None
+    seed: int | None = None
+    budget: int | None = None
+    detail: str = ""
+    rank_tailor: float | None = None
+    job_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunResult:
+        return cls(**(d | {"eval": EvalSummary(**d["eval"]),
+                           "curve": [CurvePoint(**p) for p in d["curve"]]}))  # fmt: skip
+
+
+@dataclass
+class DeployVariant:
+    """A model assembled (or merged) from the parts, compared with the full model."""
+
+    variant: str
+    classes: list[str]
+    params: int
+    bytes: int
+    max_rel_diff: float
+    same_samples: bool
+
+
+@dataclass
+class SizeRow:
+    part: str
+    params: int
+    bytes: int | None
+
+
+@dataclass
+class DeployResult:
+    """Decomposition of the pre-trained KIND model, its assembled variants and part sizes."""
+
+    parts: str
+    variants: list[DeployVariant]
+    size_table: list[SizeRow]
+    orthogonality_error: float
+    job_seconds: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DeployResult:
+        return cls(**(d | {"variants": [DeployVariant(**v) for v in d["variants"]],
+                           "size_table": [SizeRow(**r) for r in d["size_table"]]}))  # fmt: skip
+
+
+Result = RunResult | DeployResult
+
+
+def to_dict(result: Result) -> dict:
+    return asdict(result)
+
+
+def from_dict(d: dict) -> Result:
+    """A result read back from its JSON: a deploy result has variants, every other a run."""
+    return DeployResult.from_dict(d) if "variants" in d else RunResult.from_dict(d)

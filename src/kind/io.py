@@ -1,0 +1,120 @@
+"""Files on disk, written safely: the one home of atomic writes, JSON, tensors and checksums.
+
+Tensors go to safetensors and everything else to JSON, so loading never unpickles. Every write lands
+in a temporary file or directory beside its target first and is renamed into place: a crash leaves
+the previous file whole. This module imports nothing from kind, so every layer may use it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask, read once on first use (os.umask can only be read by setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: str | Path, final: Path, directory: bool = False) -> None:
+    """Give a temporary file or directory the usual permissions, then rename it into place."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[str]:
+    """Yield a temporary file name beside `path` (same suffix); on success rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        _publish(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json(path: Path, data: object) -> None:
+    """`data` as indented JSON, atomically; NaN and infinity are refused (JSON has neither)."""
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+    with atomic_file(path) as tmp:
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+            tmp,
+            metadata={k: str(v) for k, v in (meta or {}).items()},
+        )
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if final.exists():  # re-saving the same step: move the old one aside, then drop it
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            _publish(tmp, final, directory=True)
+            shutil.rmtree(old)
+        else:
+            _publish(tmp, final, directory=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for truncated headers etc.
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({e}); the file is damaged or truncated"
+        ) from e
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,50 @@
+"""Model directories: `model.json` (architecture, diffusion and sampling settings) beside
+`model.safetensors` (the weights), written atomically as one directory.
+
+This is what a run exports, what `assemble` writes and what `sample` reads; a merged directory
+(`"merged"` in model.json) holds one class folded into dense weights plus its null network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kind.core.decomposition import MergedDiT
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT, ModelConfig, load_state
+from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, read_json, read_tensors
+
+MODEL_JSON, MODEL_WEIGHTS = "model.json", "model.safetensors"
+
+
+def is_model_dir(path: Path) -> bool:
+    return (Path(path) / MODEL_JSON).is_file()
+
+
+def save_model_dir(
+    path: Path,
+    model: DiT | MergedDiT,
+    diffusion: DiffusionConfig,
+    extra: dict | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write `model.json` (architecture + diffusion config + `extra`) and `model.safetensors`
+    (`state`, default the model's own) as one directory, atomically."""
+    with atomic_dir(Path(path)) as tmp:
+        meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
+        atomic_write_text(tmp / MODEL_JSON, json.dumps(meta, indent=2))
+        atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())
+
+
+def load_model_dir(path: Path) -> tuple[DiT | MergedDiT, DiffusionConfig, dict]:
+    """(model in eval mode, diffusion config, model.json's content) of a model directory."""
+    path = Path(path)
+    meta = read_json(path / MODEL_JSON)
+    config = ModelConfig.from_dict(meta["model"])
+    merged = meta.get("merged") not in (None, "null")  # one class folded in, plus its null model
+    model = MergedDiT(config) if merged else DiT(config)
+    load_state(model, read_tensors(path / MODEL_WEIGHTS), path / MODEL_WEIGHTS)
+    return model.eval(), DiffusionConfig(**meta["diffusion"]), meta

@@ -1,0 +1,201 @@
+"""Learngenes and tailors as parts on disk: decompose a KIND model into files, load and assemble
+models from them.
+
+A *parts directory* holds one safetensors file with the learngenes (every gated layer's learngene
+factors, every class-agnostic parameter, the null label row), one small safetensors file per tailor
+group (its factors in every layer plus its classes' label rows), and `manifest.json` (model and
+diffusion config, class names and ids, τ, and per file its parameter count, bytes and sha256).
+Loading checks every file it reads against the manifest, so a missing, truncated or swapped file is
+an error, never a silently different model.
+
+From parts: `load_parts` builds the model that holds the learngenes plus the tailors of the classes
+a deployment needs (for those classes exactly the full model's outputs, docs/KIND.md invariant 3);
+`assemble` writes it, or one class merged into a dense DiT (`kind.core.decomposition.merge`), as a
+model directory; `load_learngene` is where a transfer starts (`kind.transfer.kind`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kind.core.decomposition import PartsError, group_of, merge, resolve_classes, split_state
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT, ModelConfig, load_state
+from kind.io import (
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_text,
+    read_json,
+    read_tensors,
+    sha256_file,
+)
+from kind.store.modeldir import save_model_dir
+
+FORMAT = "kind-parts/1"
+MANIFEST, LEARNGENE_FILE = "manifest.json", "learngene.safetensors"
+
+
+def tailor_file(group: int) -> str:
+    return f"tailor_{group:04d}.safetensors"
+
+
+def count_tensors(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def decompose(
+    model: DiT, diffusion: DiffusionConfig, out: str | Path, extra: dict | None = None
+) -> Path:
+    """Write `model`'s learngenes and tailors as a parts directory `out` (which must not exist)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PartsError(f"{out} already exists and is not empty; choose another output directory")
+    learngene, tailors = split_state(model)
+    cfg = model.config
+    with atomic_dir(out) as tmp:
+        files = {}
+        for key, name, tensors in [("learngene", LEARNGENE_FILE, learngene)] + [
+            (str(g), tailor_file(g), t) for g, t in tailors.items()
+        ]:
+            atomic_save_tensors(tmp / name, tensors, {"part": key})
+            files[key] = {
+                "file": name,
+                "params": count_tensors(tensors),
+                "bytes": (tmp / name).stat().st_size,
+                "sha256": sha256_file(tmp / name),
+            }
+        manifest = {
+            "format": FORMAT,
+            "model": replace(cfg, groups=None).to_dict(),
+            "diffusion": vars(diffusion),
+            "classes": [
+                {"id": c, "name": cfg.class_names[c], "group": cfg.tau[c]} for c in cfg.held_classes
+            ],
+            "learngene": files.pop("learngene"),
+            "tailors": {
+                g: dict(f, classes=[c for c in cfg.held_classes if cfg.tau[c] == int(g)])
+                for g, f in files.items()
+            },
+            **(extra or {}),
+        }
+        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+    return out
+
+
+def is_parts_dir(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(parts: str | Path) -> dict:
+    parts = Path(parts)
+    if not (parts / MANIFEST).is_file():
+        raise PartsError(
+            f"{parts} is not a parts directory (no {MANIFEST}); make one with "
+            "`kind-dit decompose RUN --out PARTS`"
+        )
+    manifest = read_json(parts / MANIFEST)
+    if manifest.get("format") != FORMAT:
+        raise PartsError(
+            f"{parts / MANIFEST} has format {manifest.get('format')!r}; this version "
+            f"of kind-dit reads {FORMAT}"
+        )
+    return manifest
+
+
+def read_part(parts: Path, entry: dict, key: str) -> dict[str, torch.Tensor]:
+    """One part file, verified against its manifest entry (size, then sha256, then its label)."""
+    path = parts / entry["file"]
+    if not path.is_file():
+        raise PartsError(
+            f"part file {path} is missing; copy the whole parts directory again or "
+            "re-run `kind-dit decompose`"
+        )
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise PartsError(
+            f"part file {path} has {size} bytes, the manifest says {entry['bytes']}: "
+            "it is truncated or was replaced; copy it again from the original parts"
+        )
+    if sha256_file(path) != entry["sha256"]:
+        raise PartsError(
+            f"part file {path} does not match the manifest's sha256: it was modified "
+            "or swapped with another file; copy it again from the original parts"
+        )
+    with safe_open(str(path), "pt") as f:
+        label = (f.metadata() or {}).get("part")
+    if label != key:
+        raise PartsError(f"part file {path} holds part {label!r}, the manifest expects {key!r}")
+    return read_tensors(path)
+
+
+def load_parts(
+    parts: str | Path, classes: list[str] | None = None
+) -> tuple[DiT, DiffusionConfig, dict]:
+    """Assemble the model holding the learngenes plus the tailors of `classes` (names; None: all)."""
+    parts = Path(parts)
+    manifest = read_manifest(parts)
+    full = ModelConfig.from_dict(manifest["model"])
+    ids = resolve_classes(full, classes)
+    groups = sorted({full.tau[c] for c in ids})
+    model = DiT(replace(full, groups=groups))
+    state = read_part(parts, manifest["learngene"], "learngene")
+    for g in groups:
+        state |= read_part(parts, manifest["tailors"][str(g)], str(g))
+    load_state(model, state, parts)
+    return model.eval(), DiffusionConfig(**manifest["diffusion"]), manifest
+
+
+def load_learngene(model: DiT, parts: str | Path) -> dict[str, torch.Tensor]:
+    """Copy the learngene of a parts directory into `model` (shapes must match); returns it."""
+    parts = Path(parts)
+    learngene = read_part(parts, read_manifest(parts)["learngene"], "learngene")
+    own = model.state_dict()
+    for name, tensor in learngene.items():
+        if name not in own:
+            raise PartsError(
+                f"learngene tensor {name!r} has no place in this model: the parts come "
+                "from a different architecture"
+            )
+        if own[name].shape != tensor.shape:
+            raise PartsError(
+                f"learngene tensor {name!r} has shape {tuple(tensor.shape)}, this "
+                f"model expects {tuple(own[name].shape)}: the parts come from a model "
+                "of another size or learngene rank"
+            )
+    missing = [n for n in own if group_of(n, model.config) is None and n not in learngene]
+    if missing:
+        raise PartsError(
+            f"the learngene in {parts} lacks {missing[:5]}: it comes from a different architecture"
+        )
+    model.load_state_dict(learngene, strict=False)
+    return learngene
+
+
+def assemble(
+    parts: str | Path,
+    classes: list[str] | None,
+    out: str | Path,
+    merge_class: str | None = None,
+    merge_null: bool = False,
+) -> Path:
+    """Write a model directory holding the learngenes plus the tailors of `classes`; with
+    `merge_class` (or `merge_null`) a dense model with that class (or nothing) folded in."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise PartsError(f"{out} already exists and is not empty; choose another output directory")
+    needed = [merge_class] if merge_class is not None else classes
+    model, diffusion, manifest = load_parts(parts, [] if merge_null else needed)
+    extra = {"source": str(Path(parts).resolve())}
+    extra |= {k: manifest[k] for k in ("sample", "latent") if k in manifest}
+    if merge_class is not None or merge_null:
+        merged = merge(model, None if merge_null else merge_class)
+        extra["merged"] = "null" if merge_null else merge_class
+        save_model_dir(out, merged, diffusion, extra)
+    else:
+        save_model_dir(out, model, diffusion, extra)
+    return out

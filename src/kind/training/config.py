@@ -1,0 +1,170 @@
+"""Run configuration: nested dataclasses, read from YAML/JSON, overridden by `--set key=value`.
+
+Every section rejects unknown keys with the list of known ones, so a typo never silently falls back
+to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import ModelConfig
+from kind.io import atomic_write_text
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 128  # global batch: all ranks and all micro-batches of one optimiser step
+    micro_batch_size: int | None = None  # per rank and forward; None = batch_size / world size
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    ema_decay: float = 0.999  # the decay ramps up as min(ema_decay, (1 + n) / (10 + n))
+    class_dropout: float = 0.1  # label -> null class, for classifier-free guidance
+    orth_weight: float = 0.0  # weight of the orthogonality penalty (KIND models)
+    hflip: bool = False  # random horizontal flips (never for digits)
+    seed: int = 0
+    log_every: int = 25
+    sample_every: int = 1000  # sample grid with EMA weights; 0 = only at the end
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int | None = None  # torch CPU threads; None = torch's default
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 with a gradient scaler)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard extra)
+
+
+@dataclass
+class SampleConfig:
+    """Sampling defaults: the periodic grids during training and `kind-dit sample`."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    cfg_scale: float = 1.5
+    per_class: int = 8
+
+
+@dataclass
+class Config:
+    data: str = "mnist:0-5"
+    group_file: str | None = None  # YAML/JSON {class name: group}; None = one group per class
+    vae: str | None = None  # VAE directory for latent data; None = the one the latent store records
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _apply(obj: Any, updates: dict, where: str = "") -> None:
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in updates.items():
+        if key not in names:
+            raise ValueError(
+                f"unknown config key {where + key!r}; known keys in "
+                f"{where.rstrip('.') or 'the top level'}: {', '.join(sorted(names))}"
+            )
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where + key!r} is a section; give a mapping")
+            _apply(current, value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, current, where + key))
+    if hasattr(obj, "__post_init__"):
+        obj.__post_init__()
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Check a value against the type of the field's current value (ints widen to floats)."""
+    if value is None or current is None or type(value) is type(current):
+        return value
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(current, float) and isinstance(value, str):  # YAML 1.1 reads 1e-4 as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"config key {key!r} expects a {type(current).__name__}, got {value!r}")
+
+
+def _scalar(raw: str) -> Any:
+    """A YAML scalar, with 3e-4 read as a number (YAML 1.1 wants 3.0e-4)."""
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['train.lr=3e-4', 'model.kind=false'] -> {'train': {'lr': 0.0003}, 'model': {'kind': False}}.
+    Values are parsed as YAML scalars/lists, so numbers, booleans, null and [a, b] work."""
+    out: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _scalar(raw)
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: dict | None = None, base: dict | None = None
+) -> Config:
+    """Defaults, then `base` (a saved config dict), then the file at `path`, then `overrides`."""
+    cfg = Config()
+    if base:
+        _apply(cfg, base)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+        _apply(cfg, loaded)
+    if overrides:
+        _apply(cfg, overrides)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2))
+
+
+def read_group_file(path: str, class_names: list[str]) -> list[int]:
+    """τ from a YAML/JSON mapping {class name: group name or id}; groups are numbered in order of
+    first appearance along class_names. Every class must be mapped."""
+    mapping = yaml.safe_load(Path(path).read_text())
+    if not isinstance(mapping, dict):
+        raise ValueError(f"group file {path} must map class names to groups")
+    mapping = {str(k): str(v) for k, v in mapping.items()}
+    missing = [c for c in class_names if c not in mapping]
+    if missing:
+        raise ValueError(
+            f"group file {path} does not map classes {missing[:10]}; every class of "
+            "the data needs a group"
+        )
+    order: dict[str, int] = {}
+    return [order.setdefault(mapping[c], len(order)) for c in class_names]

@@ -1,0 +1,55 @@
+"""Launcher detection for `torchrun`: one code path for one CPU, one GPU and N GPUs on M nodes.
+
+Under `torchrun` (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the process group is started
+with NCCL on GPUs and gloo on CPUs; otherwise this is a single process of world size 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kind.core.device import pick_device
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(preference: str = "auto") -> DistInfo:
+    """Start (or join) the process group when launched by torchrun; no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo(0, 1, 0, pick_device(preference))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(preference, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistInfo(rank, world, local_rank, device)
+
+
+def all_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of a tensor over ranks (for logging)."""
+    if info.world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= info.world
+    return value
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        dist.barrier()

@@ -1,0 +1,283 @@
+"""One training loop for KIND and dense DiTs, pre-training and transfer alike.
+
+Runs on one CPU, one GPU, or N ranks under torchrun (DistributedDataParallel). Each step draws one
+global batch (indices, timesteps, noise, label dropout) from seeded generators that every rank holds
+identically, and each rank takes its shard: N ranks with batch B reach what one process reaches with
+batch N·B, and a resumed run continues exactly where it stopped (`TrainState` holds model, EMA,
+optimiser, RNG and step, and saves and restores itself).
+
+Gate isolation of updates (docs/KIND.md invariant 2): gradients are cleared to None every step and an
+absent class's tailors never enter the graph, so AdamW (decay and momentum included) and the EMA skip
+them; under DDP a parameter unused on every rank keeps grad None too.
+
+`train` = `_setup` (validate, build, restore) + `train_step` in a loop + the hooks that log,
+checkpoint and draw sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kind.core.diffusion import Diffusion
+from kind.core.images import save_grid
+from kind.core.model import DiT
+from kind.core.sampling import generate
+from kind.data.dataset import Dataset, open_dataset
+from kind.data.latents import decoder
+from kind.io import atomic_write_text
+from kind.store.modeldir import save_model_dir
+from kind.store.runs import CONFIG_JSON, RUN_JSON, latest_checkpoint
+from kind.training import distributed
+from kind.training.config import Config, read_group_file, save_config
+from kind.training.log import CsvLog
+from kind.training.state import TrainState
+
+log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, bad batch configuration, existing run)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model: nn.Module  # with the EMA weights in place
+    steps: int  # the run's step count (earlier calls of a resumed run included)
+    seconds: float  # the run's training wall time, across resumes
+
+
+def build_model(cfg: Config, data: Dataset) -> DiT:
+    """A fresh model for `data`: the config's architecture with the data's classes, size and
+    channels (and τ from the group file)."""
+    images = data.images
+    tau = read_group_file(cfg.group_file, data.class_names) if cfg.group_file else None
+    mc = replace(cfg.model, class_names=list(data.class_names), image_size=images.shape[-1],
+                 in_channels=images.shape[1], class_to_group=tau)  # fmt: skip
+    return DiT(mc)
+
+
+@dataclass
+class _Run:
+    """What `_setup` builds for the loop."""
+
+    cfg: Config
+    out: Path
+    info: distributed.DistInfo
+    data: Dataset
+    diffusion: Diffusion
+    state: TrainState
+    net: nn.Module  # the model as called in the step (DDP-wrapped, compiled)
+    local: int  # samples per rank and step
+    micro: int  # samples per forward
+
+
+def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, meta: dict | None,
+           data: Dataset | None) -> _Run:  # fmt: skip
+    tc = cfg.train
+    info = distributed.setup(tc.device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    if resume and latest_checkpoint(out) is None:
+        raise TrainingError(f"--resume: no checkpoint in {out}/checkpoints to resume from")
+    if not resume and (out / CONFIG_JSON).exists():
+        raise TrainingError(
+            f"{out} already holds a run; pass --resume to continue it, or choose "
+            "another --out (nothing was overwritten)"
+        )
+    B, world = tc.batch_size, info.world
+    local = B // world
+    micro = tc.micro_batch_size or local
+    if B % world or local % micro:
+        raise TrainingError(
+            f"train.batch_size {B} must split evenly over {world} rank(s) and "
+            f"micro-batches of {micro}"
+        )
+    torch.manual_seed(tc.seed)
+    if data is None:
+        shape = (model.config.image_size, model.config.in_channels) if model else (None, None)
+        data = open_dataset(cfg.data, "train", *shape, vae=cfg.vae)
+    model = model if model is not None else build_model(cfg, data)
+    if list(model.config.class_names) != list(data.class_names):
+        raise TrainingError(
+            f"model classes {model.config.class_names} differ from the data's {data.class_names}"
+        )
+    cfg = replace(cfg, model=model.config)
+    model.to(info.device)
+    model.grad_checkpointing = tc.grad_checkpointing
+    state = TrainState.create(model, tc, info.device)
+    if resume:
+        state.restore(latest_checkpoint(out))
+        log.info("resumed %s at step %d", out, state.step)
+    elif info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / CONFIG_JSON)
+        run_meta = (meta or {}) | {"latent": data.latent}
+        atomic_write_text(out / RUN_JSON, json.dumps(run_meta, indent=2))
+    distributed.barrier(info)
+
+    net: nn.Module = model
+    if world > 1:
+        # find_unused_parameters: the tailors and label rows of absent classes are unused in a step
+        net = nn.parallel.DistributedDataParallel(
+            model,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
+    if tc.compile:
+        net = torch.compile(net)
+    return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, local, micro)
+
+
+def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimiser step on one global batch; returns (mean loss, gradient norm) as tensors, so
+    the step itself never waits for the device."""
+    cfg, state, info = run.cfg, run.state, run.info
+    tc, model, opt, gens, device = cfg.train, state.model, state.optimizer, state.gens, info.device
+    B, local, micro, world = tc.batch_size, run.local, run.micro, info.world
+    C, H, W = run.data.images.shape[1:]
+    # one global batch from the shared generators, then this rank's shard
+    shard = slice(info.rank * local, (info.rank + 1) * local)
+    idx = torch.randint(len(run.data.images), (B,), generator=gens["data"])[shard]
+    t = torch.randint(
+        run.diffusion.config.num_timesteps, (B,), generator=gens["noise"], device=device
+    )[shard]
+    noise = torch.randn((B, C, H, W), generator=gens["noise"], device=device)[shard]
+    drop = (torch.rand(B, generator=gens["noise"], device=device) < tc.class_dropout)[shard]
+    flip = (torch.rand(B, generator=gens["noise"], device=device) < 0.5)[shard]
+    x0 = run.data.images.get(idx, flip.cpu() if tc.hflip else None).to(device, non_blocking=True)
+    y = torch.where(drop, model.null_id, run.data.labels[idx].to(device))
+
+    for g in opt.param_groups:
+        g["lr"] = tc.lr * min(1.0, (state.step + 1) / max(tc.warmup_steps, 1))
+    amp_dtype = PRECISIONS[tc.precision]
+    loss_sum = torch.zeros((), device=device)
+    for m0 in range(0, local, micro):
+        sl = slice(m0, m0 + micro)
+        last = m0 + micro >= local
+        sync = nullcontext() if last or world == 1 else run.net.no_sync()
+        with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = run.diffusion.loss(run.net, x0[sl], y[sl], t[sl], noise[sl]).mean()
+            if tc.orth_weight and model.config.kind:
+                loss = loss + tc.orth_weight * model.orthogonality_penalty(y[sl])
+            scaled = loss * (micro / local)
+            state.scaler.scale(scaled).backward()
+        loss_sum += scaled.detach()
+    if not torch.isfinite(loss_sum):
+        raise TrainingError(
+            f"loss became {loss_sum.item()} at step {state.step + 1} (lr "
+            f"{opt.param_groups[0]['lr']:.3g}); lower train.lr, keep train.grad_clip on, or use "
+            f"precision fp32. The last checkpoint in {run.out}/checkpoints is intact; resume "
+            "from it with --resume"
+        )
+    scaler = state.scaler
+    scaler.unscale_(opt)
+    params = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(opt)
+    scaler.update()
+    if scale_before is None or scaler.get_scale() >= scale_before:  # fp16 step not skipped
+        state.ema.update()
+    opt.zero_grad(set_to_none=True)
+    state.step += 1
+    return loss_sum, grad_norm
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    *,
+    model: DiT | None = None,
+    resume: bool = False,
+    meta: dict | None = None,
+    data: Dataset | None = None,
+    export: Callable[[nn.Module], nn.Module] | None = None,
+) -> TrainResult:
+    """Train `model` (default: a fresh one for `cfg`) on `cfg.data`, writing the run to `out`.
+
+    Only parameters with requires_grad train (transfer freezes the learngenes this way). `meta` is
+    stored in the run's `run.json` (e.g. where a transfer came from). `data` replaces the dataset
+    `cfg.data` names. `export` turns the trained model (EMA weights in place) into the plain DiT
+    written to `out/model` (baselines merge their adapters this way). With `resume`, the caller
+    builds the same initial model and the latest checkpoint in `out` is loaded over it. The
+    returned model (the one passed in, trained) holds the EMA weights.
+    """
+    out = Path(out)
+    run = _setup(cfg, out, model, resume, meta, data)
+    cfg, tc, info, state = run.cfg, run.cfg.train, run.info, run.state
+    logger = CsvLog(out / "metrics.csv", state.step if resume else None, tc.tensorboard) \
+        if info.is_main else None  # fmt: skip
+    t0, window_t, window_steps = time.time(), time.time(), 0
+    bar = tqdm(total=tc.steps, initial=state.step, desc=f"train {out.name}", unit="step",
+               disable=not info.is_main, dynamic_ncols=True)  # fmt: skip
+    while state.step < tc.steps:
+        loss_sum, grad_norm = train_step(run)
+        step = state.step
+        window_steps += 1
+        bar.update(1)
+        if step % tc.log_every == 0 or step == tc.steps:
+            loss_val = distributed.all_mean(loss_sum, info).item()
+            now = time.time()
+            rate = window_steps / max(now - window_t, 1e-9)
+            window_t, window_steps = now, 0
+            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate * tc.batch_size:.0f}")
+            if logger:
+                logger.write(
+                    {
+                        "step": step,
+                        "loss": f"{loss_val:.6f}",
+                        "lr": f"{state.optimizer.param_groups[0]['lr']:.6g}",
+                        "grad_norm": f"{grad_norm.item():.4f}",
+                        "steps_per_s": f"{rate:.3f}",
+                        "images_per_s": f"{rate * tc.batch_size:.1f}",
+                        "elapsed_s": f"{state.seconds + now - t0:.1f}",
+                    }
+                )
+        if info.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
+            state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
+        if info.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            write_grid(run, out / "samples" / f"step_{step:07d}.png")
+        distributed.barrier(info)
+    bar.close()
+    seconds = state.seconds + time.time() - t0
+    if info.is_main:
+        write_grid(run, out / "samples" / f"step_{state.step:07d}.png")
+        with state.ema.applied():
+            final = export(state.model) if export else state.model
+            extra = {"sample": vars(cfg.sample), "latent": run.data.latent}
+            save_model_dir(out / "model", final, cfg.diffusion, extra)
+    distributed.barrier(info)
+    state.ema.copy_to_model()
+    return TrainResult(out, state.model.eval(), state.step, seconds)
+
+
+def write_grid(run: _Run, path: Path) -> None:
+    """A grid with `sample.per_class` EMA samples of every class the model holds, one row each."""
+    model, sc, device, latent = run.state.model, run.cfg.sample, run.info.device, run.data.latent
+    labels = [c for c in model.config.held_classes for _ in range(sc.per_class)]
+    with run.state.ema.applied():
+        imgs = generate(
+            model,
+            run.diffusion,
+            labels,
+            seed=0,
+            sampler=sc.sampler,
+            steps=sc.steps,
+            cfg_scale=sc.cfg_scale,
+            device=device,
+            decode=decoder(latent, device=device) if latent else None,
+        )
+    save_grid(imgs, sc.per_class, path)

@@ -1,0 +1,101 @@
+"""Everything a run needs to continue exactly where it stopped, and how it saves and restores itself.
+
+A checkpoint holds the model, the EMA of its trainable parameters, the optimiser state (tensors keyed
+by parameter name), the RNG states (the batch and noise generators every rank holds identically, and
+torch's global ones) and `state.json` with the step, the EMA counts, the optimiser's
+hyper-parameters, the gradient scaler and the training seconds so far.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kind.core.model import DiT, load_state
+from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from kind.store.runs import checkpoint_dir, load_optimizer, optimizer_tensors, prune_checkpoints
+from kind.training.config import TrainConfig
+from kind.training.ema import EMA
+
+
+@dataclass
+class TrainState:
+    model: DiT
+    names: list[str]  # trainable parameters, in optimiser order
+    optimizer: torch.optim.Optimizer
+    ema: EMA
+    gens: dict[str, torch.Generator]  # "data" (CPU) and "noise" (the device's)
+    scaler: torch.amp.GradScaler
+    step: int = 0
+    seconds: float = 0.0  # training seconds of earlier calls (a resumed run)
+
+    @classmethod
+    def create(cls, model: DiT, tc: TrainConfig, device: torch.device) -> TrainState:
+        """A fresh state for `model`: AdamW and the EMA over its parameters with requires_grad,
+        generators seeded from `tc.seed`. Only trainable parameters are optimised (a transfer
+        freezes the learngenes this way)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay, fused=True
+        )
+        gens = {
+            "data": torch.Generator().manual_seed(tc.seed),
+            "noise": torch.Generator(device).manual_seed(tc.seed + 1),
+        }
+        scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
+        return cls(model, [n for n, _ in named], optimizer, EMA(named, tc.ema_decay), gens, scaler)
+
+    def save(self, run_dir: Path, keep: int, seconds: float) -> Path:
+        """Write checkpoint `step_NNNNNNN` atomically, then drop all but the `keep` newest."""
+        path = checkpoint_dir(run_dir, self.step)
+        with atomic_dir(path) as d:
+            atomic_save_tensors(d / "model.safetensors", self.model.state_dict())
+            shadow, counts = self.ema.state()
+            atomic_save_tensors(d / "ema.safetensors", shadow)
+            tensors, groups = optimizer_tensors(self.optimizer, self.names)
+            atomic_save_tensors(d / "optimizer.safetensors", tensors)
+            atomic_save_tensors(d / "rng.safetensors", self._rng_tensors())
+            state = {
+                "step": self.step,
+                "ema_counts": counts,
+                "param_groups": groups,
+                "grad_scaler": dict(self.scaler.state_dict()),
+                "elapsed_s": seconds,
+            }
+            atomic_write_text(d / "state.json", json.dumps(state))
+        prune_checkpoints(run_dir, keep)
+        return path
+
+    def restore(self, path: Path) -> None:
+        """Load checkpoint `path` into this state (built for the same model and settings)."""
+        load_state(self.model, read_tensors(path / "model.safetensors"), path)
+        state = read_json(path / "state.json")
+        self.ema.load(read_tensors(path / "ema.safetensors"), state["ema_counts"])
+        load_optimizer(
+            self.optimizer,
+            self.names,
+            read_tensors(path / "optimizer.safetensors"),
+            state["param_groups"],
+        )
+        self._restore_rng(read_tensors(path / "rng.safetensors"))
+        if state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+        self.step, self.seconds = int(state["step"]), float(state.get("elapsed_s", 0.0))
+
+    def _rng_tensors(self) -> dict[str, torch.Tensor]:
+        state = {f"gen.{k}": g.get_state() for k, g in self.gens.items()}
+        state["torch.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            state |= {f"torch.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        return state
+
+    def _restore_rng(self, state: dict[str, torch.Tensor]) -> None:
+        for k, g in self.gens.items():
+            g.set_state(state[f"gen.{k}"])
+        torch.set_rng_state(state["torch.cpu"])
+        cuda = [state[k] for k in sorted(state) if k.startswith("torch.cuda.")]
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda)

@@ -1,0 +1,68 @@
+"""KIND's transfer: a model for new classes that inherits the learngenes of a parts directory and
+gets fresh tailors and label rows (docs/KIND.md, "Novel classes" and "Large domain shift"; invariant 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kind.core.decomposition import PartsError, group_of
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT, ModelConfig, count_params
+from kind.store.parts import load_learngene, read_manifest, read_part
+
+
+def inherit_learngenes(
+    parts: str | Path,
+    class_names: list[str],
+    *,
+    class_to_group: list[int] | None = None,
+    train_learngenes: bool = False,
+    carry_tailors: bool = False,
+    rank_tailor: float | None = None,
+    seed: int = 0,
+) -> tuple[DiT, DiffusionConfig]:
+    """A model for new classes: the learngenes of `parts` (frozen unless `train_learngenes`),
+    freshly, randomly initialised tailors and label rows; nothing of the source's tailors.
+
+    `carry_tailors` is the ablation behind the domain-shift claim: new tailor group g starts from
+    source tailor group g mod G instead of random (the class-specific knowledge of the old domain
+    comes along); label rows stay fresh. `rank_tailor` gives the new tailors another rank than
+    the source's (the learngenes are unchanged)."""
+    parts = Path(parts)
+    manifest = read_manifest(parts)
+    source = ModelConfig.from_dict(manifest["model"])
+    rank = source.rank_tailor if rank_tailor is None else rank_tailor
+    if carry_tailors and rank != source.rank_tailor:
+        raise PartsError("carried source tailors keep the source's tailor rank; drop rank_tailor")
+    config = replace(source, class_names=list(class_names), class_to_group=class_to_group,
+                     groups=None, rank_tailor=rank)  # fmt: skip
+    torch.manual_seed(seed)
+    model = DiT(config)
+    load_learngene(model, parts)
+    for _, layer in model.kind_layers():  # fresh tailors outside the transferred learngene
+        layer.reset_tailors()
+    if carry_tailors:
+        source_groups = sorted(int(g) for g in manifest["tailors"])
+        state = {}
+        for g in config.held_groups:
+            src = source_groups[g % len(source_groups)]
+            tensors = read_part(parts, manifest["tailors"][str(src)], str(src))
+            state |= {
+                k.replace(f".tailors.{src}.", f".tailors.{g}."): v
+                for k, v in tensors.items()
+                if f".tailors.{src}." in k
+            }
+        model.load_state_dict(state, strict=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(train_learngenes or group_of(name, config) is not None)
+    return model, DiffusionConfig(**manifest["diffusion"])
+
+
+def kind_budget(parts: str | Path, class_names: list[str]) -> int:
+    """Trainable parameters of a KIND transfer to these classes: the budget baselines match."""
+    model, _ = inherit_learngenes(parts, class_names)
+    return count_params(model, trainable=True)

@@ -1,0 +1,118 @@
+"""The one registry of transfer methods: what each is called, what it trains, how its start model
+is built, and how reports name it. The CLI's `--method` help, the demo's presets, the report and
+the ablations all read this table.
+
+Every method builds a `Start` from a source (a parts directory for the KIND family, a dense run or
+model directory for the baselines) and the new classes; the ordinary training loop then trains
+whatever has requires_grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from torch import nn
+
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT
+from kind.store.load import load_model
+from kind.transfer import baselines
+from kind.transfer.kind import inherit_learngenes
+
+
+@dataclass(frozen=True)
+class Start:
+    """A transfer's initial model (requires_grad set on what trains) and what its run records."""
+
+    model: nn.Module
+    diffusion: DiffusionConfig
+    meta: dict  # recorded in the run's run.json under "transfer"
+    export: Callable[[nn.Module], DiT] | None  # trained model -> plain DiT; None: save as is
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # what --method takes
+    family: str  # "kind": from a parts directory; "baseline": adapts a dense pre-trained DiT
+    label: str  # how reports name it
+    summary: str  # what it trains, for --help
+    start: Callable[..., Start]  # (source, class_names, *, class_to_group, train_learngenes,
+    #                               budget, rank_tailor, seed) -> Start
+
+    @property
+    def is_kind(self) -> bool:
+        return self.family == "kind"
+
+
+def _start_kind(source, class_names, *, carry_tailors: bool = False, unfrozen: bool = False,
+                class_to_group=None, train_learngenes=False, budget=None, rank_tailor=None,
+                seed=0) -> Start:  # fmt: skip
+    """Learngenes of the parts directory `source`, fresh (or carried) tailors."""
+    train_learngenes = train_learngenes or unfrozen
+    model, diffusion = inherit_learngenes(
+        source,
+        class_names,
+        class_to_group=class_to_group,
+        train_learngenes=train_learngenes,
+        carry_tailors=carry_tailors,
+        rank_tailor=rank_tailor,
+        seed=seed,
+    )
+    detail = ("learngenes " + ("trained" if train_learngenes else "frozen") + ", tailors "
+              + ("from the source" if carry_tailors else "fresh"))  # fmt: skip
+    return Start(model, diffusion, {"train_learngenes": train_learngenes, "detail": detail}, None)
+
+
+def _start_baseline(name: str, source, class_names, *, class_to_group=None,
+                    train_learngenes=False, budget=None, rank_tailor=None, seed=0) -> Start:  # fmt: skip
+    """The dense run or model `source` adapted by baseline `name`."""
+    dense, diffusion, _ = load_model(Path(source))
+    if dense.config.kind:
+        raise ValueError(
+            f"method {name!r} adapts a dense pre-trained DiT, but {source} holds a KIND "
+            "model; pass a run of `kind-dit train --model dense` (KIND models transfer with "
+            "--method kind from their parts directory)"
+        )
+    adapted = baselines.adapt(name, dense, class_names, budget=budget, seed=seed)
+    return Start(adapted.model, diffusion, {"detail": adapted.detail, "budget": budget},
+                 adapted.export)  # fmt: skip
+
+
+def _baseline(name: str, label: str, summary: str) -> Method:
+    return Method(name, "baseline", label, summary, partial(_start_baseline, name))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("kind", "kind", "KIND (learngenes frozen, fresh tailors)",
+               "learngenes (frozen) + fresh tailors", _start_kind),
+        Method("kind-tailors", "kind", "KIND + source tailors (ablation)",
+               "also the source's tailors (ablation)", partial(_start_kind, carry_tailors=True)),
+        Method("kind-unfrozen", "kind", "KIND, learngenes trained too (ablation)",
+               "learngenes trained too (ablation)", partial(_start_kind, unfrozen=True)),
+        _baseline("full", "full fine-tuning", "every parameter"),
+        _baseline("lora", "LoRA", "LoRA (peft), rank matched to --budget"),
+        _baseline("pissa", "PiSSA", "PiSSA (peft), rank matched to --budget"),
+        _baseline("oft", "OFT", "OFT (peft), block size matched to --budget"),
+        _baseline("svdiff", "SVDiff", "spectral shifts"),
+        _baseline("difffit", "DiffFit", "biases and branch scales"),
+        _baseline("heurlg", "Heur-LG", "heuristic learngene: inherited embedders and first half"),
+        _baseline("scratch", "from scratch", "a dense DiT trained from nothing"),
+    )
+}  # fmt: skip
+
+
+def get(name: str) -> Method:
+    """The method called `name`; a clear error naming the known ones."""
+    if name not in METHODS:
+        raise ValueError(f"unknown transfer method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def help_text() -> str:
+    """One line per method, for --method's help."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in METHODS.values())

@@ -1,0 +1,83 @@
+"""Transfer runs: a model for new classes, started from a pre-trained source by one of the
+registered methods (`kind.transfer.registry`), trained with the ordinary loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from kind.core.model import ModelConfig, count_params
+from kind.data.dataset import open_dataset
+from kind.store.load import load_model
+from kind.store.parts import read_manifest
+from kind.training.config import Config, read_group_file
+from kind.training.loop import TrainResult, train
+from kind.transfer.registry import Start, get
+
+
+def source_config(source: str | Path, method: str) -> ModelConfig:
+    """The architecture a transfer starts from (parts directory for KIND, dense run otherwise)."""
+    if get(method).is_kind:
+        return ModelConfig.from_dict(read_manifest(source)["model"])
+    return load_model(Path(source))[0].config
+
+
+def prepare(
+    source: str | Path,
+    class_names: list[str],
+    method: str = "kind",
+    *,
+    class_to_group: list[int] | None = None,
+    train_learngenes: bool = False,
+    budget: int | None = None,
+    rank_tailor: float | None = None,
+    seed: int = 0,
+) -> Start:
+    """The start of a transfer by `method`; its meta records the method, the source and the
+    trainable parameter count."""
+    start = get(method).start(
+        source,
+        class_names,
+        class_to_group=class_to_group,
+        train_learngenes=train_learngenes,
+        budget=budget,
+        rank_tailor=rank_tailor,
+        seed=seed,
+    )
+    meta = {"method": method, "source": str(Path(source).resolve())} | start.meta
+    meta["trainable_params"] = count_params(start.model, trainable=True)
+    return replace(start, meta=meta)
+
+
+def run_transfer(
+    source: str | Path,
+    cfg: Config,
+    out: str | Path,
+    *,
+    method: str = "kind",
+    train_learngenes: bool = False,
+    budget: int | None = None,
+    rank_tailor: float | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a transferred model for the classes of `cfg.data` into run directory `out`.
+
+    The data is converted to the source model's image size and channels. On `resume`, the same
+    initial model is rebuilt from `source` and the run's latest checkpoint is loaded over it."""
+    arch = source_config(source, method)
+    data = open_dataset(cfg.data, "train", arch.image_size, arch.in_channels, vae=cfg.vae)
+    tau = read_group_file(cfg.group_file, data.class_names) if cfg.group_file else None
+    start = prepare(
+        source,
+        data.class_names,
+        method,
+        class_to_group=tau,
+        train_learngenes=train_learngenes,
+        budget=budget,
+        rank_tailor=rank_tailor,
+        seed=cfg.train.seed,
+    )
+    cfg = replace(cfg, model=start.model.config, diffusion=start.diffusion)
+    return train(cfg, out, model=start.model, resume=resume, meta={"transfer": start.meta},
+                 data=data, export=start.export)  # fmt: skip
