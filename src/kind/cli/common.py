@@ -35,7 +35,8 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument(
         "--data",
         required=data_required,
-        help="data spec: mnist:0-5, mnist:6,7,8,9, animals, path/to/folder[:cat,dog]",
+        help="data spec: mnist:0-5, mnist:6,7,8,9, animals, path/to/folder[:cat,dog], or a latent "
+        "store (kind-dit encode)",
     )
     p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
     p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")

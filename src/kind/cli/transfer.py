@@ -79,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="train the learngenes too instead of freezing them",
     )
     p.add_argument(
+        "--null-tailor",
+        action="store_true",
+        help="give the null class a fresh tailor of its own (KIND methods), trained through label "
+        "dropout, so the unconditional model of guidance is the target domain's",
+    )
+    p.add_argument(
         "--rank-tailor",
         type=float,
         help="tailor rank of the new model (KIND methods; default: the source's)",
@@ -105,6 +111,7 @@ def run(args: argparse.Namespace) -> None:
         train_learngenes=args.train_learngenes,
         budget=budget,
         rank_tailor=args.rank_tailor,
+        null_tailor=args.null_tailor,
         resume=args.resume,
     )
     print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")

@@ -56,8 +56,9 @@ def resolve_classes(config: ModelConfig, names: list[str] | None) -> list[int]:
 
 
 class MergedDiT(nn.Module):
-    """One class folded into a dense DiT, plus the learngene-only dense DiT for the null class, so
-    classifier-free guidance works on a merged model too. Same call signature as DiT."""
+    """One class folded into a dense DiT, plus the unconditional dense DiT (the learngene, and the
+    null tailor where the model has one) for the null class, so classifier-free guidance works on
+    a merged model too. Same call signature as DiT."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -84,20 +85,16 @@ class MergedDiT(nn.Module):
 def merge(model: DiT, class_name: str | None) -> DiT | MergedDiT:
     """Fold the learngene plus one class's tailor into plain dense weights (docs/KIND.md invariant 4).
 
-    `class_name` None gives the unconditional (learngene-only) dense DiT; a class gives a
-    `MergedDiT` whose conditional network computes the full model's output for that class."""
+    `class_name` None gives the unconditional dense DiT (learngene, plus the null tailor if the
+    model has one); a class gives a `MergedDiT` whose conditional network computes the full model's
+    output for that class."""
     if not model.config.kind:
         raise PartsError("merge needs a KIND model; this one is already dense")
+    dense = dict(kind=False, class_to_group=None, groups=None, null_tailor=False)
     if class_name is None:
-        return _fold(
-            model,
-            None,
-            replace(model.config, kind=False, class_names=[], class_to_group=None, groups=None),
-        )
+        return _fold(model, None, replace(model.config, class_names=[], **dense))
     (c,) = resolve_classes(model.config, [class_name])
-    dense_cfg = replace(
-        model.config, kind=False, class_names=[class_name], class_to_group=None, groups=None
-    )
+    dense_cfg = replace(model.config, class_names=[class_name], **dense)
     merged = MergedDiT(dense_cfg)
     merged.cond.load_state_dict(_fold(model, c, dense_cfg).state_dict())
     merged.uncond.load_state_dict(_fold(model, None, merged.uncond.config).state_dict())
@@ -105,10 +102,11 @@ def merge(model: DiT, class_name: str | None) -> DiT | MergedDiT:
 
 
 def _fold(model: DiT, c: int | None, dense_cfg: ModelConfig) -> DiT:
-    """A dense DiT with class c's (or only the learngene's) weights folded in; label row c -> 0."""
+    """A dense DiT with class c's weights (c None: the unconditional model's) folded in; label row
+    c -> row 0."""
     dense = DiT(dense_cfg).to(next(model.parameters()).device)
     state = {}
-    group = None if c is None else model.config.tau[c]
+    group = model.config.null_group if c is None else model.config.tau[c]
     kind_layers = dict(model.kind_layers())
     for name, tensor in model.state_dict().items():
         if ".tailors." in name or (_ROW.fullmatch(name) and name != f"y_embedder.rows.{c}"):

@@ -67,6 +67,9 @@ class ModelConfig:
     rank_tailor: float = 8
     tailor_sigma: float = 1e-2  # initial singular values of fresh tailors
     decompose_adaln: bool = False  # adaLN modulation as learngene-only SVD layers
+    # the null class (classifier-free guidance) gets a tailor group of its own, so the
+    # unconditional model can follow a transfer's target domain (docs/KIND.md, open question a)
+    null_tailor: bool = False
     mlp_ratio: float = 4.0
 
     @property
@@ -82,10 +85,17 @@ class ModelConfig:
         )
 
     @property
+    def null_group(self) -> int | None:
+        """The null class's tailor group (after every class group), or None: no tailor."""
+        return max(self.tau, default=-1) + 1 if self.kind and self.null_tailor else None
+
+    @property
     def held_groups(self) -> list[int]:
         if not self.kind:
             return []
-        return sorted(set(self.tau)) if self.groups is None else list(self.groups)
+        if self.groups is not None:
+            return list(self.groups)
+        return sorted(set(self.tau)) + ([] if self.null_group is None else [self.null_group])
 
     @property
     def held_classes(self) -> list[int]:
@@ -249,9 +259,10 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = LabelEmbedder(cfg.held_classes, hidden)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid), persistent=False)
-        # tau[y] for y in 0..K (K = null -> -1: no tailor)
+        # tau[y] for y in 0..K (K = null -> its null tailor group, or -1: no tailor)
+        null_group = -1 if cfg.null_group is None else cfg.null_group
         self.register_buffer(
-            "tau", torch.tensor(cfg.tau + [-1], dtype=torch.long), persistent=False
+            "tau", torch.tensor(cfg.tau + [null_group], dtype=torch.long), persistent=False
         )
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, heads, cfg.mlp_ratio, linear, adaln_linear) for _ in range(depth)

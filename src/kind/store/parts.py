@@ -142,6 +142,7 @@ def load_parts(
     full = ModelConfig.from_dict(manifest["model"])
     ids = resolve_classes(full, classes)
     groups = sorted({full.tau[c] for c in ids})
+    groups += [] if full.null_group is None else [full.null_group]  # guidance needs it always
     model = DiT(replace(full, groups=groups))
     state = read_part(parts, manifest["learngene"], "learngene")
     for g in groups:

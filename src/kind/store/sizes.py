@@ -44,6 +44,11 @@ def size_table(source: str | Path) -> list[tuple[str, int, int | None]]:
         ]
     names = config.class_names
     rows = [("learngene", *learngene)]
+    null = [t for t in tailors if t[0] == config.null_group]  # travels with every assembly
+    if null:
+        tailors.remove(null[0])
+        learngene = (learngene[0] + null[0][1], learngene[1] + null[0][2])
+        rows.append(("null tailor (the unconditional model)", null[0][1], null[0][2]))
     rows += [(f"tailor {g} ({', '.join(names[c] for c in cls)})", p, b) for g, p, b, cls in tailors]
     for k in sorted({1, 2, len(tailors)} & set(range(1, len(tailors) + 1))):
         label = "all" if k == len(tailors) else str(k)
@@ -55,7 +60,7 @@ def size_table(source: str | Path) -> list[tuple[str, int, int | None]]:
                 learngene[1] + sum(t[2] for t in chosen),
             )
         )
-    dense = DiT(replace(config, kind=False, groups=None))
+    dense = DiT(replace(config, kind=False, groups=None, null_tailor=False))
     n = count_params(dense)
     rows.append((f"dense DiT, same size, {config.num_classes} classes", n, 4 * n))
     return rows

@@ -23,10 +23,17 @@ def inherit_learngenes(
     train_learngenes: bool = False,
     carry_tailors: bool = False,
     rank_tailor: float | None = None,
+    train_sigma: bool = False,
+    null_tailor: bool = False,
     seed: int = 0,
 ) -> tuple[DiT, DiffusionConfig]:
     """A model for new classes: the learngenes of `parts` (frozen unless `train_learngenes`),
     freshly, randomly initialised tailors and label rows; nothing of the source's tailors.
+
+    `train_sigma` trains the learngenes' singular values σ_G too, their directions U_G, V_G frozen
+    (the FINE recipe: a few hundred parameters that let the shared network follow a new domain).
+    `null_tailor` gives the null class a fresh tailor of its own, trained through label dropout,
+    so the unconditional model of guidance is the target domain's, not the source's.
 
     `carry_tailors` is the ablation behind the domain-shift claim: new tailor group g starts from
     source tailor group g mod G instead of random (the class-specific knowledge of the old domain
@@ -39,16 +46,17 @@ def inherit_learngenes(
     if carry_tailors and rank != source.rank_tailor:
         raise PartsError("carried source tailors keep the source's tailor rank; drop rank_tailor")
     config = replace(source, class_names=list(class_names), class_to_group=class_to_group,
-                     groups=None, rank_tailor=rank)  # fmt: skip
+                     groups=None, rank_tailor=rank, null_tailor=null_tailor)  # fmt: skip
     torch.manual_seed(seed)
     model = DiT(config)
     load_learngene(model, parts)
-    for _, layer in model.kind_layers():  # fresh tailors outside the transferred learngene
+    layers = dict(model.kind_layers())
+    for layer in layers.values():  # fresh tailors outside the transferred learngene
         layer.reset_tailors()
     if carry_tailors:
-        source_groups = sorted(int(g) for g in manifest["tailors"])
+        source_groups = sorted(int(g) for g in manifest["tailors"] if int(g) != source.null_group)
         state = {}
-        for g in config.held_groups:
+        for g in sorted(set(config.tau)):  # class groups; a null tailor always starts fresh
             src = source_groups[g % len(source_groups)]
             tensors = read_part(parts, manifest["tailors"][str(src)], str(src))
             state |= {
@@ -58,7 +66,9 @@ def inherit_learngenes(
             }
         model.load_state_dict(state, strict=False)
     for name, p in model.named_parameters():
-        p.requires_grad_(train_learngenes or group_of(name, config) is not None)
+        tailor = group_of(name, config) is not None
+        sigma = train_sigma and name.endswith(".S") and name[:-2] in layers
+        p.requires_grad_(train_learngenes or tailor or sigma)
     return model, DiffusionConfig(**manifest["diffusion"])
 
 

@@ -40,7 +40,7 @@ class Method:
     label: str  # how reports name it
     summary: str  # what it trains, for --help
     start: Callable[..., Start]  # (source, class_names, *, class_to_group, train_learngenes,
-    #                               budget, rank_tailor, seed) -> Start
+    #                               budget, rank_tailor, null_tailor, seed) -> Start
 
     @property
     def is_kind(self) -> bool:
@@ -48,8 +48,8 @@ class Method:
 
 
 def _start_kind(source, class_names, *, carry_tailors: bool = False, unfrozen: bool = False,
-                class_to_group=None, train_learngenes=False, budget=None, rank_tailor=None,
-                seed=0) -> Start:  # fmt: skip
+                train_sigma: bool = False, class_to_group=None, train_learngenes=False,
+                budget=None, rank_tailor=None, null_tailor=False, seed=0) -> Start:  # fmt: skip
     """Learngenes of the parts directory `source`, fresh (or carried) tailors."""
     train_learngenes = train_learngenes or unfrozen
     model, diffusion = inherit_learngenes(
@@ -59,16 +59,27 @@ def _start_kind(source, class_names, *, carry_tailors: bool = False, unfrozen: b
         train_learngenes=train_learngenes,
         carry_tailors=carry_tailors,
         rank_tailor=rank_tailor,
+        train_sigma=train_sigma,
+        null_tailor=null_tailor,
         seed=seed,
     )
-    detail = ("learngenes " + ("trained" if train_learngenes else "frozen") + ", tailors "
-              + ("from the source" if carry_tailors else "fresh"))  # fmt: skip
-    return Start(model, diffusion, {"train_learngenes": train_learngenes, "detail": detail}, None)
+    learngenes = "trained" if train_learngenes else "σ trained" if train_sigma else "frozen"
+    detail = (f"learngenes {learngenes}, tailors "
+              + ("from the source" if carry_tailors else "fresh")
+              + (", null tailor" if null_tailor else ""))  # fmt: skip
+    meta = {"train_learngenes": train_learngenes, "null_tailor": null_tailor, "detail": detail}
+    return Start(model, diffusion, meta, None)
 
 
 def _start_baseline(name: str, source, class_names, *, class_to_group=None,
-                    train_learngenes=False, budget=None, rank_tailor=None, seed=0) -> Start:  # fmt: skip
+                    train_learngenes=False, budget=None, rank_tailor=None, null_tailor=False,
+                    seed=0) -> Start:  # fmt: skip
     """The dense run or model `source` adapted by baseline `name`."""
+    if null_tailor or rank_tailor is not None:
+        raise ValueError(
+            f"--null-tailor and --rank-tailor shape KIND's tailors; baseline {name!r} has none "
+            "(a baseline adapts its whole unconditional network already)"
+        )
     dense, diffusion, _ = load_model(Path(source))
     if dense.config.kind:
         raise ValueError(
@@ -90,6 +101,9 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("kind", "kind", "KIND (learngenes frozen, fresh tailors)",
                "learngenes (frozen) + fresh tailors", _start_kind),
+        Method("kind-sigma", "kind", "KIND + learngene σ trained (FINE)",
+               "fresh tailors + the learngenes' singular values σ (U, V frozen)",
+               partial(_start_kind, train_sigma=True)),
         Method("kind-tailors", "kind", "KIND + source tailors (ablation)",
                "also the source's tailors (ablation)", partial(_start_kind, carry_tailors=True)),
         Method("kind-unfrozen", "kind", "KIND, learngenes trained too (ablation)",

@@ -32,6 +32,7 @@ def prepare(
     train_learngenes: bool = False,
     budget: int | None = None,
     rank_tailor: float | None = None,
+    null_tailor: bool = False,
     seed: int = 0,
 ) -> Start:
     """The start of a transfer by `method`; its meta records the method, the source and the
@@ -43,6 +44,7 @@ def prepare(
         train_learngenes=train_learngenes,
         budget=budget,
         rank_tailor=rank_tailor,
+        null_tailor=null_tailor,
         seed=seed,
     )
     meta = {"method": method, "source": str(Path(source).resolve())} | start.meta
@@ -59,6 +61,7 @@ def run_transfer(
     train_learngenes: bool = False,
     budget: int | None = None,
     rank_tailor: float | None = None,
+    null_tailor: bool = False,
     resume: bool = False,
 ) -> TrainResult:
     """Train a transferred model for the classes of `cfg.data` into run directory `out`.
@@ -76,6 +79,7 @@ def run_transfer(
         train_learngenes=train_learngenes,
         budget=budget,
         rank_tailor=rank_tailor,
+        null_tailor=null_tailor,
         seed=cfg.train.seed,
     )
     cfg = replace(cfg, model=start.model.config, diffusion=start.diffusion)
