@@ -34,9 +34,47 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     kind = json.loads((tmp_path / "results" / "transfer__novel__kind__seed0.json").read_text())
     assert lora["budget"] == kind["trainable"]
     assert 0.9 < lora["trainable"] / kind["trainable"] < 1.1
-    for name in ("fid_novel.png", "fid_shift.png", "novel_kind.png", "shift_lora.png"):
+    for name in ("fid_digits_novel.png", "digits_novel_kind.png", "digits_shift_lora.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
     before = {p: p.stat().st_mtime for p in (tmp_path / "results").iterdir()}
     run_demo(tmp_path, TOY, jobs=2, device="cpu")  # continues: nothing left to run
     assert {p: p.stat().st_mtime for p in (tmp_path / "results").iterdir()} == before
+
+
+CLAIMS = Preset(
+    pretrain_steps=3,
+    transfer_steps=2,
+    batch_size=8,
+    sources=("wide",),
+    methods=("kind", "lora", "kind-tailors"),
+    seeds=(0, 1),
+    seeded_methods=("kind", "lora"),
+    null_methods=("kind",),
+    budget_scales=(4.0,),
+    budget_methods=("kind", "lora"),
+    eval_per_class=2,
+    curve_points=0,
+    sample_steps=2,
+    cfg_scales=(1.0, 2.0),
+    sweep_samples=24,
+)
+
+
+def test_claims_preset_sweeps_guidance_draws_budget_curves_and_writes_verdicts(tmp_path):
+    report = run_demo(tmp_path, CLAIMS, jobs=2, device="cpu")
+    text = report.read_text()
+    assert "Failed jobs" not in text
+    results = tmp_path / "results"
+    null = json.loads((results / "wide__transfer__shift__kind+null__seed1.json").read_text())
+    assert null["null_tailor"] and [p["cfg_scale"] for p in null["sweep"]] == [1.0, 2.0]
+    kind4 = json.loads((results / "wide__transfer__novel__kind@x4__seed0.json").read_text())
+    kind1 = json.loads((results / "wide__transfer__novel__kind__seed0.json").read_text())
+    assert kind4["trainable"] > 3 * (kind1["trainable"] - 4 * 128)  # rank 32 tailors, same rows
+    lora4 = json.loads((results / "wide__transfer__novel__lora@x4__seed0.json").read_text())
+    assert 3 < lora4["trainable"] / kind1["trainable"] < 5
+    for heading in ("## Verdicts", "domain shift: KIND beats PEFT", "budget (× KIND"):
+        assert heading in text, heading
+    assert "unresolved" in text  # two toy seeds of two steps resolve nothing
+    for name in ("front_wide_shift.png", "budget_wide_novel.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kind.experiments.jobs import deploy_task, pretrain_task, transfer_task
-from kind.experiments.presets import PRESETS, TASKS, Preset
+from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
 from kind.experiments.scheduler import Job, execute
 from kind.transfer.registry import get
@@ -36,33 +36,63 @@ log = logging.getLogger(__name__)
 
 
 def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
-    """Pre-training, deployment, then every (seed, task, method) transfer, seed-major, so an
-    interrupted run has every method and task at least once."""
+    """Per source: pre-training (KIND and dense) and deployment; then the transfers, first seed
+    first (every method, task and source once), then the budget curves, then the other seeds,
+    so an interrupted run already holds the whole picture at one seed."""
     common = dict(threads=threads, device=device)
-    pre = out / "pretrain"
-    jobs = [
-        pretrain_task(out, "pretrain/kind", preset, kind=True, seed=0, **common),
-        pretrain_task(out, "pretrain/dense", preset, kind=False, seed=0, **common),
-        deploy_task(out, "deploy", pre / "kind", ("pretrain/kind",), **common),
-    ]
-    for seed in preset.seeds:
-        for task in TASKS:
-            for method in preset.methods:
-                deps = ("deploy",) if get(method).is_kind else ("deploy", "pretrain/dense")
-                jobs.append(
-                    transfer_task(
-                        out,
-                        f"transfer/{task}/{method}/seed{seed}",
-                        preset,
-                        deps,
-                        task=task,
-                        method=method,
-                        seed=seed,
-                        parts=str(out / "deploy" / "parts"),
-                        dense=str(pre / "dense"),
-                        **common,
-                    )  # fmt: skip
-                )
+    jobs = []
+    for src in (SOURCES[s] for s in preset.sources):
+        pre = out / src.prefix / "pretrain"
+        jobs += [
+            pretrain_task(out, f"{src.prefix}pretrain/kind", preset, kind=True, seed=0,
+                          source=src.name, **common),
+            pretrain_task(out, f"{src.prefix}pretrain/dense", preset, kind=False, seed=0,
+                          source=src.name, **common),
+            deploy_task(out, f"{src.prefix}deploy", pre / "kind", (f"{src.prefix}pretrain/kind",),
+                        **common),
+        ]  # fmt: skip
+
+    def transfers(seed: int, method: str, scale: float = 1.0) -> list[Job]:
+        kind = get(method).is_kind
+        nulls = (False, True) if method in preset.null_methods else (False,)
+        out_jobs = []
+        for src in (SOURCES[s] for s in preset.sources):
+            deps = (f"{src.prefix}deploy",) + (() if kind else (f"{src.prefix}pretrain/dense",))
+            for task in src.tasks:
+                for null in nulls:
+                    variant = (
+                        method + ("+null" if null else "") + ("" if scale == 1 else f"@x{scale:g}")
+                    )
+                    out_jobs.append(
+                        transfer_task(
+                            out,
+                            f"{src.prefix}transfer/{task.name}/{variant}/seed{seed}",
+                            preset,
+                            deps,
+                            task=task.name,
+                            method=method,
+                            seed=seed,
+                            parts=str(out / src.prefix / "deploy" / "parts"),
+                            dense=str(out / src.prefix / "pretrain" / "dense"),
+                            source=src.name,
+                            budget_scale=scale,
+                            null_tailor=null,
+                            **common,
+                        )  # fmt: skip
+                    )
+        return out_jobs
+
+    seeded = preset.methods if preset.seeded_methods is None else preset.seeded_methods
+    first, *others = preset.seeds
+    for method in preset.methods:
+        jobs += transfers(first, method)
+    for scale in preset.budget_scales:
+        for method in preset.budget_methods:
+            jobs += transfers(first, method, scale)
+    for seed in others:
+        for method in preset.methods:
+            if method in seeded:
+                jobs += transfers(seed, method)
     return jobs
 
 
@@ -81,8 +111,11 @@ def run_demo(
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     if methods:
         preset = replace(preset, methods=tuple(methods))
-    for method in preset.methods:
+    for method in preset.methods + preset.budget_methods + preset.null_methods:
         get(method)  # an unknown name fails here, before any job starts
+    for source in preset.sources:
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     workers = jobs or (1 if device == "cuda" else max(1, min(4, os.cpu_count() or 1)))

@@ -20,19 +20,20 @@ from kind.core.model import count_params, load_state
 from kind.core.sampling import generate
 from kind.data.dataset import class_names
 from kind.eval.evaluate import evaluate_images
-from kind.experiments.presets import SOURCE, TASKS, Preset
+from kind.experiments.presets import SOURCES, Preset
 from kind.experiments.results import (
     CurvePoint,
     DeployResult,
     DeployVariant,
     EvalSummary,
+    GuidancePoint,
     RunResult,
     SizeRow,
 )
 from kind.experiments.scheduler import Job
 from kind.io import read_json
 from kind.store.load import load_model
-from kind.store.parts import assemble, decompose, is_parts_dir
+from kind.store.parts import assemble, decompose, is_parts_dir, read_manifest
 from kind.store.runs import checkpoint_dirs, checkpoint_step, ema_weights, latest_checkpoint
 from kind.store.sizes import size_table
 from kind.training.config import Config, load_config
@@ -59,7 +60,7 @@ def _setup_worker(threads: int, log_file: Path) -> None:
 
 
 def _config(data: str, preset: Preset, steps: int, seed: int, device: str, **model) -> Config:
-    every = max(1, steps // preset.curve_points)
+    every = max(1, steps // max(1, preset.curve_points))
     return load_config(
         overrides={
             "data": data,
@@ -81,14 +82,16 @@ def _config(data: str, preset: Preset, steps: int, seed: int, device: str, **mod
 
 
 def _evaluate(model, diffusion, ref: str, per_class: int, preset: Preset, device: str,
-              save: Path | None = None) -> EvalSummary:  # fmt: skip
-    """Sample `per_class` images of every class the model holds and score them against `ref`."""
+              save: Path | None = None, cfg_scale: float | None = None) -> EvalSummary:  # fmt: skip
+    """Sample `per_class` images of every class the model holds and score them against `ref`, at
+    guidance `cfg_scale` (default the preset's)."""
     classes = model.config.held_classes
     labels = [c for c in classes for _ in range(per_class)]
-    generation = {"sampler": "ddim", "steps": preset.sample_steps, "cfg_scale": preset.cfg_scale,
+    cfg_scale = preset.cfg_scale if cfg_scale is None else cfg_scale
+    generation = {"sampler": "ddim", "steps": preset.sample_steps, "cfg_scale": cfg_scale,
                   "seed": EVAL_SEED}  # fmt: skip
     images = generate(model, diffusion, labels, seed=EVAL_SEED, steps=preset.sample_steps,
-                      cfg_scale=preset.cfg_scale, device=device)  # fmt: skip
+                      cfg_scale=cfg_scale, device=device)  # fmt: skip
     result = evaluate_images(images, torch.tensor(labels), model.config.class_names, ref,
                              generation=generation)  # fmt: skip
     if save is not None:
@@ -105,6 +108,17 @@ def _curve(run: Path, model, diffusion, ref: str, preset: Preset, device: str) -
         load_state(model, ema_weights(d), d)
         ev = _evaluate(model, diffusion, ref, preset.curve_per_class, preset, device)
         points.append(CurvePoint(checkpoint_step(d), ev.fid, ev.class_accuracy))
+    return points
+
+
+def _sweep(model, diffusion, ref: str, preset: Preset, device: str) -> list[GuidancePoint]:
+    """The model evaluated at every guidance scale of the preset, `sweep_samples` samples each."""
+    per_class = max(1, preset.sweep_samples // len(model.config.held_classes))
+    points = []
+    for scale in preset.cfg_scales:
+        ev = _evaluate(model, diffusion, ref, per_class, preset, device, cfg_scale=scale)
+        points.append(GuidancePoint(scale, ev.fid, ev.precision, ev.recall, ev.class_accuracy,
+                                    ev.num_samples))  # fmt: skip
     return points
 
 
@@ -127,7 +141,8 @@ def _finish(run: Path, result: TrainResult, diffusion: Diffusion, ref: str, pres
     deployed, _, _ = load_model(run / "model")
     final = _evaluate(deployed, diffusion, ref, preset.eval_per_class, preset, device, run / "eval")
     t0 = time.time()
-    curve = _curve(run, model, diffusion, ref, preset, device)
+    curve = _curve(run, model, diffusion, ref, preset, device) if preset.curve_points else []
+    sweep = _sweep(deployed, diffusion, ref, preset, device)
     return RunResult(
         run=str(run),
         train_seconds=result.seconds,
@@ -137,41 +152,57 @@ def _finish(run: Path, result: TrainResult, diffusion: Diffusion, ref: str, pres
         eval=final,
         curve=curve,
         curve_seconds=time.time() - t0,
+        sweep=sweep,
         grid=str(run / "eval" / "samples.png"),
         **extra,
     )
 
 
 def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, device: str,
-                 orth_weight: float = 0.0) -> RunResult:  # fmt: skip
-    """Pre-train on the source classes and evaluate; `orth_weight`: the orthogonality penalty."""
-    preset = Preset(**preset)
+                 orth_weight: float = 0.0, source: str = "digits") -> RunResult:  # fmt: skip
+    """Pre-train on the classes of `source` and evaluate; `orth_weight`: the orthogonality
+    penalty."""
+    preset = _preset(preset)
+    spec = SOURCES[source].spec
     run = Path(out)
     _setup_worker(threads, run.parent / f"{run.name}.log")
-    cfg = _config(SOURCE, preset, preset.pretrain_steps, seed, device, kind=kind)
+    cfg = _config(spec, preset, preset.pretrain_steps, seed, device, kind=kind)
     cfg.train.orth_weight = orth_weight
     result = train(cfg, run, resume=_continue(run))
-    return _finish(run, result, Diffusion(cfg.diffusion), SOURCE, preset, device,
-                   method="kind" if kind else "dense")  # fmt: skip
+    return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device,
+                   method="kind" if kind else "dense", source=source)  # fmt: skip
 
 
 def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense: str,
-                 preset: dict, threads: int, device: str,
-                 rank_tailor: float | None = None) -> RunResult:  # fmt: skip
-    """One transfer run and its evaluation; `rank_tailor` varies KIND's tailor rank (ablation)."""
-    preset = Preset(**preset)
+                 preset: dict, threads: int, device: str, rank_tailor: float | None = None,
+                 source: str = "digits", budget_scale: float = 1.0,
+                 null_tailor: bool = False) -> RunResult:  # fmt: skip
+    """One transfer run and its evaluation. `rank_tailor` varies KIND's tailor rank (ablation);
+    `budget_scale` puts the run at that multiple of KIND's budget (a KIND method through its
+    tailor rank, LoRA/PiSSA through their rank, OFT through its block size)."""
+    preset = _preset(preset)
     run = Path(out)
     _setup_worker(threads, run.parent / f"{run.name}.log")
-    spec = TASKS[task]
+    spec = next(t.spec for t in SOURCES[source].tasks if t.name == task)
     cfg = _config(spec, preset, preset.transfer_steps, seed, device)
     budget = kind_budget(parts, class_names(spec))
-    source = parts if get(method).is_kind else dense
-    result = run_transfer(source, cfg, run, method=method, budget=budget,
-                          rank_tailor=rank_tailor, resume=_continue(run))  # fmt: skip
+    kind = get(method).is_kind
+    if budget_scale != 1 and kind:
+        rank_tailor = budget_scale * read_manifest(parts)["model"]["rank_tailor"]
+    result = run_transfer(parts if kind else dense, cfg, run, method=method,
+                          budget=None if kind else round(budget_scale * budget),
+                          rank_tailor=rank_tailor, null_tailor=null_tailor,
+                          resume=_continue(run))  # fmt: skip
     meta = read_json(run / "run.json")["transfer"]
     return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device, task=task,
                    method=method, seed=seed, budget=budget, detail=meta.get("detail", ""),
-                   rank_tailor=rank_tailor)  # fmt: skip
+                   rank_tailor=rank_tailor, source=source, budget_scale=budget_scale,
+                   null_tailor=null_tailor)  # fmt: skip
+
+
+def _preset(fields: dict) -> Preset:
+    """A Preset from its dict (as jobs receive it: plain values cross the process boundary)."""
+    return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def deploy_job(out: str, kind_run: str, threads: int, device: str) -> DeployResult:

@@ -1,13 +1,52 @@
-"""The demo's settings: the source and target tasks on the bundled data, and named presets of
-sizes, steps, methods and seeds."""
+"""The demo's settings: pre-training sources with their transfer tasks on the bundled data, and
+named presets of sizes, steps, methods, seeds, guidance scales and budgets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-SOURCE = "mnist:0-5"
-TASKS = {"novel": "mnist:6-9", "shift": "animals"}
-TASK_TITLES = {"novel": "novel classes (MNIST 6-9)", "shift": "domain shift (animal silhouettes)"}
+
+@dataclass(frozen=True)
+class Task:
+    name: str  # "novel" or "shift"
+    spec: str  # its data spec
+    title: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """A pre-training setting: the source classes and the tasks its learngenes transfer to."""
+
+    name: str
+    spec: str
+    title: str
+    tasks: tuple[Task, ...]
+    prefix: str  # of its job names ("" for the first setting, whose names predate the others)
+
+
+SOURCES = {
+    "digits": Source(
+        "digits",
+        "mnist:0-5",
+        "six digits",
+        (
+            Task("novel", "mnist:6-9", "novel classes (MNIST 6-9)"),
+            Task("shift", "animals", "domain shift (animal silhouettes)"),
+        ),
+        "",
+    ),
+    # two domains at once: a learngene that has to serve digits and silhouettes alike
+    "wide": Source(
+        "wide",
+        "mnist + animals:bear-elephant",
+        "ten digits and six animals",
+        (
+            Task("novel", "animals:giraffe-zebra", "novel classes (the four held-out animals)"),
+            Task("shift", "glyphs", "domain shift (letter glyphs)"),
+        ),
+        "wide/",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -17,13 +56,22 @@ class Preset:
     transfer_steps: int = 1000
     batch_size: int = 128
     lr: float = 1e-3
+    sources: tuple[str, ...] = ("digits",)
     methods: tuple[str, ...] = ("kind", "kind-tailors", "lora", "full")  # registry names
     seeds: tuple[int, ...] = (0,)
-    eval_per_class: int = 100  # samples per class for the final evaluation
-    curve_points: int = 4  # evaluations along training, for FID against steps
+    # methods run with every seed of `seeds`; the others with the first seed only (None: all)
+    seeded_methods: tuple[str, ...] | None = None
+    null_methods: tuple[str, ...] = ()  # KIND methods also run with a null tailor
+    # budget curves: `budget_methods` also run at these multiples of KIND's budget (first seed)
+    budget_scales: tuple[float, ...] = ()
+    budget_methods: tuple[str, ...] = ("kind", "lora", "pissa", "oft")
+    eval_per_class: int = 100  # samples per class for the final evaluation at `cfg_scale`
+    curve_points: int = 4  # evaluations along training, for FID against steps (0: none)
     curve_per_class: int = 30
     sample_steps: int = 50  # DDIM steps when evaluating
     cfg_scale: float = 1.5
+    cfg_scales: tuple[float, ...] = ()  # a guidance sweep of every transfer (empty: none)
+    sweep_samples: int = 200  # samples per guidance scale, spread over the task's classes
 
 
 PRESETS = {
@@ -37,21 +85,29 @@ PRESETS = {
         sample_steps=20,
     ),
     "default": Preset(),
-    # the default's pre-training, every transfer method, three seeds
+    # the claims re-tested: two sources, a guidance sweep for every transfer, budget curves,
+    # three seeds for KIND (with and without a null tailor) and LoRA, whose comparison the
+    # verdicts rest on, one seed for the rest (about 80 transfers; docs/demo-paper)
     "paper": Preset(
+        sources=("digits", "wide"),
         methods=(
             "kind",
+            "lora",
+            "kind-sigma",
             "kind-tailors",
             "kind-unfrozen",
-            "full",
-            "lora",
             "pissa",
             "oft",
-            "svdiff",
-            "difffit",
-            "heurlg",
-            "scratch",
+            "full",
         ),
         seeds=(0, 1, 2),
+        seeded_methods=("kind", "lora"),
+        null_methods=("kind", "kind-sigma"),
+        budget_scales=(0.25, 4.0),
+        budget_methods=("kind", "lora"),
+        eval_per_class=50,
+        curve_points=0,
+        cfg_scales=(1.0, 1.25, 1.5, 2.0, 3.0),
+        sweep_samples=160,
     ),
 }

@@ -1,7 +1,8 @@
-"""report.md for the demo: tables, sample grids and FID-against-steps plots from the job results.
+"""report.md for the demo: verdicts, tables, sample grids and plots from the job results.
 
-Numbers are copied from the results the jobs wrote, never computed here beyond means and standard
-deviations over seeds, so every figure in the report traces back to one run's result.json.
+Numbers are copied from the results the jobs wrote, never computed here beyond means, standard
+deviations, intervals and interpolations along a run's own guidance sweep, so every figure in the
+report traces back to one run's result file; the verdicts come from `kind.experiments.verdicts`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from kind.experiments.presets import SOURCE, TASK_TITLES, TASKS
+from kind.experiments.presets import SOURCES, Source, Task
 from kind.experiments.results import DeployResult, Result, RunResult
+from kind.experiments.verdicts import all_verdicts, best_fid, paired_interval
 from kind.io import atomic_write_text
 from kind.transfer.registry import METHODS
 
@@ -32,17 +34,6 @@ def count_label(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
-def _metrics_row(runs: list[RunResult]) -> list[str]:
-    ev = [r.eval for r in runs]
-    return [
-        _stat([e.fid for e in ev], ".1f"),
-        _stat([e.precision for e in ev], ".3f"),
-        _stat([e.recall for e in ev], ".3f"),
-        _stat([e.class_accuracy for e in ev], ".3f"),
-        _stat([r.train_seconds / 60 for r in runs], ".1f"),
-    ]
-
-
 def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -55,35 +46,289 @@ def _copy_grid(src: str, out: Path, name: str) -> str:
     return f"report/{name}.png"
 
 
-def _plot(task: str, by_method: dict[str, list[RunResult]], out: Path) -> str:
+def _label(variant: str) -> str:
+    """'kind+null@x4' -> 'KIND (...) + null tailor, 4x budget'."""
+    method, _, scale = variant.partition("@x")
+    method, null = method.removesuffix("+null"), method.endswith("+null")
+    return (METHODS[method].label + (" + null tailor" if null else "")
+            + (f", {scale}× budget" if scale else ""))  # fmt: skip
+
+
+def _style(variant: str, i: int) -> dict:
+    """One colour per variant; KIND solid, baselines dashed."""
+    kind = METHODS[variant.partition("@x")[0].removesuffix("+null")].is_kind
+    return {"color": f"C{i % 10}", "linestyle": "-" if kind else "--"}
+
+
+def _save(fig: Figure, out: Path, name: str) -> str:
+    path = out / "report" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return f"report/{name}.png"
+
+
+def _new_figure() -> tuple[Figure, object]:
     # a Figure of its own (no pyplot): no global backend or figure state in a library
-    fig = Figure(figsize=(7.2, 4))
-    ax = fig.subplots()
-    for i, (method, runs) in enumerate(by_method.items()):
+    fig = Figure(figsize=(7.6, 4.2))
+    return fig, fig.subplots()
+
+
+def _finish_axes(ax, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
+def _sweep_means(runs: list[RunResult]) -> list[tuple[float, float, float | None]]:
+    """(guidance scale, mean FID, mean class accuracy) over the runs' seeds, by scale."""
+    by_scale: dict[float, list] = defaultdict(list)
+    for r in runs:
+        for p in r.sweep:
+            by_scale[p.cfg_scale].append(p)
+    rows = []
+    for scale in sorted(by_scale):
+        points = by_scale[scale]
+        accs = [p.class_accuracy for p in points if p.class_accuracy is not None]
+        rows.append((scale, statistics.mean(p.fid for p in points),
+                     statistics.mean(accs) if accs else None))  # fmt: skip
+    return rows
+
+
+def _fid_at_accuracy(sweep: list[tuple[float, float, float | None]], target: float) -> float | None:
+    """FID where the mean sweep first reaches class accuracy `target`, linearly interpolated
+    between the two guidance scales around it; None if it never does."""
+    for (_, f0, a0), (_, f1, a1) in zip(sweep, sweep[1:]):
+        if a0 is not None and a1 is not None and min(a0, a1) <= target <= max(a0, a1):
+            w = 0.0 if a1 == a0 else (target - a0) / (a1 - a0)
+            return f0 + w * (f1 - f0)
+    reached = [f for _, f, a in sweep if a is not None and abs(a - target) < 1e-12]
+    return reached[0] if reached else None
+
+
+def _pretrain_section(src: Source, results: dict[str, Result], out: Path, n: str) -> list[str]:
+    pre = [results[k] for k in (f"{src.prefix}pretrain/kind", f"{src.prefix}pretrain/dense")
+           if k in results]  # fmt: skip
+    if not pre:
+        return []
+    rows = [["KIND DiT" if r.method == "kind" else "dense DiT", count_label(r.deployed),
+             _stat([r.eval.fid], ".1f"), _stat([r.eval.precision], ".3f"),
+             _stat([r.eval.recall], ".3f"), _stat([r.eval.class_accuracy], ".3f"),
+             _stat([r.train_seconds / 60], ".1f")] for r in pre]  # fmt: skip
+    grids = [f"![{r.method}]({_copy_grid(r.grid, out, f'{src.name}_pretrain_{r.method}')})"
+             for r in pre]  # fmt: skip
+    return [
+        f"## {n}. Pre-training on `{src.spec}` ({src.title})",
+        "",
+        md_table(
+            ["model", "params", "FID", "precision", "recall", "class acc.", "train min"], rows
+        ),  # fmt: skip
+        "",
+        "| " + " | ".join(r.method for r in pre) + " |",
+        "|" + "---|" * len(pre),
+        "| " + " | ".join(grids) + " |",
+        "",
+    ]
+
+
+def _deploy_section(dep: DeployResult, n: str) -> list[str]:
+    variants = [[v.variant, ", ".join(v.classes), f"{v.params:,}", f"{v.bytes:,}",
+                 f"{v.max_rel_diff:.1e}", "yes" if v.same_samples else "no"]
+                for v in dep.variants]  # fmt: skip
+    sizes = [[r.part, f"{r.params:,}", f"{r.bytes:,}" if r.bytes else "–"] for r in dep.size_table]
+    return [
+        f"## {n}. Decompose and recombine",
+        "",
+        "The KIND model split into learngene and tailor files, then assembled for a subset "
+        "of classes (or one class merged into dense weights). `max rel. diff` compares the "
+        "outputs with the full model's on a mixed batch of the kept classes and the null "
+        "class; `same samples` draws with the same seed from both. The merged variant holds two "
+        "dense networks: the class folded in, and the unconditional network that "
+        "classifier-free guidance needs for the null class.",
+        "",
+        md_table(
+            ["variant", "classes", "params", "bytes", "max rel. diff", "same samples"], variants
+        ),  # fmt: skip
+        "",
+        "Orthogonality error of the pre-trained KIND model (worst RMS deviation of "
+        "[U_G U_T]ᵀ[U_G U_T] and [V_G V_T]ᵀ[V_G V_T] from the identity over layers and "
+        f"tailors; 0 for an exact SVD): {dep.orthogonality_error:.3f}.",
+        "",
+        "Parts on disk:",
+        "",
+        md_table(["part", "params", "bytes"], sizes),
+        "",
+    ]
+
+
+def _transfer_table(by_variant: dict[str, list[RunResult]], cfg_scale: float) -> list[str]:
+    """At KIND's budget: the final evaluation, each variant at its best-FID guidance scale, and
+    FID at the class accuracy every variant reaches (the lowest of their best accuracies)."""
+    sweeps = {v: _sweep_means(rs) for v, rs in by_variant.items()}
+    tops = [max(a for _, _, a in s if a is not None) for s in sweeps.values()
+            if any(a is not None for _, _, a in s)]  # fmt: skip
+    target = min(tops) if tops else None
+    rows = []
+    for variant, runs in by_variant.items():
+        sweep = sweeps[variant]
+        best = min(sweep, key=lambda p: p[1]) if sweep else None
+        matched = _fid_at_accuracy(sweep, target) if target is not None else None
+        rows.append([
+            _label(variant), count_label(runs[0].trainable), count_label(runs[0].deployed),
+            _stat([r.eval.fid for r in runs], ".1f"), _stat([r.eval.class_accuracy for r in runs], ".3f"),
+            "–" if best is None else f"{best[0]:g}",
+            _stat([best_fid(r) for r in runs], ".1f") if best else "–",
+            "–" if best is None or best[2] is None else f"{best[2]:.3f}",
+            "–" if matched is None else f"{matched:.1f}",
+            _stat([r.train_seconds / 60 for r in runs], ".1f"), str(len(runs)),
+        ])  # fmt: skip
+    header = ["method", "trainable", "deployed", f"FID @ {cfg_scale:g}", f"acc. @ {cfg_scale:g}",
+              "best-FID scale", "best FID", "acc. there",
+              "FID @ acc. " + ("–" if target is None else f"{target:.3f}"), "train min", "seeds"]  # fmt: skip
+    note = ("Best FID: each seed's FID at its best guidance scale (mean ± std over seeds); "
+            "'best-FID scale' and 'acc. there' are from the mean sweep. 'FID @ acc.' interpolates "
+            "each method's mean sweep at the highest class accuracy every method reaches.")  # fmt: skip
+    return [md_table(header, rows), "", note, ""]
+
+
+def _front_plot(by_variant: dict[str, list[RunResult]], title: str, out: Path, name: str) -> str:
+    fig, ax = _new_figure()
+    for i, (variant, runs) in enumerate(by_variant.items()):
+        sweep = [p for p in _sweep_means(runs) if p[2] is not None]
+        if not sweep:
+            continue
+        ax.plot([a for _, _, a in sweep], [f for _, f, _ in sweep], marker="o", label=variant,
+                **_style(variant, i))  # fmt: skip
+        ax.annotate(f"{sweep[0][0]:g}", (sweep[0][2], sweep[0][1]), fontsize=6)
+        ax.annotate(f"{sweep[-1][0]:g}", (sweep[-1][2], sweep[-1][1]), fontsize=6)
+    ax.set_yscale("log")
+    _finish_axes(ax, f"Guidance sweep: {title}", "class accuracy (higher is better)",
+                 "FID (lower is better)")  # fmt: skip
+    return _save(fig, out, name)
+
+
+def _budget_section(runs: list[RunResult], title: str, out: Path, name: str) -> list[str]:
+    """FID against trainable parameters per method, and the method order at each budget."""
+    by_budget: dict[float, dict[str, list[RunResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in runs:
+        if not METHODS[r.method].is_kind or r.method == "kind":
+            by_budget[r.budget_scale][r.method + ("+null" if r.null_tailor else "")].append(r)
+    if len(by_budget) < 2:
+        return []
+    fig, ax = _new_figure()
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for _scale, variants in sorted(by_budget.items()):
+        for variant, rs in variants.items():
+            curves[variant].append((rs[0].trainable, statistics.mean(best_fid(r) for r in rs)))
+    for i, (variant, points) in enumerate(sorted(curves.items())):
+        if len(points) > 1:
+            points.sort()
+            ax.plot([p for p, _ in points], [f for _, f in points], marker="o", label=variant,
+                    **_style(variant, i))  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    _finish_axes(ax, f"Budget curves: {title}", "trainable parameters", "best FID")
+    rows = []
+    for scale, variants in sorted(by_budget.items()):
+        ranked = sorted(
+            variants.items(), key=lambda kv: statistics.mean(best_fid(r) for r in kv[1])
+        )
+        order = []
+        for j, (variant, rs) in enumerate(ranked):
+            text = f"{variant} {_stat([best_fid(r) for r in rs], '.1f')} (n={len(rs)})"
+            if j + 1 < len(ranked):
+                nxt = ranked[j + 1][1]
+                iv = paired_interval({r.seed: best_fid(r) for r in rs},
+                                     {r.seed: best_fid(r) for r in nxt})  # fmt: skip
+                text += " <" if iv is not None and iv.high < 0 else " ≈"
+            order.append(text)
+        rows.append([f"{scale:g}×", " ".join(order)])
+    return [
+        f"![budget curves]({_save(fig, out, name)})",
+        "",
+        md_table(
+            [
+                "budget (× KIND's)",
+                "order by best FID (mean ± std); '<' resolved by a paired "
+                "95% interval over seeds, '≈' not",
+            ],
+            rows,
+        ),  # fmt: skip
+        "",
+    ]
+
+
+def _curve_plot(
+    by_variant: dict[str, list[RunResult]], title: str, out: Path, name: str
+) -> str | None:
+    if not any(r.curve for rs in by_variant.values() for r in rs):
+        return None
+    fig, ax = _new_figure()
+    for i, (variant, runs) in enumerate(by_variant.items()):
         steps = defaultdict(list)
         for r in runs:
             for p in r.curve:
                 steps[p.step].append(p.fid)
         xs = sorted(steps)
-        ax.plot(
-            xs,
-            [statistics.mean(steps[x]) for x in xs],
-            marker="o",
-            color=f"C{i}" if i < 10 else "black",  # 11 methods: one colour each
-            linestyle="-" if METHODS[method].is_kind else "--",  # KIND solid, baselines dashed
-            label=method,
-        )
-    ax.set_xlabel("training step")
-    ax.set_ylabel("FID (classifier features, lower is better)")
+        ax.plot(xs, [statistics.mean(steps[x]) for x in xs], marker="o", label=variant,
+                **_style(variant, i))  # fmt: skip
     ax.set_yscale("log")
-    ax.set_title(f"FID against training steps: {task}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    path = out / "report" / f"fid_{task}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    return f"report/fid_{task}.png"
+    _finish_axes(ax, f"FID against training steps: {title}", "training step", "FID")
+    return _save(fig, out, name)
+
+
+def _task_section(src: Source, task: Task, runs: list[RunResult], settings: dict, out: Path,
+                  n: str) -> list[str]:  # fmt: skip
+    order = list(settings["methods"])
+    at_budget: dict[str, list[RunResult]] = defaultdict(list)
+    for r in sorted(runs, key=lambda r: (order.index(r.method) if r.method in order else 99,
+                                         r.null_tailor, r.seed)):  # fmt: skip
+        if r.budget_scale == 1:
+            at_budget[r.variant].append(r)
+    if not at_budget:
+        return []
+    stem = f"{src.name}_{task.name}"
+    md = [
+        f"## {n}. Transfer: {task.title} (`{task.spec}`)",
+        "",
+        f"Budget: KIND's transfer trains {count_label(runs[0].budget)} parameters; "
+        "LoRA/PiSSA/OFT take the rank (block size) closest to it, full fine-tuning trains "
+        "everything; KIND + σ also trains the learngenes' singular values.",
+        "",
+        *_transfer_table(at_budget, settings["cfg_scale"]),
+        "Details: " + "; ".join(f"{v}: {rs[0].detail}" for v, rs in at_budget.items() if rs[0].detail),
+        "",
+    ]  # fmt: skip
+    if any(r.sweep for rs in at_budget.values() for r in rs):
+        front = _front_plot(at_budget, f"{task.title}, {src.title}", out, f"front_{stem}")
+        md += [f"![guidance sweep]({front})", ""]
+    md += _budget_section(runs, f"{task.title}, {src.title}", out, f"budget_{stem}")
+    curve = _curve_plot(at_budget, task.title, out, f"fid_{stem}")
+    if curve:
+        md += [f"![FID against steps]({curve})", ""]
+    grids = [f"![{v}]({_copy_grid(rs[0].grid, out, f'{stem}_{v}')})" for v, rs in at_budget.items()]
+    md += ["| " + " | ".join(at_budget) + " |", "|" + "---|" * len(at_budget),
+           "| " + " | ".join(grids) + " |", ""]  # fmt: skip
+    return md
+
+
+def _verdict_section(results: dict[str, Result], sources: list[str]) -> list[str]:
+    verdicts = all_verdicts(results, sources)
+    if not verdicts:
+        return []
+    md = ["## Verdicts", "",
+          "Computed from the results below by `kind.experiments.verdicts`: each run scored by its "
+          "FID at its best guidance scale; two methods compared on their shared seeds through a "
+          "95% t-interval of the paired FID difference (negative: the first is better). "
+          "*Unresolved* means the interval straddles 0 or fewer than two seeds are shared.", ""]  # fmt: skip
+    for claim in dict.fromkeys(v.claim for v in verdicts):
+        md += [f"**{claim}**", "",
+               md_table(["source", "comparison", "verdict", "evidence"],
+                        [[SOURCES[v.source].title, v.comparison, f"**{v.verdict}**", v.evidence]
+                         for v in verdicts if v.claim == claim]), ""]  # fmt: skip
+    return md
 
 
 def write_report(
@@ -94,14 +339,17 @@ def write_report(
     wall_seconds: float | None,
 ) -> Path:
     out = Path(out)
+    sources = list(settings.get("sources", ["digits"]))
     job_seconds = sum(r.job_seconds for r in results.values())
     wall = (
         ""
         if wall_seconds is None
         else f"Wall time of this invocation: {wall_seconds / 60:.1f} min. "
     )
-    md = ["# KIND demo report", ""]
-    md += [
+    sweep = settings.get("cfg_scales") or []
+    md = [
+        "# KIND demo report",
+        "",
         f"Preset **{settings['preset']}**: model size `{settings['size']}`, batch "
         f"{settings['batch_size']}, lr {settings['lr']}, pre-training "
         f"{settings['pretrain_steps']} steps, transfer {settings['transfer_steps']} steps, "
@@ -111,154 +359,30 @@ def write_report(
         f"({job_seconds / 60 / settings['jobs']:.1f} min with {settings['jobs']} side by side; "
         "a job finished by an earlier invocation is reused).",
         "",
-        "Samples: DDIM "
-        f"{settings['sample_steps']} steps, classifier-free guidance {settings['cfg_scale']}, "
-        "EMA weights. Metrics against the dataset's **test** split, in the feature space of a "
-        "small classifier trained on the dataset's train split (FID lower is better; "
-        "precision/recall: k-NN manifolds, k=3; class accuracy: how often that classifier "
-        "assigns a sample the class it was asked for). Times are training wall times.",
+        f"Samples: DDIM {settings['sample_steps']} steps, EMA weights, classifier-free guidance "
+        f"{settings['cfg_scale']} for the final evaluation"
+        + (f" and a sweep over {', '.join(f'{s:g}' for s in sweep)} "
+           f"({settings['sweep_samples']} samples a scale)" if sweep else "")
+        + ". Metrics against the dataset's **test** split, in the feature space of a small "
+        "classifier trained on the dataset's train split (FID lower is better; precision/recall: "
+        "k-NN manifolds, k=3; class accuracy: how often that classifier assigns a sample the "
+        "class it was asked for). Times are training wall times.",
         "",
-    ]
-
-    pre = [results[k] for k in ("pretrain/kind", "pretrain/dense") if k in results]
-    if pre:
-        md += [f"## 1. Pre-training on `{SOURCE}`", ""]
-        rows = [
-            [
-                "KIND DiT" if r.method == "kind" else "dense DiT",
-                count_label(r.deployed),
-                *_metrics_row([r]),
-            ]
-            for r in pre
-        ]
-        md += [
-            md_table(
-                ["model", "params", "FID", "precision", "recall", "class acc.", "train min"], rows
-            ),
-            "",
-        ]
-        md += [
-            "| " + " | ".join(r.method for r in pre) + " |",
-            "|" + "---|" * len(pre),
-            "| "
-            + " | ".join(
-                f"![{r.method}]({_copy_grid(r.grid, out, 'pretrain_' + r.method)})" for r in pre
-            )
-            + " |",
-            "",
-        ]
-
-    if "deploy" in results:
-        dep: DeployResult = results["deploy"]
-        md += [
-            "## 2. Decompose and recombine",
-            "",
-            "The KIND model split into learngene and tailor files, then assembled for a subset "
-            "of classes (or one class merged into dense weights). `max rel. diff` compares the "
-            "outputs with the full model's on a mixed batch of the kept classes and the null "
-            "class; `same samples` draws with the same seed from both."
-            " The merged variant holds two dense networks: the class folded in, and the"
-            " learngene-only network that classifier-free guidance needs for the null class.",
-            "",
-        ]
-        md += [
-            md_table(
-                ["variant", "classes", "params", "bytes", "max rel. diff", "same samples"],
-                [
-                    [
-                        v.variant,
-                        ", ".join(v.classes),
-                        f"{v.params:,}",
-                        f"{v.bytes:,}",
-                        f"{v.max_rel_diff:.1e}",
-                        "yes" if v.same_samples else "no",
-                    ]
-                    for v in dep.variants
-                ],
-            ),
-            "",
-        ]
-        if dep.orthogonality_error is not None:
-            md += [
-                "Orthogonality error of the pre-trained KIND model (worst RMS deviation of "
-                "[U_G U_T]ᵀ[U_G U_T] and [V_G V_T]ᵀ[V_G V_T] from the identity over layers and "
-                f"tailors; 0 for an exact SVD): {dep.orthogonality_error:.3f}.",
-                "",
-            ]
-        md += [
-            "Parts on disk:",
-            "",
-            md_table(
-                ["part", "params", "bytes"],
-                [
-                    [r.part, f"{r.params:,}", f"{r.bytes:,}" if r.bytes else "–"]
-                    for r in dep.size_table
-                ],
-            ),
-            "",
-        ]
-
-    for i, task in enumerate(TASKS, start=3):
-        runs = [r for k, r in results.items() if k.startswith(f"transfer/{task}/")]
-        if not runs:
-            continue
-        by_method: dict[str, list[RunResult]] = defaultdict(list)
-        order = list(settings["methods"])
-        for r in sorted(runs, key=lambda r: (order.index(r.method), r.seed)):
-            by_method[r.method].append(r)
-        md += [
-            f"## {i}. Transfer: {TASK_TITLES[task]} (`{TASKS[task]}`)",
-            "",
-            f"Budget: KIND's transfer trains {count_label(runs[0].budget)} parameters; "
-            "LoRA/PiSSA/OFT take the rank (block size) closest to it, SVDiff and DiffFit have "
-            "fixed sizes, full fine-tuning, Heur-LG and scratch train everything.",
-            "",
-        ]
-        rows = [
-            [
-                METHODS[m].label,
-                count_label(rs[0].trainable),
-                count_label(rs[0].deployed),
-                *_metrics_row(rs),
-                str(len(rs)),
-            ]
-            for m, rs in by_method.items()
-        ]
-        md += [
-            md_table(
-                [
-                    "method",
-                    "trainable",
-                    "deployed",
-                    "FID",
-                    "precision",
-                    "recall",
-                    "class acc.",
-                    "train min",
-                    "seeds",
-                ],
-                rows,
-            ),
-            "",
-        ]
-        md += [
-            "Details: "
-            + "; ".join(f"{m}: {rs[0].detail}" for m, rs in by_method.items() if rs[0].detail),
-            "",
-        ]
-        md += [f"![FID against steps]({_plot(task, by_method, out)})", ""]
-        md += [
-            "| " + " | ".join(by_method) + " |",
-            "|" + "---|" * len(by_method),
-            "| "
-            + " | ".join(
-                f"![{m}]({_copy_grid(rs[0].grid, out, f'{task}_{m}')})"
-                for m, rs in by_method.items()
-            )
-            + " |",
-            "",
-        ]
-
+    ]  # fmt: skip
+    md += _verdict_section(results, sources)
+    for i, src in enumerate(SOURCES[s] for s in sources):
+        prefix = "" if len(sources) == 1 else f"{chr(ord('A') + i)}."
+        if len(sources) > 1:
+            md += [f"# {chr(ord('A') + i)}. Source: {src.title} (`{src.spec}`)", ""]
+        md += _pretrain_section(src, results, out, f"{prefix}1")
+        dep = results.get(f"{src.prefix}deploy")
+        if isinstance(dep, DeployResult):
+            md += _deploy_section(dep, f"{prefix}2")
+        for j, task in enumerate(src.tasks, start=3):
+            runs = [r for k, r in results.items() if isinstance(r, RunResult) and r.task == task.name
+                    and r.source == src.name and k.startswith(f"{src.prefix}transfer/")]  # fmt: skip
+            if runs:
+                md += _task_section(src, task, runs, settings, out, f"{prefix}{j}")
     if failed:
         md += ["## Failed jobs", "", *[f"- `{k}`: {v}" for k, v in failed.items()], ""]
     path = out / "report.md"

@@ -4,7 +4,7 @@ later invocations (a resumed demo, `--report-only`, the ablations)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -21,6 +21,18 @@ class EvalSummary:
 
 
 @dataclass
+class GuidancePoint:
+    """One evaluation at one classifier-free guidance scale (a point of a guidance sweep)."""
+
+    cfg_scale: float
+    fid: float
+    precision: float
+    recall: float
+    class_accuracy: float | None
+    num_samples: int
+
+
+@dataclass
 class CurvePoint:
     """FID of one kept checkpoint's EMA weights, for FID-against-steps curves."""
 
@@ -32,7 +44,10 @@ class CurvePoint:
 @dataclass
 class RunResult:
     """A pre-training or transfer run, evaluated. `task`, `seed`, `budget` and `detail` are set
-    for transfers; `rank_tailor` for a KIND transfer at another tailor rank than the source's."""
+    for transfers; `rank_tailor` for a KIND transfer at another tailor rank than the source's;
+    `budget_scale` for a run at a multiple of KIND's budget (a budget curve), `null_tailor` for a
+    KIND transfer whose null class has its own tailor; `sweep` for runs evaluated at several
+    guidance scales. `source` names the pre-training setting (`presets.SOURCES`)."""
 
     run: str
     method: str
@@ -49,12 +64,23 @@ class RunResult:
     budget: int | None = None
     detail: str = ""
     rank_tailor: float | None = None
+    source: str = "digits"
+    budget_scale: float = 1.0
+    null_tailor: bool = False
+    sweep: list[GuidancePoint] = field(default_factory=list)
     job_seconds: float = 0.0
+
+    @property
+    def variant(self) -> str:
+        """The method with its options: 'kind', 'kind+null', 'lora@x4', 'kind+null@x0.25'."""
+        scale = "" if self.budget_scale == 1 else f"@x{self.budget_scale:g}"
+        return f"{self.method}{'+null' if self.null_tailor else ''}{scale}"
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:
         return cls(**(d | {"eval": EvalSummary(**d["eval"]),
-                           "curve": [CurvePoint(**p) for p in d["curve"]]}))  # fmt: skip
+                           "curve": [CurvePoint(**p) for p in d["curve"]],
+                           "sweep": [GuidancePoint(**p) for p in d.get("sweep", [])]}))  # fmt: skip
 
 
 @dataclass

@@ -1,0 +1,163 @@
+"""Verdicts on the paper's claims, computed from the results, never typed by hand.
+
+Each transfer run is scored by its FID at its best-FID guidance scale (the guidance sweep; the
+final evaluation where a run has no sweep), so a method is judged where it works best rather than
+at one scale that suits some methods more than others. Two methods are compared on the seeds they
+share: the per-seed differences are paired (same seed, same batches and noise), and a 95%
+t-interval of their mean says whether the difference is resolved. An interval that straddles 0,
+or a comparison with fewer than two shared seeds, is "unresolved at this scale".
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+from kind.experiments.presets import SOURCES
+from kind.experiments.results import DeployResult, RunResult
+
+SUPPORTED, NOT_SUPPORTED, UNRESOLVED = "supported", "not supported", "unresolved"
+PEFT = ("lora", "pissa", "oft")  # the parameter-efficient baselines the claims name
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (no scipy in the core install)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Mean of paired differences a - b with its 95% t-interval, over n seeds."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}] (n={self.n})"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    claim: str
+    source: str
+    comparison: str  # what was compared, e.g. "kind+null vs lora on shift"
+    verdict: str  # SUPPORTED, NOT_SUPPORTED or UNRESOLVED
+    evidence: str  # the numbers behind it
+
+
+def paired_interval(a: dict[int, float], b: dict[int, float]) -> Interval | None:
+    """The 95% t-interval of mean(a[s] - b[s]) over the seeds s both have; None under 2 pairs."""
+    seeds = sorted(a.keys() & b.keys())
+    if len(seeds) < 2:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, n = statistics.mean(diffs), len(diffs)
+    half = _T975[min(n - 1, len(_T975)) - 1] * statistics.stdev(diffs) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def best_fid(run: RunResult) -> float:
+    """FID at the run's best-FID guidance scale (its final evaluation when it has no sweep)."""
+    return min((p.fid for p in run.sweep), default=run.eval.fid)
+
+
+def score_by_seed(runs: list[RunResult], source: str, task: str, variant: str) -> dict[int, float]:
+    """Best-guidance FID of each seed of one method variant on one task."""
+    return {
+        r.seed: best_fid(r)
+        for r in runs
+        if r.source == source and r.task == task and r.variant == variant
+    }
+
+
+def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
+    """("better" | "worse" | "unresolved", evidence) for a against b, lower FID being better."""
+    interval = paired_interval(a, b)
+    if interval is None:
+        shared = sorted(a.keys() & b.keys())
+        detail = ", ".join(f"seed {s}: {a[s]:.2f} vs {b[s]:.2f}" for s in shared) or "no seed"
+        return UNRESOLVED, f"{detail}; fewer than 2 shared seeds"
+    evidence = f"ΔFID {interval}"
+    if interval.high < 0:
+        return "better", evidence
+    if interval.low > 0:
+        return "worse", evidence
+    return UNRESOLVED, evidence
+
+
+def beats_peft(
+    runs: list[RunResult], source: str, task: str, kind_variant: str, claim: str
+) -> Verdict:
+    """The claim that KIND (`kind_variant`) beats parameter-efficient fine-tuning at KIND's budget:
+    supported when it is resolved better than every PEFT method with 2+ seeds, not supported when
+    it is resolved worse than any, unresolved otherwise."""
+    mine = score_by_seed(runs, source, task, kind_variant)
+    outcomes = []
+    for peft in PEFT:
+        theirs = score_by_seed(runs, source, task, peft)
+        if theirs:
+            outcome, evidence = compare(mine, theirs)
+            outcomes.append((peft, outcome, evidence))
+    if not mine or not outcomes:
+        return Verdict(claim, source, f"{kind_variant} vs PEFT on {task}", UNRESOLVED,
+                       "missing runs")  # fmt: skip
+    if any(o == "worse" for _, o, _ in outcomes):
+        verdict = NOT_SUPPORTED
+    elif all(o == "better" for _, o, _ in outcomes):
+        verdict = SUPPORTED
+    else:
+        verdict = UNRESOLVED
+    evidence = "; ".join(f"vs {p}: {o}, {e}" for p, o, e in outcomes)
+    return Verdict(claim, source, f"{kind_variant} vs {', '.join(p for p, _, _ in outcomes)} on {task}",
+                   verdict, evidence)  # fmt: skip
+
+
+def negative_transfer(runs: list[RunResult], source: str, task: str = "shift") -> Verdict:
+    """The claim that carrying the source's tailors across a domain shift hurts: kind-tailors
+    resolved worse than kind."""
+    carried = score_by_seed(runs, source, task, "kind-tailors")
+    fresh = score_by_seed(runs, source, task, "kind")
+    claim = "source tailors transfer negatively across a domain shift"
+    outcome, evidence = (
+        compare(carried, fresh) if carried and fresh else (UNRESOLVED, "missing runs")
+    )
+    verdict = {"worse": SUPPORTED, "better": NOT_SUPPORTED}.get(outcome, UNRESOLVED)
+    return Verdict(claim, source, f"kind-tailors vs kind on {task}", verdict, evidence)
+
+
+def decomposition(deploy: DeployResult, source: str, tolerance: float = 1e-5) -> Verdict:
+    """The claim that an assembled model computes what the full model computes (within fp32
+    rounding) and is smaller than the dense DiT of the same size."""
+    claim = "decomposition is exact and smaller"
+    worst = max(v.max_rel_diff for v in deploy.variants)
+    same = all(v.same_samples for v in deploy.variants)
+    one = next(v for v in deploy.variants if v.variant == "1 class")
+    dense = next(r.params for r in deploy.size_table if r.part.startswith("dense DiT"))
+    ok = worst <= tolerance and same and one.params < dense
+    evidence = (f"worst relative output difference {worst:.1e} (tolerance {tolerance:.0e}), "
+                f"same samples: {'yes' if same else 'no'}; one class {one.params:,} parameters "
+                f"vs dense {dense:,}")  # fmt: skip
+    return Verdict(claim, source, "assembled vs full model", SUPPORTED if ok else NOT_SUPPORTED,
+                   evidence)  # fmt: skip
+
+
+def all_verdicts(results: dict[str, RunResult | DeployResult], sources: list[str],
+                 kind_variants: tuple[str, ...] = ("kind", "kind+null")) -> list[Verdict]:  # fmt: skip
+    """Every claim for every source that has results: decomposition, novel classes vs PEFT and
+    domain shift vs PEFT (for each KIND variant), negative transfer of source tailors."""
+    runs = [r for r in results.values() if isinstance(r, RunResult) and r.task]
+    verdicts = []
+    for source in sources:
+        deploy = results.get(f"{SOURCES[source].prefix}deploy")
+        if isinstance(deploy, DeployResult):
+            verdicts.append(decomposition(deploy, source))
+        for task, claim in (("novel", "novel classes: KIND beats PEFT at a matched budget"),
+                            ("shift", "domain shift: KIND beats PEFT at a matched budget")):  # fmt: skip
+            for variant in kind_variants:
+                if score_by_seed(runs, source, task, variant):
+                    verdicts.append(beats_peft(runs, source, task, variant, claim))
+        if score_by_seed(runs, source, "shift", "kind-tailors"):
+            verdicts.append(negative_transfer(runs, source))
+    return verdicts

@@ -1,0 +1,103 @@
+"""Verdicts are computed from results: a table of results in, the right verdict out."""
+
+import pytest
+
+from kind.experiments.results import (
+    DeployResult,
+    DeployVariant,
+    EvalSummary,
+    GuidancePoint,
+    RunResult,
+    SizeRow,
+)
+from kind.experiments.verdicts import (
+    NOT_SUPPORTED,
+    SUPPORTED,
+    UNRESOLVED,
+    all_verdicts,
+    best_fid,
+    paired_interval,
+)
+
+
+def _run(method, seed, fids, task="shift", source="digits", null=False):
+    """A transfer result whose guidance sweep has these FIDs (scales 1, 1.5, 2, ...)."""
+    sweep = [GuidancePoint(1 + 0.5 * i, f, 0.5, 0.5, 0.8, 100) for i, f in enumerate(fids)]
+    ev = EvalSummary(fids[0], 0.5, 0.5, 0.8, None, 100, "net")
+    return RunResult(run="r", method=method, train_seconds=1.0, steps=1, trainable=1, deployed=1,
+                     eval=ev, curve=[], curve_seconds=0.0, grid="", task=task, seed=seed,
+                     source=source, null_tailor=null, sweep=sweep)  # fmt: skip
+
+
+def _results(kind, lora, tailors=None, task="shift"):
+    """{job name: result} with one KIND and one LoRA run per seed (best FIDs as given)."""
+    out = {
+        f"transfer/{task}/kind/seed{s}": _run("kind", s, [f + 5, f], task)
+        for s, f in enumerate(kind)
+    }
+    out |= {f"transfer/{task}/lora/seed{s}": _run("lora", s, [f], task) for s, f in enumerate(lora)}
+    for s, f in enumerate(tailors or []):
+        out[f"transfer/{task}/kind-tailors/seed{s}"] = _run("kind-tailors", s, [f], task)
+    return out
+
+
+def _verdict(verdicts, comparison_start):
+    (v,) = [v for v in verdicts if v.comparison.startswith(comparison_start)]
+    return v
+
+
+def test_best_fid_is_the_best_point_of_the_guidance_sweep():
+    assert best_fid(_run("kind", 0, [30.0, 12.0, 20.0])) == 12.0
+
+
+def test_paired_interval_needs_two_seeds_and_pairs_by_seed():
+    assert paired_interval({0: 1.0}, {0: 2.0}) is None
+    iv = paired_interval({0: 10.0, 1: 11.0, 2: 12.0}, {0: 12.0, 1: 12.5, 2: 14.5})
+    assert iv.n == 3 and iv.mean == pytest.approx(-2.0) and iv.high < 0
+
+
+def test_kind_resolved_better_than_lora_is_supported():
+    verdicts = all_verdicts(_results(kind=[10, 11, 12], lora=[20, 21.5, 22]), ["digits"])
+    assert _verdict(verdicts, "kind vs").verdict == SUPPORTED
+
+
+def test_kind_resolved_worse_than_lora_is_not_supported():
+    verdicts = all_verdicts(_results(kind=[20, 21.5, 22], lora=[10, 11, 12]), ["digits"])
+    assert _verdict(verdicts, "kind vs").verdict == NOT_SUPPORTED
+
+
+def test_overlapping_intervals_are_unresolved():
+    verdicts = all_verdicts(_results(kind=[10, 14, 12], lora=[12, 11, 13]), ["digits"])
+    v = _verdict(verdicts, "kind vs")
+    assert v.verdict == UNRESOLVED and "ΔFID" in v.evidence
+
+
+def test_one_seed_is_unresolved_however_large_the_gap():
+    verdicts = all_verdicts(_results(kind=[5], lora=[50]), ["digits"])
+    assert _verdict(verdicts, "kind vs").verdict == UNRESOLVED
+
+
+def test_negative_transfer_of_source_tailors():
+    worse = _results(kind=[10, 11, 12], lora=[10, 11, 12], tailors=[15, 17, 16])
+    assert _verdict(all_verdicts(worse, ["digits"]), "kind-tailors").verdict == SUPPORTED
+    same = _results(kind=[10, 11, 12], lora=[10, 11, 12], tailors=[11, 10, 12.5])
+    assert _verdict(all_verdicts(same, ["digits"]), "kind-tailors").verdict == UNRESOLVED
+
+
+def test_decomposition_verdict_checks_exactness_and_size():
+    def deploy(diff):
+        variants = [DeployVariant("1 class", ["0"], 100, 400, diff, True)]
+        return DeployResult(
+            "p", variants, [SizeRow("dense DiT, same size, 6 classes", 150, 600)], 0.1
+        )
+
+    assert all_verdicts({"deploy": deploy(1e-7)}, ["digits"])[0].verdict == SUPPORTED
+    assert all_verdicts({"deploy": deploy(1e-2)}, ["digits"])[0].verdict == NOT_SUPPORTED
+
+
+def test_sources_are_kept_apart():
+    wide = {f"wide/{k}": r for k, r in _results(kind=[10, 11, 12], lora=[20, 21, 22]).items()}
+    for r in wide.values():
+        r.source = "wide"
+    verdicts = all_verdicts(wide, ["digits", "wide"])
+    assert {v.source for v in verdicts} == {"wide"}
