@@ -115,11 +115,15 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
         train(_cfg(2), tmp_path / "nothing", resume=True, data=_data([0, 1]))
 
 
-def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path):
+def test_nan_loss_stops_with_a_message_naming_the_steps_and_saves_nothing(tmp_path):
     data = _data([0, 1])
     data.images.images[:] = float("nan")
-    with pytest.raises(TrainingError, match="loss became nan at step 1"):
+    with pytest.raises(TrainingError, match="diverged: the last 2 steps .up to step 2.*--restart"):
         train(_cfg(2), tmp_path / "nan", data=data)
+    assert (
+        not (tmp_path / "nan" / "checkpoints").exists()
+        and not (tmp_path / "nan" / "model").exists()
+    )
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

@@ -35,6 +35,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 25
     sample_every: int = 1000  # sample grid with EMA weights; 0 = only at the end
+    max_bad_steps: int = 5  # stop after this many non-finite steps in a row (none is applied)
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -175,25 +175,60 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
             scaled = loss * (micro / local)
             state.scaler.scale(scaled).backward()
         loss_sum += scaled.detach()
-    if not torch.isfinite(loss_sum):
-        raise TrainingError(
-            f"loss became {loss_sum.item()} at step {state.step + 1} (lr "
-            f"{opt.param_groups[0]['lr']:.3g}); lower train.lr, keep train.grad_clip on, or use "
-            f"precision fp32. The last checkpoint in {run.out}/checkpoints is intact; resume "
-            "from it with --resume"
-        )
     scaler = state.scaler
     scaler.unscale_(opt)
     params = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
-    scale_before = scaler.get_scale() if scaler.is_enabled() else None
-    scaler.step(opt)
-    scaler.update()
-    if scale_before is None or scaler.get_scale() >= scale_before:  # fp16 step not skipped
-        state.ema.update()
+    # One fused check, the step's one host sync: a non-finite loss or gradient is never applied.
+    # (With fp16 the gradient scaler already skips overflowing gradients and lowers its scale.)
+    finite = bool(torch.isfinite(loss_sum if scaler.is_enabled() else loss_sum + grad_norm))
+    if finite or scaler.is_enabled():
+        scale_before = scaler.get_scale() if scaler.is_enabled() else None
+        scaler.step(opt)
+        scaler.update()
+        if finite and (scale_before is None or scaler.get_scale() >= scale_before):
+            state.ema.update()  # not after a step the fp16 scaler skipped
     opt.zero_grad(set_to_none=True)
     state.step += 1
+    state.bad_in_row = 0 if finite else state.bad_in_row + 1
+    state.skipped += not finite
+    if state.bad_in_row >= tc.max_bad_steps:
+        detail = f" (loss {loss_sum.item():.3g}, gradient norm {grad_norm.item():.3g})"
+        raise TrainingError(_diverged(run, detail))
     return loss_sum, grad_norm
+
+
+def _diverged(run: _Run, detail: str = "") -> str:
+    """What happened and what to do, when steps kept coming out non-finite."""
+    state = run.state
+    last = latest_checkpoint(run.out)
+    where = (f"the last checkpoint, {last}, holds finite weights: continue from it with --resume "
+             "after changing the settings (e.g. --resume --lr ...)" if last is not None else
+             "no checkpoint was written yet: start again with --restart and other settings")  # fmt: skip
+    return (
+        f"training diverged: the last {state.bad_in_row} steps (up to step {state.step}) had a "
+        f"non-finite loss or gradient{detail} at lr "
+        f"{state.optimizer.param_groups[0]['lr']:.3g}, and none of them was applied. Lower "
+        f"train.lr, keep train.grad_clip on, or use precision fp32. Nothing non-finite was saved; "
+        f"{where}"
+    )
+
+
+def _check_saveable(run: _Run, final: bool) -> None:
+    """Never save what a divergence left: a run that ends in non-finite steps, or weights with a
+    NaN or an infinity, stops here with a message naming the last good checkpoint."""
+    state = run.state
+    if final and state.bad_in_row:
+        raise TrainingError(_diverged(run))
+    bad = state.nonfinite()
+    if bad:
+        last = latest_checkpoint(run.out)
+        raise TrainingError(
+            f"the weights became non-finite by step {state.step} ({len(bad)} tensors, e.g. "
+            f"{bad[0]}); nothing was saved. Lower train.lr or keep train.grad_clip on; "
+            + (f"the last checkpoint, {last}, holds finite weights (--resume continues from it)"
+               if last else "no checkpoint was written yet (--restart starts again)")
+        )  # fmt: skip
 
 
 def train(
@@ -247,7 +282,9 @@ def train(
                     }
                 )
         if info.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
-            state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
+            _check_saveable(run, final=step == tc.steps)
+            if not state.bad_in_row:
+                state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
         if info.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
             write_grid(run, out / "samples" / f"step_{step:07d}.png")
         distributed.barrier(info)

@@ -31,6 +31,8 @@ class TrainState:
     scaler: torch.amp.GradScaler
     step: int = 0
     seconds: float = 0.0  # training seconds of earlier calls (a resumed run)
+    skipped: int = 0  # steps not applied because their loss or gradient was non-finite
+    bad_in_row: int = 0  # such steps since the last applied one
 
     @classmethod
     def create(cls, model: DiT, tc: TrainConfig, device: torch.device) -> TrainState:
@@ -48,6 +50,13 @@ class TrainState:
         scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
         return cls(model, [n for n, _ in named], optimizer, EMA(named, tc.ema_decay), gens, scaler)
 
+    def nonfinite(self) -> list[str]:
+        """Names of the weights (model or EMA) holding a NaN or an infinity; a check made before
+        every save, never in the step."""
+        tensors = self.model.state_dict().items()
+        bad = [n for n, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
+        return bad + [f"ema:{n}" for n, t in self.ema.shadow.items() if not torch.isfinite(t).all()]
+
     def save(self, run_dir: Path, keep: int, seconds: float) -> Path:
         """Write checkpoint `step_NNNNNNN` atomically, then drop all but the `keep` newest."""
         path = checkpoint_dir(run_dir, self.step)
@@ -64,6 +73,7 @@ class TrainState:
                 "param_groups": groups,
                 "grad_scaler": dict(self.scaler.state_dict()),
                 "elapsed_s": seconds,
+                "skipped_steps": self.skipped,
             }
             atomic_write_text(d / "state.json", json.dumps(state))
         prune_checkpoints(run_dir, keep)
@@ -84,6 +94,7 @@ class TrainState:
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.seconds = int(state["step"]), float(state.get("elapsed_s", 0.0))
+        self.skipped = int(state.get("skipped_steps", 0))
 
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"gen.{k}": g.get_state() for k, g in self.gens.items()}
