@@ -8,6 +8,7 @@ import torch
 from kind.data.dataset import Dataset
 from kind.io import read_json, read_tensors
 from kind.store.modeldir import load_model_dir
+from kind.store.runs import RunDirError
 from kind.training.config import load_config
 from kind.training.loop import TrainingError, train
 
@@ -105,13 +106,13 @@ def test_run_writes_config_model_and_samples(tmp_path):
 def test_existing_run_is_not_overwritten(tmp_path):
     train(_cfg(2), tmp_path / "r", data=_data([0, 1]))
     before = (tmp_path / "r" / "config.json").read_bytes()
-    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+    with pytest.raises(RunDirError, match="already holds a run.*--resume"):
         train(_cfg(2), tmp_path / "r", data=_data([0, 1]))
     assert (tmp_path / "r" / "config.json").read_bytes() == before
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(TrainingError, match="no checkpoint"):
+    with pytest.raises(RunDirError, match="no checkpoint"):
         train(_cfg(2), tmp_path / "nothing", resume=True, data=_data([0, 1]))
 
 

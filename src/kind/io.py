@@ -118,3 +118,34 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+CHECKSUMS = "checksums.json"
+
+
+def write_checksums(directory: Path) -> None:
+    """Record the sha256 of every file in `directory` (not its sub-directories) in checksums.json,
+    so a reader can tell a flipped bit or a swapped file from the data that was written."""
+    directory = Path(directory)
+    sums = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
+            if p.is_file() and p.name != CHECKSUMS}  # fmt: skip
+    write_json(directory / CHECKSUMS, {"sha256": sums})
+
+
+def verify_checksums(directory: Path) -> bool:
+    """Check every file listed in `directory`/checksums.json; raise ValueError naming the first
+    file that is missing or differs. Returns False for a directory written before checksums were
+    recorded (nothing to check), True when all match."""
+    directory = Path(directory)
+    if not (directory / CHECKSUMS).is_file():
+        return False
+    for name, digest in read_json(directory / CHECKSUMS)["sha256"].items():
+        path = directory / name
+        if not path.is_file():
+            raise ValueError(f"{path} is missing; {directory} is incomplete (copy it again)")
+        if sha256_file(path) != digest:
+            raise ValueError(
+                f"{path} does not match its sha256 in {CHECKSUMS}: the file was modified or "
+                "damaged on disk (a bit flip, a partial copy); restore it from a copy"
+            )
+    return True

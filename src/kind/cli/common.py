@@ -49,10 +49,15 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument(
         "--out",
         required=True,
-        help="run directory to create (refused if it holds a run, unless --resume)",
+        help="run directory: new or empty (a run already in it needs --resume or --restart)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start the run in --out again from nothing (removes that run's own files only)",
     )
 
 

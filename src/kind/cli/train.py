@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> None:
     from kind.training.loop import train
 
     cfg = run_config(args)
-    result = train(cfg, args.out, resume=args.resume)
+    result = train(cfg, args.out, resume=args.resume, restart=args.restart)
     logging.info("trained %d steps in %.0f s -> %s", result.steps, result.seconds, result.run_dir)
     print(
         f"run: {result.run_dir}  (model: {result.run_dir / 'model'}, samples: "

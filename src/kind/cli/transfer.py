@@ -113,5 +113,6 @@ def run(args: argparse.Namespace) -> None:
         rank_tailor=args.rank_tailor,
         null_tailor=args.null_tailor,
         resume=args.resume,
+        restart=args.restart,
     )
     print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")

@@ -34,7 +34,14 @@ from kind.experiments.scheduler import Job
 from kind.io import read_json
 from kind.store.load import load_model
 from kind.store.parts import assemble, decompose, is_parts_dir, read_manifest
-from kind.store.runs import checkpoint_dirs, checkpoint_step, ema_weights, latest_checkpoint
+from kind.store.runs import (
+    checkpoint_dirs,
+    checkpoint_step,
+    ema_weights,
+    is_owned,
+    is_run_dir,
+    latest_checkpoint,
+)
 from kind.store.sizes import size_table
 from kind.training.config import Config, load_config
 from kind.training.loop import TrainResult, train
@@ -122,15 +129,12 @@ def _sweep(model, diffusion, ref: str, preset: Preset, device: str) -> list[Guid
     return points
 
 
-def _continue(run: Path) -> bool:
-    """Whether to resume `run`: it has a checkpoint. A run that died before its first checkpoint
-    is the demo's own scratch output and starts over."""
-    import shutil
-
+def _continue(run: Path) -> dict:
+    """How to (re)start `run`: resume from its checkpoint, restart a run of ours that died before
+    its first one, or start fresh; a folder that is not a run of ours is refused by `train`."""
     if latest_checkpoint(run) is not None:
-        return True
-    shutil.rmtree(run, ignore_errors=True)
-    return False
+        return {"resume": True}
+    return {"restart": is_owned(run) and is_run_dir(run)}
 
 
 def _finish(run: Path, result: TrainResult, diffusion: Diffusion, ref: str, preset: Preset,
@@ -168,7 +172,7 @@ def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, de
     _setup_worker(threads, run.parent / f"{run.name}.log")
     cfg = _config(spec, preset, preset.pretrain_steps, seed, device, kind=kind)
     cfg.train.orth_weight = orth_weight
-    result = train(cfg, run, resume=_continue(run))
+    result = train(cfg, run, **_continue(run))
     return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device,
                    method="kind" if kind else "dense", source=source)  # fmt: skip
 
@@ -192,7 +196,7 @@ def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense:
     result = run_transfer(parts if kind else dense, cfg, run, method=method,
                           budget=None if kind else round(budget_scale * budget),
                           rank_tailor=rank_tailor, null_tailor=null_tailor,
-                          resume=_continue(run))  # fmt: skip
+                          **_continue(run))  # fmt: skip
     meta = read_json(run / "run.json")["transfer"]
     return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device, task=task,
                    method=method, seed=seed, budget=budget, detail=meta.get("detail", ""),

@@ -1,5 +1,6 @@
 """Model directories: `model.json` (architecture, diffusion and sampling settings) beside
-`model.safetensors` (the weights), written atomically as one directory.
+`model.safetensors` (the weights) and `checksums.json` (their sha256, checked on every load),
+written atomically as one directory.
 
 This is what a run exports, what `assemble` writes and what `sample` reads; a merged directory
 (`"merged"` in model.json) holds one class folded into dense weights plus its null network.
@@ -8,6 +9,7 @@ This is what a run exports, what `assemble` writes and what `sample` reads; a me
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -15,7 +17,17 @@ import torch
 from kind.core.decomposition import MergedDiT
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, load_state
-from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from kind.io import (
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_text,
+    read_json,
+    read_tensors,
+    verify_checksums,
+    write_checksums,
+)
+
+log = logging.getLogger(__name__)
 
 MODEL_JSON, MODEL_WEIGHTS = "model.json", "model.safetensors"
 
@@ -37,11 +49,14 @@ def save_model_dir(
         meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
         atomic_write_text(tmp / MODEL_JSON, json.dumps(meta, indent=2))
         atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())
+        write_checksums(tmp)
 
 
 def load_model_dir(path: Path) -> tuple[DiT | MergedDiT, DiffusionConfig, dict]:
     """(model in eval mode, diffusion config, model.json's content) of a model directory."""
     path = Path(path)
+    if not verify_checksums(path):
+        log.warning("%s has no checksums.json (written by kind-dit 0.1): not verified", path)
     meta = read_json(path / MODEL_JSON)
     config = ModelConfig.from_dict(meta["model"])
     merged = meta.get("merged") not in (None, "null")  # one class folded in, plus its null model

@@ -9,14 +9,21 @@ by parameter name so it can live in safetensors.
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, load_state
-from kind.io import read_json, read_tensors
+from kind.io import read_json, read_tensors, verify_checksums
+
+log = logging.getLogger(__name__)
 
 CONFIG_JSON, RUN_JSON = "config.json", "run.json"
 
@@ -77,6 +84,7 @@ def load_optimizer(
 
 def ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint with the EMA of its trainable parameters in place."""
+    verify_checksums(checkpoint)
     return read_tensors(checkpoint / "model.safetensors") | read_tensors(
         checkpoint / "ema.safetensors"
     )
@@ -94,3 +102,105 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
     run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}
     meta = {"sample": cfg["sample"], "latent": run.get("latent")}
     return model.eval(), DiffusionConfig(**cfg["diffusion"]), meta
+
+
+# ---- owning a run directory -----------------------------------------------------------------
+
+MARKER, LOCK = ".kind-run", ".kind-run.lock"
+# what a run writes: all that --restart may remove
+RUN_FILES = (CONFIG_JSON, RUN_JSON, "metrics.csv", "checkpoints", "model", "samples", "tensorboard")
+
+
+class RunDirError(ValueError):
+    """An output directory that a run may not use as asked; nothing in it was touched."""
+
+
+def is_owned(path: Path) -> bool:
+    """Whether kind-dit made this directory (its marker file is there)."""
+    return (Path(path) / MARKER).is_file()
+
+
+def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
+    """Validate `--out` before anything is written: absent, empty, or a run directory of ours
+    (holding a run only with --resume or --restart). Touches nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory; choose a directory path")
+    has_files = out.is_dir() and any(out.iterdir())
+    if has_files and not is_owned(out):
+        raise RunDirError(
+            f"{out} holds files kind-dit did not make; choose a new or empty directory for "
+            "--out (nothing was touched)"
+        )
+    if resume and restart:
+        raise RunDirError("--resume and --restart exclude each other; pass one")
+    if resume and latest_checkpoint(out) is None:
+        raise RunDirError(
+            f"--resume: no checkpoint in {out}/checkpoints to resume from"
+            + ("; start the run again with --restart" if is_owned(out) else "")
+        )
+    if not resume and not restart and is_run_dir(out):
+        raise RunDirError(
+            f"{out} already holds a run; pass --resume to continue it, --restart to start it "
+            "again, or choose another --out (nothing was overwritten)"
+        )
+    if restart and not is_owned(out):
+        raise RunDirError(f"--restart: {out} holds no kind-dit run to start again")
+
+
+def claim_run_dir(out: Path, restart: bool) -> None:
+    """Create (or, with `restart`, empty of its run files) a run directory and mark it ours;
+    remove temporary files an interrupted write left behind."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("a kind-dit run directory\n")
+    if restart:
+        for name in RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    for stale in (
+        list(out.glob(".*.tmp"))
+        + list((out / "checkpoints").glob(".*.tmp"))
+        + list((out / "checkpoints").glob(".*.old"))
+    ):  # atomic writes interrupted by a crash
+        log.info("removing %s, left by an interrupted write", stale)
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
+@contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run directory while writing to it. The kernel drops it when
+    the process ends, however it ends, so a crashed run never leaves a stale lock."""
+    path = Path(out) / LOCK
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunDirError(
+                f"{out} is being written by {holder}; wait for it to finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"kind-dit process {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def usable_checkpoints(run_dir: Path) -> Iterator[Path]:
+    """The run's checkpoints, newest first, each checked against its checksums; a damaged one is
+    skipped with a warning that says so (the caller falls back to the one before)."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            verify_checksums(path)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            log.warning("checkpoint %s is unreadable (%s); falling back to the one before", path, e)
+            continue
+        yield path

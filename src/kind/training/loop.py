@@ -21,8 +21,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from contextlib import ExitStack, nullcontext
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -35,9 +35,17 @@ from kind.core.model import DiT
 from kind.core.sampling import generate
 from kind.data.dataset import Dataset, open_dataset
 from kind.data.latents import decoder
-from kind.io import atomic_write_text
+from kind.io import atomic_write_text, read_json
 from kind.store.modeldir import save_model_dir
-from kind.store.runs import CONFIG_JSON, RUN_JSON, latest_checkpoint
+from kind.store.runs import (
+    CONFIG_JSON,
+    RUN_JSON,
+    check_run_dir,
+    claim_run_dir,
+    latest_checkpoint,
+    run_lock,
+    usable_checkpoints,
+)
 from kind.training import distributed
 from kind.training.config import Config, read_group_file, save_config
 from kind.training.log import CsvLog
@@ -84,19 +92,15 @@ class _Run:
     micro: int  # samples per forward
 
 
-def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, meta: dict | None,
-           data: Dataset | None) -> _Run:  # fmt: skip
+def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: bool,
+           meta: dict | None, data: Dataset | None, stack: ExitStack) -> _Run:  # fmt: skip
+    """Validate, build the model and its state, then (and only then) claim and lock `out` and
+    write the run's config, or restore its latest readable checkpoint."""
     tc = cfg.train
     info = distributed.setup(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    if resume and latest_checkpoint(out) is None:
-        raise TrainingError(f"--resume: no checkpoint in {out}/checkpoints to resume from")
-    if not resume and (out / CONFIG_JSON).exists():
-        raise TrainingError(
-            f"{out} already holds a run; pass --resume to continue it, or choose "
-            "another --out (nothing was overwritten)"
-        )
+    check_run_dir(out, resume, restart)
     B, world = tc.batch_size, info.world
     local = B // world
     micro = tc.micro_batch_size or local
@@ -118,11 +122,18 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, meta: dict |
     model.to(info.device)
     model.grad_checkpointing = tc.grad_checkpointing
     state = TrainState.create(model, tc, info.device)
+    if info.is_main:  # the first write: everything above was checked
+        claim_run_dir(out, restart)
+        stack.enter_context(run_lock(out))
     if resume:
-        state.restore(latest_checkpoint(out))
-        log.info("resumed %s at step %d", out, state.step)
+        path = next(usable_checkpoints(out), None)
+        if path is None:
+            raise TrainingError(f"--resume: no readable checkpoint in {out}/checkpoints")
+        state.restore(path)
+        log.info("resumed %s at step %d from %s", out, state.step, path.name)
+        if info.is_main:
+            _record_changes(cfg, out, state.step)
     elif info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / CONFIG_JSON)
         run_meta = (meta or {}) | {"latent": data.latent}
         atomic_write_text(out / RUN_JSON, json.dumps(run_meta, indent=2))
@@ -139,6 +150,22 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, meta: dict |
     if tc.compile:
         net = torch.compile(net)
     return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, local, micro)
+
+
+def _record_changes(cfg: Config, out: Path, step: int) -> None:
+    """A resume that changes how the run trains (steps, batch size, lr, ...) says so, and the
+    run's config.json and run.json record it."""
+    saved = read_json(out / CONFIG_JSON)["train"]
+    now = asdict(cfg.train)
+    changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
+    if not changed:
+        return
+    log.warning("resuming %s at step %d with changed settings: %s", out, step,
+                ", ".join(f"train.{k} {a} -> {b}" for k, (a, b) in changed.items()))  # fmt: skip
+    save_config(cfg, out / CONFIG_JSON)
+    run = read_json(out / RUN_JSON) if (out / RUN_JSON).is_file() else {}
+    run.setdefault("resumed", []).append({"step": step, "changed": changed})
+    atomic_write_text(out / RUN_JSON, json.dumps(run, indent=2))
 
 
 def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +264,7 @@ def train(
     *,
     model: DiT | None = None,
     resume: bool = False,
+    restart: bool = False,
     meta: dict | None = None,
     data: Dataset | None = None,
     export: Callable[[nn.Module], nn.Module] | None = None,
@@ -247,11 +275,17 @@ def train(
     stored in the run's `run.json` (e.g. where a transfer came from). `data` replaces the dataset
     `cfg.data` names. `export` turns the trained model (EMA weights in place) into the plain DiT
     written to `out/model` (baselines merge their adapters this way). With `resume`, the caller
-    builds the same initial model and the latest checkpoint in `out` is loaded over it. The
-    returned model (the one passed in, trained) holds the EMA weights.
+    builds the same initial model and the latest readable checkpoint in `out` is loaded over it;
+    with `restart`, a run in `out` starts again from nothing. `out` must be absent, empty or a
+    kind-dit run directory, and is locked while the run writes to it. The returned model (the one
+    passed in, trained) holds the EMA weights.
     """
-    out = Path(out)
-    run = _setup(cfg, out, model, resume, meta, data)
+    with ExitStack() as stack:
+        return _train(cfg, Path(out), model, resume, restart, meta, data, export, stack)
+
+
+def _train(cfg, out, model, resume, restart, meta, data, export, stack) -> TrainResult:
+    run = _setup(cfg, out, model, resume, restart, meta, data, stack)
     cfg, tc, info, state = run.cfg, run.cfg.train, run.info, run.state
     logger = CsvLog(out / "metrics.csv", state.step if resume else None, tc.tensorboard) \
         if info.is_main else None  # fmt: skip

@@ -3,7 +3,8 @@
 A checkpoint holds the model, the EMA of its trainable parameters, the optimiser state (tensors keyed
 by parameter name), the RNG states (the batch and noise generators every rank holds identically, and
 torch's global ones) and `state.json` with the step, the EMA counts, the optimiser's
-hyper-parameters, the gradient scaler and the training seconds so far.
+hyper-parameters, the gradient scaler and the training seconds so far; `checksums.json` holds the
+sha256 of every file, checked before a resume reads them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from pathlib import Path
 import torch
 
 from kind.core.model import DiT, load_state
-from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from kind.io import (
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_text,
+    read_json,
+    read_tensors,
+    verify_checksums,
+    write_checksums,
+)
 from kind.store.runs import checkpoint_dir, load_optimizer, optimizer_tensors, prune_checkpoints
 from kind.training.config import TrainConfig
 from kind.training.ema import EMA
@@ -76,11 +85,14 @@ class TrainState:
                 "skipped_steps": self.skipped,
             }
             atomic_write_text(d / "state.json", json.dumps(state))
+            write_checksums(d)
         prune_checkpoints(run_dir, keep)
         return path
 
     def restore(self, path: Path) -> None:
-        """Load checkpoint `path` into this state (built for the same model and settings)."""
+        """Load checkpoint `path` into this state (built for the same model and settings), after
+        checking every file against the checkpoint's checksums."""
+        verify_checksums(path)
         load_state(self.model, read_tensors(path / "model.safetensors"), path)
         state = read_json(path / "state.json")
         self.ema.load(read_tensors(path / "ema.safetensors"), state["ema_counts"])

@@ -63,6 +63,7 @@ def run_transfer(
     rank_tailor: float | None = None,
     null_tailor: bool = False,
     resume: bool = False,
+    restart: bool = False,
 ) -> TrainResult:
     """Train a transferred model for the classes of `cfg.data` into run directory `out`.
 
@@ -83,5 +84,6 @@ def run_transfer(
         seed=cfg.train.seed,
     )
     cfg = replace(cfg, model=start.model.config, diffusion=start.diffusion)
-    return train(cfg, out, model=start.model, resume=resume, meta={"transfer": start.meta},
+    return train(cfg, out, model=start.model, resume=resume, restart=restart,
+                 meta={"transfer": start.meta},
                  data=data, export=start.export)  # fmt: skip
