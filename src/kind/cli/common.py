@@ -4,6 +4,7 @@ become a run config."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,40 @@ SET_HELP = (
 
 # command-line flag (argparse dest) -> key of the config's train section
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "device", "precision")
+
+
+def count(low: int = 1):
+    """An argparse type: an integer >= `low`, refused at parse time with the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float = 0.0, open_low: bool = False):
+    """An argparse type: a finite number >= `low` (> with `open_low`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number {'>' if open_low else '>='} {low:g}, got {text}"
+            )
+        return value
+
+    return parse
 
 
 def classes(text: str | None) -> list[str] | None:
@@ -38,10 +73,10 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
         help="data spec: mnist:0-5, mnist:6,7,8,9, animals, path/to/folder[:cat,dog], or a latent "
         "store (kind-dit encode)",
     )
-    p.add_argument("--steps", type=int, help="optimiser steps (train.steps)")
-    p.add_argument("--batch-size", type=int, help="global batch size (train.batch_size)")
-    p.add_argument("--lr", type=float, help="peak learning rate (train.lr)")
-    p.add_argument("--seed", type=int, help="seed for init, batches and noise (train.seed)")
+    p.add_argument("--steps", type=count(), help="optimiser steps (train.steps)")
+    p.add_argument("--batch-size", type=count(), help="global batch size (train.batch_size)")
+    p.add_argument("--lr", type=number(open_low=True), help="peak learning rate (train.lr)")
+    p.add_argument("--seed", type=count(0), help="seed for init, batches and noise (train.seed)")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     p.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)"
@@ -69,7 +104,7 @@ def overrides(args: argparse.Namespace) -> dict:
     for key in _TRAIN_FLAGS:
         if getattr(args, key, None) is not None:
             ov.setdefault("train", {})[key] = getattr(args, key)
-    if getattr(args, "data", None):
+    if getattr(args, "data", None) is not None:
         ov["data"] = args.data
     if getattr(args, "model", None):
         ov.setdefault("model", {})["kind"] = args.model == "kind"

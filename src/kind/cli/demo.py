@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kind.cli.common import classes
+from kind.cli.common import classes, count
 
 NAME = "demo"
 HELP = "the end-to-end demo: pre-train, decompose, transfer, evaluate, report"
@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     p.add_argument(
-        "--jobs", type=int, help="jobs side by side (default: one a core, at most 4; 1 on a GPU)"
+        "--jobs",
+        type=count(),
+        help="jobs side by side (default: one a core, at most 4; 1 on a GPU)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from kind.cli.common import count
+
 NAME = "encode"
 HELP = "encode images into a latent store with a local VAE"
 DESCRIPTION = (
@@ -22,20 +24,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vae", required=True, help="local VAE directory (sd-vae-ft-ema layout)")
     p.add_argument("--out", required=True, help="store directory to create")
-    p.add_argument("--image-size", type=int, default=256, help="pixels (default 256)")
+    p.add_argument("--image-size", type=count(), default=256, help="pixels (default 256)")
     p.add_argument(
         "--split",
         choices=["train", "test"],
         default="train",
         help="which split of the spec (every 5th image of a class is test)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE batch")
+    p.add_argument("--batch-size", type=count(), default=64, help="images per VAE batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="VAE compute precision"
     )
-    p.add_argument("--workers", type=int, default=4, help="image-reading threads")
-    p.add_argument("--limit-per-class", type=int, help="encode at most N images a class")
+    p.add_argument("--workers", type=count(0), default=4, help="image-reading threads")
+    p.add_argument("--limit-per-class", type=count(), help="encode at most N images a class")
 
 
 def run(args: argparse.Namespace) -> None:

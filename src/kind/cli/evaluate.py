@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from kind.cli.common import count
+
 NAME = "evaluate"
 HELP = "FID, precision, recall, class accuracy of samples"
 DESCRIPTION = (
@@ -27,8 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="local path of the FID Inception weights "
         "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth); or set KIND_INCEPTION_WEIGHTS",
     )
-    p.add_argument("--k", type=int, default=3, help="k of the k-NN precision/recall")
+    p.add_argument("--k", type=count(), default=3, help="k of the k-NN precision/recall")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing result file")
     p.add_argument("--out", help="result JSON (default: SAMPLES.eval.json)")
 
 
@@ -36,6 +39,9 @@ def run(args: argparse.Namespace) -> None:
     """Score, write the full result as JSON, and print the headline metrics on one line."""
     from kind.eval.evaluate import evaluate, write_result
 
+    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
+    if out.exists() and not args.overwrite:  # checked before the (long) evaluation
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose --out")
     result = evaluate(
         args.samples,
         args.ref,
@@ -44,7 +50,6 @@ def run(args: argparse.Namespace) -> None:
         inception_weights=args.inception_weights,
         device=args.device,
     )
-    out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
     write_result(result, out)
     print("  ".join(f"{k} {result[k]:.4g}" for k in _SHOWN if result.get(k) is not None))
     print(f"-> {out}")

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kind.cli.common import classes
+from kind.cli.common import classes, count, number
 
 NAME = "sample"
 HELP = "draw samples to a PNG grid and an .npz"
@@ -29,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--n",
         "--per-class",
         dest="n",
-        type=int,
+        type=count(),
         default=8,
         help="samples per class (default 8); under torchrun write --per-class (torchrun reads "
         "--n as one of its own options)",
@@ -40,14 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="ddim",
         help="DDIM (eta 0) or ancestral DDPM, both respaced (default ddim)",
     )
-    p.add_argument("--steps", type=int, help="sampling steps (default: the run's sample.steps)")
+    p.add_argument("--steps", type=count(), help="sampling steps (default: the run's sample.steps)")
     p.add_argument(
         "--cfg-scale",
-        type=float,
+        type=number(),
         help="classifier-free guidance scale; 1 = off (default: the run's sample.cfg_scale)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed; same seed, same samples")
-    p.add_argument("--batch-size", type=int, default=256, help="samples per forward batch")
+    p.add_argument("--seed", type=count(0), default=0, help="seed; same seed, same samples")
+    p.add_argument("--batch-size", type=count(), default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> None:
     names = classes(args.classes)
     model, diffusion, meta = load_model(Path(args.source), names)
     defaults = meta.get("sample", {})
-    steps = args.steps or defaults.get("steps", 50)
+    steps = args.steps if args.steps is not None else defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.5)
     model.to(info.device)
     ids = [model.null_id] if args.unconditional else resolve_classes(model.config, names)

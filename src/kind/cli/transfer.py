@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from kind.cli.common import add_train_options, run_config
+from kind.cli.common import add_train_options, count, number, run_config
 
 NAME = "transfer"
 HELP = "train a model for new classes from the learngenes"
@@ -65,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--budget",
-        type=int,
+        type=count(),
         help="trainable-parameter budget the LoRA/PiSSA/OFT rank is matched to",
     )
     p.add_argument(
@@ -86,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rank-tailor",
-        type=float,
+        type=number(open_low=True),
         help="tailor rank of the new model (KIND methods; default: the source's)",
     )
     # Last: Python >= 3.14 expands each help string with this formatter as it is added.

@@ -39,6 +39,17 @@ class DiffusionConfig:
             raise ValueError(
                 f"diffusion.schedule must be one of {list(SCHEDULES)}, got {self.schedule!r}"
             )
+        if not isinstance(self.num_timesteps, int) or self.num_timesteps < 2:
+            raise ValueError(
+                f"diffusion.num_timesteps = {self.num_timesteps!r} is out of range; allowed: an "
+                "integer >= 2"
+            )
+        for name in ("min_snr_gamma", "clip_x0"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and 0 < value < math.inf):
+                raise ValueError(
+                    f"diffusion.{name} = {value!r} is out of range; allowed: a number > 0 or null"
+                )
 
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):

@@ -233,7 +233,12 @@ class DiT(nn.Module):
         base, self.patch = parse_size(cfg.size)
         depth, hidden, heads = SIZES[base]
         if cfg.image_size % self.patch:
-            raise ValueError(f"image size {cfg.image_size} is not divisible by patch {self.patch}")
+            fits = [f"{base}/{p}" for p in PATCHES[base] if cfg.image_size % p == 0]
+            raise ValueError(
+                f"image size {cfg.image_size} is not divisible by patch {self.patch} of size "
+                f"{cfg.size}; choose a model size whose patch divides it: "
+                f"{', '.join(f'--size {f}' for f in fits) or 'none of ' + base + chr(39) + 's'}"
+            )
         if len(cfg.tau) != cfg.num_classes:
             raise ValueError(
                 f"class_to_group has {len(cfg.tau)} entries for {cfg.num_classes} classes"

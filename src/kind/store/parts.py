@@ -126,8 +126,13 @@ def read_part(parts: Path, entry: dict, key: str) -> dict[str, torch.Tensor]:
             f"part file {path} does not match the manifest's sha256: it was modified "
             "or swapped with another file; copy it again from the original parts"
         )
-    with safe_open(str(path), "pt") as f:
-        label = (f.metadata() or {}).get("part")
+    try:
+        with safe_open(str(path), "pt") as f:
+            label = (f.metadata() or {}).get("part")
+    except Exception as e:  # safetensors raises its own error types for a malformed header
+        raise PartsError(
+            f"part file {path} is not a safetensors file ({e}); re-run decompose"
+        ) from e
     if label != key:
         raise PartsError(f"part file {path} holds part {label!r}, the manifest expects {key!r}")
     return read_tensors(path)

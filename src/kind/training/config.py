@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,35 @@ import yaml
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import ModelConfig
 from kind.io import atomic_write_text
+
+
+def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """A config value outside its range is an error naming the key, the value and the range."""
+    if not ok:
+        raise ValueError(f"{key} = {value!r} is out of range; allowed: {allowed}")
+
+
+def _count(key: str, value: Any, low: int, optional: bool = False) -> None:
+    ok = (optional and value is None) or (
+        isinstance(value, int) and not isinstance(value, bool) and value >= low
+    )
+    check_range(key, value, ok, f"an integer >= {low}" + (" or null" if optional else ""))
+
+
+def _real(key: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False,
+          open_high: bool = False, optional: bool = False) -> None:  # fmt: skip
+    finite_ok = (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    )
+    ok = (optional and value is None) or (
+        finite_ok
+        and (value > low if open_low else value >= low)
+        and (value < high if open_high else value <= high)
+    )
+    allowed = f"a number {'>' if open_low else '>='} {low:g}"
+    if high != math.inf:
+        allowed += f" and {'<' if open_high else '<='} {high:g}"
+    check_range(key, value, ok, allowed + (" or null" if optional else ""))
 
 
 @dataclass
@@ -45,6 +75,23 @@ class TrainConfig:
     compile: bool = False
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard extra)
 
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
+                     "max_bad_steps"):  # fmt: skip
+            _count(f"train.{name}", getattr(self, name), 1)
+        for name in ("warmup_steps", "sample_every", "seed"):
+            _count(f"train.{name}", getattr(self, name), 0)
+        _count("train.micro_batch_size", self.micro_batch_size, 1, optional=True)
+        _count("train.threads", self.threads, 1, optional=True)
+        _real("train.lr", self.lr, 0, open_low=True)
+        _real("train.weight_decay", self.weight_decay, 0)
+        _real("train.grad_clip", self.grad_clip, 0, open_low=True, optional=True)
+        _real("train.ema_decay", self.ema_decay, 0, 1, open_high=True)
+        _real("train.class_dropout", self.class_dropout, 0, 1, open_high=True)
+        _real("train.orth_weight", self.orth_weight, 0)
+        check_range("train.precision", self.precision, self.precision in ("fp32", "bf16", "fp16"),
+                    "fp32, bf16 or fp16")  # fmt: skip
+
 
 @dataclass
 class SampleConfig:
@@ -54,6 +101,14 @@ class SampleConfig:
     steps: int = 50
     cfg_scale: float = 1.5
     per_class: int = 8
+
+    def __post_init__(self):
+        check_range(
+            "sample.sampler", self.sampler, self.sampler in ("ddim", "ddpm"), "ddim or ddpm"
+        )
+        _count("sample.steps", self.steps, 1)
+        _count("sample.per_class", self.per_class, 1)
+        _real("sample.cfg_scale", self.cfg_scale, 0)
 
 
 @dataclass
@@ -65,6 +120,10 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        check_range("data", self.data, isinstance(self.data, str) and bool(self.data.strip()),
+                    "a data spec such as mnist:0-5, a folder or a latent store")  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -105,7 +164,10 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
 
 def _scalar(raw: str) -> Any:
     """A YAML scalar, with 3e-4 read as a number (YAML 1.1 wants 3.0e-4)."""
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--set value {raw!r} is not a YAML scalar or list: {e}") from e
     if isinstance(value, str):
         try:
             return float(value)
@@ -141,13 +203,21 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")
         _apply(cfg, loaded)
     if overrides:
         _apply(cfg, overrides)
     return cfg
+
+
+def _read_yaml(path: Path) -> Any:
+    """A YAML/JSON file's content; a clear error naming the file and the line when malformed."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML/JSON: {e}") from e
 
 
 def save_config(cfg: Config, path: Path) -> None:
@@ -157,7 +227,7 @@ def save_config(cfg: Config, path: Path) -> None:
 def read_group_file(path: str, class_names: list[str]) -> list[int]:
     """τ from a YAML/JSON mapping {class name: group name or id}; groups are numbered in order of
     first appearance along class_names. Every class must be mapped."""
-    mapping = yaml.safe_load(Path(path).read_text())
+    mapping = _read_yaml(Path(path))
     if not isinstance(mapping, dict):
         raise ValueError(f"group file {path} must map class names to groups")
     mapping = {str(k): str(v) for k, v in mapping.items()}

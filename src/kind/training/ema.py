@@ -62,8 +62,16 @@ class EMA:
 
     def load(self, shadow: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
         if set(shadow) != set(self.shadow):
+            extra, missing = (
+                sorted(set(shadow) - set(self.shadow)),
+                sorted(set(self.shadow) - set(shadow)),
+            )
             raise ValueError(
-                "EMA state in the checkpoint does not match the model's trainable parameters"
+                "the checkpoint trained other parameters than this run would "
+                f"({len(extra)} only in the checkpoint, e.g. {extra[:2]}; {len(missing)} only "
+                f"here, e.g. {missing[:2]}): the run was started with other settings (another "
+                "--method, --train-learngenes, --rank-tailor or --null-tailor); resume with the "
+                "ones it was started with"
             )
         for n, t in shadow.items():
             self.shadow[n].copy_(t)
