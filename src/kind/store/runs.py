@@ -149,11 +149,11 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
 
 
 def claim_run_dir(out: Path, restart: bool) -> None:
-    """Create (or, with `restart`, empty of its run files) a run directory and mark it ours;
-    remove temporary files an interrupted write left behind."""
+    """Mark a (locked) run directory ours, empty it of its run files with `restart`, and remove
+    temporary files an interrupted write left behind."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("a kind-dit run directory\n")
+    if not is_owned(out):
+        (out / MARKER).write_text("a kind-dit run directory\n")
     if restart:
         for name in RUN_FILES:
             target = out / name
@@ -167,7 +167,10 @@ def claim_run_dir(out: Path, restart: bool) -> None:
         + list((out / "checkpoints").glob(".*.old"))
     ):  # atomic writes interrupted by a crash
         log.info("removing %s, left by an interrupted write", stale)
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
 
 
 @contextmanager

@@ -123,8 +123,9 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
     model.grad_checkpointing = tc.grad_checkpointing
     state = TrainState.create(model, tc, info.device)
     if info.is_main:  # the first write: everything above was checked
-        claim_run_dir(out, restart)
+        out.mkdir(parents=True, exist_ok=True)
         stack.enter_context(run_lock(out))
+        claim_run_dir(out, restart)
     if resume:
         path = next(usable_checkpoints(out), None)
         if path is None:

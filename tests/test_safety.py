@@ -1,0 +1,240 @@
+"""Nothing a user saved is lost or silently wrong: one row per fault, each a command (or API call),
+the exit code and a phrase of the message it must give, and the files that were there before it
+ran, byte for byte the same after (unless the row says the command may change them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kind.cli.main import main
+from kind.store.runs import run_lock
+from kind.training.config import load_config
+from kind.training.loop import train
+
+TRANSFER = ["--data", "mnist:0-1", "--batch-size", "8", "--set", "train.sample_every=0", "--set",
+            "sample.steps=1", "--set", "sample.per_class=1", "--set", "train.threads=1", "--set",
+            "train.checkpoint_every=1"]  # fmt: skip
+QUICK = ["--size", "tiny", *TRANSFER]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """A finished 2-step run (two checkpoints), its parts, and its samples."""
+    root = tmp_path_factory.mktemp("made")
+    main(["train", *QUICK, "--steps", "2", "--out", str(root / "run")])
+    main(["decompose", str(root / "run"), "--out", str(root / "parts")])
+    main(["sample", str(root / "run"), "--n", "2", "--steps", "1", "--out", str(root / "s")])
+    return root
+
+
+@dataclass
+class Case:
+    name: str
+    setup: Callable[[Path, Path], list[str] | Callable[[], None]]  # (tmp, made) -> argv or call
+    code: int  # expected exit code (0: success)
+    phrase: str  # in the error message (stderr), or in the log for code 0
+    untouched: bool = True  # files present before are byte-identical after
+
+
+def _copy(made: Path, tmp: Path, what: str = "run") -> Path:
+    shutil.copytree(made / what, tmp / what)
+    return tmp / what
+
+
+def _flip(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40  # one exponent bit of a float near the end of the file
+    path.write_bytes(bytes(data))
+
+
+def _user_dir(tmp: Path, made: Path) -> list[str]:
+    (tmp / "u" / "model").mkdir(parents=True)
+    (tmp / "u" / "model" / "important.txt").write_text("x")
+    return ["train", *QUICK, "--steps", "2", "--out", str(tmp / "u")]
+
+
+def _locked(tmp: Path, made: Path) -> Callable[[], None]:
+    run = _copy(made, tmp)
+
+    def call() -> None:
+        with run_lock(run):  # another process writing the run
+            main(["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)])
+
+    return call
+
+
+def _demo_user_folder(tmp: Path, made: Path) -> Callable[[], None]:
+    """The demo resumes or restarts a pre-training folder only when it is a run of its own."""
+    from kind.experiments.jobs import _continue
+
+    folder = tmp / "demo" / "pretrain" / "kind"
+    folder.mkdir(parents=True)
+    (folder / "notes.txt").write_text("mine")
+    cfg = load_config(overrides={"data": "mnist:0-1", "train": {"steps": 1, "batch_size": 8}})
+    return lambda: train(cfg, folder, **_continue(folder))
+
+
+def _flipped_model(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    _flip(run / "model" / "model.safetensors")
+    return ["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp / "s")]
+
+
+def _flipped_checkpoint(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    _flip(run / "checkpoints" / "step_0000002" / "model.safetensors")
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
+def _truncated_checkpoint(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    path = run / "checkpoints" / "step_0000002" / "optimizer.safetensors"
+    path.write_bytes(path.read_bytes()[:50])
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
+def _no_checkpoint(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    shutil.rmtree(run / "checkpoints")
+    return ["train", *QUICK, "--steps", "2", "--resume", "--out", str(run)]
+
+
+def _restart(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    shutil.rmtree(run / "checkpoints")
+    (run / ".metrics.csv.abc.tmp").write_text("partial")  # left by a crash mid-write
+    return ["train", *QUICK, "--steps", "2", "--restart", "--out", str(run)]
+
+
+def _resume_changes(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
+def _other_method(tmp: Path, made: Path) -> list[str]:
+    main(["transfer", str(made / "parts"), *TRANSFER, "--steps", "1", "--data", "mnist:2-3",
+          "--out", str(tmp / "t")])  # fmt: skip
+    return ["transfer", str(made / "parts"), *TRANSFER, "--steps", "2", "--data", "mnist:2-3",
+            "--method", "kind-sigma", "--resume", "--out", str(tmp / "t")]  # fmt: skip
+
+
+def _not_safetensors_part(tmp: Path, made: Path) -> list[str]:
+    from kind.io import sha256_file
+
+    parts = _copy(made, tmp, "parts")
+    manifest = json.loads((parts / "manifest.json").read_text())
+    entry = manifest["tailors"]["0"]
+    (parts / entry["file"]).write_bytes(b"not a safetensors file at all")
+    entry |= {"bytes": 29, "sha256": sha256_file(parts / entry["file"])}
+    (parts / "manifest.json").write_text(json.dumps(manifest))
+    return ["sample", str(parts), "--classes", "0", "--n", "1", "--steps", "1", "--out",
+            str(tmp / "s")]  # fmt: skip
+
+
+def _not_npz(tmp: Path, made: Path) -> list[str]:
+    (tmp / "x.npz").write_text("hello")
+    return ["evaluate", str(tmp / "x.npz"), "--ref", "mnist:0-1"]
+
+
+def _eval_twice(tmp: Path, made: Path) -> list[str]:
+    samples = _copy(made, tmp, "s") / "samples.npz"
+    (samples.parent / "samples.eval.json").write_text("{}")
+    return ["evaluate", str(samples), "--ref", "mnist:0-1"]
+
+
+def _bad_yaml(tmp: Path, made: Path) -> list[str]:
+    (tmp / "c.yaml").write_text("train: {steps: 3\n")
+    return ["train", *QUICK, "--config", str(tmp / "c.yaml"), "--out", str(tmp / "r")]
+
+
+def _out_is_file(tmp: Path, made: Path) -> list[str]:
+    (tmp / "f").write_text("mine")
+    return ["train", *QUICK, "--steps", "1", "--out", str(tmp / "f")]
+
+
+def _folder_tiny(tmp: Path, made: Path) -> list[str]:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp / "imgs" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(
+                tmp / "imgs" / c / f"{i}.png"
+            )
+    return ["train", "--data", str(tmp / "imgs"), "--size", "tiny", "--steps", "1", "--out",
+            str(tmp / "r")]  # fmt: skip
+
+
+def _train(*extra: str) -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, made: ["train", *QUICK, "--steps", "2", *extra, "--out", str(tmp / "r")]
+
+
+def _sample(*extra: str) -> Callable[[Path, Path], list[str]]:
+    return lambda tmp, made: ["sample", str(made / "run"), *extra, "--out", str(tmp / "s")]
+
+
+DIVERGE = ("--set", "train.lr=1e6", "--set", "train.warmup_steps=0", "--steps", "7")
+CASES = [
+    Case("divergence stops, saves nothing non-finite", _train(*DIVERGE), 2, "training diverged"),
+    Case("--out with user files", _user_dir, 2, "did not make"),
+    Case("two runs in one --out", _locked, 2, "is being written by"),
+    Case("demo never deletes a user's folder", _demo_user_folder, 2, "did not make"),
+    Case("bit flip in a model directory", _flipped_model, 2, "does not match its sha256"),
+    Case("bit flip in the latest checkpoint", _flipped_checkpoint, 0, "falling back", False),
+    Case("truncated latest checkpoint", _truncated_checkpoint, 0, "falling back", False),
+    Case("resume without a checkpoint", _no_checkpoint, 2, "--restart"),
+    Case("--restart a run, stale temporary files", _restart, 0, "removing", False),
+    Case("resume with changed settings", _resume_changes, 0, "train.steps 2 -> 3", False),
+    Case("resume with another method", _other_method, 2, "another --method"),
+    Case("part file that is not safetensors", _not_safetensors_part, 2, "not a safetensors"),
+    Case("evaluate a non-npz", _not_npz, 2, "not a sample .npz"),
+    Case("evaluate over an existing result", _eval_twice, 2, "--overwrite"),
+    Case("malformed YAML", _bad_yaml, 2, "c.yaml is not valid YAML"),
+    Case("--out names a file", _out_is_file, 2, "is a file"),
+    Case("folder data with patch 7", _folder_tiny, 2, "--size tiny/2"),
+    Case("--steps -5", _train("--steps", "-5"), 2, "must be an integer >= 1"),
+    Case("batch size 0", _train("--batch-size", "0"), 2, "must be an integer >= 1"),
+    Case("class_dropout 2", _train("--set", "train.class_dropout=2"), 2, "train.class_dropout"),
+    Case("ema_decay 5", _train("--set", "train.ema_decay=5"), 2, "train.ema_decay"),
+    Case("precision fp64", _train("--set", "train.precision=fp64"), 2, "fp32, bf16 or fp16"),
+    Case("checkpoint_every 0", _train("--set", "train.checkpoint_every=0"), 2, "checkpoint_every"),
+    Case("num_timesteps 0", _train("--set", "diffusion.num_timesteps=0"), 2, "num_timesteps"),
+    Case("empty data spec", _train("--data", ""), 2, "data = ''"),
+    Case("sample --cfg-scale nan", _sample("--cfg-scale", "nan"), 2, "finite number"),
+    Case("sample --steps 0", _sample("--steps", "0"), 2, "must be an integer >= 1"),
+    Case("sample --n 0", _sample("--n", "0"), 2, "must be an integer >= 1"),
+]
+
+
+def _files(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_fault(case: Case, made: Path, tmp_path: Path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    todo = case.setup(tmp_path, made)
+    before = _files(tmp_path)
+    capsys.readouterr()
+    code, message = 0, ""
+    try:
+        main(todo) if isinstance(todo, list) else todo()
+    except SystemExit as e:
+        code = e.code
+    except ValueError as e:  # an API call: the library's clear error (the CLI prints it)
+        code, message = 2, str(e)
+    err = capsys.readouterr().err + caplog.text + message
+    assert code == case.code, err[-2000:]
+    assert case.phrase in err, err[-2000:]
+    if case.untouched:
+        after = _files(tmp_path)
+        changed = [str(p) for p, data in before.items() if after.get(p) != data]
+        assert not changed, f"files changed or removed: {changed}"
