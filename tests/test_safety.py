@@ -181,12 +181,26 @@ def _sample(*extra: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, made: ["sample", str(made / "run"), *extra, "--out", str(tmp / "s")]
 
 
+def _demo_into_user_dir(tmp: Path, made: Path) -> list[str]:
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "thesis.tex").write_text("x")
+    return ["demo", "--preset", "quick", "--out", str(tmp / "mine")]
+
+
+def _sample_into_user_dir(tmp: Path, made: Path) -> list[str]:
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "photo.png").write_bytes(b"x")
+    return ["sample", str(made / "run"), "--n", "1", "--steps", "1", "--out", str(tmp / "mine")]
+
+
 DIVERGE = ("--set", "train.lr=1e6", "--set", "train.warmup_steps=0", "--steps", "7")
 CASES = [
     Case("divergence stops, saves nothing non-finite", _train(*DIVERGE), 2, "training diverged"),
     Case("--out with user files", _user_dir, 2, "did not make"),
     Case("two runs in one --out", _locked, 2, "is being written by"),
     Case("demo never deletes a user's folder", _demo_user_folder, 2, "did not make"),
+    Case("demo --out with user files", _demo_into_user_dir, 2, "not a kind-dit demo"),
+    Case("sample --out with user files", _sample_into_user_dir, 2, "other files than samples"),
     Case("bit flip in a model directory", _flipped_model, 2, "does not match its sha256"),
     Case("bit flip in the latest checkpoint", _flipped_checkpoint, 0, "falling back", False),
     Case("truncated latest checkpoint", _truncated_checkpoint, 0, "falling back", False),

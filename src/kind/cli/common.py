@@ -128,8 +128,8 @@ def run_config(args: argparse.Namespace) -> Config:
         before = load_config(base=base)
         for section in ("model", "diffusion", "data"):
             if getattr(cfg, section) != getattr(before, section):
-                raise SystemExit(
-                    f"error: --resume cannot change {section}; it is fixed by the run in {args.out}"
+                raise ValueError(
+                    f"--resume cannot change {section}; it is fixed by the run in {args.out}"
                 )
         return cfg
     return load_config(args.config, overrides(args))

@@ -68,9 +68,17 @@ def run(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     targets = [out / "samples.png", out / "samples.npz"]
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a directory")
+    ours = {p.name for p in targets} | {"samples.eval.json"}
+    if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
+        raise ValueError(
+            f"{out} holds other files than samples; choose a new or empty --out "
+            "(nothing was touched)"
+        )
     if not args.overwrite and any(p.exists() for p in targets):
-        raise SystemExit(
-            f"error: {out} already holds samples; pass --overwrite or choose another --out"
+        raise ValueError(
+            f"{out} already holds samples; pass --overwrite or choose another --out"
         )
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     names = classes(args.classes)

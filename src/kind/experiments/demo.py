@@ -120,6 +120,12 @@ def run_demo(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     workers = jobs or (1 if device == "cuda" else max(1, min(4, os.cpu_count() or 1)))
     threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
+    saved = out / "settings.json"
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not saved.is_file())):
+        raise ValueError(
+            f"{out} holds files that are not a kind-dit demo; choose a new or empty --out "
+            "(nothing was touched)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     settings = {
         "preset": preset_name,
@@ -128,7 +134,6 @@ def run_demo(
         "threads_per_job": threads,
         "device": device,
     }
-    saved = out / "settings.json"
     if saved.is_file() and json.loads(saved.read_text())["preset"] != preset_name:
         raise ValueError(f"{out} holds a demo with another preset; choose another --out")
     saved.write_text(json.dumps(settings, indent=2))
