@@ -173,6 +173,13 @@ def _folder_tiny(tmp: Path, made: Path) -> list[str]:
             str(tmp / "r")]  # fmt: skip
 
 
+def _folder_resized(tmp: Path, made: Path) -> list[str]:
+    _folder_tiny(tmp, made)
+    return ["train", "--data", str(tmp / "imgs"), "--size", "tiny", "--steps", "1", "--set",
+            "model.image_size=28", "--set", "train.sample_every=0", "--set", "sample.steps=1",
+            "--set", "sample.per_class=1", "--out", str(tmp / "r")]  # fmt: skip
+
+
 def _train(*extra: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, made: ["train", *QUICK, "--steps", "2", *extra, "--out", str(tmp / "r")]
 
@@ -214,6 +221,7 @@ CASES = [
     Case("malformed YAML", _bad_yaml, 2, "c.yaml is not valid YAML"),
     Case("--out names a file", _out_is_file, 2, "is a file"),
     Case("folder data with patch 7", _folder_tiny, 2, "--size tiny/2"),
+    Case("--set model.image_size resizes folder data", _folder_resized, 0, "(3, 28, 28)"),
     Case("--steps -5", _train("--steps", "-5"), 2, "must be an integer >= 1"),
     Case("batch size 0", _train("--batch-size", "0"), 2, "must be an integer >= 1"),
     Case("class_dropout 2", _train("--set", "train.class_dropout=2"), 2, "train.class_dropout"),

@@ -53,8 +53,8 @@ class ModelConfig:
 
     size: str = "tiny"
     kind: bool = True  # False: a plain dense DiT
-    image_size: int = 28
-    in_channels: int = 1
+    image_size: int | None = 28  # None in a run config: the training data's
+    in_channels: int | None = 1
     learn_sigma: bool = (
         False  # output 2C channels: ε/v and the variance interpolation (DiT's hybrid)
     )

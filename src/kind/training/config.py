@@ -116,7 +116,10 @@ class Config:
     data: str = "mnist:0-5"
     group_file: str | None = None  # YAML/JSON {class name: group}; None = one group per class
     vae: str | None = None  # VAE directory for latent data; None = the one the latent store records
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # image size and channels unset: the data's own, unless set (then the data is resized to them)
+    model: ModelConfig = field(
+        default_factory=lambda: ModelConfig(image_size=None, in_channels=None)
+    )
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -111,7 +111,8 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         )
     torch.manual_seed(tc.seed)
     if data is None:
-        shape = (model.config.image_size, model.config.in_channels) if model else (None, None)
+        arch = model.config if model is not None else cfg.model  # a size set in the config wins
+        shape = (arch.image_size, arch.in_channels)
         data = open_dataset(cfg.data, "train", *shape, vae=cfg.vae)
     model = model if model is not None else build_model(cfg, data)
     if list(model.config.class_names) != list(data.class_names):
