@@ -11,9 +11,23 @@ import torch
 from PIL import Image
 
 from kind.core.images import to_model_range, to_uint8
-from kind.data.images import BUNDLED, DataError, ImageSet, dataset_classes, load_images, parse_spec
+from kind.data.dataset import class_names
+from kind.data.images import (
+    BUNDLED,
+    DataError,
+    ImageSet,
+    dataset_classes,
+    list_images,
+    load_images,
+    parse_spec,
+    read_image,
+    split_spec,
+)
 
 ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra"]
+DIGITS = [str(d) for d in range(10)]
+LETTERS = list("ABCDEFGHIJKLMNOPQRSTUVWX")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 # ---------------------------------------------------------------- spec parsing
@@ -31,6 +45,10 @@ ANIMALS = ["bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", 
         ("mnist:4-4", ("mnist", ["4"])),
         ("animals:cat,dog", ("animals", ["cat", "dog"])),
         ("animals:cow-elephant", ("animals", ["cow", "dog", "elephant"])),
+        ("glyphs:W-X,A", ("glyphs", ["W", "X", "A"])),
+        ("mnist:0-1 + animals:cat", ("mnist + animals", ["0", "1", "cat"])),
+        ("glyphs:B+mnist:9", ("glyphs + mnist", ["B", "9"])),  # spaces optional
+        ("mnist:0 + mnist:1", ("mnist + mnist", ["0", "1"])),  # one dataset twice is fine
     ],
 )
 def test_parse_spec_expands_names_and_ranges(spec, expected):
@@ -38,9 +56,10 @@ def test_parse_spec_expands_names_and_ranges(spec, expected):
 
 
 def test_bundled_class_order():
-    assert BUNDLED == ("mnist", "animals")
-    assert dataset_classes("mnist") == [str(d) for d in range(10)]
+    assert BUNDLED == ("mnist", "animals", "glyphs")
+    assert dataset_classes("mnist") == DIGITS
     assert dataset_classes("animals") == ANIMALS
+    assert dataset_classes("glyphs") == LETTERS
 
 
 @pytest.mark.parametrize(
@@ -130,12 +149,113 @@ def test_split_is_every_fifth_image_disjoint_and_deterministic():
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
 
 
+def test_glyphs_counts_split_and_frame():
+    train, test = load_images("glyphs"), load_images("glyphs", "test")
+    assert train.class_names == LETTERS and train.dataset == "glyphs"
+    assert train.images.shape == (24 * 240, 1, 28, 28) and test.images.shape == (24 * 60, 1, 28, 28)
+    assert torch.bincount(train.labels).tolist() == [240] * 24
+    assert torch.bincount(test.labels).tolist() == [60] * 24
+    both = torch.cat([train.images, test.images])
+    assert both.max() == 255  # white letters on black, like mnist
+    frame = torch.cat([both[..., 0, :], both[..., -1, :], both[..., :, 0], both[..., :, -1]], -1)
+    assert frame.max() == 0  # every letter lies inside the frame with a black margin
+    assert (both > 127).flatten(1).sum(1).min() >= 20  # and none is (nearly) empty
+
+
+def test_glyphs_are_far_from_digits():
+    def mean_image(spec: str, split: str = "train") -> torch.Tensor:
+        return load_images(spec, split).images.float().mean(0)  # [1, 28, 28]
+
+    digits = mean_image("mnist")
+    within = (digits - mean_image("mnist", "test")).norm()  # same domain, other images
+    assert (mean_image("glyphs") - digits).norm() > 5 * within
+
+
+def test_glyphs_can_be_remade_from_the_build_script(monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import build_glyphs
+
+    with resources.as_file(resources.files("kind") / "assets" / "glyphs.npz") as path:
+        with np.load(path, allow_pickle=False) as npz:
+            images, names = npz["images"], npz["class_names"].tolist()
+    assert names == build_glyphs.CLASSES == LETTERS
+    for k, i in ((0, 0), (8, 123), (23, 299)):  # "A" first, "I" 124th, "X" last
+        remade = build_glyphs.render(k, i)
+        assert remade.dtype == np.uint8 and remade.shape == (28, 28)
+        assert np.array_equal(remade, images[k * build_glyphs.PER_CLASS + i]), (k, i)
+    assert not np.array_equal(build_glyphs.render(0, 0, seed=1), images[0])  # the seed matters
+
+
 def test_bundled_resize_and_rgb():
     data = load_images("mnist:3", image_size=16, channels=3)
     assert data.images.shape == (400, 3, 16, 16) and data.images.dtype == torch.uint8
     assert torch.equal(data.images[:, 0], data.images[:, 2])  # grey repeated into RGB
     native = load_images("mnist:3").images.float().mean()
     assert abs(data.images.float().mean() - native) < 10  # same content, just smaller
+
+
+# ---------------------------------------------------------------- combined specs
+
+
+def test_combined_spec_concatenates_the_parts_in_order():
+    for split, (n_digit, n_cat) in (("train", (400, 800)), ("test", (100, 200))):
+        data = load_images("mnist:0-1 + animals:cat", split)
+        assert data.class_names == ["0", "1", "cat"] and data.dataset == "mnist + animals"
+        assert data.images.shape == (2 * n_digit + n_cat, 1, 28, 28)
+        assert torch.bincount(data.labels).tolist() == [n_digit, n_digit, n_cat]
+        assert data.labels.tolist() == sorted(data.labels.tolist())  # 0s, then 1s, then 2s
+        digits, cats = load_images("mnist:0-1", split), load_images("animals:cat", split)
+        assert torch.equal(data.images, torch.cat([digits.images, cats.images]))
+
+
+def test_combined_spec_lists_the_images_it_loads():
+    spec = "glyphs:Q + mnist:7"
+    items, labels, names = list_images(spec, "test")
+    data = load_images(spec, "test")
+    assert names == data.class_names == ["Q", "7"] and torch.equal(labels, data.labels)
+    for j in (0, 59, 60, len(items) - 1):
+        assert np.array_equal(read_image(items[j], 28, 1)[..., 0], data.images[j, 0].numpy())
+
+
+def test_combined_spec_class_names_without_images():
+    assert class_names("mnist + animals:cat,dog") == DIGITS + ["cat", "dog"]
+    assert class_names("animals:dog+glyphs:A-C") == ["dog", "A", "B", "C"]
+    assert dataset_classes("mnist + glyphs") == DIGITS + LETTERS
+
+
+def test_combined_spec_refuses_a_class_in_two_parts(folder):
+    with pytest.raises(DataError) as err:
+        parse_spec("animals:cat,dog + mnist:3 + animals:bird,cat")
+    message = str(err.value)
+    assert "'cat' is in part 1" in message and "part 3" in message and "unique" in message
+    with pytest.raises(DataError, match="'cat' is in part 1"):
+        load_images(f"animals:cow,cat + {folder}")  # the folder has a class "cat" too
+
+
+def test_combined_spec_with_an_unknown_part_names_it():
+    with pytest.raises(DataError, match="combined data spec.*'fashion'"):
+        load_images("mnist:0 + fashion")
+
+
+def test_combined_spec_with_a_folder_uses_folder_defaults(folder):
+    data = load_images(f"{folder}:cat + mnist:0", "test")
+    assert data.class_names == ["cat", "0"] and data.images.shape == (1 + 100, 3, 32, 32)
+    assert data.dataset == f"{folder.resolve()} + mnist"
+    assert data.images[0, :, 0, 0].tolist() == [200, 0, 0]  # red cat
+    assert torch.equal(data.images[1:, 0], data.images[1:, 2])  # grey digits as RGB
+    small = load_images(f"{folder}:cat + mnist:0", "test", image_size=28, channels=1)
+    assert small.images.shape == (101, 1, 28, 28)
+    assert torch.equal(small.images[1:], load_images("mnist:0", "test").images)
+
+
+def test_plus_inside_a_folder_path_or_class_name(tmp_path, monkeypatch):
+    for i in range(5):
+        _write(tmp_path / "a+b" / "c++" / f"{i}.png", (8, 8), (0, 0, 255))
+    monkeypatch.chdir(tmp_path)
+    assert split_spec("a+b") == ["a+b"] and split_spec("a+b:c++") == ["a+b:c++"]
+    assert split_spec("a+b + mnist:0") == ["a+b", "mnist:0"]
+    assert load_images("a+b:c++").class_names == ["c++"]
+    assert load_images("mnist:0+a+b").class_names == ["0", "c++"]
 
 
 # ---------------------------------------------------------------- image folders

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kind.data.images import load_images
+from kind.data.images import dataset_classes, load_images
 from kind.eval import evaluate as ev
 from kind.eval import features
 from kind.io import sha256_file
@@ -200,15 +200,45 @@ def test_inception_library_missing_names_the_pip_command(tmp_path, monkeypatch):
 
 
 def test_bundled_feature_nets_load_with_their_metadata():
-    for dataset, acc in (("mnist", 0.97), ("animals", 0.9)):
+    nets = (("mnist", 0.97), ("animals", 0.9), ("glyphs", 0.95), ("bundled", 0.93))
+    for dataset, acc in nets:
         net = features.load_feature_net(dataset)
         sidecar = json.loads(features.feature_net_paths(dataset)[1].read_text())
         assert (
             net.sha256 == sidecar["sha256"] == sha256_file(features.feature_net_paths(dataset)[0])
         )
-        assert net.class_names == load_images(dataset, "test").class_names
+        spec = "mnist + animals + glyphs" if dataset == "bundled" else dataset
+        assert net.class_names == load_images(spec, "test").class_names
         assert sidecar["test_accuracy"] >= acc and "build_feature_nets.py" in sidecar["command"]
         assert features.feature_net_paths(dataset)[0].stat().st_size < 1_000_000
+
+
+def test_auto_picks_the_bundled_net_for_combined_bundled_refs(tmp_path, monkeypatch):
+    assert ev.auto_feature_net("glyphs:A-C") == "glyphs"
+    assert ev.auto_feature_net("mnist:0 + mnist:1") == "mnist"  # still one dataset
+    assert ev.auto_feature_net("mnist:0-1 + animals:cat") == "bundled"
+    assert {"glyphs", "bundled"} <= set(ev.FEATURE_NET_CHOICES)
+    net = ev.resolve_feature_net("auto", "animals:cat + glyphs")
+    assert net.name == "kind-smallcnn-v1-bundled"
+    letters = [chr(c) for c in range(ord("A"), ord("X") + 1)]
+    assert net.class_names == MNIST + dataset_classes("animals") + letters
+    (tmp_path / "folder" / "cat").mkdir(parents=True)  # a folder part: Inception, as for folders
+    monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="--inception-weights"):
+        ev.resolve_feature_net("auto", f"mnist:0 + {tmp_path / 'folder'}")
+
+
+def test_combined_reference_is_scored_with_the_bundled_net(tmp_path):
+    # The train images of a combined spec against its test split: "auto" must pick the bundled
+    # net, and that net must classify digits, animals and letters in one argmax.
+    spec = "mnist:0-1 + animals:cat + glyphs:A"
+    real = load_images(spec, "train")
+    npz = write_samples(tmp_path / "real.npz", real.images, real.labels, real.class_names)
+    result = ev.evaluate(npz, spec)
+    assert result["feature_net"] == "kind-smallcnn-v1-bundled"
+    assert result["reference_dataset"] == "mnist + animals + glyphs"
+    assert result["num_reference"] == 100 + 100 + 200 + 60
+    assert result["class_accuracy"] >= 0.95 and set(result["per_class_accuracy"]) >= {"A", "cat"}
 
 
 def test_missing_or_tampered_feature_net_is_refused(tmp_path):

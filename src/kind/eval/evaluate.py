@@ -23,7 +23,7 @@ import torch
 
 from kind.core.images import save_npz
 from kind.data.dataset import class_names as spec_classes
-from kind.data.images import BUNDLED, load_images, parse_spec
+from kind.data.images import BUNDLED, load_images, parse_parts, parse_spec
 from kind.eval import metrics
 from kind.eval.features import (
     FeatureNet,
@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 GENERATION_KEYS = ("sampler", "steps", "cfg_scale", "seed", "checkpoint")
 _SAMPLE_ARRAYS = ("arr_0", "labels", "class_names")
-FEATURE_NET_CHOICES = ("auto", *BUNDLED, "inception")
+BUNDLED_NET = "bundled"  # the classifier of every bundled set at once, for combined specs
+FEATURE_NET_CHOICES = ("auto", *BUNDLED, BUNDLED_NET, "inception")
 
 
 def tool_version() -> str:
@@ -75,7 +76,16 @@ def load_samples(path: str | Path) -> SampleSet:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"sample file not found: {path}")
-    with np.load(path, allow_pickle=False) as npz:
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:  # numpy's message suggests allow_pickle: not the fix
+        raise ValueError(
+            f"{path} is not a sample .npz (numpy: {e}); pass the samples.npz that `kind-dit "
+            "sample` writes, or an ADM-layout .npz with uint8 images under 'arr_0'"
+        ) from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds one array, not an .npz sample file with 'arr_0'")
+    with npz:
         if "arr_0" not in npz.files:
             raise ValueError(
                 f"{path} has no 'arr_0' array (keys: {', '.join(npz.files) or 'none'}); sample "
@@ -105,6 +115,16 @@ def load_samples(path: str | Path) -> SampleSet:
     )
 
 
+def auto_feature_net(ref: str) -> str:
+    """The network "auto" picks for reference spec ``ref``: the dataset's own classifier when it
+    names one bundled dataset, the ``bundled`` classifier (trained on all bundled sets) when it
+    combines bundled datasets, else Inception-V3 (which needs local weights)."""
+    datasets = {dataset for dataset, _ in parse_parts(ref)}
+    if not datasets <= set(BUNDLED):
+        return "inception"
+    return datasets.pop() if len(datasets) == 1 else BUNDLED_NET
+
+
 # Loaded networks, so that repeated in-memory evaluations do not re-read and re-hash weights.
 _NET_CACHE: dict[tuple, FeatureNet] = {}
 
@@ -115,16 +135,14 @@ def resolve_feature_net(
     inception_weights: str | Path | None = None,
     device: str = "cpu",
 ) -> FeatureNet:
-    """``"auto"``: the bundled classifier of a bundled reference dataset, else Inception-V3 (which
-    needs local weights). A name picks one explicitly; an object is used as is (tests, callers
-    with their own network)."""
+    """``"auto"``: see :func:`auto_feature_net`. A name picks one explicitly; an object is used as
+    is (tests, callers with their own network)."""
     if not isinstance(feature_net, str):
         return feature_net
     if feature_net not in FEATURE_NET_CHOICES:
         raise ValueError(f"feature_net must be one of {FEATURE_NET_CHOICES}, got {feature_net!r}")
     if feature_net == "auto":
-        dataset, _ = parse_spec(ref)
-        feature_net = dataset if dataset in BUNDLED else "inception"
+        feature_net = auto_feature_net(ref)
     if feature_net == "inception":
         path = resolve_inception_weights(inception_weights)  # raises with instructions
         key: tuple = ("inception", str(path.resolve()), device)
@@ -298,8 +316,9 @@ def evaluate(
 ) -> dict:
     """Evaluate a sample ``.npz`` against the test split of data spec ``ref``.
 
-    ``feature_net``: "auto" (bundled classifier for bundled data, else Inception-V3), "mnist",
-    "animals", "inception", or a :class:`~kind.eval.features.FeatureNet`. ``inception_weights``: local
+    ``feature_net``: "auto" (a bundled classifier for bundled data, the ``bundled`` one for combined
+    bundled specs, else Inception-V3), a bundled dataset's name, "bundled", "inception", or a
+    :class:`~kind.eval.features.FeatureNet`. ``inception_weights``: local
     path of the FID Inception weights (or ``$KIND_INCEPTION_WEIGHTS``); nothing downloads.
     """
     samples = load_samples(samples_npz)
