@@ -208,7 +208,8 @@ def save_feature_net(
 
 
 def load_feature_net(dataset: str, assets: Path | None = None) -> BundledFeatureNet:
-    """The bundled classifier for ``dataset`` ("mnist" or "animals"), checked against its sha256."""
+    """The bundled classifier for ``dataset`` (a bundled set, or "bundled": all of them), checked
+    against its sha256."""
     weights, sidecar = feature_net_paths(dataset, assets)
     if not weights.exists() or not sidecar.exists():
         raise FileNotFoundError(
