@@ -67,7 +67,7 @@ def _setup_worker(threads: int, log_file: Path) -> None:
 
 
 def _config(data: str, preset: Preset, steps: int, seed: int, device: str, **model) -> Config:
-    every = max(1, steps // max(1, preset.curve_points))
+    every = max(1, steps // (preset.curve_points or 4))  # checkpoints also bound a lost job
     return load_config(
         overrides={
             "data": data,
