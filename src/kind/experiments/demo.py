@@ -54,7 +54,8 @@ def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
 
     def transfers(seed: int, method: str, scale: float = 1.0) -> list[Job]:
         kind = get(method).is_kind
-        nulls = (False, True) if method in preset.null_methods else (False,)
+        # the null-tailor variant at KIND's budget (the budget curves vary the tailor rank alone)
+        nulls = (False, True) if method in preset.null_methods and scale == 1 else (False,)
         out_jobs = []
         for src in (SOURCES[s] for s in preset.sources):
             deps = (f"{src.prefix}deploy",) + (() if kind else (f"{src.prefix}pretrain/dense",))
