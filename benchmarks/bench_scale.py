@@ -1,0 +1,143 @@
+"""KIND against dense at the paper's class counts, on the CPU, in minutes.
+
+    python benchmarks/bench_scale.py                    # DiT-S/4 and DiT-B/4 at 150 classes,
+                                                        # DiT-S/4 at 611 (one thread, batch 16)
+    python benchmarks/bench_scale.py --cases DiT-S/4:150 --repeats 3 --json out.json
+
+Latent-shaped inputs (4x32x32), rank-8 tailors, a batch of 16 samples of 16 distinct classes,
+fused AdamW and the project's EMA, as in training. For each case: parameter tensors (all, and
+tailor tensors per gated layer), forward + backward, the optimiser step and the EMA update (KIND
+and dense in one process, alternating, median), and the peak resident memory of one training
+step (each model in a fresh process). Prints a Markdown table; the targets of the scale work are
+forward + backward <= 1.25x dense, optimiser + EMA <= 1.2x dense's, tailor tensors per gated
+layer <= 4 whatever the class count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import timed  # noqa: E402  (the same alternating median timer)
+
+from kind.core.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from kind.core.model import DiT, ModelConfig  # noqa: E402
+from kind.training.ema import EMA  # noqa: E402
+
+CASES = ("DiT-S/4:150", "DiT-B/4:150", "DiT-S/4:611")
+
+
+def build(size: str, classes: int, kind: bool) -> DiT:
+    names = [f"c{i}" for i in range(classes)]
+    return DiT(ModelConfig(size=size, kind=kind, image_size=32, in_channels=4, class_names=names,
+                           rank_tailor=8))  # fmt: skip
+
+
+def batch(classes: int, n: int = 16) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    y = torch.randperm(classes, generator=g)[:n]  # n distinct classes
+    return (torch.randn(n, 4, 32, 32, generator=g), y, torch.randint(0, 1000, (n,), generator=g),
+            torch.randn(n, 4, 32, 32, generator=g))  # fmt: skip
+
+
+def tensors_per_layer(model: DiT) -> float:
+    """Tailor parameter tensors per gated layer (0 for a dense model)."""
+    layers = model.kind_layers()
+    return sum(len(list(m.tailors.parameters())) for _, m in layers) / max(len(layers), 1)
+
+
+def _peak_step(size: str, classes: int, kind: bool, queue) -> None:
+    """In a fresh process: one training step, then the process's peak resident memory (GiB)."""
+    torch.set_num_threads(1)
+    model = build(size, classes, kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    ema = EMA(list(model.named_parameters()), 0.999)
+    x, y, t, noise = batch(classes)
+    Diffusion(DiffusionConfig()).loss(model, x, y, t, noise).mean().backward()
+    opt.step()
+    ema.update()
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+
+
+def peak_memory(size: str, classes: int, kind: bool) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_step, args=(size, classes, kind, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def measure(case: str, repeats: int) -> dict:
+    size, _, count = case.partition(":")
+    classes = int(count)
+    torch.manual_seed(0)
+    models = {k: build(size, classes, k == "kind") for k in ("kind", "dense")}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
+    emas = {k: EMA(list(m.named_parameters()), 0.999) for k, m in models.items()}
+    diffusion = Diffusion(DiffusionConfig())
+    x, y, t, noise = batch(classes)
+
+    def fwd_bwd(k):
+        return lambda: diffusion.loss(models[k], x, y, t, noise).mean().backward()
+
+    fb = timed({k: fwd_bwd(k) for k in models}, repeats, 1, torch.device("cpu"))
+    opt = timed({k: opts[k].step for k in models}, repeats, 1, torch.device("cpu"))
+    ema = timed({k: emas[k].update for k in models}, repeats, 1, torch.device("cpu"))
+    out = {"case": case}
+    for k, m in models.items():
+        out[k] = {
+            "tensors": len(list(m.parameters())),
+            "tailor_tensors_per_layer": tensors_per_layer(m),
+            "fwd_bwd_s": fb[k],
+            "optimizer_s": opt[k],
+            "ema_s": ema[k],
+            "peak_gib": peak_memory(size, classes, k == "kind"),
+        }
+    return out
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| case | tensors KIND / dense | tailor tensors / gated layer | fwd+bwd KIND / dense "
+             "| ratio | optimiser + EMA KIND / dense | ratio | peak memory KIND / dense |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        k, d = r["kind"], r["dense"]
+        ke, de = k["optimizer_s"] + k["ema_s"], d["optimizer_s"] + d["ema_s"]
+        lines.append(
+            f"| {r['case']} | {k['tensors']:,} / {d['tensors']:,} | {k['tailor_tensors_per_layer']:.0f} "
+            f"| {k['fwd_bwd_s']:.2f} / {d['fwd_bwd_s']:.2f} s | {k['fwd_bwd_s'] / d['fwd_bwd_s']:.2f} "
+            f"| {ke * 1e3:.0f} / {de * 1e3:.0f} ms | {ke / de:.2f} "
+            f"| {k['peak_gib']:.2f} / {d['peak_gib']:.2f} GiB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--cases", nargs="+", default=list(CASES), help="SIZE:CLASSES, e.g. DiT-S/4:150"
+    )
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = [measure(case, args.repeats) for case in args.cases]
+    print(f"torch {torch.__version__}, {args.threads} thread(s), batch 16 of 16 distinct classes, "
+          f"median of {args.repeats}\n")  # fmt: skip
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
