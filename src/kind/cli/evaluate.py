@@ -23,7 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The samples, the reference split, and the feature network that scores them."""
     p.add_argument("samples", help="samples .npz from `kind-dit sample`")
     p.add_argument("--ref", required=True, help="reference data spec (its test split)")
-    p.add_argument("--feature-net", default="auto", help="auto, mnist, animals, glyphs, bundled (every bundled set; for combined specs) or inception")
+    p.add_argument(
+        "--feature-net",
+        default="auto",
+        help="auto, mnist, animals, glyphs, bundled (every bundled set; for combined specs) or inception",
+    )
     p.add_argument(
         "--inception-weights",
         help="local path of the FID Inception weights "

@@ -282,13 +282,14 @@ def train(
     kind-dit run directory, and is locked while the run writes to it. The returned model (the one
     passed in, trained) holds the EMA weights.
     """
-    with ExitStack() as stack:
-        return _train(cfg, Path(out), model, resume, restart, meta, data, export, stack)
+    with ExitStack() as stack:  # the run directory's lock, held until the run ends
+        run = _setup(cfg, Path(out), model, resume, restart, meta, data, stack)
+        return _loop(run, resume, export)
 
 
-def _train(cfg, out, model, resume, restart, meta, data, export, stack) -> TrainResult:
-    run = _setup(cfg, out, model, resume, restart, meta, data, stack)
-    cfg, tc, info, state = run.cfg, run.cfg.train, run.info, run.state
+def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | None) -> TrainResult:
+    """The steps, with the hooks that log, checkpoint and draw grids; then the export."""
+    cfg, tc, info, state, out = run.cfg, run.cfg.train, run.info, run.state, run.out
     logger = CsvLog(out / "metrics.csv", state.step if resume else None, tc.tensorboard) \
         if info.is_main else None  # fmt: skip
     t0, window_t, window_steps = time.time(), time.time(), 0
