@@ -119,6 +119,18 @@ def _resume_changes(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
 
 
+def _interrupted_replace(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    (run / "model").rename(run / ".model.old")  # killed between the two renames of a replace
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
+def _before_markers(tmp: Path, made: Path) -> list[str]:
+    run = _copy(made, tmp)
+    (run / ".kind-run").unlink()  # a run written by kind-dit 0.1
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
 def _other_method(tmp: Path, made: Path) -> list[str]:
     main(["transfer", str(made / "parts"), *TRANSFER, "--steps", "1", "--data", "mnist:2-3",
           "--out", str(tmp / "t")])  # fmt: skip
@@ -214,6 +226,8 @@ CASES = [
     Case("resume without a checkpoint", _no_checkpoint, 2, "--restart"),
     Case("--restart a run, stale temporary files", _restart, 0, "removing", False),
     Case("resume with changed settings", _resume_changes, 0, "train.steps 2 -> 3", False),
+    Case("a replace interrupted between its renames", _interrupted_replace, 0, "restoring", False),
+    Case("a run written before markers resumes", _before_markers, 0, "resumed", False),
     Case("resume with another method", _other_method, 2, "another --method"),
     Case("part file that is not safetensors", _not_safetensors_part, 2, "not a safetensors"),
     Case("evaluate a non-npz", _not_npz, 2, "not a sample .npz"),

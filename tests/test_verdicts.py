@@ -58,23 +58,30 @@ def test_paired_interval_needs_two_seeds_and_pairs_by_seed():
 
 def test_kind_resolved_better_than_lora_is_supported():
     verdicts = all_verdicts(_results(kind=[10, 11, 12], lora=[20, 21.5, 22]), ["digits"])
-    assert _verdict(verdicts, "kind vs").verdict == SUPPORTED
+    assert _verdict(verdicts, "kind (").verdict == SUPPORTED
 
 
 def test_kind_resolved_worse_than_lora_is_not_supported():
     verdicts = all_verdicts(_results(kind=[20, 21.5, 22], lora=[10, 11, 12]), ["digits"])
-    assert _verdict(verdicts, "kind vs").verdict == NOT_SUPPORTED
+    assert _verdict(verdicts, "kind (").verdict == NOT_SUPPORTED
 
 
 def test_overlapping_intervals_are_unresolved():
     verdicts = all_verdicts(_results(kind=[10, 14, 12], lora=[12, 11, 13]), ["digits"])
-    v = _verdict(verdicts, "kind vs")
+    v = _verdict(verdicts, "kind (")
     assert v.verdict == UNRESOLVED and "ΔFID" in v.evidence
+
+
+def test_a_peft_method_with_one_seed_does_not_block_the_verdict():
+    results = _results(kind=[10, 11, 12], lora=[20, 21.5, 22])
+    results["transfer/shift/pissa/seed0"] = _run("pissa", 0, [30.0])
+    v = _verdict(all_verdicts(results, ["digits"]), "kind (")
+    assert v.verdict == SUPPORTED and "pissa (1 seed(s)) not compared" in v.evidence
 
 
 def test_one_seed_is_unresolved_however_large_the_gap():
     verdicts = all_verdicts(_results(kind=[5], lora=[50]), ["digits"])
-    assert _verdict(verdicts, "kind vs").verdict == UNRESOLVED
+    assert _verdict(verdicts, "kind vs PEFT").verdict == UNRESOLVED
 
 
 def test_negative_transfer_of_source_tailors():
@@ -92,6 +99,7 @@ def test_decomposition_verdict_checks_exactness_and_size():
         )
 
     assert all_verdicts({"deploy": deploy(1e-7)}, ["digits"])[0].verdict == SUPPORTED
+    assert all_verdicts({"deploy": deploy(5e-6)}, ["digits"])[0].verdict == NOT_SUPPORTED
     assert all_verdicts({"deploy": deploy(1e-2)}, ["digits"])[0].verdict == NOT_SUPPORTED
 
 

@@ -37,10 +37,11 @@ def _publish(tmp: str | Path, final: Path, directory: bool = False) -> None:
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[str]:
-    """Yield a temporary file name beside `path` (same suffix); on success rename it to `path`."""
+    """Yield a temporary file name beside `path`; on success rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    # ".tmp" so that a run's start-up finds and removes what a crash left (store.runs)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp

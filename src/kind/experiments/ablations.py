@@ -13,12 +13,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from kind.experiments.jobs import deploy_task, pretrain_task, transfer_task
-from kind.experiments.presets import PRESETS, TASKS, Preset
+from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import count_label, md_table
 from kind.experiments.results import RunResult
 from kind.experiments.scheduler import Job, execute, result_path
 from kind.io import atomic_write_text
 
+TASKS = {t.name: t.spec for t in SOURCES["digits"].tasks}  # the demo's tasks it ablates
 VARIANTS = ("kind", "kind-r2", "kind-r32", "kind-orth", "kind-steps{long}", "full",
             "full-steps{long}", "lora", "pissa")  # fmt: skip
 
@@ -93,6 +94,8 @@ def run_ablations(demo: Path, out: Path, jobs: int = 2, orth_weight: float = 1e-
     """Run (or continue) the ablations beside the finished demo `demo`; returns ablations.md."""
     demo, out = Path(demo), Path(out)
     settings = json.loads((demo / "settings.json").read_text())
+    if settings["preset"] not in PRESETS:
+        raise ValueError(f"{demo} ran a custom preset; ablations run beside a named one")
     preset = PRESETS[settings["preset"]]
     results, failed = execute(plan(demo, out, preset, orth_weight), out, jobs)
     base: dict[str, RunResult] = {}

@@ -30,6 +30,7 @@ from kind.experiments.jobs import deploy_task, pretrain_task, transfer_task
 from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
 from kind.experiments.scheduler import Job, execute
+from kind.io import atomic_write_text
 from kind.transfer.registry import get
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def run_demo(
     }
     if saved.is_file() and json.loads(saved.read_text())["preset"] != preset_name:
         raise ValueError(f"{out} holds a demo with another preset; choose another --out")
-    saved.write_text(json.dumps(settings, indent=2))
+    atomic_write_text(saved, json.dumps(settings, indent=2))
 
     t0 = time.time()
     results, failed = execute(plan(out, preset, threads, device), out, workers, report_only)

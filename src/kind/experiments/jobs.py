@@ -40,7 +40,7 @@ from kind.store.runs import (
     ema_weights,
     is_owned,
     is_run_dir,
-    latest_checkpoint,
+    usable_checkpoints,
 )
 from kind.store.sizes import size_table
 from kind.training.config import Config, load_config
@@ -132,7 +132,7 @@ def _sweep(model, diffusion, ref: str, preset: Preset, device: str) -> list[Guid
 def _continue(run: Path) -> dict:
     """How to (re)start `run`: resume from its checkpoint, restart a run of ours that died before
     its first one, or start fresh; a folder that is not a run of ours is refused by `train`."""
-    if latest_checkpoint(run) is not None:
+    if next(usable_checkpoints(run), None) is not None:
         return {"resume": True}
     return {"restart": is_owned(run) and is_run_dir(run)}
 
@@ -192,7 +192,10 @@ def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense:
     budget = kind_budget(parts, class_names(spec))
     kind = get(method).is_kind
     if budget_scale != 1 and kind:
-        rank_tailor = budget_scale * read_manifest(parts)["model"]["rank_tailor"]
+        source_rank = read_manifest(parts)["model"]["rank_tailor"]
+        if source_rank < 1:  # a fraction of each layer's width: no single count to scale
+            raise ValueError(f"budget curves need an absolute tailor rank, not {source_rank}")
+        rank_tailor = max(1, round(budget_scale * source_rank))
     result = run_transfer(parts if kind else dense, cfg, run, method=method,
                           budget=None if kind else round(budget_scale * budget),
                           rank_tailor=rank_tailor, null_tailor=null_tailor,

@@ -87,12 +87,13 @@ PRESETS = {
     "default": Preset(),
     # the claims re-tested: two sources, a guidance sweep for every transfer, budget curves,
     # three seeds for KIND (with and without a null tailor) and LoRA, whose comparison the
-    # verdicts rest on, one seed for the rest: 68 transfers, about 5 h of job time on 2 cores
+    # verdicts rest on (and KIND with source tailors, for negative transfer), one seed for the
+    # rest: 76 transfers, about 5-6 h of job time on 2 cores
     "paper": Preset(
         sources=("digits", "wide"),
         methods=("kind", "lora", "kind-sigma", "kind-tailors", "pissa", "full"),
         seeds=(0, 1, 2),
-        seeded_methods=("kind", "lora"),
+        seeded_methods=("kind", "lora", "kind-tailors"),
         null_methods=("kind",),
         budget_scales=(0.25, 4.0),
         budget_methods=("kind", "lora"),

@@ -179,7 +179,7 @@ def _transfer_table(by_variant: dict[str, list[RunResult]], cfg_scale: float) ->
             _label(variant), count_label(runs[0].trainable), count_label(runs[0].deployed),
             _stat([r.eval.fid for r in runs], ".1f"), _stat([r.eval.class_accuracy for r in runs], ".3f"),
             "–" if best is None else f"{best[0]:g}",
-            _stat([best_fid(r) for r in runs], ".1f") if best else "–",
+            _stat([best_fid(r) for r in runs], ".1f"),
             "–" if best is None or best[2] is None else f"{best[2]:.3f}",
             "–" if matched is None else f"{matched:.1f}",
             _stat([r.train_seconds / 60 for r in runs], ".1f"), str(len(runs)),

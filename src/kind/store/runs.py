@@ -116,8 +116,8 @@ class RunDirError(ValueError):
 
 
 def is_owned(path: Path) -> bool:
-    """Whether kind-dit made this directory (its marker file is there)."""
-    return (Path(path) / MARKER).is_file()
+    """Whether kind-dit made this directory: its marker, or a run written before markers were."""
+    return (Path(path) / MARKER).is_file() or is_run_dir(path)
 
 
 def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
@@ -126,7 +126,7 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory; choose a directory path")
-    has_files = out.is_dir() and any(out.iterdir())
+    has_files = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
     if has_files and not is_owned(out):
         raise RunDirError(
             f"{out} holds files kind-dit did not make; choose a new or empty directory for "
@@ -161,11 +161,15 @@ def claim_run_dir(out: Path, restart: bool) -> None:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    for stale in (
-        list(out.glob(".*.tmp"))
-        + list((out / "checkpoints").glob(".*.tmp"))
-        + list((out / "checkpoints").glob(".*.old"))
-    ):  # atomic writes interrupted by a crash
+    for folder in (out, out / "checkpoints"):  # a crash between the two renames of a replace
+        for old in folder.glob(".*.old"):
+            final = folder / old.name[1:-4]
+            if not final.exists():
+                log.warning("restoring %s from %s (a replace was interrupted)", final, old)
+                old.rename(final)
+    leftovers = [p for folder in (out, out / "checkpoints", out / "samples")
+                 for pattern in (".*.tmp", ".*.old") for p in folder.glob(pattern)]  # fmt: skip
+    for stale in leftovers:  # atomic writes interrupted by a crash
         log.info("removing %s, left by an interrupted write", stale)
         if stale.is_dir():
             shutil.rmtree(stale)

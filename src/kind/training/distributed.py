@@ -50,6 +50,14 @@ def all_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def all_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The minimum of a tensor over ranks (a flag every rank must agree on)."""
+    if info.world > 1:
+        value = value.to(torch.float32).clone()
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()

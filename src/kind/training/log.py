@@ -6,11 +6,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from kind.io import atomic_file
+
 
 class CsvLog:
     """metrics.csv, append-only; on resume rows after the resumed step are dropped."""
 
-    FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "images_per_s", "elapsed_s")
+    FIELDS = ("step", "loss", "lr", "grad_norm", "steps_per_s", "images_per_s", "elapsed_s",
+              "skipped")  # fmt: skip
 
     def __init__(self, path: Path, resume_step: int | None, tensorboard: bool):
         self.path = path
@@ -18,7 +21,7 @@ class CsvLog:
         if resume_step is not None and path.exists():
             with path.open() as f:
                 rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-        with path.open("w", newline="") as f:
+        with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:  # a kill keeps the old log
             w = csv.DictWriter(f, self.FIELDS)
             w.writeheader()
             w.writerows(rows)

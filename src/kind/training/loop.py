@@ -100,7 +100,8 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
     info = distributed.setup(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    check_run_dir(out, resume, restart)
+    if info.is_main:  # rank 0 owns the directory; the others follow it after the barrier
+        check_run_dir(out, resume, restart)
     B, world = tc.batch_size, info.world
     local = B // world
     micro = tc.micro_batch_size or local
@@ -210,7 +211,8 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
     # One fused check, the step's one host sync: a non-finite loss or gradient is never applied.
     # (With fp16 the gradient scaler already skips overflowing gradients and lowers its scale.)
-    finite = bool(torch.isfinite(loss_sum if scaler.is_enabled() else loss_sum + grad_norm))
+    finite = torch.isfinite(loss_sum if scaler.is_enabled() else loss_sum + grad_norm)
+    finite = bool(distributed.all_min(finite, info))  # every rank skips the same steps
     if finite or scaler.is_enabled():
         scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(opt)
@@ -316,16 +318,20 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
                         "steps_per_s": f"{rate:.3f}",
                         "images_per_s": f"{rate * tc.batch_size:.1f}",
                         "elapsed_s": f"{state.seconds + now - t0:.1f}",
+                        "skipped": state.skipped,
                     }
                 )
-        if info.is_main and (step % tc.checkpoint_every == 0 or step == tc.steps):
-            _check_saveable(run, final=step == tc.steps)
-            if not state.bad_in_row:
+        if step % tc.checkpoint_every == 0 or step == tc.steps:
+            _check_saveable(run, final=step == tc.steps)  # every rank: they stop together
+            if info.is_main and not state.bad_in_row:
                 state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
         if info.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
             write_grid(run, out / "samples" / f"step_{step:07d}.png")
         distributed.barrier(info)
     bar.close()
+    if state.skipped:
+        log.warning("%s: %d of %d steps were skipped (non-finite loss or gradient); see the "
+                    "skipped column of metrics.csv", out, state.skipped, state.step)  # fmt: skip
     seconds = state.seconds + time.time() - t0
     if info.is_main:
         write_grid(run, out / "samples" / f"step_{state.step:07d}.png")
