@@ -91,9 +91,10 @@ def ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
-    """The EMA model of a run's latest checkpoint (for a run interrupted before its export)."""
+    """The EMA model of a run's latest readable checkpoint (for a run interrupted before its
+    export)."""
     run_dir = Path(run_dir)
-    last = latest_checkpoint(run_dir)
+    last = next(usable_checkpoints(run_dir), None)
     if last is None or not is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a run directory with a checkpoint")
     cfg = read_json(run_dir / CONFIG_JSON)

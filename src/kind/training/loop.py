@@ -42,7 +42,6 @@ from kind.store.runs import (
     RUN_JSON,
     check_run_dir,
     claim_run_dir,
-    latest_checkpoint,
     run_lock,
     usable_checkpoints,
 )
@@ -232,7 +231,7 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
 def _diverged(run: _Run, detail: str = "") -> str:
     """What happened and what to do, when steps kept coming out non-finite."""
     state = run.state
-    last = latest_checkpoint(run.out)
+    last = next(usable_checkpoints(run.out), None)
     where = (f"the last checkpoint, {last}, holds finite weights: continue from it with --resume "
              "after changing the settings (e.g. --resume --lr ...)" if last is not None else
              "no checkpoint was written yet: start again with --restart and other settings")  # fmt: skip
@@ -253,7 +252,7 @@ def _check_saveable(run: _Run, final: bool) -> None:
         raise TrainingError(_diverged(run))
     bad = state.nonfinite()
     if bad:
-        last = latest_checkpoint(run.out)
+        last = next(usable_checkpoints(run.out), None)
         raise TrainingError(
             f"the weights became non-finite by step {state.step} ({len(bad)} tensors, e.g. "
             f"{bad[0]}); nothing was saved. Lower train.lr or keep train.grad_clip on; "
