@@ -66,7 +66,8 @@ def _setup_worker(threads: int, log_file: Path) -> None:
     )
 
 
-def _config(data: str, preset: Preset, steps: int, seed: int, device: str, **model) -> Config:
+def _config(data: str, preset: Preset, steps: int, seed: int, device: str,
+            batch_size: int | None = None, **model) -> Config:  # fmt: skip
     every = max(1, steps // (preset.curve_points or 4))  # checkpoints also bound a lost job
     return load_config(
         overrides={
@@ -74,7 +75,7 @@ def _config(data: str, preset: Preset, steps: int, seed: int, device: str, **mod
             "model": {"size": preset.size, **model},
             "train": {
                 "steps": steps,
-                "batch_size": preset.batch_size,
+                "batch_size": batch_size or preset.batch_size,
                 "lr": preset.lr,
                 "seed": seed,
                 "device": device,
@@ -188,7 +189,7 @@ def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense:
     run = Path(out)
     _setup_worker(threads, run.parent / f"{run.name}.log")
     spec = next(t.spec for t in SOURCES[source].tasks if t.name == task)
-    cfg = _config(spec, preset, preset.transfer_steps, seed, device)
+    cfg = _config(spec, preset, preset.transfer_steps, seed, device, preset.transfer_batch_size)
     budget = kind_budget(parts, class_names(spec))
     kind = get(method).is_kind
     if budget_scale != 1 and kind:

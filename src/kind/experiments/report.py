@@ -350,9 +350,10 @@ def write_report(
     md = [
         "# KIND demo report",
         "",
-        f"Preset **{settings['preset']}**: model size `{settings['size']}`, batch "
-        f"{settings['batch_size']}, lr {settings['lr']}, pre-training "
-        f"{settings['pretrain_steps']} steps, transfer {settings['transfer_steps']} steps, "
+        f"Preset **{settings['preset']}**: model size `{settings['size']}`, lr {settings['lr']}, "
+        f"pre-training {settings['pretrain_steps']} steps of batch {settings['batch_size']}, "
+        f"transfer {settings['transfer_steps']} steps of batch "
+        f"{settings.get('transfer_batch_size') or settings['batch_size']}, "
         f"seeds {list(settings['seeds'])}; {settings['jobs']} job(s) side by side with "
         f"{settings['threads_per_job']} thread(s) each on {settings['device']}. {wall}"
         f"The jobs' own times add up to {job_seconds / 60:.1f} min "
