@@ -1,13 +1,14 @@
-"""The class-gated SVD layer: docs/KIND.md invariants 1 (forward isolation) and 4 (merge exactness), one
-row per layer configuration, covering both the per-group-weight and the factored tailor paths."""
+"""The class-gated SVD layer and its tailor bank: docs/KIND.md invariants 1 (forward isolation) and
+4 (merge exactness), one row per layer configuration, through both routes (blocked: per-group folded
+weights or gathered factors, chosen from the shapes; static: per-sample gathered factors)."""
 
 import pytest
 import torch
 
-from kind.core.gated import KindLinear, grouped_linear, make_route, resolve_rank
+from kind.core.gated import KindLinear, TailorBank, grouped_linear, make_route, resolve_rank
 
 # (in, out, rank_learngene, rank_tailor, groups, tokens): small ranks and few tokens take the
-# factored path, large ranks and many tokens fold each group into its own dense weight.
+# gathered path, large ranks and many tokens fold each group into its own dense weight.
 CASES = [
     (32, 48, 0.5, 4, [0, 1, 2], 16),
     (64, 64, 60, 4, [0, 1, 2, 3], 1),
@@ -16,41 +17,58 @@ CASES = [
 ]
 
 
-def _perturbed(layer: KindLinear) -> KindLinear:
-    """Every tailor singular value pushed away from the tiny initial value, so tailors matter."""
+def _layer(fin, fout, rg, rt, groups):
+    """A layer with its own bank, every tailor's singular values pushed away from the tiny
+    initial value so tailors matter."""
+    layer = KindLinear(fin, fout, rg, rt)
+    bank = TailorBank([layer], groups)
+    bank.reset([layer])
     with torch.no_grad():
-        for t in layer.tailors.values():
-            t.S.normal_()
-    return layer
+        layer.unpack(bank.rows)[1].normal_()
+    return layer, bank
 
 
+def _run(layer, bank, x, groups_of_samples, blocked=True):
+    """The layer's output for samples of the given groups (-1: none), in the input order."""
+    rows = torch.tensor([-1 if g < 0 else bank.groups.index(g) for g in groups_of_samples])
+    return layer(x, bank.attach(make_route(rows, blocked=blocked)))
+
+
+@pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)
-def test_output_of_a_sample_ignores_other_groups_tailors(fin, fout, rg, rt, groups, tokens):
+def test_output_of_a_sample_ignores_other_groups_tailors(fin, fout, rg, rt, groups, tokens, blocked):
     torch.manual_seed(0)
-    layer = _perturbed(KindLinear(fin, fout, rg, rt, groups))
-    g = torch.tensor([groups[i % len(groups)] for i in range(7)] + [-1])  # last: null class
+    layer, bank = _layer(fin, fout, rg, rt, groups)
+    g = [groups[i % len(groups)] for i in range(7)] + [-1]  # last: null class
     x = torch.randn(len(g), tokens, fin)
-    route = make_route(g)
-    before = layer(x, route)
-    victim = str(groups[0])
+    before = _run(layer, bank, x, g, blocked)
     with torch.no_grad():
-        for p in layer.tailors[victim].parameters():
-            p.add_(torch.randn_like(p))
-    after = layer(x, route)
-    untouched = g != groups[0]
+        row = bank.rows[0]
+        row.add_(torch.randn_like(row))
+    after = _run(layer, bank, x, g, blocked)
+    untouched = torch.tensor(g) != groups[0]
     assert torch.equal(before[untouched], after[untouched])  # bit for bit
     assert not torch.allclose(before[~untouched], after[~untouched])
 
 
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)
+def test_blocked_and_static_routes_agree(fin, fout, rg, rt, groups, tokens):
+    torch.manual_seed(6)
+    layer, bank = _layer(fin, fout, rg, rt, groups)
+    g = [groups[-1], -1, groups[0], groups[-1], groups[0]]
+    x = torch.randn(len(g), tokens, fin)
+    torch.testing.assert_close(_run(layer, bank, x, g), _run(layer, bank, x, g, blocked=False),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)
 def test_merge_matches_the_factored_layer(fin, fout, rg, rt, groups, tokens):
     torch.manual_seed(1)
-    layer = _perturbed(KindLinear(fin, fout, rg, rt, groups))
+    layer, bank = _layer(fin, fout, rg, rt, groups)
     x = torch.randn(5, tokens, fin)
     for group in [*groups, None]:
-        g = torch.full((5,), -1 if group is None else group)
-        ref = layer(x, make_route(g))
-        merged = layer.merge(group)
+        ref = _run(layer, bank, x, [-1 if group is None else group] * 5)
+        merged = layer.merge(None if group is None else bank.chunk(layer, group))
         assert isinstance(merged, torch.nn.Linear)
         err = (merged(x) - ref).norm() / ref.norm()
         assert err <= 1e-5, f"group {group}: relative error {err}"
@@ -58,54 +76,64 @@ def test_merge_matches_the_factored_layer(fin, fout, rg, rt, groups, tokens):
 
 def test_null_class_uses_the_learngene_only():
     torch.manual_seed(2)
-    layer = _perturbed(KindLinear(32, 32, 16, 4, [0, 1]))
+    layer, bank = _layer(32, 32, 16, 4, [0, 1])
     x = torch.randn(4, 3, 32)
-    out = layer(x, make_route(torch.tensor([-1, -1, -1, -1])))
+    out = _run(layer, bank, x, [-1] * 4)
     assert torch.allclose(out, layer.merge(None)(x), rtol=1e-5, atol=1e-6)
     assert torch.allclose(out, layer(x, None), rtol=0, atol=0)
 
 
 def test_mixed_batch_in_any_order_gives_each_sample_its_own_output():
     torch.manual_seed(3)
-    layer = _perturbed(KindLinear(32, 40, 12, 4, [0, 1, 2]))
-    g = torch.tensor([2, 0, -1, 1, 0, 2])
-    x = torch.randn(6, 5, 32)
-    route = make_route(g)
+    layer, bank = _layer(32, 40, 12, 4, [0, 1, 2])
+    g = [2, 0, -1, 1, 0, 2]
+    route = make_route(torch.tensor(g))
     assert route.order is not None and route.sizes == (2, 1, 2, 1)
-    out = layer(x, route)
-    in_block_order = layer(x[route.order], make_route(g[route.order]))
-    assert torch.equal(out[route.order], in_block_order)
+    x = torch.randn(6, 5, 32)
+    out = _run(layer, bank, x, g)
     for j in range(len(g)):
-        single = layer(x[j : j + 1], make_route(g[j : j + 1]))
+        single = _run(layer, bank, x[j : j + 1], g[j : j + 1])
         torch.testing.assert_close(out[j : j + 1], single, rtol=1e-5, atol=1e-6)
 
 
-def test_absent_groups_get_no_gradient():
-    layer = _perturbed(KindLinear(16, 16, 8, 2, [0, 1, 2]))
+@pytest.mark.parametrize("blocked", [True, False])
+def test_absent_groups_get_a_zero_gradient(blocked):
+    layer, bank = _layer(16, 16, 8, 2, [0, 1, 2])
     x = torch.randn(3, 4, 16)
-    layer(x, make_route(torch.tensor([0, 0, -1]))).sum().backward()
-    assert all(p.grad is not None for p in layer.tailors["0"].parameters())
-    for key in ("1", "2"):
-        assert all(p.grad is None for p in layer.tailors[key].parameters())
+    _run(layer, bank, x, [0, 0, -1], blocked).sum().backward()
+    assert bank.rows.grad[0].abs().sum() > 0
+    assert torch.all(bank.rows.grad[1:] == 0)
+
+
+def test_one_bank_tensor_however_many_groups():
+    layers = [KindLinear(16, 16, 8, 2) for _ in range(3)]
+    bank = TailorBank(layers, list(range(611)))
+    assert bank.rows.shape == (611, 3 * 2 * (16 + 1 + 16))
+    assert [layer.bank_slot for layer in layers] == [0, 1, 2]
+    assert len(list(bank.parameters())) == 1
 
 
 def test_initialisation_is_an_svd_and_tailors_start_orthogonal_to_the_learngene():
     torch.manual_seed(4)
-    layer = KindLinear(64, 48, 0.5, 4, [0, 1])
-    assert layer.orthogonality_error() < 1e-6
+    layer = KindLinear(64, 48, 0.5, 4)
+    bank = TailorBank([layer], [0, 1])
+    bank.reset([layer])
+    assert layer.orthogonality_error(bank.rows) < 1e-6
     assert torch.all(layer.S[:-1] >= layer.S[1:])  # leading singular values, in order
-    t = layer.tailors["0"]
-    assert (layer.U.T @ t.U).abs().max() < 1e-5 and (layer.V.T @ t.V).abs().max() < 1e-5
-    assert torch.all(t.S > 0) and torch.all(t.U != 0) and torch.all(t.V != 0)
+    U, S, V = (f[0] for f in layer.unpack(bank.rows))
+    assert (layer.U.T @ U).abs().max() < 1e-5 and (layer.V.T @ V).abs().max() < 1e-5
+    assert torch.all(S > 0) and torch.all(U != 0) and torch.all(V != 0)
 
 
 def test_orthogonality_penalty_is_zero_at_init_and_grows_when_factors_drift():
-    layer = KindLinear(32, 32, 16, 4, [0, 1])
-    assert layer.orthogonality_penalty(("0", "1")).item() < 1e-8
+    layer = KindLinear(32, 32, 16, 4)
+    bank = TailorBank([layer], [0, 1])
+    bank.reset([layer])
+    assert layer.orthogonality_penalty(bank.rows).item() < 1e-8
     with torch.no_grad():
-        layer.tailors["1"].U.mul_(2)
-    assert layer.orthogonality_penalty(("1",)).item() > 1
-    assert layer.orthogonality_penalty(("0",)).item() < 1e-8  # group 1 is not in that batch
+        layer.unpack(bank.rows)[0][1].mul_(2)
+    assert layer.orthogonality_penalty(bank.rows[1:]).item() > 1
+    assert layer.orthogonality_penalty(bank.rows[:1]).item() < 1e-8  # group 1 is not in it
 
 
 @pytest.mark.parametrize("rank,expected", [(0.5, 16), (8, 8), (0.125, 4), (32, 32)])
@@ -115,7 +143,7 @@ def test_rank_is_a_count_or_a_fraction(rank, expected):
 
 def test_rank_larger_than_the_matrix_is_refused():
     with pytest.raises(ValueError, match="at most 32"):
-        KindLinear(32, 48, 40, 2, [0])
+        KindLinear(32, 48, 40, 2)
 
 
 def test_grouped_linear_gradients_match_finite_differences():

@@ -40,9 +40,8 @@ def test_a_sample_ignores_other_classes_tailors_and_label_rows():
     x, t, y = _batch([0, 2, 1, 4, 2, 3])  # 4 = null class
     before = model(x, t, y)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".tailors.2." in name or name == "y_embedder.rows.2":
-                p.add_(torch.randn_like(p))
+        model.tailors.rows[2].add_(torch.randn_like(model.tailors.rows[2]))
+        model.y_embedder.table[2].add_(torch.randn_like(model.y_embedder.table[2]))
     after = model(x, t, y)
     other = y != 2
     assert torch.equal(before[other], after[other])
@@ -62,9 +61,7 @@ def test_null_class_activates_no_tailor():
     y = torch.full((2,), model.null_id)
     before = model(x, t, y)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".tailors." in name:
-                p.add_(torch.randn_like(p))
+        model.tailors.rows.add_(torch.randn_like(model.tailors.rows))
     assert torch.equal(before, model(x, t, y))
 
 
@@ -72,14 +69,16 @@ def test_kind_and_dense_share_the_architecture():
     kind, dense = _model(kind=True), _model(kind=False)
     assert len(kind.kind_layers()) == 6 * SIZES["tiny"][0]
     assert not dense.kind_layers()
-    names = {n.split(".tailors")[0].rsplit(".", 1)[0] for n, _ in kind.named_parameters()}
+    names = {n.split(".tailors")[0].rsplit(".", 1)[0] for n in kind.part_state()}
     assert "blocks.0.attn.q" in names and "blocks.3.mlp.fc2" in names
+    # every tailor and label row in two tensors, whatever the class count
+    assert {n for n, _ in kind.named_parameters() if "tailors" in n or "y_embedder" in n} == {
+        "tailors.rows", "y_embedder.table", "y_embedder.null"}
 
 
 def test_group_map_shares_tailors_between_classes():
     model = _model(class_to_group=[0, 0, 1, 1])
-    layer = model.blocks[0].attn.q
-    assert sorted(layer.tailors) == ["0", "1"]
+    assert model.tailors.groups == [0, 1] and model.tailors.rows.shape[0] == 2
 
 
 def test_unknown_class_is_refused_with_the_class_names():
@@ -92,7 +91,7 @@ def test_unknown_class_is_refused_with_the_class_names():
 def test_adaln_can_be_decomposed_as_learngene_only():
     model = _model(decompose_adaln=True)
     layer = model.blocks[0].adaLN_modulation[-1]
-    assert layer.rank_learngene == 64 and not layer.tailors
+    assert layer.rank_learngene == 64 and not layer.rank_tailor
 
 
 @pytest.mark.parametrize(

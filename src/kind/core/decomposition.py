@@ -22,9 +22,13 @@ class PartsError(ValueError):
     """A parts directory that cannot be used as asked; the message says what to do."""
 
 
+BANKS = ("tailors.rows", "y_embedder.table")  # a model's tensors whose rows are groups or classes
+
+
 def group_of(name: str, config: ModelConfig) -> int | None:
-    """The tailor group a parameter belongs to (tailor factors and class label rows), or None for
-    the learngene (everything class-agnostic, the null row included)."""
+    """The tailor group a tensor of the per-group form (`DiT.part_state`) belongs to (tailor
+    factors and class label rows), or None for the learngene (everything class-agnostic, the
+    null row included)."""
     if m := _TAILOR.search(name):
         return int(m.group(1))
     if m := _ROW.fullmatch(name):
@@ -38,7 +42,7 @@ def split_state(model: DiT) -> tuple[dict[str, torch.Tensor], dict[int, dict[str
         raise PartsError("only a KIND model decomposes; this is a dense DiT")
     learngene: dict[str, torch.Tensor] = {}
     tailors: dict[int, dict[str, torch.Tensor]] = {g: {} for g in model.config.held_groups}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.part_state().items():
         g = group_of(name, model.config)
         (learngene if g is None else tailors[g])[name] = tensor
     return learngene, tailors
@@ -108,14 +112,15 @@ def _fold(model: DiT, c: int | None, dense_cfg: ModelConfig) -> DiT:
     state = {}
     group = model.config.null_group if c is None else model.config.tau[c]
     kind_layers = dict(model.kind_layers())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in model.part_state().items():
         if ".tailors." in name or (_ROW.fullmatch(name) and name != f"y_embedder.rows.{c}"):
             continue
         owner, _, leaf = name.rpartition(".")
         if owner in kind_layers:
             if leaf in ("U", "S", "V"):
                 layer = kind_layers[owner]
-                linear = layer.merge(group if layer.tailors else None)
+                tailor = group is not None and layer.rank_tailor
+                linear = layer.merge(model.tailors.chunk(layer, group) if tailor else None)
                 state[f"{owner}.weight"] = linear.weight
                 if linear.bias is not None:
                     state[f"{owner}.bias"] = linear.bias

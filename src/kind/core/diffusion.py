@@ -114,11 +114,13 @@ class Diffusion:
         y: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
+        route: object | None = None,
     ) -> torch.Tensor:
-        """Per-sample loss [B] for clean data x0 [B, C, H, W], labels y, timesteps t and noise."""
+        """Per-sample loss [B] for clean data x0 [B, C, H, W], labels y, timesteps t and noise;
+        `route` (a KIND model's, built once for the batch) goes to the model."""
         ab = self._at(self.alphas_cumprod, t, x0.dim())
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        out = model(xt, t, y)  # [B, C or 2C, H, W]
+        out = model(xt, t, y) if route is None else model(xt, t, y, route=route)  # [B, C(2C), H, W]
         C = x0.shape[1]
         pred, var_out = out[:, :C], out[:, C:]
         target = (
@@ -208,10 +210,13 @@ class Diffusion:
         guided = cfg_scale != 1.0
         y_in = torch.cat([y, torch.full_like(y, null_id)]) if guided else y
         timesteps = progress(sched.timesteps) if progress else sched.timesteps
+        # a KIND model's route, built once for every step (the labels do not change)
+        route = model.route(y_in) if hasattr(model, "route") else None
+        kwargs = {} if route is None else {"route": route}
         for t in timesteps:
             x_in = torch.cat([x, x]) if guided else x
             t_in = torch.full((len(y_in),), int(t), device=device, dtype=torch.long)
-            out = model(x_in, t_in, y_in)  # [B or 2B, C or 2C, H, W]
+            out = model(x_in, t_in, y_in, **kwargs)  # [B or 2B, C or 2C, H, W]
             if guided:
                 cond, uncond = out.chunk(2)
                 eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])

@@ -3,10 +3,11 @@ chosen per sample by its class.
 
     y = U_G diag(S_G) V_Gᵀ x + U_T[g] diag(S_T[g]) V_T[g]ᵀ x + b,      g = τ(class of the sample)
 
-The factors are the trained parameters (knowledge integration); the dense weight never is. Each
-tailor group lives in its own `Tailor` module (its own parameters) so that a batch without group g
-leaves g's parameters out of the autograd graph: their `.grad` stays None and a stock optimiser
-(AdamW, with weight decay and momentum) skips them entirely, which is what docs/KIND.md invariant 2 asks.
+The factors are the trained parameters (knowledge integration); the dense weight never is. The
+learngene factors belong to each `KindLinear`; the tailors of all layers and groups live in one
+`TailorBank` per model (a row per group), read through a `Route` the caller builds once per batch.
+A batch without group g never reads g's row, and the masked optimiser and EMA
+(kind.training.optim, kind.training.ema) never write it: docs/KIND.md invariant 2.
 peft cannot express this (its per-sample adapter routing refuses training mode), so the gate is ours.
 """
 
@@ -22,33 +23,59 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Route:
-    """How a batch is split among tailor groups; built once per forward by the model.
+    """Which tailor each sample of a batch uses; built once per batch by the caller (once per
+    sampling run when sampling), so the forward never reads label values on the host.
 
-    Inside a layer every group is one contiguous block of samples: `sizes[i]` samples use group
-    `keys[i]`, and the last `sizes[-1]` samples (the null class of classifier-free guidance) use no
-    tailor, so a group's samples can go through one weight together. `order` sorts a batch into
-    that block order (None when it already is); the DiT sorts its batch once on the way in, so its
-    layers never need to.
+    Two shapes of route, one per way of computing the tailor path:
+
+    - blocked (`sizes` set; eager): `rows` are the bank rows of the groups present, the batch is
+      sorted into one contiguous block per group (`order`) followed by a block without tailor
+      (`sizes` holds the block lengths as host ints), so a layer can fold each group into one
+      weight; `slot[i]` is sample i's index into `rows`.
+    - static (`sizes` None; compile and large class counts): `rows` holds one bank row per sample
+      and `slot` is None. Its shapes depend on the batch size only, so a compiled model never
+      recompiles for another class mix.
+
+    `gate` is 1 for a sample with a tailor and 0 for the null class when it has none. `factors`
+    holds the gathered tailor rows cut per layer (`TailorBank.gather`), filled in by the model.
     """
 
-    keys: tuple[str, ...]
-    sizes: tuple[int, ...]  # len(keys) + 1 block sizes; the last block has no tailor
-    order: torch.Tensor | None  # int64 [B] permutation into block order (None: already in order)
+    rows: torch.Tensor  # int64 [P] (blocked) or [B] (static): bank rows to gather
+    gate: torch.Tensor  # [B] float: 1 = the sample's tailor applies, 0 = no tailor
+    slot: torch.Tensor | None = None  # int64 [B]: sample -> index into `rows` (blocked)
+    sizes: tuple[int, ...] | None = None  # len(rows) + 1 block lengths (blocked)
+    order: torch.Tensor | None = None  # int64 [B] permutation into block order, or None
+    factors: tuple[torch.Tensor, ...] = ()  # per layer: [len(rows), tailor_width]
 
 
-def make_route(groups: torch.Tensor) -> Route:
-    """Route for per-sample tailor groups `groups` (int64 [B], -1 = no tailor)."""
-    g = groups.tolist()
-    present = sorted(set(g) - {-1})
+def make_route(slots: torch.Tensor, blocked: bool = True) -> Route:
+    """Route for per-sample bank rows `slots` (int64 [B], -1 = no tailor).
+
+    blocked=True reads the values on the host (call it with CPU labels, once per batch);
+    blocked=False is pure tensor arithmetic on whatever device `slots` lives, with no host sync."""
+    gate = (slots >= 0).float()
+    if not blocked:
+        return Route(rows=slots.clamp(min=0), gate=gate)
+    s = slots.tolist()
+    present = sorted(set(s) - {-1})
     block = {v: i for i, v in enumerate(present)} | {-1: len(present)}
-    ranks = [block[v] for v in g]
+    ranks = [block[v] for v in s]
     sizes = [0] * (len(present) + 1)
     for r in ranks:
         sizes[r] += 1
-    order = None
-    if ranks != sorted(ranks):
-        order = torch.tensor(sorted(range(len(g)), key=ranks.__getitem__), device=groups.device)
-    return Route(keys=tuple(str(v) for v in present), sizes=tuple(sizes), order=order)
+    perm = sorted(range(len(s)), key=ranks.__getitem__)
+    order = None if perm == list(range(len(s))) else torch.tensor(perm)
+    # samples without a tailor point at row 0 with gate 0 (the row is read, never applied)
+    slot = torch.tensor([min(ranks[i], max(len(present) - 1, 0)) for i in perm])
+    return Route(rows=torch.tensor(present, dtype=torch.long), gate=gate[perm], slot=slot,
+                 sizes=tuple(sizes), order=order)  # fmt: skip
+
+
+def route_to(route: Route, device: torch.device) -> Route:
+    """The route's tensors on `device` (copied without waiting)."""
+    move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    return replace(route, rows=move(route.rows), gate=move(route.gate), slot=move(route.slot),
+                   order=move(route.order))  # fmt: skip
 
 
 def resolve_rank(rank: float, in_features: int, out_features: int) -> int:
@@ -63,14 +90,15 @@ def resolve_rank(rank: float, in_features: int, out_features: int) -> int:
     return r
 
 
-def _orthonormal(rows: int, cols: int, avoid: torch.Tensor | None = None) -> torch.Tensor:
-    """Random matrix with orthonormal columns [rows, cols], orthogonal to the orthonormal columns
-    of `avoid` when there is room, so a fresh tailor starts outside the learngene's subspace."""
-    a = torch.randn(rows, cols, dtype=torch.float64)
+def _orthonormal(n: int, rows: int, cols: int, avoid: torch.Tensor | None = None) -> torch.Tensor:
+    """n random matrices with orthonormal columns [n, rows, cols], orthogonal to the orthonormal
+    columns of `avoid` when there is room, so a fresh tailor starts outside the learngene's
+    subspace."""
+    a = torch.randn(n, rows, cols, dtype=torch.float64)
     if avoid is not None and avoid.shape[1] + cols <= rows:
         a -= avoid @ (avoid.T @ a)
     q, _ = torch.linalg.qr(a)
-    return q[:, :cols]
+    return q[..., :cols]
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -121,23 +149,13 @@ def grouped_linear(
     return y.view(*x.shape[:-1], weights.shape[1])
 
 
-class Tailor(nn.Module):
-    """One tailor group's components in one layer: U [out, r], S [r], V [in, r]."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int):
-        super().__init__()
-        self.U = nn.Parameter(torch.empty(out_features, rank))
-        self.S = nn.Parameter(torch.empty(rank))
-        self.V = nn.Parameter(torch.empty(in_features, rank))
-
-
 class KindLinear(nn.Module):
-    """Linear layer in SVD form, split into learngene components and per-group tailor components.
+    """Linear layer in SVD form: learngene components (its own parameters) plus, per sample, the
+    components of that sample's tailor group, which live in the model's `TailorBank`.
 
     Args:
-        rank_learngene / rank_tailor: number of components (≥ 1) or fraction of min(in, out) (< 1).
-        groups: the tailor groups this layer holds (all groups of a pre-trained model, a subset in an
-            assembled one). A layer with no groups is a plain learngene-only SVD layer.
+        rank_learngene / rank_tailor: number of components (≥ 1) or fraction of min(in, out) (< 1);
+            rank_tailor 0 makes a plain learngene-only SVD layer.
     """
 
     def __init__(
@@ -146,82 +164,72 @@ class KindLinear(nn.Module):
         out_features: int,
         rank_learngene: float,
         rank_tailor: float = 0,
-        groups: list[int] = (),
         bias: bool = True,
-        tailor_sigma: float = 1e-2,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.rank_learngene = resolve_rank(rank_learngene, in_features, out_features)
-        self.rank_tailor = resolve_rank(rank_tailor, in_features, out_features) if groups else 0
-        self.tailor_sigma = tailor_sigma
+        self.rank_tailor = resolve_rank(rank_tailor, in_features, out_features)
+        self.bank_slot: int | None = None  # this layer's place in its TailorBank
         r = self.rank_learngene
         self.U = nn.Parameter(torch.empty(out_features, r))
         self.S = nn.Parameter(torch.empty(r))
         self.V = nn.Parameter(torch.empty(in_features, r))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.tailors = nn.ModuleDict(
-            {str(g): Tailor(in_features, out_features, self.rank_tailor) for g in groups}
-        )
         self.init_from_dense(nn.init.xavier_uniform_(torch.empty(out_features, in_features)))
+
+    @property
+    def tailor_width(self) -> int:
+        """Numbers one group's tailor takes in a bank row: U (out×r), σ (r), V (in×r)."""
+        return self.rank_tailor * (self.out_features + 1 + self.in_features)
+
+    def unpack(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # chunk [n, tailor_width] -> U [n, out, r], S [n, r], V [n, in, r] (views, one split)
+        n, r, fin, fout = chunk.shape[0], self.rank_tailor, self.in_features, self.out_features
+        U, S, V = chunk.split([fout * r, r, fin * r], dim=1)
+        return U.view(n, fout, r), S, V.view(n, fin, r)
 
     @torch.no_grad()
     def init_from_dense(self, weight: torch.Tensor) -> None:
-        """Learngene = the leading r_G SVD triples of a conventionally initialised dense weight;
-        tailors = fresh random components (docs/KIND.md, initialisation)."""
+        """Learngene = the leading r_G SVD triples of a conventionally initialised dense weight
+        (docs/KIND.md, initialisation); the tailors are the bank's (`TailorBank.reset`)."""
         u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
         r = self.rank_learngene
         self.U.copy_(u[:, :r])
         self.S.copy_(s[:r])
         self.V.copy_(vh[:r].T)
-        self.reset_tailors()
-
-    @torch.no_grad()
-    def reset_tailors(self) -> None:
-        """Every tailor: random orthonormal directions (outside the learngene's subspace when there
-        is room) with small singular values, so it starts near zero but every factor gets
-        gradient."""
-        basis_u = torch.linalg.qr(self.U.double())[0]  # [out, r_G]; U may have drifted from
-        basis_v = torch.linalg.qr(self.V.double())[0]  # orthonormal after training
-        for t in self.tailors.values():
-            t.U.copy_(_orthonormal(self.out_features, self.rank_tailor, basis_u))
-            t.V.copy_(_orthonormal(self.in_features, self.rank_tailor, basis_v))
-            t.S.fill_(self.tailor_sigma)
 
     def learngene_weight(self) -> torch.Tensor:
         return (self.U * self.S) @ self.V.T  # [out, in]
 
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         # x: [B, T, in] (or [B, in]) -> [B, T, out]
-        if route is None or not route.keys:
+        if route is None or not self.rank_tailor or route.rows.shape[0] == 0:
             return self._learngene(x)
         if route.order is not None:  # sort into group blocks, compute, then restore the order
             out = self.forward(x[route.order], replace(route, order=None))
             return torch.empty_like(out).index_copy_(0, route.order, out)
-        # A sample only ever touches its own group's factors (invariant 1), and groups absent
-        # from the batch stay out of the graph (invariant 2). Two ways to compute the same thing:
+        # A sample only ever touches its own group's factors (invariant 1); the bank rows of
+        # groups absent from the batch are never read, and the masked optimiser leaves them be
+        # (invariant 2). Two ways to compute the same thing, chosen from the shapes:
+        U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
         n, fin, fout = x.numel() // self.in_features, self.in_features, self.out_features
-        tailors = [self.tailors[k] for k in route.keys]
-        U = torch.stack([t.U for t in tailors]) * torch.stack([t.S for t in tailors])[:, None]
-        V = torch.stack([t.V for t in tailors])  # U: [P, out, r] (σ folded in), V: [P, in, r]
-        if len(tailors) * fin * fout <= n * max(fin, fout):
+        if route.sizes is not None and U.shape[0] * fin * fout <= n * max(fin, fout):
             # Few groups (CPU sizes): fold each group into its own dense weight, no bigger in all
             # than the layer's activations, and run each block of samples through its weight.
             w = self.learngene_weight()  # [out, in]
-            W = torch.baddbmm(w.expand(len(tailors), -1, -1), U, V.transpose(1, 2))  # [P, out, in]
-            W = torch.cat([W, w.unsqueeze(0)])  # [P + 1, out, in]: the null block uses w alone
+            W = torch.baddbmm(w.expand(U.shape[0], -1, -1), U * S[:, None], V.transpose(1, 2))
+            W = torch.cat([W, w.unsqueeze(0)])  # [P + 1, out, in]: the last block uses w alone
             return grouped_linear(x, W, self.bias, route.sizes)
-        # Many groups (the ImageNet setting): the learngene in one matmul for the whole batch,
-        # each sample's rank-r tailor through its gathered factors in one batched product.
-        slot = torch.repeat_interleave(
-            torch.arange(len(route.sizes), device=x.device),
-            torch.tensor(route.sizes, device=x.device),
-        )  # [B]
-        U = torch.cat([U, U.new_zeros(1, *U.shape[1:])])[slot]  # [B, out, r]; null: zeros
-        V = torch.cat([V, V.new_zeros(1, *V.shape[1:])])[slot]  # [B, in, r]
+        # Many groups, or static shapes (compile, GPUs): the learngene in one matmul for the whole
+        # batch, each sample's rank-r tailor through its own gathered factors in batched products.
+        if route.slot is not None:
+            U, S, V = U[route.slot], S[route.slot], V[route.slot]  # [B, out, r], [B, r], [B, in, r]
+        S = S * route.gate[:, None].to(S.dtype)  # the null class without a tailor: zero
         x3 = x.reshape(x.shape[0], -1, fin)  # [B, T, in]
-        y = self._learngene(x3)
-        return torch.baddbmm(y, torch.bmm(x3, V), U.transpose(1, 2)).view(*x.shape[:-1], fout)
+        y = self._learngene(x3)  # [B, T, out]
+        xv = torch.bmm(x3, V.to(x3.dtype)) * S[:, None].to(x3.dtype)  # [B, T, r]
+        return torch.baddbmm(y, xv, U.to(x3.dtype).transpose(1, 2)).view(*x.shape[:-1], fout)
 
     def _learngene(self, x: torch.Tensor) -> torch.Tensor:
         """The learngene for the whole batch: one matmul on the materialised weight, unless the
@@ -233,12 +241,13 @@ class KindLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     @torch.no_grad()
-    def merge(self, group: int | None) -> nn.Linear:
-        """Fold the learngene plus group `group`'s tailor (None: learngene only) into a dense layer."""
+    def merge(self, tailor: torch.Tensor | None = None) -> nn.Linear:
+        """Fold the learngene plus one tailor (its bank chunk [tailor_width]; None: the learngene
+        alone) into a dense layer."""
         weight = (self.U.double() * self.S.double()) @ self.V.double().T
-        if group is not None:
-            t = self.tailors[str(group)]
-            weight += (t.U.double() * t.S.double()) @ t.V.double().T
+        if tailor is not None:
+            U, S, V = (f[0].double() for f in self.unpack(tailor[None]))
+            weight += (U * S) @ V.T
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         dense.to(device=self.U.device, dtype=self.U.dtype)
         dense.weight.copy_(weight)
@@ -246,43 +255,97 @@ class KindLinear(nn.Module):
             dense.bias.copy_(self.bias)
         return dense
 
-    def _factor_gram_error(self, keys: tuple[str, ...], which: str) -> torch.Tensor:
-        """Σ over groups g in keys of ‖AᵀA − I‖² with A = [learngene | tailor g] for factor `which`
-        (U or V); ‖GᵀG − I‖² alone when keys is empty. Tailors of different groups are never used
-        together, so they are not asked to be orthogonal to each other: this keeps the penalty, and
-        its gradient, free of any group absent from the batch (invariant 2)."""
+    def _gram_error(self, which: str, tailors: torch.Tensor | None) -> torch.Tensor:
+        """‖G_ᵀG − I‖² + Σ_p (2‖GᵀT_p‖² + ‖T_pᵀT_p − I‖²) for the learngene factor G `which` (U or
+        V) and the tailor factors T_p of `tailors` ([P, rows, r]; None: none). Tailors of
+        different groups are never used together, so they are not asked to be orthogonal to
+        each other: the penalty, and its gradient, stay free of any group absent from the
+        batch (invariant 2)."""
         G = getattr(self, which)
-        eye = torch.eye(G.shape[1], device=G.device, dtype=G.dtype)
-        err = ((G.T @ G - eye) ** 2).sum()
-        for key in keys:
-            T = getattr(self.tailors[key], which)
-            eye_t = torch.eye(T.shape[1], device=T.device, dtype=T.dtype)
-            err = err + 2 * ((G.T @ T) ** 2).sum() + ((T.T @ T - eye_t) ** 2).sum()
-        return err
+        err = ((G.T @ G - torch.eye(G.shape[1], device=G.device, dtype=G.dtype)) ** 2).sum()
+        if tailors is None or tailors.shape[0] == 0:
+            return err
+        eye_t = torch.eye(tailors.shape[2], device=G.device, dtype=G.dtype)
+        cross = (G.T @ tailors) ** 2  # [P, r_G, r]
+        own = (tailors.transpose(1, 2) @ tailors - eye_t) ** 2  # [P, r, r]
+        return err + 2 * cross.sum() + own.sum()
 
-    def orthogonality_penalty(self, keys: tuple[str, ...] = ()) -> torch.Tensor:
-        """‖UᵀU − I‖² + ‖VᵀV − I‖² over the learngene and the tailors of groups `keys`."""
-        return self._factor_gram_error(keys, "U") + self._factor_gram_error(keys, "V")
+    def orthogonality_penalty(self, chunk: torch.Tensor | None = None) -> torch.Tensor:
+        """‖UᵀU − I‖² + ‖VᵀV − I‖² of [learngene | tailor p] for the tailors in `chunk`
+        ([P, tailor_width] bank rows; None: the learngene alone)."""
+        U, _, V = self.unpack(chunk) if chunk is not None else (None, None, None)
+        return self._gram_error("U", U) + self._gram_error("V", V)
 
     @torch.no_grad()
-    def orthogonality_error(self) -> float:
-        """Worst RMS deviation from orthonormal columns of [U_G | U_T[g]] and [V_G | V_T[g]] over all
-        groups g (or the learngene alone): 0 for an exact SVD."""
-        keys = [(k,) for k in self.tailors] or [()]
+    def orthogonality_error(self, chunk: torch.Tensor | None = None) -> float:
+        """Worst RMS deviation from orthonormal columns of [U_G | U_T[g]] and [V_G | V_T[g]] over
+        the tailors g of `chunk` ([P, tailor_width]; None: the learngene alone): 0 for an exact
+        SVD."""
+        n = self.rank_learngene + (self.rank_tailor if chunk is not None else 0)
         worst = 0.0
-        for key in keys:
-            n = self.rank_learngene + (self.rank_tailor if key else 0)
-            for which in ("U", "V"):
-                worst = max(
-                    worst, math.sqrt(self._factor_gram_error(key, which).item()) / max(n, 1)
-                )
+        for row in [None] if chunk is None else chunk[:, None]:  # a report, not the step
+            U, _, V = self.unpack(row) if row is not None else (None, None, None)
+            for which, T in (("U", U), ("V", V)):
+                worst = max(worst, math.sqrt(self._gram_error(which, T).item()) / max(n, 1))
         return worst
 
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, r_learngene={self.rank_learngene}, "
-            f"r_tailor={self.rank_tailor}, groups={list(self.tailors)}"
+            f"r_tailor={self.rank_tailor}"
         )
+
+
+class TailorBank(nn.Module):
+    """The tailors of every gated layer of a model in one parameter `rows` [G, N]: row i holds
+    tailor group `groups[i]`'s components in every layer, layer after layer, each as
+    [U (out×r) | σ (r) | V (in×r)].
+
+    Why one tensor rather than modules per group: a step must touch only the groups present in
+    its batch (invariant 2). With every group a row, the forward reads the rows it needs in one
+    gather, and the masked optimiser, the EMA and the DDP reduction (kind.training) each update
+    just those rows in one operation, whatever the number of groups (150, 611, 1,000) and layers.
+    Parts files keep one file per group: `kind.core.model.DiT.part_state` cuts the bank into
+    them and `DiT.banked_state` stacks them back.
+    """
+
+    def __init__(self, layers: list[KindLinear], groups: list[int], sigma: float = 1e-2):
+        super().__init__()
+        self.groups, self.sigma = list(groups), sigma
+        self.widths = [layer.tailor_width for layer in layers]
+        for i, layer in enumerate(layers):
+            layer.bank_slot = i
+        self.rows = nn.Parameter(torch.zeros(len(self.groups), sum(self.widths)))
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Bank rows `rows` [n], cut per layer: one gather and one split, whatever the count."""
+        return self.rows[rows].split(self.widths, dim=1)  # per layer [n, width]
+
+    def attach(self, route: Route) -> Route:
+        """`route` with its rows of this bank gathered (what the model does once per forward)."""
+        return replace(route, factors=self.gather(route.rows))
+
+    def chunk(self, layer: KindLinear, group: int) -> torch.Tensor:
+        """Group `group`'s tailor in `layer`: [tailor_width] (a view)."""
+        return self.rows[self.groups.index(group)].split(self.widths)[layer.bank_slot]
+
+    @torch.no_grad()
+    def reset(self, layers: list[KindLinear]) -> None:
+        """Every group's tailor in every layer: random orthonormal directions (outside the
+        learngene's subspace when there is room) with small singular values, so it starts near
+        zero but every factor gets gradient (docs/KIND.md, initialisation)."""
+        chunks = self.rows.split(self.widths, dim=1)
+        n = len(self.groups)
+        for layer in layers:  # once per model, not per step
+            U, S, V = layer.unpack(chunks[layer.bank_slot])  # views into the bank
+            basis_u = torch.linalg.qr(layer.U.double())[0]  # [out, r_G]; U may have drifted
+            basis_v = torch.linalg.qr(layer.V.double())[0]  # from orthonormal after training
+            U.copy_(_orthonormal(n, layer.out_features, layer.rank_tailor, basis_u))
+            V.copy_(_orthonormal(n, layer.in_features, layer.rank_tailor, basis_v))
+            S.fill_(self.sigma)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}, width={sum(self.widths)}"
 
 
 class Linear(nn.Linear):

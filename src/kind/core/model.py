@@ -12,14 +12,15 @@ model.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from kind.core.gated import KindLinear, Linear, Route, make_route
+from kind.core.gated import KindLinear, Linear, Route, TailorBank, make_route, route_to
 
 # name -> (depth, hidden size, heads); DiT-* as in the DiT paper, the small ones for CPUs.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -146,20 +147,25 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """One embedding row per class (its own parameter, so an absent class gets no gradient and no
-    optimiser update) plus the null row for classifier-free guidance."""
+    """One table of class rows (row i: the i-th class the model holds) and the null row apart.
 
-    def __init__(self, classes: list[int], hidden: int):
+    A class's row travels with its tailors (the masked optimiser moves only the rows of classes in
+    the batch); the null row is class-agnostic and travels with the learngenes."""
+
+    def __init__(self, classes: list[int], num_classes: int, hidden: int):
         super().__init__()
-        self.rows = nn.ParameterDict({str(c): nn.Parameter(torch.randn(hidden)) for c in classes})
+        self.table = nn.Parameter(torch.randn(len(classes), hidden))
         self.null = nn.Parameter(torch.randn(hidden))
+        row = torch.zeros(num_classes + 1, dtype=torch.long)
+        row[classes] = torch.arange(len(classes))
+        self.register_buffer("row_of", row, persistent=False)  # class id -> table row
 
-    def forward(self, y: torch.Tensor, present: list[int], null_id: int) -> torch.Tensor:
-        # Only the rows of classes in the batch enter the graph.
-        table = torch.stack([self.null if c == null_id else self.rows[str(c)] for c in present])
-        lut = torch.zeros(max(present) + 1, dtype=torch.long, device=y.device)
-        lut[present] = torch.arange(len(present), device=y.device)
-        return table[lut[y]]  # [B, hidden]
+    def forward(self, y: torch.Tensor, null_id: int) -> torch.Tensor:
+        # y [B] -> [B, hidden]; the null row enters every graph (DDP needs no unused parameters)
+        null = self.null.expand(y.shape[0], -1)
+        if self.table.shape[0] == 0:  # an unconditional model
+            return null
+        return torch.where((y == null_id)[:, None], null, self.table[self.row_of[y]])
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -247,13 +253,12 @@ class DiT(nn.Module):
         self.null_id = cfg.num_classes
         self.grid = cfg.image_size // self.patch
         groups = cfg.held_groups
+        rank_tailor = cfg.rank_tailor if groups else 0
 
         def linear(i: int, o: int) -> nn.Module:
             if not cfg.kind:
                 return Linear(i, o)
-            return KindLinear(
-                i, o, cfg.rank_learngene, cfg.rank_tailor, groups, tailor_sigma=cfg.tailor_sigma
-            )
+            return KindLinear(i, o, cfg.rank_learngene, rank_tailor)
 
         def adaln_linear(i: int, o: int) -> nn.Module:
             if cfg.kind and cfg.decompose_adaln:
@@ -262,17 +267,25 @@ class DiT(nn.Module):
 
         self.x_embedder = nn.Conv2d(cfg.in_channels, hidden, self.patch, stride=self.patch)
         self.t_embedder = TimestepEmbedder(hidden)
-        self.y_embedder = LabelEmbedder(cfg.held_classes, hidden)
+        self.y_embedder = LabelEmbedder(cfg.held_classes, cfg.num_classes, hidden)
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid), persistent=False)
-        # tau[y] for y in 0..K (K = null -> its null tailor group, or -1: no tailor)
-        null_group = -1 if cfg.null_group is None else cfg.null_group
-        self.register_buffer(
-            "tau", torch.tensor(cfg.tau + [null_group], dtype=torch.long), persistent=False
-        )
         self.blocks = nn.ModuleList(
             DiTBlock(hidden, heads, cfg.mlp_ratio, linear, adaln_linear) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden, self.patch, self.out_channels, adaln_linear)
+        # every tailor in one bank (a row per held group), gated layers in module order
+        self.gated = [(n, m) for n, m in self.kind_layers() if m.rank_tailor]
+        self.tailors = (
+            TailorBank([m for _, m in self.gated], groups, cfg.tailor_sigma) if self.gated else None
+        )
+        # class id 0..K (K = null) -> bank row of its tailor group; -1: no tailor (the null class
+        # without a null tailor, or a class this model does not hold)
+        row = {g: i for i, g in enumerate(groups)}
+        null_group = -1 if cfg.null_group is None else cfg.null_group
+        held = set(cfg.held_classes)
+        slot = [row.get(g, -1) if c in held else -1 for c, g in enumerate(cfg.tau)]
+        slot.append(row.get(null_group, -1))
+        self.register_buffer("slot_of", torch.tensor(slot, dtype=torch.long), persistent=False)
         self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
         self.initialize_weights()
 
@@ -298,15 +311,21 @@ class DiT(nn.Module):
             else:
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.reset_tailors()
+
+    def reset_tailors(self) -> None:
+        """Fresh tailors for every group, outside each layer's current learngene subspace."""
+        if self.tailors is not None:
+            self.tailors.reset([m for _, m in self.gated])
 
     def kind_layers(self) -> list[tuple[str, KindLinear]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, KindLinear)]
 
-    def present_classes(self, y: torch.Tensor) -> list[int]:
-        """Distinct class ids in y; a clear error for a class this model does not hold."""
-        present = sorted(set(y.tolist()))
+    def check_classes(self, y: torch.Tensor) -> None:
+        """A clear error for a class id this model does not hold (reads y on the host)."""
+        present = set(y.tolist())
         held = set(self.config.held_classes) | {self.null_id}
-        missing = [c for c in present if c not in held]
+        missing = sorted(present - held)
         if missing:
             names = self.config.class_names
             bad = [names[c] if 0 <= c < len(names) else str(c) for c in missing]
@@ -315,10 +334,36 @@ class DiT(nn.Module):
                 f"class(es) {bad} are not in this model, which holds {kept}; "
                 "assemble a model with those classes from the parts directory"
             )
-        return present
 
-    def route(self, y: torch.Tensor) -> Route | None:
-        return make_route(self.tau[y]) if self.config.kind else None
+    def route(self, y: torch.Tensor, blocked: bool = True) -> Route | None:
+        """The route of labels y (see `kind.core.gated.Route`), None for a dense model. Blocked:
+        read on the host, classes checked (call it once per batch, with CPU labels where you have
+        them); static: no host sync, for compiled models."""
+        if blocked:
+            y = y.cpu()
+            self.check_classes(y)
+        if self.tailors is None:
+            return None
+        if blocked:
+            return make_route(self.slot_of.cpu()[y], blocked=True)
+        return make_route(self.slot_of[y], blocked=False)
+
+    def present_rows(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows of the row banks that labels y (CPU) use: "tailors" (bank rows of their groups)
+        and "labels" (table rows of their classes, the null row apart). The masked optimiser and
+        EMA update exactly these rows; nothing else in a bank moves."""
+        classes = torch.unique(y.cpu())
+        classes = classes[classes != self.null_id]
+        rows = {"labels": self.y_embedder.row_of.cpu()[classes]}
+        if self.tailors is not None:
+            slots = torch.unique(self.slot_of.cpu()[torch.unique(y.cpu())])
+            rows["tailors"] = slots[slots >= 0]
+        return rows
+
+    def row_banks(self) -> dict[str, nn.Parameter]:
+        """The parameters whose rows belong to groups or classes, by the key of `present_rows`."""
+        banks = {"labels": self.y_embedder.table}
+        return banks | ({"tailors": self.tailors.rows} if self.tailors is not None else {})
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # [B, T, p*p*C] -> [B, C, H, W]
@@ -326,15 +371,23 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        present = self.present_classes(y)
-        route = self.route(y)
-        order = route.order if route is not None else None
-        if order is not None:  # sort once into group blocks so no layer has to (see Route)
-            x, t, y = x[order], t[order], y[order]
-            route = self.route(y)
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, route: Route | None = None
+    ) -> torch.Tensor:
+        """`route`: from `self.route(y)`, built once per batch by the caller; without one the
+        model builds it (eager: blocked, reading y on the host; compiled: static)."""
+        if route is None and self.tailors is not None:
+            route = self.route(y, blocked=not torch.compiler.is_compiling())
+        order = None
+        if route is not None:
+            if route.rows.device != x.device:
+                route = route_to(route, x.device)
+            order = route.order
+            if order is not None:  # sort once into group blocks so no layer has to (see Route)
+                x, t, y = x[order], t[order], y[order]
+            route = self.tailors.attach(replace(route, order=None))
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D]
-        c = self.t_embedder(t) + self.y_embedder(y, present, self.null_id)  # [B, D]
+        c = self.t_embedder(t) + self.y_embedder(y, self.null_id)  # [B, D]
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 h = torch.utils.checkpoint.checkpoint(block, h, c, route, use_reentrant=False)
@@ -345,16 +398,67 @@ class DiT(nn.Module):
             out = torch.empty_like(out).index_copy_(0, order, out)  # back to the input order
         return out
 
-    def orthogonality_penalty(self, y: torch.Tensor) -> torch.Tensor:
+    def orthogonality_penalty(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over KIND layers of the orthogonality penalty for the learngene and the tailors of
-        the groups in y (never an absent group: invariant 2)."""
-        route = self.route(y)
-        keys = route.keys if route is not None else ()
-        terms = [m.orthogonality_penalty(keys if m.tailors else ()) for _, m in self.kind_layers()]
-        return torch.stack(terms).sum() if terms else torch.zeros((), device=y.device)
+        bank rows `rows` (the groups of the batch; never an absent group: invariant 2)."""
+        chunks = self.tailors.gather(rows) if rows is not None and self.tailors else None
+        terms = [
+            m.orthogonality_penalty(chunks[m.bank_slot] if chunks and m.rank_tailor else None)
+            for _, m in self.kind_layers()
+        ]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def orthogonality_error(self) -> float:
-        return max((m.orthogonality_error() for _, m in self.kind_layers()), default=0.0)
+        chunks = self.tailors.rows.detach().split(self.tailors.widths, 1) if self.tailors else None
+        return max(
+            (m.orthogonality_error(chunks[m.bank_slot] if m.rank_tailor else None)
+             for _, m in self.kind_layers()),
+            default=0.0,
+        )  # fmt: skip
+
+    # ---- the per-group form of the weights: parts files, and models saved by kind-dit 0.1 ----
+
+    def part_state(self) -> dict[str, torch.Tensor]:
+        """The state dict with the banks cut into one tensor per group and factor
+        (`{layer}.tailors.{g}.U|S|V`) and one per class label row (`y_embedder.rows.{c}`): the
+        form parts files hold, one file per group."""
+        state = self.state_dict()
+        table = state.pop("y_embedder.table")
+        out = {k: v for k, v in state.items() if k != "tailors.rows"}
+        out |= {f"y_embedder.rows.{c}": table[i].clone()
+                for i, c in enumerate(self.config.held_classes)}  # fmt: skip
+        if self.tailors is not None:
+            chunks = state["tailors.rows"].split(self.tailors.widths, dim=1)
+            for name, layer in self.gated:
+                factors = layer.unpack(chunks[layer.bank_slot])
+                for i, g in enumerate(self.tailors.groups):
+                    out |= {f"{name}.tailors.{g}.{f}": t[i].clone()
+                            for f, t in zip("USV", factors, strict=True)}  # fmt: skip
+        return out
+
+    def banked_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `part_state`: per-group and per-class tensors stacked into this model's
+        banks (other tensors pass through; a state already banked comes back as it is)."""
+        if not any(_PER_GROUP.search(k) or _PER_CLASS.fullmatch(k) for k in state):
+            return state
+        out = {k: v for k, v in state.items()
+               if not (_PER_GROUP.search(k) or _PER_CLASS.fullmatch(k))}  # fmt: skip
+        try:
+            rows = [state[f"y_embedder.rows.{c}"] for c in self.config.held_classes]
+            out["y_embedder.table"] = torch.stack(rows) if rows else self.y_embedder.table[:0]
+            if self.tailors is not None:
+                out["tailors.rows"] = torch.stack([
+                    torch.cat([state[f"{name}.tailors.{g}.{f}"].reshape(-1)
+                               for name, _ in self.gated for f in "USV"])
+                    for g in self.tailors.groups
+                ])  # fmt: skip
+        except KeyError as e:
+            raise ValueError(f"the weights lack {e.args[0]!r}, which this model needs") from None
+        return out
+
+
+_PER_GROUP = re.compile(r"\.tailors\.\d+\.[USV]$")
+_PER_CLASS = re.compile(r"y_embedder\.rows\.\d+")
 
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:
@@ -363,7 +467,10 @@ def count_params(model: nn.Module, trainable: bool = False) -> int:
 
 
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: object) -> None:
-    """load_state_dict with an error that names the source and the mismatching tensors."""
+    """load_state_dict with an error that names the source and the mismatching tensors. Weights
+    in the per-group form (parts files, models saved by kind-dit 0.1) are stacked into banks."""
+    if isinstance(model, DiT):
+        state = model.banked_state(state)
     own = model.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own.keys() & state.keys() if own[k].shape != state[k].shape]

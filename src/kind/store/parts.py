@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kind.core.decomposition import PartsError, group_of, merge, resolve_classes, split_state
+from kind.core.decomposition import BANKS, PartsError, merge, resolve_classes, split_state
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, load_state
 from kind.io import (
@@ -173,7 +173,7 @@ def load_learngene(model: DiT, parts: str | Path) -> dict[str, torch.Tensor]:
                 f"model expects {tuple(own[name].shape)}: the parts come from a model "
                 "of another size or learngene rank"
             )
-    missing = [n for n in own if group_of(n, model.config) is None and n not in learngene]
+    missing = [n for n in own if n not in BANKS and n not in learngene]
     if missing:
         raise PartsError(
             f"the learngene in {parts} lacks {missing[:5]}: it comes from a different architecture"

@@ -1,8 +1,9 @@
 """Exponential moving average of the trainable parameters, each averaged over its own updates.
 
-A parameter that got no gradient in a step (the tailor of a class absent from the batch) is left
-alone, and its decay warm-up counts only its own updates: the average of a class's tailors, like the
-tailors themselves, depends on that class's steps only (docs/KIND.md invariant 2).
+A parameter that got no gradient in a step is left alone, and its decay warm-up counts only its own
+updates. A row bank (`DiT.row_banks`: tailors, label rows) is averaged row by row, over the rows the
+step updated (the optimiser's `rows`), each row with its own count: the average of a class's
+tailors, like the tailors themselves, depends on that class's steps only (docs/KIND.md invariant 2).
 """
 
 from __future__ import annotations
@@ -15,27 +16,58 @@ import torch
 from torch import nn
 
 
+def _weight(count: torch.Tensor | int, decay: float) -> torch.Tensor | float:
+    """How far the average moves towards the weights after `count` earlier updates."""
+    warm = (1 + count) / (10 + count)
+    return 1 - (torch.clamp(warm, max=decay) if isinstance(warm, torch.Tensor) else min(decay, warm))
+
+
 class EMA:
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], decay: float):
+    def __init__(
+        self,
+        named_params: list[tuple[str, nn.Parameter]],
+        decay: float,
+        banks: dict[str, str] | None = None,
+    ):
+        """`banks`: parameter name -> the key of its rows in `update(rows)`, for row banks."""
         self.decay = decay
         self.params = dict(named_params)
+        self.banks = {n: k for n, k in (banks or {}).items() if n in self.params}
         self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
-        self.counts = dict.fromkeys(self.params, 0)
+        self.counts: dict[str, int | torch.Tensor] = {
+            n: torch.zeros(p.shape[0], dtype=torch.long) if n in self.banks else 0
+            for n, p in self.params.items()
+        }
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Call after the optimiser step, before gradients are cleared."""
+    def update(self, rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Call after the optimiser step, before gradients are cleared, with the rows the step
+        updated in each bank."""
         groups: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
         for n, p in self.params.items():
             if p.grad is None:
                 continue
+            if n in self.banks:
+                self._update_rows(n, p, (rows or {}).get(self.banks[n]))
+                continue
             c = self.counts[n]
-            weight = 1 - min(self.decay, (1 + c) / (10 + c))
-            groups[weight][0].append(self.shadow[n])
-            groups[weight][1].append(p.detach())
+            groups[_weight(c, self.decay)][0].append(self.shadow[n])
+            groups[_weight(c, self.decay)][1].append(p.detach())
             self.counts[n] = c + 1
         for weight, (shadow, current) in groups.items():
             torch._foreach_lerp_(shadow, current, weight)
+
+    def _update_rows(self, name: str, p: torch.Tensor, rows: torch.Tensor | None) -> None:
+        if rows is None or rows.numel() == 0:
+            return
+        shadow, counts = self.shadow[name], self.counts[name]
+        rows_cpu = rows.cpu()  # the counts live on the host, like the other parameters'
+        weight = _weight(counts[rows_cpu].float(), self.decay).to(p.device, non_blocking=True)
+        rows = rows.to(p.device, non_blocking=True)
+        avg = shadow.index_select(0, rows)  # [P, N]
+        avg.lerp_(p.detach().index_select(0, rows), weight.view(-1, *[1] * (p.dim() - 1)))
+        shadow.index_copy_(0, rows, avg)
+        counts[rows_cpu] += 1
 
     @contextmanager
     def applied(self) -> Iterator[None]:
@@ -57,10 +89,11 @@ class EMA:
         for n, p in self.params.items():
             p.copy_(self.shadow[n])
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-        return self.shadow, self.counts
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int | list[int]]]:
+        counts = {n: c.tolist() if isinstance(c, torch.Tensor) else c for n, c in self.counts.items()}
+        return self.shadow, counts
 
-    def load(self, shadow: dict[str, torch.Tensor], counts: dict[str, int]) -> None:
+    def load(self, shadow: dict[str, torch.Tensor], counts: dict[str, int | list[int]]) -> None:
         if set(shadow) != set(self.shadow):
             extra, missing = (
                 sorted(set(shadow) - set(self.shadow)),
@@ -70,9 +103,13 @@ class EMA:
                 "the checkpoint trained other parameters than this run would "
                 f"({len(extra)} only in the checkpoint, e.g. {extra[:2]}; {len(missing)} only "
                 f"here, e.g. {missing[:2]}): the run was started with other settings (another "
-                "--method, --train-learngenes, --rank-tailor or --null-tailor); resume with the "
-                "ones it was started with"
+                "--method, --train-learngenes, --rank-tailor or --null-tailor), or by kind-dit "
+                "0.1 (one tensor per tailor); resume with the version and settings it was "
+                "started with"
             )
         for n, t in shadow.items():
             self.shadow[n].copy_(t)
-        self.counts = {n: int(counts[n]) for n in self.shadow}
+        self.counts = {
+            n: torch.tensor(counts[n], dtype=torch.long) if n in self.banks else int(counts[n])
+            for n in self.shadow
+        }

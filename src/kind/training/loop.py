@@ -6,9 +6,15 @@ identically, and each rank takes its shard: N ranks with batch B reach what one 
 batch N·B, and a resumed run continues exactly where it stopped (`TrainState` holds model, EMA,
 optimiser, RNG and step, and saves and restores itself).
 
-Gate isolation of updates (docs/KIND.md invariant 2): gradients are cleared to None every step and an
-absent class's tailors never enter the graph, so AdamW (decay and momentum included) and the EMA skip
-them; under DDP a parameter unused on every rank keeps grad None too.
+Gate isolation of updates (docs/KIND.md invariant 2): the tailors and label rows live in row banks
+(`DiT.row_banks`), and each step updates only the rows of the groups and classes in its global batch
+(`DiT.present_rows`, read from the host labels every rank draws alike): the masked AdamW and the EMA
+leave every other row, its moments and its step count as they were. Under DDP the banks stay out of
+DDP's buckets; the present rows of their gradients are averaged in one all-reduce each.
+
+The route (which tailor each sample uses) is built once per batch from the host labels and handed to
+the model, so the forward never syncs with the device; a compiled run uses the static route, whose
+shapes depend on the batch size only.
 
 `train` = `_setup` (validate, build, restore) + `train_step` in a loop + the hooks that log,
 checkpoint and draw sample grids.
@@ -143,11 +149,13 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
 
     net: nn.Module = model
     if world > 1:
-        # find_unused_parameters: the tailors and label rows of absent classes are unused in a step
+        # the row banks are reduced row by row in the step (only the rows the batch used)
+        banks = {id(p) for p in model.row_banks().values()}
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, p in model.named_parameters() if id(p) in banks]
+        )
         net = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            find_unused_parameters=True,
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
     if tc.compile:
         net = torch.compile(net)
@@ -177,17 +185,21 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     tc, model, opt, gens, device = cfg.train, state.model, state.optimizer, state.gens, info.device
     B, local, micro, world = tc.batch_size, run.local, run.micro, info.world
     C, H, W = run.data.images.shape[1:]
-    # one global batch from the shared generators, then this rank's shard
+    # one global batch from the shared generators, then this rank's shard; indices, labels, label
+    # dropout and flips on the host (from the data generator), timesteps and noise on the device
     shard = slice(info.rank * local, (info.rank + 1) * local)
-    idx = torch.randint(len(run.data.images), (B,), generator=gens["data"])[shard]
+    idx = torch.randint(len(run.data.images), (B,), generator=gens["data"])
+    drop = torch.rand(B, generator=gens["data"]) < tc.class_dropout
+    flip = torch.rand(B, generator=gens["data"]) < 0.5
     t = torch.randint(
         run.diffusion.config.num_timesteps, (B,), generator=gens["noise"], device=device
     )[shard]
     noise = torch.randn((B, C, H, W), generator=gens["noise"], device=device)[shard]
-    drop = (torch.rand(B, generator=gens["noise"], device=device) < tc.class_dropout)[shard]
-    flip = (torch.rand(B, generator=gens["noise"], device=device) < 0.5)[shard]
-    x0 = run.data.images.get(idx, flip.cpu() if tc.hflip else None).to(device, non_blocking=True)
-    y = torch.where(drop, model.null_id, run.data.labels[idx].to(device))
+    labels = torch.where(drop, model.null_id, run.data.labels[idx])  # [B] global, host
+    rows = model.present_rows(labels)  # the bank rows this step may change, on every rank alike
+    idx, labels = idx[shard], labels[shard]
+    x0 = run.data.images.get(idx, flip[shard] if tc.hflip else None).to(device, non_blocking=True)
+    y = labels.to(device, non_blocking=True)
 
     for g in opt.param_groups:
         g["lr"] = tc.lr * min(1.0, (state.step + 1) / max(tc.warmup_steps, 1))
@@ -197,13 +209,19 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         sl = slice(m0, m0 + micro)
         last = m0 + micro >= local
         sync = nullcontext() if last or world == 1 else run.net.no_sync()
+        route = model.route(labels[sl], blocked=not tc.compile)
         with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = run.diffusion.loss(run.net, x0[sl], y[sl], t[sl], noise[sl]).mean()
+            loss = run.diffusion.loss(run.net, x0[sl], y[sl], t[sl], noise[sl], route).mean()
             if tc.orth_weight and model.config.kind:
-                loss = loss + tc.orth_weight * model.orthogonality_penalty(y[sl])
+                present = model.present_rows(labels[sl]).get("tailors")
+                present = present.to(device, non_blocking=True) if present is not None else None
+                loss = loss + tc.orth_weight * model.orthogonality_penalty(present)
             scaled = loss * (micro / local)
             state.scaler.scale(scaled).backward()
         loss_sum += scaled.detach()
+    if world > 1:
+        distributed.all_mean_rows(model.row_banks(), rows, info)
+    opt.set_rows(rows)
     scaler = state.scaler
     scaler.unscale_(opt)
     params = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
@@ -217,7 +235,7 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         scaler.step(opt)
         scaler.update()
         if finite and (scale_before is None or scaler.get_scale() >= scale_before):
-            state.ema.update()  # not after a step the fp16 scaler skipped
+            state.ema.update(rows)  # not after a step the fp16 scaler skipped
     opt.zero_grad(set_to_none=True)
     state.step += 1
     state.bad_in_row = 0 if finite else state.bad_in_row + 1

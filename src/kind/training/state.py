@@ -28,13 +28,14 @@ from kind.io import (
 from kind.store.runs import checkpoint_dir, load_optimizer, optimizer_tensors, prune_checkpoints
 from kind.training.config import TrainConfig
 from kind.training.ema import EMA
+from kind.training.optim import MaskedAdamW
 
 
 @dataclass
 class TrainState:
     model: DiT
     names: list[str]  # trainable parameters, in optimiser order
-    optimizer: torch.optim.Optimizer
+    optimizer: MaskedAdamW
     ema: EMA
     gens: dict[str, torch.Generator]  # "data" (CPU) and "noise" (the device's)
     scaler: torch.amp.GradScaler
@@ -49,15 +50,21 @@ class TrainState:
         generators seeded from `tc.seed`. Only trainable parameters are optimised (a transfer
         freezes the learngenes this way)."""
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            [p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay, fused=True
+        banks = {k: p for k, p in model.row_banks().items() if p.requires_grad}
+        optimizer = MaskedAdamW(
+            [p for _, p in named], banks, lr=tc.lr, weight_decay=tc.weight_decay
         )
+        key_of = {id(p): k for k, p in banks.items()}
+        bank_names = {n: key_of[id(p)] for n, p in named if id(p) in key_of}
         gens = {
             "data": torch.Generator().manual_seed(tc.seed),
             "noise": torch.Generator(device).manual_seed(tc.seed + 1),
         }
         scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-        return cls(model, [n for n, _ in named], optimizer, EMA(named, tc.ema_decay), gens, scaler)
+        ema = EMA(named, tc.ema_decay, bank_names)
+        name_of = {id(p): n for n, p in named}
+        order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+        return cls(model, order, optimizer, ema, gens, scaler)
 
     def nonfinite(self) -> list[str]:
         """Names of the weights (model or EMA) holding a NaN or an infinity; a check made before

@@ -28,7 +28,7 @@ from kind.core.model import DiT, ModelConfig, count_params, load_state
 
 TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")  # the block matrices KIND decomposes
 TARGET_PATTERN = r"blocks\.\d+\.(attn\.(q|k|v|proj)|mlp\.(fc1|fc2))"
-_ROW = "y_embedder.rows."  # new-class label rows: trainable in every method
+_ROW = "y_embedder.table"  # new-class label rows: trainable in every method
 
 
 @dataclass

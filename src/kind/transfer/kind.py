@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from kind.core.decomposition import PartsError, group_of
+from kind.core.decomposition import BANKS, PartsError
 from kind.core.diffusion import DiffusionConfig
-from kind.core.model import DiT, ModelConfig, count_params
+from kind.core.model import DiT, ModelConfig, count_params, load_state
 from kind.store.parts import load_learngene, read_manifest, read_part
 
 
@@ -50,12 +50,10 @@ def inherit_learngenes(
     torch.manual_seed(seed)
     model = DiT(config)
     load_learngene(model, parts)
-    layers = dict(model.kind_layers())
-    for layer in layers.values():  # fresh tailors outside the transferred learngene
-        layer.reset_tailors()
+    model.reset_tailors()  # fresh tailors outside the transferred learngene
     if carry_tailors:
         source_groups = sorted(int(g) for g in manifest["tailors"] if int(g) != source.null_group)
-        state = {}
+        state = model.part_state()
         for g in sorted(set(config.tau)):  # class groups; a null tailor always starts fresh
             src = source_groups[g % len(source_groups)]
             tensors = read_part(parts, manifest["tailors"][str(src)], str(src))
@@ -64,11 +62,10 @@ def inherit_learngenes(
                 for k, v in tensors.items()
                 if f".tailors.{src}." in k
             }
-        model.load_state_dict(state, strict=False)
+        load_state(model, state, parts)
+    sigmas = {f"{name}.S" for name, _ in model.kind_layers()} if train_sigma else set()
     for name, p in model.named_parameters():
-        tailor = group_of(name, config) is not None
-        sigma = train_sigma and name.endswith(".S") and name[:-2] in layers
-        p.requires_grad_(train_learngenes or tailor or sigma)
+        p.requires_grad_(train_learngenes or name in BANKS or name in sigmas)
     return model, DiffusionConfig(**manifest["diffusion"])
 
 

@@ -1,0 +1,92 @@
+"""AdamW that moves a row bank only at the rows its batch used (docs/KIND.md invariant 2).
+
+A row bank is a parameter whose rows belong to tailor groups or classes (`DiT.row_banks`: the
+tailor bank, the label table). A step leaves every row of a group or class absent from the batch
+exactly as it was: weights, both moments and its step count, weight decay included; a present row
+gets the AdamW update it would get as a parameter of its own, with bias corrections from its own
+step count. The rows to update come from `DiT.present_rows` of the global batch, so every rank of a
+DDP job updates the same rows.
+
+torch's AdamW cannot do this: it decays and moves the moments of every element it holds, and a
+row with a zero gradient is still an element it holds. The other parameters go through torch's
+fused AdamW unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    def __init__(
+        self,
+        params: list[nn.Parameter],
+        banks: dict[str, nn.Parameter],
+        lr: float,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+    ):
+        """`params`: every trainable parameter; `banks`: those among them that are row banks, by
+        the key `step` is given their present rows under."""
+        ids = {id(b): key for key, b in banks.items()}
+        plain = [p for p in params if id(p) not in ids]
+        groups = [{"params": plain}] if plain else []
+        groups += [{"params": [p], "bank": ids[id(p)]} for p in params if id(p) in ids]
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
+        self.rows: dict[str, torch.Tensor] = {}  # set before each step: key -> int64 [P] rows
+        self._plain = None
+        if plain:  # shares the group dict (lr) and the state with this optimiser
+            self._plain = torch.optim.AdamW([self.param_groups[0]], lr=lr, fused=True)
+            self._plain.state = self.state
+
+    def set_rows(self, rows: dict[str, torch.Tensor]) -> None:
+        """The rows of each bank the coming step updates (`DiT.present_rows`)."""
+        self.rows = rows
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self._plain is not None:  # the loaded groups and state are new objects: share again
+            self._plain.param_groups = [self.param_groups[0]]
+            self._plain.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._plain is not None:
+            self._plain.step()
+        for group in self.param_groups:
+            if "bank" in group:
+                self._bank_step(group)
+
+    def _bank_step(self, group: dict) -> None:
+        (p,) = group["params"]
+        rows = self.rows.get(group["bank"])
+        if p.grad is None or rows is None or rows.numel() == 0:
+            return
+        rows = rows.to(p.device, non_blocking=True)
+        state = self.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+        if state["step"].device != p.device:  # a checkpoint's step counts load on the CPU
+            state["step"] = state["step"].to(p.device)
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        x, g = p.index_select(0, rows), p.grad.index_select(0, rows)  # [P, N]
+        m = state["exp_avg"].index_select(0, rows)
+        v = state["exp_avg_sq"].index_select(0, rows)
+        step = state["step"].index_select(0, rows) + 1  # [P]: each row counts its own steps
+        x.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        # bias corrections in float64, as torch's AdamW has them: 1 - 0.999^n cancels in float32
+        bias1 = (1 - torch.pow(beta1, step.double())).to(x.dtype).view(shape)
+        bias2 = (1 - torch.pow(beta2, step.double())).sqrt().to(x.dtype).view(shape)
+        x.addcdiv_(m * (lr / bias1), v.sqrt().div_(bias2).add_(eps), value=-1)
+        p.index_copy_(0, rows, x)
+        state["exp_avg"].index_copy_(0, rows, m)
+        state["exp_avg_sq"].index_copy_(0, rows, v)
+        state["step"].index_copy_(0, rows, step)
