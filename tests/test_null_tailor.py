@@ -48,14 +48,13 @@ def _perturbed(model, group):
     other = DiT(model.config).eval()
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for _, layer in other.kind_layers():
-            layer.tailors[str(group)].U.add_(0.5)
+        other.tailors.rows[other.tailors.groups.index(group)].add_(0.5)
     return other
 
 
 def test_the_null_class_has_its_own_group_after_the_class_groups(model):
     assert model.config.null_group == 3 and model.config.held_groups == [0, 1, 2, 3]
-    assert model.tau.tolist() == [0, 1, 2, 3]
+    assert model.slot_of.tolist() == [0, 1, 2, 3]  # bank rows of classes 0-2 and the null
     assert ModelConfig(class_names=NAMES).null_group is None  # off by default: no tailor
 
 
@@ -96,14 +95,14 @@ def test_merged_models_fold_the_null_tailor_into_the_unconditional_network(model
 def test_transfer_gives_a_fresh_null_tailor_and_carries_the_learngene_only(model, parts):
     new, _ = inherit_learngenes(parts, ["cat", "dog"], null_tailor=True, carry_tailors=True)
     learngene, source_tailors = split_state(model)
-    own = new.state_dict()
+    own = new.part_state()
     for name, tensor in learngene.items():  # invariant 5
         assert torch.equal(own[name], tensor), name
     assert new.config.null_group == 2 and new.config.held_groups == [0, 1, 2]
     null_key = "blocks.0.attn.q.tailors.2.U"  # the new null tailor: fresh, not the source's
     assert not any(torch.equal(own[null_key], t[k]) for t in source_tailors.values() for k in t)
     trainable = {n for n, p in new.named_parameters() if p.requires_grad}
-    assert "blocks.0.attn.q.tailors.2.U" in trainable and "blocks.0.attn.q.U" not in trainable
+    assert "tailors.rows" in trainable and "blocks.0.attn.q.U" not in trainable
 
 
 def test_kind_sigma_trains_the_learngene_singular_values_only(parts):
@@ -130,9 +129,9 @@ def test_a_step_without_the_null_class_leaves_the_null_tailor_unchanged(parts, t
                                                "class_dropout": dropout, "sample_every": 0,
                                                "threads": 1}})  # fmt: skip
         cfg.model, cfg.diffusion = model.config, diffusion
-        start = {k: v.clone() for k, v in model.state_dict().items()}
+        start = model.part_state()
         train(cfg, tmp_path / f"d{dropout}", model=model, data=data)
-        trained[dropout] = (start, model.state_dict())
+        trained[dropout] = (start, model.part_state())
     start, end = trained[0.0]
     null = [k for k in end if ".tailors.2." in k]
     assert null and all(torch.equal(start[k], end[k]) for k in null)
