@@ -5,7 +5,8 @@
     python benchmarks/bench_scale.py --cases DiT-S/4:150 --repeats 3 --json out.json
 
 Latent-shaped inputs (4x32x32), rank-8 tailors, a batch of 16 samples of 16 distinct classes,
-fused AdamW and the project's EMA, as in training. For each case: parameter tensors (all, and
+the masked AdamW and EMA of the training loop for KIND, torch's fused AdamW and a plain EMA
+for dense. For each case: parameter tensors (all, and
 tailor tensors per gated layer), forward + backward, the optimiser step and the EMA update (KIND
 and dense in one process, alternating, median), and the peak resident memory of one training
 step (each model in a fresh process). Prints a Markdown table; the targets of the scale work are
@@ -30,6 +31,7 @@ from bench_speed import timed  # noqa: E402  (the same alternating median timer)
 from kind.core.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from kind.core.model import DiT, ModelConfig  # noqa: E402
 from kind.training.ema import EMA  # noqa: E402
+from kind.training.optim import keep_rows, masked_adamw  # noqa: E402
 
 CASES = ("DiT-S/4:150", "DiT-B/4:150", "DiT-S/4:611")
 
@@ -48,21 +50,35 @@ def batch(classes: int, n: int = 16) -> tuple[torch.Tensor, ...]:
 
 
 def tensors_per_layer(model: DiT) -> float:
-    """Tailor parameter tensors per gated layer (0 for a dense model)."""
-    layers = model.kind_layers()
-    return sum(len(list(m.tailors.parameters())) for _, m in layers) / max(len(layers), 1)
+    """Tailor parameter tensors per gated layer (0 for a dense model): the bank is one tensor for
+    every layer and group."""
+    gated = len(model.gated)
+    return (1 if model.tailors is not None else 0) / max(gated, 1)
+
+
+def training_parts(model: DiT, kind: bool):
+    """The optimiser and EMA a run gives this model: KIND as the training loop has them (row
+    banks masked), dense as a user would otherwise train it (torch's fused AdamW, a plain EMA)."""
+    if kind:
+        opt, names, banks = masked_adamw(model, 1e-4)
+        named = dict(model.named_parameters())
+        return opt, EMA([(n, named[n]) for n in names], 0.999, banks)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    return opt, EMA(list(model.named_parameters()), 0.999)
 
 
 def _peak_step(size: str, classes: int, kind: bool, queue) -> None:
     """In a fresh process: one training step, then the process's peak resident memory (GiB)."""
     torch.set_num_threads(1)
     model = build(size, classes, kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    ema = EMA(list(model.named_parameters()), 0.999)
+    opt, ema = training_parts(model, kind)
     x, y, t, noise = batch(classes)
-    Diffusion(DiffusionConfig()).loss(model, x, y, t, noise).mean().backward()
+    rows = model.present_rows(y)
+    Diffusion(DiffusionConfig()).loss(model, x, y, t, noise, model.route(y)).mean().backward()
+    if kind:
+        opt.set_rows(rows)
     opt.step()
-    ema.update()
+    ema.update(rows)
     queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
 
 
@@ -81,17 +97,32 @@ def measure(case: str, repeats: int) -> dict:
     classes = int(count)
     torch.manual_seed(0)
     models = {k: build(size, classes, k == "kind") for k in ("kind", "dense")}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
-    emas = {k: EMA(list(m.named_parameters()), 0.999) for k, m in models.items()}
+    parts = {k: training_parts(m, k == "kind") for k, m in models.items()}
     diffusion = Diffusion(DiffusionConfig())
     x, y, t, noise = batch(classes)
+    rows = models["kind"].present_rows(y)
+    parts["kind"][0].set_rows(rows)
 
-    def fwd_bwd(k):
-        return lambda: diffusion.loss(models[k], x, y, t, noise).mean().backward()
+    def fwd_bwd(k):  # as the loop: fresh gradients, the route built for the batch
+        def run():
+            models[k].zero_grad(set_to_none=True)
+            diffusion.loss(models[k], x, y, t, noise, models[k].route(y)).mean().backward()
+
+        return run
 
     fb = timed({k: fwd_bwd(k) for k in models}, repeats, 1, torch.device("cpu"))
-    opt = timed({k: opts[k].step for k in models}, repeats, 1, torch.device("cpu"))
-    ema = timed({k: emas[k].update for k in models}, repeats, 1, torch.device("cpu"))
+    raw = {n: p.grad for n, p in models["kind"].named_parameters()}  # the last backward's
+
+    def kind_step():  # as the loop: the banks' gradients cut to the batch's rows, then the step
+        for n, p in models["kind"].named_parameters():
+            p.grad = raw[n]
+        keep_rows(models["kind"].row_banks(), rows)
+        parts["kind"][0].step()
+
+    opt = timed({"kind": kind_step, "dense": parts["dense"][0].step}, repeats, 1,
+                torch.device("cpu"))  # fmt: skip
+    ema = timed({k: lambda k=k: parts[k][1].update(rows) for k in models}, repeats, 1,
+                torch.device("cpu"))  # fmt: skip
     out = {"case": case}
     for k, m in models.items():
         out[k] = {
@@ -113,7 +144,7 @@ def table(rows: list[dict]) -> str:
         k, d = r["kind"], r["dense"]
         ke, de = k["optimizer_s"] + k["ema_s"], d["optimizer_s"] + d["ema_s"]
         lines.append(
-            f"| {r['case']} | {k['tensors']:,} / {d['tensors']:,} | {k['tailor_tensors_per_layer']:.0f} "
+            f"| {r['case']} | {k['tensors']:,} / {d['tensors']:,} | {k['tailor_tensors_per_layer']:.2f} "
             f"| {k['fwd_bwd_s']:.2f} / {d['fwd_bwd_s']:.2f} s | {k['fwd_bwd_s'] / d['fwd_bwd_s']:.2f} "
             f"| {ke * 1e3:.0f} / {de * 1e3:.0f} ms | {ke / de:.2f} "
             f"| {k['peak_gib']:.2f} / {d['peak_gib']:.2f} GiB |"

@@ -19,14 +19,16 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from kind.core.decomposition import merge
 from kind.core.diffusion import Diffusion, DiffusionConfig
-from kind.core.gated import make_route
+from kind.core.gated import route_to
 from kind.core.model import SIZES, DiT, ModelConfig, parse_size
+from kind.training.optim import masked_adamw
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts)
@@ -83,7 +85,10 @@ def main() -> None:
         size=args.size, image_size=args.image_size, in_channels=args.channels, class_names=names
     )
     models = {k: DiT(ModelConfig(kind=k == "kind", **common)).to(device) for k in ("kind", "dense")}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, m in models.items()}
+    # KIND as the training loop runs it (masked AdamW over its row banks); dense as a user would
+    # otherwise train it (torch's fused AdamW)
+    opts = {"kind": masked_adamw(models["kind"], 1e-4)[0],
+            "dense": torch.optim.AdamW(models["dense"].parameters(), lr=1e-4, fused=True)}  # fmt: skip
     diffusion = Diffusion(DiffusionConfig())
     B = args.batch_size
     g = torch.Generator().manual_seed(0)
@@ -94,10 +99,16 @@ def main() -> None:
     t = torch.randint(0, 1000, (B,), generator=g).to(device)
     noise = torch.randn(x.shape, generator=g).to(device)
 
+    y_host = y.cpu()
+
     def train_step(k):
         def fn():
+            # the per-batch host work of the loop: the route and the rows the step may change
+            route = models[k].route(y_host, blocked=device.type == "cpu")
+            if k == "kind":
+                opts[k].set_rows(models[k].present_rows(y_host))
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = diffusion.loss(models[k], x, y, t, noise).mean()
+                loss = diffusion.loss(models[k], x, y, t, noise, route).mean()
             loss.backward()
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
@@ -121,9 +132,9 @@ def main() -> None:
     gated = models["kind"].blocks[0].mlp.fc1
     linear = torch.nn.Linear(hidden, gated.out_features).to(device)
     h = torch.randn(B, layer_tokens, hidden, device=device, requires_grad=True)
-    groups = models["kind"].tau[y]
-    order = make_route(groups).order
-    route = make_route(groups[order])  # the model sorts its batch into group blocks once
+    kind = models["kind"]
+    route = kind.route(y_host, blocked=device.type == "cpu")
+    route = kind.tailors.attach(route_to(replace(route, order=None), device))  # as in the model
 
     def layer_fn(fn):
         def run():

@@ -36,7 +36,9 @@ def _run(layer, bank, x, groups_of_samples, blocked=True):
 
 @pytest.mark.parametrize("blocked", [True, False])
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)
-def test_output_of_a_sample_ignores_other_groups_tailors(fin, fout, rg, rt, groups, tokens, blocked):
+def test_output_of_a_sample_ignores_other_groups_tailors(
+    fin, fout, rg, rt, groups, tokens, blocked
+):
     torch.manual_seed(0)
     layer, bank = _layer(fin, fout, rg, rt, groups)
     g = [groups[i % len(groups)] for i in range(7)] + [-1]  # last: null class

@@ -73,7 +73,10 @@ def test_kind_and_dense_share_the_architecture():
     assert "blocks.0.attn.q" in names and "blocks.3.mlp.fc2" in names
     # every tailor and label row in two tensors, whatever the class count
     assert {n for n, _ in kind.named_parameters() if "tailors" in n or "y_embedder" in n} == {
-        "tailors.rows", "y_embedder.table", "y_embedder.null"}
+        "tailors.rows",
+        "y_embedder.table",
+        "y_embedder.null",
+    }
 
 
 def test_group_map_shares_tailors_between_classes():

@@ -318,8 +318,16 @@ class TailorBank(nn.Module):
         self.rows = nn.Parameter(torch.zeros(len(self.groups), sum(self.widths)))
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Bank rows `rows` [n], cut per layer: one gather and one split, whatever the count."""
-        return self.rows[rows].split(self.widths, dim=1)  # per layer [n, width]
+        """Bank rows `rows` [n], cut per layer: one gather and one split, whatever the count.
+
+        Eager, the gradient is sparse: it holds the gathered rows only, where a dense one would
+        be a [G, N] tensor of zeros to fill every step (at 150 classes, more numbers than the
+        dense model has). Compiled graphs keep the dense gradient, which inductor supports."""
+        if torch.compiler.is_compiling():
+            picked = self.rows[rows]
+        else:
+            picked = F.embedding(rows, self.rows, sparse=True)
+        return picked.split(self.widths, dim=1)  # per layer [n, width]
 
     def attach(self, route: Route) -> Route:
         """`route` with its rows of this bank gathered (what the model does once per forward)."""

@@ -346,7 +346,7 @@ class DiT(nn.Module):
             return None
         if blocked:
             return make_route(self.slot_of.cpu()[y], blocked=True)
-        return make_route(self.slot_of[y], blocked=False)
+        return make_route(self.slot_of.to(y.device)[y], blocked=False)
 
     def present_rows(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows of the row banks that labels y (CPU) use: "tailors" (bank rows of their groups)

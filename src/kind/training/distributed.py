@@ -58,21 +58,6 @@ def all_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
-def all_mean_rows(
-    banks: dict[str, torch.nn.Parameter], rows: dict[str, torch.Tensor], info: DistInfo
-) -> None:
-    """Average the gradients of row banks over ranks at the rows a step uses (every rank passes
-    the same rows: those of the global batch), one all-reduce per bank; the other rows' gradients
-    are never applied."""
-    for key, bank in banks.items():
-        if bank.grad is None or key not in rows or not rows[key].numel():
-            continue
-        r = rows[key].to(bank.device, non_blocking=True)
-        grad = bank.grad.index_select(0, r)
-        dist.all_reduce(grad)
-        bank.grad.index_copy_(0, r, grad / info.world)
-
-
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()

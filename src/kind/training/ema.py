@@ -19,7 +19,9 @@ from torch import nn
 def _weight(count: torch.Tensor | int, decay: float) -> torch.Tensor | float:
     """How far the average moves towards the weights after `count` earlier updates."""
     warm = (1 + count) / (10 + count)
-    return 1 - (torch.clamp(warm, max=decay) if isinstance(warm, torch.Tensor) else min(decay, warm))
+    return 1 - (
+        torch.clamp(warm, max=decay) if isinstance(warm, torch.Tensor) else min(decay, warm)
+    )
 
 
 class EMA:
@@ -90,7 +92,9 @@ class EMA:
             p.copy_(self.shadow[n])
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict[str, int | list[int]]]:
-        counts = {n: c.tolist() if isinstance(c, torch.Tensor) else c for n, c in self.counts.items()}
+        counts = {
+            n: c.tolist() if isinstance(c, torch.Tensor) else c for n, c in self.counts.items()
+        }
         return self.shadow, counts
 
     def load(self, shadow: dict[str, torch.Tensor], counts: dict[str, int | list[int]]) -> None:

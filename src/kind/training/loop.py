@@ -54,6 +54,7 @@ from kind.store.runs import (
 from kind.training import distributed
 from kind.training.config import Config, read_group_file, save_config
 from kind.training.log import CsvLog
+from kind.training.optim import keep_rows
 from kind.training.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -219,13 +220,11 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
             scaled = loss * (micro / local)
             state.scaler.scale(scaled).backward()
         loss_sum += scaled.detach()
-    if world > 1:
-        distributed.all_mean_rows(model.row_banks(), rows, info)
+    keep_rows(model.row_banks(), rows, lambda grad: distributed.all_mean(grad, info))
     opt.set_rows(rows)
     scaler = state.scaler
     scaler.unscale_(opt)
-    params = [p for p in opt.param_groups[0]["params"] if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip or math.inf)
+    grad_norm = _clip_grad_norm(opt, tc.grad_clip or math.inf)
     # One fused check, the step's one host sync: a non-finite loss or gradient is never applied.
     # (With fp16 the gradient scaler already skips overflowing gradients and lowers its scale.)
     finite = torch.isfinite(loss_sum if scaler.is_enabled() else loss_sum + grad_norm)
@@ -244,6 +243,18 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         detail = f" (loss {loss_sum.item():.3g}, gradient norm {grad_norm.item():.3g})"
         raise TrainingError(_diverged(run, detail))
     return loss_sum, grad_norm
+
+
+def _clip_grad_norm(opt: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over every gradient, the sparse ones of the row banks included (torch's
+    clip_grad_norm_ takes dense gradients only); returns the norm before clipping, on the
+    device."""
+    grads = [p.grad._values() if p.grad.is_sparse else p.grad
+             for g in opt.param_groups for p in g["params"] if p.grad is not None]  # fmt: skip
+    norm = torch.nn.utils.get_total_norm(grads)
+    if math.isfinite(max_norm):
+        torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return norm
 
 
 def _diverged(run: _Run, detail: str = "") -> str:

@@ -14,8 +14,43 @@ fused AdamW unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+
+def rows_of_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A bank's gradient at `rows` (sorted, distinct) as a dense [P, ...] tensor, from a dense or
+    a sparse gradient (a sparse one's other rows, e.g. the row a tailorless null sample reads
+    with gate 0, are dropped). No host sync."""
+    if not grad.is_sparse:
+        return grad.index_select(0, rows)
+    g = grad.coalesce()
+    index, values = g.indices()[0], g.values()  # [k], [k, ...]
+    pos = torch.searchsorted(rows, index).clamp(max=rows.numel() - 1)
+    keep = (rows[pos] == index).to(values.dtype).view(-1, *[1] * (values.dim() - 1))
+    return values.new_zeros(rows.numel(), *values.shape[1:]).index_add_(0, pos, values * keep)
+
+
+def as_row_grad(bank: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The sparse gradient of `bank` holding `values` [P, ...] at `rows` and nothing else."""
+    return torch.sparse_coo_tensor(rows[None], values, bank.shape, is_coalesced=True)
+
+
+def keep_rows(
+    banks: dict[str, nn.Parameter],
+    rows: dict[str, torch.Tensor],
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda g: g,
+) -> None:
+    """Reduce each bank's gradient to its rows of the global batch `rows` (a sparse gradient),
+    passed through `reduce` on the way (the mean over DDP ranks): after backward, before the
+    gradient is clipped and applied."""
+    for key, bank in banks.items():
+        if bank.grad is not None:
+            r = rows[key].to(bank.device, non_blocking=True)
+            grad = reduce(rows_of_grad(bank.grad, r))  # [P, N]
+            bank.grad = as_row_grad(bank, r, grad) if r.numel() else None
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -74,7 +109,7 @@ class MaskedAdamW(torch.optim.Optimizer):
             state["step"] = state["step"].to(p.device)
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        x, g = p.index_select(0, rows), p.grad.index_select(0, rows)  # [P, N]
+        x, g = p.index_select(0, rows), rows_of_grad(p.grad, rows)  # [P, N]
         m = state["exp_avg"].index_select(0, rows)
         v = state["exp_avg_sq"].index_select(0, rows)
         step = state["step"].index_select(0, rows) + 1  # [P]: each row counts its own steps
@@ -90,3 +125,19 @@ class MaskedAdamW(torch.optim.Optimizer):
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
         state["step"].index_copy_(0, rows, step)
+
+
+def masked_adamw(
+    model: nn.Module, lr: float, weight_decay: float = 0.0
+) -> tuple[MaskedAdamW, list[str], dict[str, str]]:
+    """The optimiser of `model`'s trainable parameters, its row banks (`row_banks()`, where the
+    model has them) masked; returns (optimiser, parameter names in optimiser order, bank keys by
+    parameter name for the EMA)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    row_banks = model.row_banks() if hasattr(model, "row_banks") else {}
+    banks = {k: p for k, p in row_banks.items() if p.requires_grad}
+    optimizer = MaskedAdamW([p for _, p in named], banks, lr=lr, weight_decay=weight_decay)
+    key_of = {id(p): k for k, p in banks.items()}
+    name_of = {id(p): n for n, p in named}
+    order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return optimizer, order, {n: key_of[id(p)] for n, p in named if id(p) in key_of}

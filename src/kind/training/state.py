@@ -28,7 +28,7 @@ from kind.io import (
 from kind.store.runs import checkpoint_dir, load_optimizer, optimizer_tensors, prune_checkpoints
 from kind.training.config import TrainConfig
 from kind.training.ema import EMA
-from kind.training.optim import MaskedAdamW
+from kind.training.optim import MaskedAdamW, masked_adamw
 
 
 @dataclass
@@ -49,22 +49,15 @@ class TrainState:
         """A fresh state for `model`: AdamW and the EMA over its parameters with requires_grad,
         generators seeded from `tc.seed`. Only trainable parameters are optimised (a transfer
         freezes the learngenes this way)."""
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        banks = {k: p for k, p in model.row_banks().items() if p.requires_grad}
-        optimizer = MaskedAdamW(
-            [p for _, p in named], banks, lr=tc.lr, weight_decay=tc.weight_decay
-        )
-        key_of = {id(p): k for k, p in banks.items()}
-        bank_names = {n: key_of[id(p)] for n, p in named if id(p) in key_of}
+        optimizer, names, banks = masked_adamw(model, tc.lr, tc.weight_decay)
         gens = {
             "data": torch.Generator().manual_seed(tc.seed),
             "noise": torch.Generator(device).manual_seed(tc.seed + 1),
         }
         scaler = torch.amp.GradScaler(device.type, enabled=tc.precision == "fp16")
-        ema = EMA(named, tc.ema_decay, bank_names)
-        name_of = {id(p): n for n, p in named}
-        order = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-        return cls(model, order, optimizer, ema, gens, scaler)
+        named = dict(model.named_parameters())
+        ema = EMA([(n, named[n]) for n in names], tc.ema_decay, banks)
+        return cls(model, names, optimizer, ema, gens, scaler)
 
     def nonfinite(self) -> list[str]:
         """Names of the weights (model or EMA) holding a NaN or an infinity; a check made before
