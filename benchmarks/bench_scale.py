@@ -76,6 +76,7 @@ def _peak_step(size: str, classes: int, kind: bool, queue) -> None:
     rows = model.present_rows(y)
     Diffusion(DiffusionConfig()).loss(model, x, y, t, noise, model.route(y)).mean().backward()
     if kind:
+        keep_rows(model.row_banks(), rows)
         opt.set_rows(rows)
     opt.step()
     ema.update(rows)

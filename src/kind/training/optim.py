@@ -107,20 +107,19 @@ class MaskedAdamW(torch.optim.Optimizer):
             state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
         if state["step"].device != p.device:  # a checkpoint's step counts load on the CPU
             state["step"] = state["step"].to(p.device)
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         x, g = p.index_select(0, rows), rows_of_grad(p.grad, rows)  # [P, N]
         m = state["exp_avg"].index_select(0, rows)
         v = state["exp_avg_sq"].index_select(0, rows)
-        step = state["step"].index_select(0, rows) + 1  # [P]: each row counts its own steps
-        x.mul_(1 - lr * wd)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        shape = (-1,) + (1,) * (p.dim() - 1)
-        # bias corrections in float64, as torch's AdamW has them: 1 - 0.999^n cancels in float32
-        bias1 = (1 - torch.pow(beta1, step.double())).to(x.dtype).view(shape)
-        bias2 = (1 - torch.pow(beta2, step.double())).sqrt().to(x.dtype).view(shape)
-        x.addcdiv_(m * (lr / bias1), v.sqrt().div_(bias2).add_(eps), value=-1)
+        step = state["step"].index_select(0, rows).add_(1)  # [P]: each row counts its own steps
+        # torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs) on the P rows,
+        # each row a tensor of its own with its own step count
+        rows_of = lambda t: list(t.unbind())  # noqa: E731  (views, no copies)
+        torch._fused_adamw_(
+            rows_of(x), rows_of(g), rows_of(m), rows_of(v), [], rows_of(step),
+            amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )  # fmt: skip
         p.index_copy_(0, rows, x)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
