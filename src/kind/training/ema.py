@@ -15,6 +15,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from kind.training.optim import pick_rows
+
 
 def _weight(count: torch.Tensor | int, decay: float) -> torch.Tensor | float:
     """How far the average moves towards the weights after `count` earlier updates."""
@@ -62,14 +64,12 @@ class EMA:
     def _update_rows(self, name: str, p: torch.Tensor, rows: torch.Tensor | None) -> None:
         if rows is None or rows.numel() == 0:
             return
-        shadow, counts = self.shadow[name], self.counts[name]
-        rows_cpu = rows.cpu()  # the counts live on the host, like the other parameters'
-        weight = _weight(counts[rows_cpu].float(), self.decay).to(p.device, non_blocking=True)
-        rows = rows.to(p.device, non_blocking=True)
-        avg = shadow.index_select(0, rows)  # [P, N]
-        avg.lerp_(p.detach().index_select(0, rows), weight.view(-1, *[1] * (p.dim() - 1)))
-        shadow.index_copy_(0, rows, avg)
-        counts[rows_cpu] += 1
+        rows = rows.cpu()  # host indices, like the counts
+        counts = self.counts[name]
+        weights = _weight(counts[rows].double(), self.decay).tolist()  # one per row
+        torch._foreach_lerp_(pick_rows(self.shadow[name], rows), pick_rows(p.detach(), rows),
+                             weights)  # fmt: skip
+        counts[rows] += 1
 
     @contextmanager
     def applied(self) -> Iterator[None]:

@@ -26,6 +26,9 @@ def rows_of_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     with gate 0, are dropped). No host sync."""
     if not grad.is_sparse:
         return grad.index_select(0, rows)
+    index = grad._indices()[0]
+    if index.device.type == "cpu" and index.shape == rows.shape and torch.equal(index, rows):
+        return grad._values()  # already these rows (an eager blocked route's gather), no copy
     g = grad.coalesce()
     index, values = g.indices()[0], g.values()  # [k], [k, ...]
     pos = torch.searchsorted(rows, index).clamp(max=rows.numel() - 1)
@@ -99,7 +102,6 @@ class MaskedAdamW(torch.optim.Optimizer):
         rows = self.rows.get(group["bank"])
         if p.grad is None or rows is None or rows.numel() == 0:
             return
-        rows = rows.to(p.device, non_blocking=True)
         state = self.state[p]
         if not state:
             state["exp_avg"] = torch.zeros_like(p)
@@ -107,23 +109,24 @@ class MaskedAdamW(torch.optim.Optimizer):
             state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
         if state["step"].device != p.device:  # a checkpoint's step counts load on the CPU
             state["step"] = state["step"].to(p.device)
+        grad = rows_of_grad(p.grad, rows.to(p.device, non_blocking=True))  # [P, N]
+        # torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs) in place on the
+        # present rows, each row a tensor of its own (a view) with its own step count
+        x, m, v, step = (pick_rows(t, rows) for t in (p, state["exp_avg"], state["exp_avg_sq"],
+                                                      state["step"]))  # fmt: skip
+        torch._foreach_add_(step, 1)
         beta1, beta2 = group["betas"]
-        x, g = p.index_select(0, rows), rows_of_grad(p.grad, rows)  # [P, N]
-        m = state["exp_avg"].index_select(0, rows)
-        v = state["exp_avg_sq"].index_select(0, rows)
-        step = state["step"].index_select(0, rows).add_(1)  # [P]: each row counts its own steps
-        # torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs) on the P rows,
-        # each row a tensor of its own with its own step count
-        rows_of = lambda t: list(t.unbind())  # noqa: E731  (views, no copies)
         torch._fused_adamw_(
-            rows_of(x), rows_of(g), rows_of(m), rows_of(v), [], rows_of(step),
+            x, list(grad.unbind()), m, v, [], step,
             amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )  # fmt: skip
-        p.index_copy_(0, rows, x)
-        state["exp_avg"].index_copy_(0, rows, m)
-        state["exp_avg_sq"].index_copy_(0, rows, v)
-        state["step"].index_copy_(0, rows, step)
+
+
+def pick_rows(t: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
+    """Views of rows `rows` (host int64) of `t`: in-place work on them changes `t`."""
+    views = t.unbind()
+    return [views[i] for i in rows.tolist()]  # host indices: no device sync
 
 
 def masked_adamw(
