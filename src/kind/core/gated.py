@@ -42,7 +42,7 @@ class Route:
 
     rows: torch.Tensor  # int64 [P] (blocked) or [B] (static): bank rows to gather
     gate: torch.Tensor  # [B] float: 1 = the sample's tailor applies, 0 = no tailor
-    slot: torch.Tensor | None = None  # int64 [B]: sample -> index into `rows` (blocked)
+    slot: torch.Tensor | None = None  # int64 [B]: sample -> index into `rows` (None: identity)
     sizes: tuple[int, ...] | None = None  # len(rows) + 1 block lengths (blocked)
     order: torch.Tensor | None = None  # int64 [B] permutation into block order, or None
     factors: tuple[torch.Tensor, ...] = ()  # per layer: [len(rows), tailor_width]
@@ -66,7 +66,8 @@ def make_route(slots: torch.Tensor, blocked: bool = True) -> Route:
     perm = sorted(range(len(s)), key=ranks.__getitem__)
     order = None if perm == list(range(len(s))) else torch.tensor(perm)
     # samples without a tailor point at row 0 with gate 0 (the row is read, never applied)
-    slot = torch.tensor([min(ranks[i], max(len(present) - 1, 0)) for i in perm])
+    slot = [min(ranks[i], max(len(present) - 1, 0)) for i in perm]
+    slot = None if slot == list(range(len(present))) else torch.tensor(slot)  # None: identity
     return Route(rows=torch.tensor(present, dtype=torch.long), gate=gate[perm], slot=slot,
                  sizes=tuple(sizes), order=order)  # fmt: skip
 
