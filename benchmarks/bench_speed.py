@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     ap.add_argument("--peak-tflops", type=float, help="the card's bf16 peak (default: by name)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile both models")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     if args.threads:
@@ -100,15 +101,18 @@ def main() -> None:
     noise = torch.randn(x.shape, generator=g).to(device)
 
     y_host = y.cpu()
+    # compiled models take the static route (shapes fixed by the batch size); eager CPU the blocked
+    nets = {k: torch.compile(m) if args.compile else m for k, m in models.items()}
+    blocked = device.type == "cpu" and not args.compile
 
     def train_step(k):
         def fn():
             # the per-batch host work of the loop: the route and the rows the step may change
-            route = models[k].route(y_host, blocked=device.type == "cpu")
+            route = models[k].route(y_host, blocked=blocked)
             if k == "kind":
                 opts[k].set_rows(models[k].present_rows(y_host))
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                loss = diffusion.loss(models[k], x, y, t, noise, route).mean()
+                loss = diffusion.loss(nets[k], x, y, t, noise, route).mean()
             loss.backward()
             opts[k].step()
             opts[k].zero_grad(set_to_none=True)
@@ -133,8 +137,8 @@ def main() -> None:
     linear = torch.nn.Linear(hidden, gated.out_features).to(device)
     h = torch.randn(B, layer_tokens, hidden, device=device, requires_grad=True)
     kind = models["kind"]
-    route = kind.route(y_host, blocked=device.type == "cpu")
-    route = kind.tailors.attach(route_to(replace(route, order=None), device))  # as in the model
+    route = kind.route(y_host, blocked=blocked)
+    route = route_to(replace(route, order=None), device)  # rows gathered per call, as the model
 
     def layer_fn(fn):
         def run():
@@ -145,7 +149,10 @@ def main() -> None:
         return run
 
     layer = timed(
-        {"kind": layer_fn(lambda: gated(h, route)), "dense": layer_fn(lambda: linear(h))},
+        {
+            "kind": layer_fn(lambda: gated(h, kind.tailors.attach(route))),
+            "dense": layer_fn(lambda: linear(h)),
+        },
         args.repeats,
         args.warmup,
         device,
@@ -184,6 +191,7 @@ def main() -> None:
         "batch_size": B,
         "classes": args.classes,
         "precision": args.precision,
+        "compile": args.compile,
         "params": params,
         "train_step_s": step,
         "train_step_ratio": step["kind"] / step["dense"],
