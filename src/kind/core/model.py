@@ -401,7 +401,9 @@ class DiT(nn.Module):
     def orthogonality_penalty(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over KIND layers of the orthogonality penalty for the learngene and the tailors of
         bank rows `rows` (the groups of the batch; never an absent group: invariant 2)."""
-        chunks = self.tailors.gather(rows) if rows is not None and self.tailors else None
+        chunks = (
+            self.tailors.gather(rows) if rows is not None and self.tailors is not None else None
+        )
         terms = [
             m.orthogonality_penalty(chunks[m.bank_slot] if chunks and m.rank_tailor else None)
             for _, m in self.kind_layers()
@@ -409,7 +411,8 @@ class DiT(nn.Module):
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def orthogonality_error(self) -> float:
-        chunks = self.tailors.rows.detach().split(self.tailors.widths, 1) if self.tailors else None
+        bank = self.tailors
+        chunks = bank.rows.detach().split(bank.widths, 1) if bank is not None else None
         return max(
             (m.orthogonality_error(chunks[m.bank_slot] if m.rank_tailor else None)
              for _, m in self.kind_layers()),
