@@ -46,6 +46,22 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=k)
 
+    # a class on one rank only moves on both (the rows are the global batch's): find such a
+    # class and step by drawing the loop's global batches again (indices, dropout, flips; seed 0)
+    g, labels = torch.Generator().manual_seed(0), torch.arange(32) % 4
+    lone = []
+    for step in (1, 2, 3):
+        drawn = labels[torch.randint(32, (8,), generator=g)]
+        torch.rand(8, generator=g), torch.rand(8, generator=g)
+        ranks = [set(drawn[:4].tolist()), set(drawn[4:].tolist())]
+        lone += [(step, c) for c in ranks[0] ^ ranks[1] if step > 1]  # step 1: no step 0 saved
+    assert lone
+    for step, c in lone:
+        was, now = (
+            _tensors(tmp_path / "two", s)["model"]["tailors.rows"] for s in (step - 1, step)
+        )
+        assert not torch.equal(was[c], now[c]), (step, c)
+
     # resume the two-rank run on data without class 2: its tailors and optimiser state stay put
     _run(tmp_path / "two", 2, "--batch-size", "8", "--steps", "5", "--classes", "0,1,3", "--resume")
     before, after = _tensors(tmp_path / "two", 3), _tensors(tmp_path / "two", 5)
