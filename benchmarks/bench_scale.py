@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import sys
 from pathlib import Path
 
@@ -80,7 +79,10 @@ def _peak_step(size: str, classes: int, kind: bool, queue) -> None:
         opt.set_rows(rows)
     opt.step()
     ema.update(rows)
-    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # KiB -> GiB
+    # VmHWM, this address space's peak: ru_maxrss would carry over the parent's across exec
+    status = Path("/proc/self/status").read_text().split("\n")
+    peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    queue.put(peak_kib / 2**20)  # KiB -> GiB
 
 
 def peak_memory(size: str, classes: int, kind: bool) -> float:
