@@ -13,13 +13,16 @@ The commands (run in a temporary directory):
     kind-dit sample RUN --n 4 --seed 0 --steps 10 --out RUN.samp      (for both runs)
 
 Every command runs on one thread (OMP_NUM_THREADS=1). Recorded on the project's reference machine
-(2-core x86-64 CPU, torch 2.13.0+cpu) with kind-dit 0.1.0 before the package was split into layers
-(commit 8b857bd), and reproduced by every version since:
+(2-core x86-64 CPU, torch 2.13.0+cpu) with the tailor bank (one tensor for every tailor, one label
+table; label dropout and flips drawn on the host), and reproduced by a second run:
 
-    kind_run/model/model.safetensors   5382ad507f823a17669f8a55ad7cbfc61ed4f4e8c0323db74e07df07bd0da1f9
-    dense_run/model/model.safetensors  a15f6cb9eb905710ceceb9ba8a777805bec9df358fd1d7d788d8ab8a9e00d784
-    kind_run.samp/samples.npz arrays   d533fb3f4233ef0c9efbbeffd83c34fc613ac131de767fb09f9d6495d1e34b2a
-    dense_run.samp/samples.npz arrays  6e3e7fc1e4a57997fd8778e4ae54eab70e61499f1093b8ad6b405ea75d003eac
+    kind_run/model/model.safetensors   030ffb60acfc06a308a84007c24901e37c4022202e3060ccdffc81a010b1cdfc
+    dense_run/model/model.safetensors  8f58cad89baab753c07577913f292f3137bc045394e7ece1dc9c0feb8bb35cdc
+    kind_run.samp/samples.npz arrays   bb263615e6a6fb9bd7b839776a603c38958c45b116ce8bb0c296974b7f347a40
+    dense_run.samp/samples.npz arrays  ec0c42022f88ff2d57c2b471e8c7c38c266a4266ce9a7254f85fbef77c22e9fe
+
+(kind-dit 0.1 and the layered package up to the bank gave 5382ad50…, a15f6cb9…, d533fb3f… and
+6e3e7fc1…: the bank changed the file layout and the random stream on purpose.)
 
 Float results depend on the CPU's kernels and the thread count, so other machines may get other
 hashes: there, run this script on two versions of the code and compare what it prints. That is
@@ -38,10 +41,10 @@ from pathlib import Path
 import numpy as np
 
 RECORDED = {
-    "kind_run/model/model.safetensors": "5382ad507f823a17669f8a55ad7cbfc61ed4f4e8c0323db74e07df07bd0da1f9",
-    "dense_run/model/model.safetensors": "a15f6cb9eb905710ceceb9ba8a777805bec9df358fd1d7d788d8ab8a9e00d784",
-    "kind_run.samp/samples.npz": "d533fb3f4233ef0c9efbbeffd83c34fc613ac131de767fb09f9d6495d1e34b2a",
-    "dense_run.samp/samples.npz": "6e3e7fc1e4a57997fd8778e4ae54eab70e61499f1093b8ad6b405ea75d003eac",
+    "kind_run/model/model.safetensors": "030ffb60acfc06a308a84007c24901e37c4022202e3060ccdffc81a010b1cdfc",
+    "dense_run/model/model.safetensors": "8f58cad89baab753c07577913f292f3137bc045394e7ece1dc9c0feb8bb35cdc",
+    "kind_run.samp/samples.npz": "bb263615e6a6fb9bd7b839776a603c38958c45b116ce8bb0c296974b7f347a40",
+    "dense_run.samp/samples.npz": "ec0c42022f88ff2d57c2b471e8c7c38c266a4266ce9a7254f85fbef77c22e9fe",
 }
 TRAIN = ["train", "--data", "mnist:0-5", "--size", "tiny", "--steps", "30", "--batch-size", "32",
          "--seed", "0"]  # fmt: skip
