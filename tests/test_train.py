@@ -214,3 +214,65 @@ def test_resumed_run_reports_its_whole_training_time(tmp_path):
         float(r.split(",")[-1]) for r in (tmp_path / "r" / "metrics.csv").read_text().split()[1:]
     ]
     assert elapsed == sorted(elapsed)  # cumulative across the resume
+
+
+def _as_kind_dit_0_1(checkpoint, model_config):
+    """Rewrite a checkpoint in kind-dit 0.1's form: a tensor per tailor group and factor and per
+    label row (weights, EMA and AdamW state alike), one AdamW parameter group."""
+    from kind.core.model import DiT, ModelConfig, is_per_part
+    from kind.io import atomic_save_tensors, atomic_write_text, write_checksums
+
+    model = DiT(ModelConfig.from_dict(model_config))
+    banks = ("tailors.rows", "y_embedder.table")
+    row_of = {}  # per-part name -> (bank, row)
+    for i, g in enumerate(model.tailors.groups):
+        row_of |= {n: ("tailors.rows", i) for n in model.part_state() if f".tailors.{g}." in n}
+    for i, c in enumerate(model.config.held_classes):
+        row_of[f"y_embedder.rows.{c}"] = ("y_embedder.table", i)
+
+    def cut(tensors):  # banked -> per part, through the model's own cutting
+        model.load_state_dict(model.state_dict() | {k: tensors[k] for k in banks})
+        parts = model.part_state()
+        return {k: v for k, v in tensors.items() if k not in banks} | {
+            k: v for k, v in parts.items() if is_per_part(k)
+        }
+
+    state = read_json(checkpoint / "state.json")
+    weights = read_tensors(checkpoint / "model.safetensors")
+    atomic_save_tensors(checkpoint / "model.safetensors", cut(weights))
+    atomic_save_tensors(
+        checkpoint / "ema.safetensors", cut(read_tensors(checkpoint / "ema.safetensors"))
+    )
+    optim = read_tensors(checkpoint / "optimizer.safetensors")
+    old = {}
+    for key in ("exp_avg", "exp_avg_sq"):
+        per = cut({n.rpartition("/")[0]: t for n, t in optim.items() if n.endswith(f"/{key}")})
+        old |= {f"{n}/{key}": t for n, t in per.items()}
+    old |= {n: t for n, t in optim.items() if n.endswith("/step") and n[:-5] not in banks}
+    old |= {f"{n}/step": optim[f"{b}/step"][r].clone() for n, (b, r) in row_of.items()}
+    atomic_save_tensors(checkpoint / "optimizer.safetensors", old)
+    counts = state["ema_counts"]
+    state["ema_counts"] = {k: v for k, v in counts.items() if k not in banks} | {
+        n: counts[b][r] for n, (b, r) in row_of.items()
+    }
+    state["param_groups"] = [{k: v for k, v in state["param_groups"][0].items() if k != "bank"}]
+    atomic_write_text(checkpoint / "state.json", json.dumps(state))
+    write_checksums(checkpoint)
+
+
+def test_a_run_started_by_kind_dit_0_1_resumes_where_it_stopped(tmp_path):
+    data = _data([0, 1, 2, 3])
+    train(_cfg(4, weight_decay=0.05), tmp_path / "straight", data=data)
+    train(_cfg(2, weight_decay=0.05), tmp_path / "old", data=data)
+    config = read_json(tmp_path / "old" / "config.json")["model"]
+    _as_kind_dit_0_1(tmp_path / "old" / "checkpoints" / "step_0000002", config)
+    assert "tailors.rows" not in read_tensors(
+        tmp_path / "old" / "checkpoints" / "step_0000002" / "ema.safetensors"
+    )
+    train(_cfg(4, weight_decay=0.05), tmp_path / "old", resume=True, data=data)
+    a, b = _checkpoint(tmp_path / "straight", 4), _checkpoint(tmp_path / "old", 4)
+    for part_a, part_b in zip(a[:3], b[:3]):
+        assert part_a.keys() == part_b.keys()
+        for k in part_a:
+            torch.testing.assert_close(part_a[k], part_b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert a[3]["ema_counts"] == b[3]["ema_counts"]

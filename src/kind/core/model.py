@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
@@ -439,13 +440,21 @@ class DiT(nn.Module):
                             for f, t in zip("USV", factors, strict=True)}  # fmt: skip
         return out
 
-    def banked_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def banked_state(
+        self,
+        state: dict[str, torch.Tensor],
+        missing: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The inverse of `part_state`: per-group and per-class tensors stacked into this model's
-        banks (other tensors pass through; a state already banked comes back as it is)."""
+        banks (other tensors pass through; a state already banked comes back as it is). With
+        `missing`, an absent per-group or per-class tensor is `missing(this model's own)`, e.g.
+        zeros for the optimiser state of a class a 0.1 run never saw."""
         if "y_embedder.table" in state:  # banked already
             return state
-        out = {k: v for k, v in state.items()
-               if not (_PER_GROUP.search(k) or _PER_CLASS.fullmatch(k))}  # fmt: skip
+        if missing is not None:
+            own = self.part_state()
+            state = {k: missing(v) for k, v in own.items() if is_per_part(k)} | state
+        out = {k: v for k, v in state.items() if not is_per_part(k)}
         try:
             rows = [state[f"y_embedder.rows.{c}"] for c in self.config.held_classes]
             out["y_embedder.table"] = torch.stack(rows) if rows else self.y_embedder.table[:0]
@@ -462,6 +471,11 @@ class DiT(nn.Module):
 
 _PER_GROUP = re.compile(r"\.tailors\.\d+\.[USV]$")
 _PER_CLASS = re.compile(r"y_embedder\.rows\.\d+")
+
+
+def is_per_part(name: str) -> bool:
+    """A tensor of the per-group form: one tailor factor of one group, or one class label row."""
+    return bool(_PER_GROUP.search(name) or _PER_CLASS.fullmatch(name))
 
 
 def count_params(model: nn.Module, trainable: bool = False) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kind.core.model import DiT, load_state
+from kind.core.model import DiT, is_per_part, load_state
 from kind.io import (
     atomic_dir,
     atomic_save_tensors,
@@ -95,18 +95,50 @@ class TrainState:
         verify_checksums(path)
         load_state(self.model, read_tensors(path / "model.safetensors"), path)
         state = read_json(path / "state.json")
-        self.ema.load(read_tensors(path / "ema.safetensors"), state["ema_counts"])
-        load_optimizer(
-            self.optimizer,
-            self.names,
-            read_tensors(path / "optimizer.safetensors"),
-            state["param_groups"],
-        )
+        ema, counts = read_tensors(path / "ema.safetensors"), state["ema_counts"]
+        optim, groups = read_tensors(path / "optimizer.safetensors"), state["param_groups"]
+        if "y_embedder.table" in self.ema.shadow and "y_embedder.table" not in ema:
+            ema, counts, optim, groups = self._from_per_group(ema, counts, optim, groups)
+        self.ema.load(ema, counts)
+        load_optimizer(self.optimizer, self.names, optim, groups)
         self._restore_rng(read_tensors(path / "rng.safetensors"))
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.seconds = int(state["step"]), float(state.get("elapsed_s", 0.0))
         self.skipped = int(state.get("skipped_steps", 0))
+
+    def _from_per_group(self, ema: dict, counts: dict, optim: dict, groups: list) -> tuple:
+        """A checkpoint written by kind-dit 0.1 (a tensor per tailor group and per label row, one
+        AdamW group) in this version's banks, so runs started with 0.1 resume. A group or class
+        that never had optimiser state gets zeros and step 0, as AdamW would have started it."""
+        model = self.model
+        first = model.gated[0][0] if model.gated else None
+        row_keys = {
+            "tailors.rows": [f"{first}.tailors.{g}.U" for g in model.tailors.groups]
+            if model.tailors is not None else [],
+            "y_embedder.table": [f"y_embedder.rows.{c}" for c in model.config.held_classes],
+        }  # fmt: skip
+        ema = model.banked_state(ema, missing=lambda t: t)  # never averaged: still the start
+        per_row = {bank: [counts.get(k, 0) for k in keys] for bank, keys in row_keys.items()}
+        counts = {k: v for k, v in counts.items() if not is_per_part(k)} | per_row
+        by_key: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in optim.items():
+            param, _, key = name.rpartition("/")
+            by_key.setdefault(key, {})[param] = tensor
+        steps = by_key.pop("step", {})
+        optim = {}
+        for key, tensors in by_key.items():  # exp_avg, exp_avg_sq
+            banked = model.banked_state(tensors, missing=torch.zeros_like)
+            optim |= {f"{n}/{key}": t for n, t in banked.items() if n in self.names}
+        optim |= {f"{n}/step": t for n, t in steps.items() if not is_per_part(n)}
+        for bank, keys in row_keys.items():
+            if bank in self.names:
+                optim[f"{bank}/step"] = torch.tensor(
+                    [float(steps[k]) if k in steps else 0.0 for k in keys], dtype=torch.float32
+                )
+        banks = [g.get("bank") for g in self.optimizer.param_groups]
+        groups = [dict(groups[0]) | ({"bank": b} if b else {}) for b in banks]
+        return ema, counts, optim, groups
 
     def _rng_tensors(self) -> dict[str, torch.Tensor]:
         state = {f"gen.{k}": g.get_state() for k, g in self.gens.items()}
