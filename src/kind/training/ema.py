@@ -107,9 +107,8 @@ class EMA:
                 "the checkpoint trained other parameters than this run would "
                 f"({len(extra)} only in the checkpoint, e.g. {extra[:2]}; {len(missing)} only "
                 f"here, e.g. {missing[:2]}): the run was started with other settings (another "
-                "--method, --train-learngenes, --rank-tailor or --null-tailor), or by kind-dit "
-                "0.1 (one tensor per tailor); resume with the version and settings it was "
-                "started with"
+                "--method, --train-learngenes, --rank-tailor or --null-tailor); resume with the "
+                "ones it was started with"
             )
         for n, t in shadow.items():
             self.shadow[n].copy_(t)
