@@ -160,6 +160,7 @@ class LabelEmbedder(nn.Module):
         row = torch.zeros(num_classes + 1, dtype=torch.long)
         row[classes] = torch.arange(len(classes))
         self.register_buffer("row_of", row, persistent=False)  # class id -> table row
+        self.host_row_of = row.clone()  # the same on the host (not moved by .to): no device read
 
     def forward(self, y: torch.Tensor, null_id: int) -> torch.Tensor:
         # y [B] -> [B, hidden]; the null row enters every graph (DDP needs no unused parameters)
@@ -287,6 +288,7 @@ class DiT(nn.Module):
         slot = [row.get(g, -1) if c in held else -1 for c, g in enumerate(cfg.tau)]
         slot.append(row.get(null_group, -1))
         self.register_buffer("slot_of", torch.tensor(slot, dtype=torch.long), persistent=False)
+        self.host_slot_of = self.slot_of.clone()  # the host's copy: routes never read the device
         self.grad_checkpointing = False  # recompute block activations in backward (saves memory)
         self.initialize_weights()
 
@@ -346,8 +348,9 @@ class DiT(nn.Module):
         if self.tailors is None:
             return None
         if blocked:
-            return make_route(self.slot_of.cpu()[y], blocked=True)
-        return make_route(self.slot_of.to(y.device)[y], blocked=False)
+            return make_route(self.host_slot_of[y], blocked=True)
+        table = self.host_slot_of if y.device.type == "cpu" else self.slot_of
+        return make_route(table[y], blocked=False)
 
     def present_rows(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Rows of the row banks that labels y (CPU) use: "tailors" (bank rows of their groups)
@@ -355,9 +358,9 @@ class DiT(nn.Module):
         EMA update exactly these rows; nothing else in a bank moves."""
         classes = torch.unique(y.cpu())
         classes = classes[classes != self.null_id]
-        rows = {"labels": self.y_embedder.row_of.cpu()[classes]}
+        rows = {"labels": self.y_embedder.host_row_of[classes]}
         if self.tailors is not None:
-            slots = torch.unique(self.slot_of.cpu()[torch.unique(y.cpu())])
+            slots = torch.unique(self.host_slot_of[torch.unique(y.cpu())])
             rows["tailors"] = slots[slots >= 0]
         return rows
 
