@@ -52,6 +52,16 @@ def _checkpoint(run, step):
     )
 
 
+def _assert_same_checkpoint(run_a, run_b, step):
+    """Weights, EMA, optimiser state (to fp32 rounding) and EMA counts of two runs at `step`."""
+    a, b = _checkpoint(run_a, step), _checkpoint(run_b, step)
+    for part_a, part_b in zip(a[:3], b[:3]):
+        assert part_a.keys() == part_b.keys()
+        for k in part_a:
+            torch.testing.assert_close(part_a[k], part_b[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert a[3]["ema_counts"] == b[3]["ema_counts"]
+
+
 def test_steps_without_a_class_leave_its_tailors_and_their_optimiser_state_unchanged(tmp_path):
     run = tmp_path / "run"
     # weight decay and momentum on: the two ways a stock optimiser moves rows with no gradient;
@@ -105,12 +115,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     train(_cfg(4, weight_decay=0.05), tmp_path / "straight", data=data)
     train(_cfg(2, weight_decay=0.05), tmp_path / "resumed", data=data)
     train(_cfg(4, weight_decay=0.05), tmp_path / "resumed", resume=True, data=data)
-    a, b = _checkpoint(tmp_path / "straight", 4), _checkpoint(tmp_path / "resumed", 4)
-    for part_a, part_b in zip(a[:3], b[:3]):
-        assert part_a.keys() == part_b.keys()
-        for k in part_a:
-            torch.testing.assert_close(part_a[k], part_b[k], rtol=1e-6, atol=1e-7, msg=k)
-    assert a[3]["ema_counts"] == b[3]["ema_counts"]
+    _assert_same_checkpoint(tmp_path / "straight", tmp_path / "resumed", 4)
     rows = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
 
@@ -270,9 +275,4 @@ def test_a_run_started_by_kind_dit_0_1_resumes_where_it_stopped(tmp_path):
         tmp_path / "old" / "checkpoints" / "step_0000002" / "ema.safetensors"
     )
     train(_cfg(4, weight_decay=0.05), tmp_path / "old", resume=True, data=data)
-    a, b = _checkpoint(tmp_path / "straight", 4), _checkpoint(tmp_path / "old", 4)
-    for part_a, part_b in zip(a[:3], b[:3]):
-        assert part_a.keys() == part_b.keys()
-        for k in part_a:
-            torch.testing.assert_close(part_a[k], part_b[k], rtol=1e-6, atol=1e-7, msg=k)
-    assert a[3]["ema_counts"] == b[3]["ema_counts"]
+    _assert_same_checkpoint(tmp_path / "straight", tmp_path / "old", 4)
