@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -352,10 +353,60 @@ def test_empty_class_folder(folder):
         load_images(str(folder))
 
 
-def test_folder_without_class_folders(tmp_path):
-    _write(tmp_path / "flat" / "a.png", (8, 8), (1, 2, 3))
-    with pytest.raises(DataError, match="no class sub-folders"):
-        load_images(str(tmp_path / "flat"))
+def test_folder_of_images_without_class_folders_is_one_class(tmp_path):
+    for i in range(5):
+        _write(tmp_path / "faces" / f"{i}.png", (8, 8), (i, 2, 3))
+    train, test = load_images(str(tmp_path / "faces")), load_images(str(tmp_path / "faces"), "test")
+    assert train.class_names == test.class_names == ["faces"]
+    assert train.labels.tolist() == [0] * 4 and test.images[0, 0, 0, 0] == 4  # every 5th: test
+    assert parse_spec(f"{tmp_path / 'faces'}:faces")[1] == ["faces"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class sub-folders and no images"):
+        load_images(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- class maps
+
+
+def test_class_map_merges_folders_into_classes(folder, tmp_path):
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"pet": ["dog", "cat"], "bird": ["bird"]}))
+    assert dataset_classes(f"{folder}%{cmap}") == ["pet", "bird"]  # the map's order
+    train = load_images(f"{folder}%{cmap}", image_size=8)
+    assert train.class_names == ["pet", "bird"]
+    # pet = dog's 5 files then cat's 6, split every 5th over the 11: 9 train, 2 test
+    assert torch.bincount(train.labels).tolist() == [9, 8]
+    test = load_images(f"{folder}%{cmap}:pet", "test", image_size=8)
+    assert test.images[0].unique().tolist() == [10]  # dog 'e' is the 5th of pet's files
+    assert test.images[1, :, 0, 0].tolist() == [200, 0, 0]  # a cat: the 10th
+    items, labels, names = list_images(f"{folder}%{cmap}:bird,pet")
+    assert names == ["bird", "pet"] and torch.bincount(labels).tolist() == [8, 9]
+
+
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        ("[1, 2]", "JSON object of classes"),
+        ('{"a": []}', "JSON object of classes"),
+        ('{"a": ["dog"], "b": ["dog"]}', "folder 'dog' is in class 'a' and class 'b'"),
+        ("{oops", "not valid JSON"),
+    ],
+)
+def test_bad_class_maps_are_named(folder, tmp_path, content, needle):
+    cmap = tmp_path / "map.json"
+    cmap.write_text(content)
+    with pytest.raises(DataError, match=needle):
+        parse_spec(f"{folder}%{cmap}")
+
+
+def test_class_map_errors_name_missing_maps_and_folders(folder, tmp_path):
+    with pytest.raises(DataError, match="class map after '%'"):
+        parse_spec(f"{folder}%{tmp_path / 'nothing.json'}")
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"fish": ["trout", "carp"], "cat": ["cat"]}))
+    load_images(f"{folder}%{cmap}:cat")  # only the classes used must exist
+    with pytest.raises(DataError, match="merges folders missing.*trout, carp"):
+        load_images(f"{folder}%{cmap}:fish")
 
 
 # ---------------------------------------------------------------- arguments and value ranges
@@ -385,3 +436,14 @@ def test_class_list_file(tmp_path):
     assert parse_spec(f"mnist:@{listing},9") == ("mnist", ["6", "8", "9"])
     with pytest.raises(DataError, match="does not exist"):
         parse_spec(f"mnist:@{tmp_path / 'missing.txt'}")
+
+
+def test_bundled_imagenet611_map_and_lists_read_by_name(tmp_path):
+    (tmp_path / "train").mkdir()
+    dataset, pretrain = parse_spec(f"{tmp_path / 'train'}%imagenet611:@imagenet611-pretrain")
+    assert dataset == f"{(tmp_path / 'train').resolve()}%imagenet611"
+    _, novel = parse_spec(f"{tmp_path / 'train'}%imagenet611:@imagenet611-novel")
+    assert len(pretrain) == 150 and len(novel) == 461 and not set(pretrain) & set(novel)
+    assert len(dataset_classes(dataset)) == 611
+    with pytest.raises(DataError, match="merges folders missing"):  # no synset folders here
+        load_images(f"{tmp_path / 'train'}%imagenet611:{pretrain[0]}")

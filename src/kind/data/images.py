@@ -11,6 +11,10 @@ Spec grammar::
     mnist:6,7,8,9 | animals:cat,dog       a list of class names (ranges and names can be mixed)
     folder:@classes.txt                   class names read from a file, one a line
     path/to/folder[:cat,dog]              an image folder (ImageFolder layout), all or some classes
+    path/to/folder%map.json[:a,b]         an image folder whose sub-folders a class map merges
+    /data/imagenet/train%imagenet611:@imagenet611-pretrain
+                                          ImageNet's 1,000 synset folders as the paper's 611
+                                          merged classes, the 150 pre-training ones
     mnist + animals:bear-elephant         a combined spec: the classes of each part, in order
 
 Items are class names (mnist's are "0".."9", animals' "bear".."zebra", glyphs' "A".."X"); ``a-b``
@@ -31,6 +35,18 @@ a spec is split at ``+`` only where each part names a dataset: a spec that is an
 directory is one folder, pieces are joined back (``a+b``) until they name a folder, and a spec
 whose pieces do not all name datasets is read as one ordinary spec (so ``folder:c++`` selects the
 class ``c++``). A class whose name holds ``+`` can always be selected through an ``@file``.
+
+A class map (``folder%map``) makes each class the union of some sub-folders: a JSON object
+``{"class": ["folder", "folder", ...], ...}`` (class order = the file's key order), or the name of
+a bundled map. ``imagenet611`` merges ImageNet's 1,000 synset folders into 611 classes through
+WordNet superclasses (``assets/imagenet611``, made by ``scripts/build_imagenet611.py``); its
+pre-training and novel class lists are the bundled lists ``@imagenet611-pretrain`` (150) and
+``@imagenet611-novel`` (461), usable wherever an ``@file`` is. A merged class's images are its
+folders' images, folder after folder (each in file-name order).
+
+A folder with images but no class sub-folders is one class named after the folder (CelebA-HQ,
+say): transferring to it trains the learngenes plus one fresh tailor, KIND's unconditional
+transfer (docs/scale.md).
 
 Bundled sets ship in the package as ``assets/{mnist,animals,glyphs}.npz`` (28x28 grey, made by
 ``scripts/build_data.py`` and ``scripts/build_glyphs.py``, see ``assets/DATA_LICENSES.md``):
@@ -56,6 +72,7 @@ is Pillow's ``convert("L")``; alpha is dropped (``convert("RGB")``, as torchvisi
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -68,6 +85,12 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 BUNDLED: tuple[str, ...] = ("mnist", "animals", "glyphs")
+MAP_SEP = "%"  # folder%map: a class map over the folder's sub-folders
+BUNDLED_MAPS = {"imagenet611": "imagenet611/classmap.json"}  # name -> file under kind/assets
+BUNDLED_LISTS = {  # @name -> class list file under kind/assets
+    "imagenet611-pretrain": "imagenet611/pretrain.txt",
+    "imagenet611-novel": "imagenet611/novel.txt",
+}
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
 SPLITS = ("train", "test")
 TEST_EVERY = 5  # index % TEST_EVERY == TEST_EVERY - 1 within a class -> test
@@ -106,9 +129,21 @@ class ImageSet:
 
 
 def _resolve_dataset(name: str) -> str | None:
-    """Return a bundled name or a folder's absolute path for ``name``; None if it is neither."""
+    """Return a bundled name, a folder's absolute path or ``folder%map`` (absolute folder, bundled
+    map name or absolute map path) for ``name``; None if it is none of these."""
     if not name:
         return None
+    if MAP_SEP in name and not Path(name).expanduser().is_dir():
+        folder, ref = name.rsplit(MAP_SEP, 1)
+        root = _resolve_dataset(folder)
+        if root is None or root in BUNDLED or MAP_SEP in root:
+            return None
+        if ref not in BUNDLED_MAPS:
+            if not Path(ref).expanduser().is_file():
+                return None
+            ref = str(Path(ref).expanduser().resolve())
+        _class_map(ref)  # a malformed map is an error here, naming the map
+        return f"{root}{MAP_SEP}{ref}"
     path = Path(name).expanduser()
     if path.is_dir():
         if name in BUNDLED:
@@ -124,18 +159,24 @@ def _unknown_dataset(spec: str) -> DataError:
         return DataError(f"empty data spec; give one of {', '.join(BUNDLED)} or a folder path.")
     names = [spec] + ([spec.rsplit(":", 1)[0]] if ":" in spec else [])
     missing = " or ".join(f"{n!r} ({Path(n).expanduser().resolve()})" for n in names)
+    maps = (
+        f" A class map after '{MAP_SEP}' is a bundled map ({', '.join(BUNDLED_MAPS)}) or an "
+        "existing JSON file, after an existing folder."
+        if MAP_SEP in spec
+        else ""
+    )
     return DataError(
         f"unknown dataset in data spec {spec!r}: {missing} is not a bundled dataset "
         f"({', '.join(BUNDLED)}) nor an existing folder. Give a bundled name or the path of an "
         "image folder with one sub-folder per class, optionally followed by ':class,class' or "
-        "':first-last'."
+        f"':first-last'.{maps}"
     )
 
 
 def _names_dataset(spec: str) -> bool:
     """Whether an ordinary spec names a dataset (itself or its part before the last ``:``)."""
     heads = [spec] + ([spec.rsplit(":", 1)[0]] if ":" in spec else [])
-    return any(h in BUNDLED or (h and Path(h).expanduser().is_dir()) for h in heads)
+    return any(_resolve_dataset(h) is not None for h in heads)
 
 
 def split_spec(spec: str) -> list[str]:
@@ -196,9 +237,17 @@ def _read_list(item: str) -> list[str]:
     """``@file``: class names, one a line (blank lines and ``#`` comments skipped), for class
     lists too long for a command line (the paper's 150 ImageNet classes)."""
     path = Path(item[1:]).expanduser()
-    if not path.is_file():
-        raise DataError(f"class list file {path} (from {item!r} in a data spec) does not exist.")
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    if path.is_file():
+        text = path.read_text()
+    elif item[1:] in BUNDLED_LISTS:
+        text = (resources.files("kind") / "assets" / BUNDLED_LISTS[item[1:]]).read_text()
+    else:
+        raise DataError(
+            f"class list file {path} (from {item!r} in a data spec) does not exist; give the path "
+            f"of a file with one class name a line, or a bundled list: "
+            f"{', '.join('@' + n for n in BUNDLED_LISTS)}."
+        )
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return [line for line in lines if line]
 
 
@@ -309,14 +358,83 @@ def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, labels, names
 
 
-def _folder_classes(root: Path) -> list[str]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+@functools.lru_cache(maxsize=8)
+def _class_map(ref: str) -> dict[str, tuple[str, ...]]:
+    """A class map (bundled name or JSON file path): class -> the sub-folders it merges, each
+    folder in one class at most."""
+    if ref in BUNDLED_MAPS:
+        text, where = (resources.files("kind") / "assets" / BUNDLED_MAPS[ref]).read_text(), ref
+    elif Path(ref).is_file():
+        text, where = Path(ref).read_text(), ref
+    else:
         raise DataError(
-            f"image folder {root} has no class sub-folders; expected {root}/<class>/<image>.png "
-            "(one sub-folder per class)."
+            f"class map {ref!r} is neither a bundled map ({', '.join(BUNDLED_MAPS)}) nor an "
+            "existing JSON file; write folder%imagenet611 or folder%path/to/map.json."
         )
-    return classes
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"class map {where} is not valid JSON ({err}); fix or replace it.") from err
+    ok = (
+        isinstance(raw, dict)
+        and raw
+        and all(
+            isinstance(v, list) and v and all(isinstance(f, str) and f for f in v)
+            for v in raw.values()
+        )
+    )
+    if not ok:
+        raise DataError(
+            f"class map {where} must be a JSON object of classes, each a non-empty list of "
+            'sub-folder names: {"dog": ["n02085620", "n02085782"], "cat": ["n02123045"]}.'
+        )
+    owner: dict[str, str] = {}
+    for name, folders in raw.items():
+        for folder in folders:
+            if folder in owner:
+                raise DataError(
+                    f"class map {where}: folder {folder!r} is in class {owner[folder]!r} and "
+                    f"class {name!r}; a folder belongs to one class."
+                )
+            owner[folder] = name
+    return {name: tuple(folders) for name, folders in raw.items()}
+
+
+def _folder_classes(dataset: str) -> list[str]:
+    """Class names of a folder dataset: its map's classes, its sub-folders (sorted), or, for a
+    folder of images without sub-folders, the folder's own name (one class)."""
+    root, _, ref = dataset.partition(MAP_SEP)
+    if ref:
+        return list(_class_map(ref))
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes:
+        return classes
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
+        return [root.name]  # a class-less folder: one class
+    raise DataError(
+        f"image folder {root} has no class sub-folders and no images; expected "
+        f"{root}/<class>/<image>.png (one sub-folder per class) or images directly inside it "
+        "(one class)."
+    )
+
+
+def _class_folders(dataset: str, name: str) -> list[Path]:
+    """The folders holding class ``name``'s images, in the order they are read."""
+    root, _, ref = dataset.partition(MAP_SEP)
+    if ref:
+        folders = [Path(root) / f for f in _class_map(ref)[name]]
+        missing = [f.name for f in folders if not f.is_dir()]
+        if missing:
+            raise DataError(
+                f"class {name!r} of map {ref} merges folders missing from {root}: "
+                f"{_list(missing, 10)}; point the spec at the folder holding them (ImageNet's "
+                "train or val directory of synset folders)."
+            )
+        return folders
+    if name == Path(root).name and not (Path(root) / name).is_dir():
+        return [Path(root)]  # a class-less folder
+    return [Path(root) / name]
 
 
 def dataset_classes(dataset: str) -> list[str]:
@@ -329,7 +447,7 @@ def dataset_classes(dataset: str) -> list[str]:
         raise _unknown_dataset(dataset)
     if resolved in BUNDLED:
         return list(_bundled_arrays(resolved)[2])
-    return _folder_classes(Path(resolved))
+    return _folder_classes(resolved)
 
 
 def _in_split(n: int, split: str) -> np.ndarray:
@@ -394,7 +512,7 @@ def _folder_split(root: str, class_names: list[str], split: str) -> list[list[Pa
     """Per chosen class, the image files in ``split`` (file-name order); an empty split errors."""
     parts = []
     for name in class_names:
-        files = _class_files(Path(root) / name)
+        files = [f for folder in _class_folders(root, name) for f in _class_files(folder)]
         keep = _in_split(len(files), split)
         parts.append([f for f, k in zip(files, keep, strict=True) if k])
         if not parts[-1]:
