@@ -26,3 +26,31 @@ def vae_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path, safe_serialization=True)
     return path
+
+
+class TinyInception(torch.nn.Module):
+    """torch-fidelity's Inception call signature and ``Mixed_6d.branch1x1`` hook point, tiny: its
+    spatial map is 4×4, so the sFID features are 7 × 16 = 112-d (Inception's are 7 × 17 × 17 =
+    2023-d, whose eigendecompositions take minutes on a small CPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.Mixed_6d = torch.nn.Module()
+        self.Mixed_6d.branch1x1 = torch.nn.Conv2d(3, 9, 3, stride=2, padding=1)  # 8 → 4
+        self.pool = torch.nn.Linear(9, 16)
+        self.fc = torch.nn.Linear(16, 12)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.nn.functional.interpolate(x.float() / 128 - 1, size=(8, 8), mode="bilinear")
+        h = torch.relu(self.Mixed_6d.branch1x1(x))  # [B, 9, 4, 4]
+        pool = self.pool(h.mean(dim=(2, 3)))  # [B, 16]
+        return pool, self.fc(pool)
+
+
+@pytest.fixture
+def tiny_inception():
+    """A stand-in for the FID Inception network (`InceptionFeatureNet` around `TinyInception`)."""
+    from kind.eval.features import InceptionFeatureNet
+
+    return InceptionFeatureNet(module=TinyInception(), name="tiny", sha256="f" * 64)

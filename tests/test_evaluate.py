@@ -25,7 +25,8 @@ REQUIRED_KEYS = {
     "samples_per_class", "reference", "reference_dataset", "reference_split", "num_reference",
     "fid", "precision", "recall", "k", "class_accuracy", "class_accuracy_note",
     "per_class_accuracy", "sfid", "inception_score", "inception_score_std", "generation",
-    "seconds",
+    "seconds", "reference_type", "reference_sha256", "precision_recall_note", "sfid_note",
+    "warnings",
 }  # fmt: skip
 
 
@@ -82,6 +83,8 @@ def test_evaluate_end_to_end_writes_every_required_field(tmp_path, random_net):
     assert loaded["fid"] >= 0 and 0 <= loaded["precision"] <= 1 and 0 <= loaded["recall"] <= 1
     assert 0 <= loaded["class_accuracy"] <= 1 and set(loaded["per_class_accuracy"]) == {"0", "1"}
     assert loaded["sfid"] is None and loaded["inception_score"] is None  # not the Inception path
+    assert loaded["reference_type"] == "data spec" and loaded["reference_sha256"] is None
+    assert len(loaded["warnings"]) == 1 and "40 samples" in loaded["warnings"][0]  # 40 < 128 dims
     assert loaded["samples"] == str(npz.resolve())
     assert [p.name for p in out.parent.iterdir()] == ["result.json"]  # no temp file left behind
 

@@ -56,7 +56,7 @@ def imagenet(tmp_path) -> dict[str, Path]:
     return {"root": tmp_path, "train": tmp_path / "imagenet" / "train"}
 
 
-def test_protocol_rehearsal(imagenet, vae_dir):
+def test_protocol_rehearsal(imagenet, vae_dir, tiny_inception):
     root, train = imagenet["root"], imagenet["train"]
     spec = f"{train}%{root / 'map.json'}"
     stores = {}
@@ -86,3 +86,18 @@ def test_protocol_rehearsal(imagenet, vae_dir):
               "--out", str(root / f"samples-{name}")])  # fmt: skip
         samples = np.load(root / f"samples-{name}" / "samples.npz")
         assert samples["arr_0"].shape[1:] == (SIZE, SIZE, 3)
+
+    # reference statistics of the novel classes (every image: train + test), written once by the
+    # evaluator, then the transferred model's samples scored against the file
+    from kind.eval import evaluate as ev
+
+    ref = ev.write_adm_reference(f"{spec}:@{root / 'novel.txt'}", root / "novel-ref.npz",
+                                 split="all", image_size=SIZE, feature_net=tiny_inception)  # fmt: skip
+    with np.load(ref, allow_pickle=False) as npz:
+        assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(npz.files)
+    result = ev.evaluate(
+        root / "samples-novel" / "samples.npz", str(ref), feature_net=tiny_inception
+    )
+    assert result["reference_type"] == "statistics file" and result["num_reference"] == 15
+    assert result["fid"] > 0 and result["sfid"] > 0
+    assert any("fewer" in w for w in result["warnings"])  # 6 samples, 15 references: tiny sets
