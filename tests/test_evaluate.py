@@ -16,7 +16,7 @@ import torch
 
 from kind.data.images import dataset_classes, load_images
 from kind.eval import evaluate as ev
-from kind.eval import features
+from kind.eval import features, reference
 from kind.io import sha256_file
 
 MNIST = [str(d) for d in range(10)]
@@ -56,8 +56,8 @@ def random_net() -> features.BundledFeatureNet:
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch):
     # every test starts with empty caches of networks and reference features
-    monkeypatch.setattr(ev, "_REF_CACHE", {})
-    monkeypatch.setattr(ev, "_NET_CACHE", {})
+    monkeypatch.setattr(reference, "_REF_CACHE", {})
+    monkeypatch.setattr(features, "_NET_CACHE", {})
 
 
 def test_evaluate_end_to_end_writes_every_required_field(tmp_path, random_net):
@@ -97,7 +97,7 @@ def test_in_memory_and_file_evaluation_agree_and_reference_is_cached(
 
     calls = []
     monkeypatch.setattr(
-        ev, "load_images", lambda *a, **kw: calls.append(a) or load_images(*a, **kw)
+        reference, "load_images", lambda *a, **kw: calls.append(a) or load_images(*a, **kw)
     )
     npz = write_samples(tmp_path / "s.npz", images, labels, ["0", "1"])
     from_file = ev.evaluate(npz, "mnist:0-1", feature_net=random_net)
@@ -181,7 +181,7 @@ def test_auto_on_an_image_folder_needs_inception_weights(tmp_path, monkeypatch):
     monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
     (tmp_path / "folder" / "cat").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="--inception-weights"):
-        ev.resolve_feature_net("auto", str(tmp_path / "folder"))
+        features.resolve_feature_net("auto", str(tmp_path / "folder"))
 
 
 def test_inception_weights_path_that_does_not_exist_is_named(tmp_path, monkeypatch):
@@ -217,18 +217,18 @@ def test_bundled_feature_nets_load_with_their_metadata():
 
 
 def test_auto_picks_the_bundled_net_for_combined_bundled_refs(tmp_path, monkeypatch):
-    assert ev.auto_feature_net("glyphs:A-C") == "glyphs"
-    assert ev.auto_feature_net("mnist:0 + mnist:1") == "mnist"  # still one dataset
-    assert ev.auto_feature_net("mnist:0-1 + animals:cat") == "bundled"
-    assert {"glyphs", "bundled"} <= set(ev.FEATURE_NET_CHOICES)
-    net = ev.resolve_feature_net("auto", "animals:cat + glyphs")
+    assert features.auto_feature_net("glyphs:A-C") == "glyphs"
+    assert features.auto_feature_net("mnist:0 + mnist:1") == "mnist"  # still one dataset
+    assert features.auto_feature_net("mnist:0-1 + animals:cat") == "bundled"
+    assert {"glyphs", "bundled"} <= set(features.FEATURE_NET_CHOICES)
+    net = features.resolve_feature_net("auto", "animals:cat + glyphs")
     assert net.name == "kind-smallcnn-v1-bundled"
     letters = [chr(c) for c in range(ord("A"), ord("X") + 1)]
     assert net.class_names == MNIST + dataset_classes("animals") + letters
     (tmp_path / "folder" / "cat").mkdir(parents=True)  # a folder part: Inception, as for folders
     monkeypatch.delenv(features.INCEPTION_ENV, raising=False)
     with pytest.raises(FileNotFoundError, match="--inception-weights"):
-        ev.resolve_feature_net("auto", f"mnist:0 + {tmp_path / 'folder'}")
+        features.resolve_feature_net("auto", f"mnist:0 + {tmp_path / 'folder'}")
 
 
 def test_combined_reference_is_scored_with_the_bundled_net(tmp_path):
@@ -257,7 +257,7 @@ def test_missing_or_tampered_feature_net_is_refused(tmp_path):
 
 
 def test_adm_reference_batch_has_the_adm_layout(tmp_path):
-    path = ev.write_adm_reference("mnist:0-1", tmp_path / "ref_mnist01")  # no suffix added
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "ref_mnist01")  # no suffix added
     assert path.exists() and path.name == "ref_mnist01"
     with np.load(path, allow_pickle=False) as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (200, 28, 28, 3)

@@ -90,9 +90,15 @@ def test_protocol_rehearsal(imagenet, vae_dir, tiny_inception):
     # reference statistics of the novel classes (every image: train + test), written once by the
     # evaluator, then the transferred model's samples scored against the file
     from kind.eval import evaluate as ev
+    from kind.eval import reference
 
-    ref = ev.write_adm_reference(f"{spec}:@{root / 'novel.txt'}", root / "novel-ref.npz",
-                                 split="all", image_size=SIZE, feature_net=tiny_inception)  # fmt: skip
+    ref = reference.write_adm_reference(
+        f"{spec}:@{root / 'novel.txt'}",
+        root / "novel-ref.npz",
+        split="all",
+        image_size=SIZE,
+        feature_net=tiny_inception,
+    )
     with np.load(ref, allow_pickle=False) as npz:
         assert {"mu", "sigma", "mu_s", "sigma_s"} <= set(npz.files)
     result = ev.evaluate(

@@ -18,15 +18,15 @@ import torch
 from kind.cli.main import main
 from kind.data.images import load_images
 from kind.eval import evaluate as ev
-from kind.eval import features
+from kind.eval import features, metrics, reference
 
 MNIST = [str(d) for d in range(10)]
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache(monkeypatch):
-    monkeypatch.setattr(ev, "_REF_CACHE", {})
-    monkeypatch.setattr(ev, "_NET_CACHE", {})
+    monkeypatch.setattr(reference, "_REF_CACHE", {})
+    monkeypatch.setattr(features, "_NET_CACHE", {})
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def rel(a: float, b: float) -> float:
 
 def test_written_reference_gives_the_same_scores_as_the_spec(tmp_path, shifted):
     images, labels, names = shifted
-    path = ev.write_adm_reference("mnist:0-1", tmp_path / "ref.npz")  # auto: the mnist network
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz")  # auto: mnist's network
     with np.load(path, allow_pickle=False) as npz:
         assert npz["mu"].shape == (128,) and npz["sigma"].shape == (128, 128)
         assert "mu_s" not in npz.files  # the bundled classifier has no spatial features
@@ -80,7 +80,7 @@ def test_statistics_only_file_gives_fid_and_says_why_precision_is_missing(
     tmp_path, shifted, caplog
 ):
     images, labels, names = shifted
-    written = ev.write_adm_reference("mnist:0-1", tmp_path / "ref.npz")
+    written = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz")
     with np.load(written, allow_pickle=False) as npz:  # clean-fid keeps mu and sigma only
         np.savez(tmp_path / "cleanfid.npz", mu=npz["mu"], sigma=npz["sigma"])
     direct = ev.evaluate_images(images, labels, names, "mnist:0-1")
@@ -109,7 +109,7 @@ def test_sfid_statistics_round_trip_on_the_spatial_features(tmp_path, shifted, t
     net = tiny_inception
     images, labels, names = shifted
     images, labels = images[:120], labels[:120]
-    path = ev.write_adm_reference("mnist:0-1", tmp_path / "ref.npz", feature_net=net)
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz", feature_net=net)
     with np.load(path, allow_pickle=False) as npz:
         spatial = features.SFID_CHANNELS * 4 * 4  # first 7 channels, flattened, as ADM's sFID
         assert npz["mu_s"].shape == (spatial,) and npz["sigma_s"].shape == (spatial, spatial)
@@ -133,9 +133,9 @@ def test_sfid_statistics_round_trip_on_the_spatial_features(tmp_path, shifted, t
 def test_frechet_from_spatial_stats_matches_the_features():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 40, generator=g), torch.randn(250, 40, generator=g) * 1.3 + 0.2
-    stats = (*ev.metrics.feature_statistics(a), *ev.metrics.feature_statistics(b))
-    from_stats = ev.metrics.frechet_distance_from_stats(*(s.numpy() for s in stats))
-    assert rel(from_stats, ev.metrics.frechet_distance(a, b)) < 1e-9
+    stats = (*metrics.feature_statistics(a), *metrics.feature_statistics(b))
+    from_stats = metrics.frechet_distance_from_stats(*(s.numpy() for s in stats))
+    assert rel(from_stats, metrics.frechet_distance(a, b)) < 1e-9
 
 
 def test_statistics_of_another_dimension_are_refused_with_the_shapes(tmp_path, shifted):
@@ -152,7 +152,7 @@ def test_statistics_of_another_dimension_are_refused_with_the_shapes(tmp_path, s
 def test_statistics_of_another_network_are_refused(tmp_path, shifted):
     torch.manual_seed(0)
     random_net = features.BundledFeatureNet.from_module(features.SmallCNN(), MNIST, "random-cnn")
-    path = ev.write_adm_reference("mnist:0-1", tmp_path / "ref.npz", feature_net=random_net)
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz", feature_net=random_net)
     images, labels, names = shifted
     with pytest.raises(ValueError, match="statistics of feature network random-cnn"):
         ev.evaluate_images(images, labels, names, str(path), feature_net="mnist")
@@ -211,7 +211,7 @@ def test_reference_split_picks_train_test_or_all(tmp_path, shifted):
     assert results["train"]["fid"] != results["test"]["fid"]
     assert ev.evaluate_images(images, labels, names, "mnist:0-1")["num_reference"] == 200
 
-    path = ev.write_adm_reference("mnist:0-1", tmp_path / "all.npz", split="all")
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "all.npz", split="all")
     from_file = ev.evaluate_images(images, labels, names, str(path))
     assert from_file["reference_split"] == "all" and from_file["num_reference"] == 1000
     assert rel(from_file["fid"], results["all"]["fid"]) < 1e-3
@@ -225,9 +225,9 @@ def test_write_adm_reference_never_replaces_a_file_unasked(tmp_path):
     path = tmp_path / "ref.npz"
     path.write_bytes(b"mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        ev.write_adm_reference("mnist:0-1", path)
+        reference.write_adm_reference("mnist:0-1", path)
     assert path.read_bytes() == b"mine"
-    ev.write_adm_reference("mnist:0-1", path, overwrite=True, feature_net=None)
+    reference.write_adm_reference("mnist:0-1", path, overwrite=True, feature_net=None)
     with np.load(path, allow_pickle=False) as npz:
         assert "arr_0" in npz.files and "mu" not in npz.files  # images only, as before
 

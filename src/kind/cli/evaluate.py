@@ -73,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _write_reference(args: argparse.Namespace) -> None:
-    from kind.eval.evaluate import write_adm_reference
+    from kind.eval.reference import write_adm_reference
 
     if args.samples is not None or args.out is not None:
         raise ValueError(

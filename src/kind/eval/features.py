@@ -1,4 +1,5 @@
-"""Feature networks that turn uint8 images into the features and logits the metrics consume.
+"""Feature networks that turn uint8 images into the features and logits the metrics consume, and
+the names a user picks them by.
 
 Two kinds, one interface (:class:`FeatureNet`):
 
@@ -8,6 +9,10 @@ Two kinds, one interface (:class:`FeatureNet`):
 * Inception-V3 with the 2015 TensorFlow FID weights (torch-fidelity's port), for real images at
   scale, giving the ADM evaluator's pool, spatial (sFID) and logit features. It is loaded only from
   a local weights file: nothing here downloads.
+
+:func:`resolve_feature_net` turns a ``--feature-net`` name ("auto" included) into a loaded network,
+once per process: a demo scores many sample sets, and re-reading and re-hashing the weights for
+each would be wasted.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kind.core.images import to_model_range
+from kind.data.images import BUNDLED, parse_parts
 from kind.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ INCEPTION_ENV = "KIND_INCEPTION_WEIGHTS"
 INCEPTION_FLAG = "--inception-weights"
 INCEPTION_INSTALL = "pip install 'kind-dit[inception]'"
 SFID_CHANNELS = 7  # ADM's sFID keeps the first 7 channels of mixed_6/conv (17×17 → 2023 dims)
+BUNDLED_NET = "bundled"  # the classifier of every bundled set at once, for combined specs
+FEATURE_NET_CHOICES = ("auto", *BUNDLED, BUNDLED_NET, "inception")
 
 
 @dataclass
@@ -68,6 +76,12 @@ class FeatureNet(Protocol):
     image_shape: tuple[int, int, int] | None  # (C, H, W) required, or None if any size works
 
     def extract(self, images: torch.Tensor, batch_size: int = 256) -> FeatureOutput: ...
+
+
+def fits(net: FeatureNet, images: torch.Tensor) -> bool:
+    """Whether ``net`` takes ``images`` ``[N, C, H, W]`` as they are: they have its
+    ``image_shape``, or it names none (any size works)."""
+    return net.image_shape is None or tuple(images.shape[1:]) == tuple(net.image_shape)
 
 
 def _check_images(images: torch.Tensor, shape: tuple[int, int, int] | None, who: str) -> None:
@@ -336,3 +350,46 @@ def load_inception(
         sha256=sha256_file(path),
         device=device,
     )
+
+
+# ----------------------------------------------------------------------------- networks by name
+
+
+def auto_feature_net(ref: str) -> str:
+    """The network "auto" picks for reference spec ``ref``: the dataset's own classifier when it
+    names one bundled dataset, the ``bundled`` classifier (trained on all bundled sets) when it
+    combines bundled datasets, else Inception-V3 (which needs local weights)."""
+    datasets = {dataset for dataset, _ in parse_parts(ref)}
+    if not datasets <= set(BUNDLED):
+        return "inception"
+    return datasets.pop() if len(datasets) == 1 else BUNDLED_NET
+
+
+# Loaded networks, so that repeated in-memory evaluations do not re-read and re-hash weights.
+_NET_CACHE: dict[tuple, FeatureNet] = {}
+
+
+def resolve_feature_net(
+    feature_net: str | FeatureNet,
+    ref: str,
+    inception_weights: str | Path | None = None,
+    device: str = "cpu",
+) -> FeatureNet:
+    """``"auto"``: see :func:`auto_feature_net`. A name picks one explicitly; an object is used as
+    is (tests, callers with their own network)."""
+    if not isinstance(feature_net, str):
+        return feature_net
+    if feature_net not in FEATURE_NET_CHOICES:
+        raise ValueError(f"feature_net must be one of {FEATURE_NET_CHOICES}, got {feature_net!r}")
+    if feature_net == "auto":
+        feature_net = auto_feature_net(ref)
+    if feature_net == "inception":
+        path = resolve_inception_weights(inception_weights)  # raises with instructions
+        key: tuple = ("inception", str(path.resolve()), device)
+        if key not in _NET_CACHE:
+            _NET_CACHE[key] = load_inception(path, device=device)
+    else:
+        key = ("bundled", feature_net)
+        if key not in _NET_CACHE:
+            _NET_CACHE[key] = load_feature_net(feature_net)
+    return _NET_CACHE[key]
