@@ -218,9 +218,13 @@ class KindLinear(nn.Module):
         if route.sizes is not None and U.shape[0] * fin * fout <= n * max(fin, fout):
             # Few groups (CPU sizes): fold each group into its own dense weight, no bigger in all
             # than the layer's activations, and run each block of samples through its weight.
+            # The samples without a tailor form a last block whose weight is w alone: a zero
+            # tailor appended to the thin factors, so one baddbmm writes all P + 1 weights
+            # (no concatenation of out x in weights).
             w = self.learngene_weight()  # [out, in]
-            W = torch.baddbmm(w.expand(U.shape[0], -1, -1), U * S[:, None], V.transpose(1, 2))
-            W = torch.cat([W, w.unsqueeze(0)])  # [P + 1, out, in]: the last block uses w alone
+            US = F.pad(U * S[:, None], (0, 0, 0, 0, 0, 1))  # [P + 1, out, r], last row zero
+            Vt = F.pad(V, (0, 0, 0, 0, 0, 1)).transpose(1, 2)  # [P + 1, r, in]
+            W = torch.baddbmm(w.expand(US.shape[0], -1, -1), US, Vt)  # [P + 1, out, in]
             return grouped_linear(x, W, self.bias, route.sizes)
         # Many groups, or static shapes (compile, GPUs): the learngene in one matmul for the whole
         # batch, each sample's rank-r tailor through its own gathered factors in batched products.
