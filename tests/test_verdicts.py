@@ -91,6 +91,22 @@ def test_negative_transfer_of_source_tailors():
     assert _verdict(all_verdicts(same, ["digits"]), "kind-tailors").verdict == UNRESOLVED
 
 
+@pytest.mark.parametrize(
+    "null_fids, expected",
+    [
+        ([8, 9, 10], SUPPORTED),
+        ([14, 15, 17], NOT_SUPPORTED),
+        ([9, 12, 11.5], UNRESOLVED),
+    ],  # fmt: skip
+)
+def test_null_tailor_verdict_on_each_task(null_fids, expected):
+    results = _results(kind=[10, 11, 12], lora=[10, 11, 12])
+    results |= {f"transfer/shift/kind+null/seed{s}": _run("kind", s, [f], null=True)
+                for s, f in enumerate(null_fids)}  # fmt: skip
+    v = _verdict(all_verdicts(results, ["digits"]), "kind+null vs kind")
+    assert v.verdict == expected and v.comparison == "kind+null vs kind on shift"
+
+
 def test_decomposition_verdict_checks_exactness_and_size():
     def deploy(diff):
         variants = [DeployVariant("1 class", ["0"], 100, 400, diff, True)]

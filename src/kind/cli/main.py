@@ -6,9 +6,12 @@ kind-dit info       parameter counts and bytes per part
 kind-dit decompose  a run -> learngene + tailor files
 kind-dit assemble   parts -> a model for some classes (or one class merged dense)
 kind-dit transfer   parts -> a model for new classes, trained from the learngenes
+kind-dit graft      parts + a KIND transfer run -> parts that also hold its new classes
 kind-dit evaluate   FID, precision, recall, class accuracy of a samples .npz
 kind-dit demo       the end-to-end demo: pre-train, decompose, transfer, evaluate, report
 kind-dit encode     images -> a latent store, with a local VAE
+kind-dit import     public DiT weights (official .pt or diffusers folder) -> a dense model
+kind-dit export     a dense or merged model -> a diffusers DiT folder
 
 Each command is a module of this package with NAME, HELP, DESCRIPTION, add_arguments(parser)
 and run(args); COMMANDS lists them in --help order. Command modules import the library only
@@ -21,9 +24,35 @@ import argparse
 import logging
 import sys
 
-from kind.cli import assemble, decompose, demo, encode, evaluate, info, sample, train, transfer
+from kind.cli import (
+    assemble,
+    decompose,
+    demo,
+    encode,
+    evaluate,
+    export,
+    graft,
+    import_,
+    info,
+    sample,
+    train,
+    transfer,
+)
 
-COMMANDS = (train, sample, info, decompose, assemble, transfer, evaluate, demo, encode)
+COMMANDS = (
+    train,
+    sample,
+    info,
+    decompose,
+    assemble,
+    transfer,
+    graft,
+    evaluate,
+    demo,
+    encode,
+    import_,
+    export,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

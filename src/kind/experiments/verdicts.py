@@ -118,17 +118,31 @@ def beats_peft(
                    f"{names} on {task}", verdict, evidence)  # fmt: skip
 
 
+def pair_verdict(
+    runs: list[RunResult], source: str, task: str, a: str, b: str, claim: str, supports: str
+) -> Verdict:
+    """A claim about variant `a` against variant `b` on one task: supported when `a` is resolved
+    `supports` ("better" or "worse") than `b`, not supported when resolved the other way."""
+    mine, theirs = score_by_seed(runs, source, task, a), score_by_seed(runs, source, task, b)
+    outcome, evidence = compare(mine, theirs) if mine and theirs else (UNRESOLVED, "missing runs")
+    against = {"better": "worse", "worse": "better"}[supports]
+    verdict = {supports: SUPPORTED, against: NOT_SUPPORTED}.get(outcome, UNRESOLVED)
+    return Verdict(claim, source, f"{a} vs {b} on {task}", verdict, evidence)
+
+
 def negative_transfer(runs: list[RunResult], source: str, task: str = "shift") -> Verdict:
-    """The claim that carrying the source's tailors across a domain shift hurts: kind-tailors
-    resolved worse than kind."""
-    carried = score_by_seed(runs, source, task, "kind-tailors")
-    fresh = score_by_seed(runs, source, task, "kind")
+    """The paper's claim that carrying the source's tailors across a domain shift hurts:
+    kind-tailors resolved worse than kind."""
     claim = "source tailors transfer negatively across a domain shift"
-    outcome, evidence = (
-        compare(carried, fresh) if carried and fresh else (UNRESOLVED, "missing runs")
-    )
-    verdict = {"worse": SUPPORTED, "better": NOT_SUPPORTED}.get(outcome, UNRESOLVED)
-    return Verdict(claim, source, f"kind-tailors vs kind on {task}", verdict, evidence)
+    return pair_verdict(runs, source, task, "kind-tailors", "kind", claim, supports="worse")
+
+
+def null_tailor_helps(runs: list[RunResult], source: str, task: str) -> Verdict:
+    """This project's option (docs/KIND.md, question (a)): the null class's own tailor, so that
+    guidance's unconditional model is the target domain's, makes a KIND transfer better:
+    kind+null resolved better than kind. It decides whether `--null-tailor` is on by default."""
+    claim = "the null class's own tailor improves a KIND transfer"
+    return pair_verdict(runs, source, task, "kind+null", "kind", claim, supports="better")
 
 
 def decomposition(deploy: DeployResult, source: str) -> Verdict:
@@ -154,7 +168,8 @@ def decomposition(deploy: DeployResult, source: str) -> Verdict:
 def all_verdicts(results: dict[str, RunResult | DeployResult], sources: list[str],
                  kind_variants: tuple[str, ...] = ("kind", "kind+null")) -> list[Verdict]:  # fmt: skip
     """Every claim for every source that has results: decomposition, novel classes vs PEFT and
-    domain shift vs PEFT (for each KIND variant), negative transfer of source tailors."""
+    domain shift vs PEFT (for each KIND variant), negative transfer of source tailors, and the
+    null class's own tailor on each task."""
     runs = [r for r in results.values() if isinstance(r, RunResult) and r.task]
     verdicts = []
     for source in sources:
@@ -168,4 +183,7 @@ def all_verdicts(results: dict[str, RunResult | DeployResult], sources: list[str
                     verdicts.append(beats_peft(runs, source, task, variant, claim))
         if score_by_seed(runs, source, "shift", "kind-tailors"):
             verdicts.append(negative_transfer(runs, source))
+        for task in ("novel", "shift"):
+            if score_by_seed(runs, source, task, "kind+null"):
+                verdicts.append(null_tailor_helps(runs, source, task))
     return verdicts

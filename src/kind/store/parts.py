@@ -48,13 +48,34 @@ def count_tensors(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in tensors.values())
 
 
+def check_new_dir(out: str | Path) -> Path:
+    """`out` as a Path when a new parts or model directory may go there (absent, or an empty
+    directory); refused before anything is written otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PartsError(f"{out} is a file, not a directory; choose another output directory")
+    if out.exists() and any(out.iterdir()):
+        raise PartsError(f"{out} already exists and is not empty; choose another output directory")
+    return out
+
+
+def write_part(directory: Path, name: str, key: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """Write one part file (labelled `key`) into `directory`; its manifest entry."""
+    path = Path(directory) / name
+    atomic_save_tensors(path, tensors, {"part": key})
+    return {
+        "file": name,
+        "params": count_tensors(tensors),
+        "bytes": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
+
+
 def decompose(
     model: DiT, diffusion: DiffusionConfig, out: str | Path, extra: dict | None = None
 ) -> Path:
     """Write `model`'s learngenes and tailors as a parts directory `out` (which must not exist)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PartsError(f"{out} already exists and is not empty; choose another output directory")
+    out = check_new_dir(out)
     learngene, tailors = split_state(model)
     cfg = model.config
     with atomic_dir(out) as tmp:
@@ -62,13 +83,7 @@ def decompose(
         for key, name, tensors in [("learngene", LEARNGENE_FILE, learngene)] + [
             (str(g), tailor_file(g), t) for g, t in tailors.items()
         ]:
-            atomic_save_tensors(tmp / name, tensors, {"part": key})
-            files[key] = {
-                "file": name,
-                "params": count_tensors(tensors),
-                "bytes": (tmp / name).stat().st_size,
-                "sha256": sha256_file(tmp / name),
-            }
+            files[key] = write_part(tmp, name, key, tensors)
         manifest = {
             "format": FORMAT,
             "model": replace(cfg, groups=None).to_dict(),
@@ -191,9 +206,7 @@ def assemble(
 ) -> Path:
     """Write a model directory holding the learngenes plus the tailors of `classes`; with
     `merge_class` (or `merge_null`) a dense model with that class (or nothing) folded in."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise PartsError(f"{out} already exists and is not empty; choose another output directory")
+    out = check_new_dir(out)
     needed = [merge_class] if merge_class is not None else classes
     model, diffusion, manifest = load_parts(parts, [] if merge_null else needed)
     extra = {"source": str(Path(parts).resolve())}
