@@ -11,7 +11,8 @@ an error, never a silently different model.
 From parts: `load_parts` builds the model that holds the learngenes plus the tailors of the classes
 a deployment needs (for those classes exactly the full model's outputs, docs/KIND.md invariant 3);
 `assemble` writes it, or one class merged into a dense DiT (`kind.core.decomposition.merge`), as a
-model directory; `load_learngene` is where a transfer starts (`kind.transfer.kind`).
+model directory; `load_learngene` is where a transfer starts (`kind.transfer.kind`), and
+`kind.store.graft` adds a transfer's new classes to the parts it started from.
 """
 
 from __future__ import annotations
