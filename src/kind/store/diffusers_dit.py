@@ -1,0 +1,242 @@
+"""diffusers' `DiTTransformer2DModel` folder (`config.json` + `diffusion_pytorch_model.safetensors`)
+to and from kind-dit's dense tensor names.
+
+diffusers ports DiT block for block under other names: `pos_embed.proj` is the patch embedding,
+`transformer_blocks.N.attn1.to_q|to_k|to_v|to_out.0` the attention, `ff.net.0.proj`/`ff.net.2` the
+MLP, `norm1.linear` the block's adaLN modulation, `proj_out_1`/`proj_out_2` the final layer's. Each
+block carries its own copy of the timestep MLP and the label table (`norm1.emb`; diffusers'
+conversion of DiT copies the one DiT has into every block; the final layer reads block 0's), so
+reading a folder checks that the copies agree and writing one repeats them. Weights are read from
+safetensors only (never a pickle). Which kind-dit size a folder is, and how the position
+embedding's layout is reconciled, is `kind.store.interop`'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from kind.io import atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from kind.store.dit_official import check_names
+
+CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
+INDEX = WEIGHTS + ".index.json"
+CLASS_NAME = "DiTTransformer2DModel"
+DIT_EPS = 1e-6  # DiT's LayerNorm eps everywhere; diffusers uses `norm_eps` before the MLP
+
+# diffusers name -> kind-dit name, within a block and at the top
+_BLOCK = {
+    "norm1.linear": "adaLN_modulation.1",
+    "attn1.to_q": "attn.q",
+    "attn1.to_k": "attn.k",
+    "attn1.to_v": "attn.v",
+    "attn1.to_out.0": "attn.proj",
+    "ff.net.0.proj": "mlp.fc1",
+    "ff.net.2": "mlp.fc2",
+}
+_EMB = {
+    "norm1.emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "norm1.emb.timestep_embedder.linear_2": "t_embedder.mlp.2",
+}
+_TOP = {
+    "pos_embed.proj": "x_embedder",
+    "proj_out_1": "final_layer.adaLN_modulation.1",
+    "proj_out_2": "final_layer.linear",
+}
+_LABELS = "norm1.emb.class_embedder.embedding_table.weight"
+_WB = ("weight", "bias")
+
+# config values kind-dit's DiT (DiT's architecture) has no other setting for
+_FIXED = {
+    "norm_type": "ada_norm_zero",
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "norm_elementwise_affine": False,
+}
+
+
+def find_folder(path: Path) -> Path | None:
+    """The DiTTransformer2DModel folder at `path`: the folder itself, or the `transformer/`
+    sub-folder of a DiTPipeline folder; None when neither holds a config.json."""
+    path = Path(path)
+    for folder in (path, path / "transformer"):
+        if (folder / CONFIG).is_file():
+            return folder
+    return None
+
+
+def diffusers_keys(depth: int) -> list[str]:
+    """Every tensor name of a DiTTransformer2DModel with `depth` blocks."""
+    names = list(_TOP)
+    for i in range(depth):
+        names += [f"transformer_blocks.{i}.{n}" for n in (*_EMB, *_BLOCK)]
+    keys = [f"{n}.{w}" for n in names for w in _WB]
+    return keys + [f"transformer_blocks.{i}.{_LABELS}" for i in range(depth)]
+
+
+def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of a DiTTransformer2DModel folder; a clear error for anything else."""
+    folder = Path(folder)
+    config = read_json(folder / CONFIG)
+    if config.get("_class_name", CLASS_NAME) != CLASS_NAME:
+        raise ValueError(
+            f"{folder} holds a diffusers {config['_class_name']}, not a {CLASS_NAME}; give the "
+            "DiT transformer folder (a DiTPipeline's transformer/)"
+        )
+    if (folder / WEIGHTS).is_file():
+        return config, read_tensors(folder / WEIGHTS)
+    if (folder / INDEX).is_file():  # sharded: the index names the file of every tensor
+        shards = sorted(set(read_json(folder / INDEX)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state |= read_tensors(folder / shard)
+        return config, state
+    pickled = sorted(p.name for p in folder.glob("diffusion_pytorch_model*.bin"))
+    hint = (
+        f" (it has {', '.join(pickled)}: kind-dit reads safetensors only, never pickles; "
+        "re-save it with save_pretrained(..., safe_serialization=True))"
+        if pickled
+        else ""
+    )
+    raise ValueError(f"{folder} has no {WEIGHTS}{hint}")
+
+
+def check_config(config: dict, folder: Path) -> list[str]:
+    """Refuse settings kind-dit's DiT cannot compute; notes on the ones it computes as DiT does
+    rather than as diffusers does."""
+    bad = [
+        f"{k} = {config[k]!r} (DiT: {v!r})"
+        for k, v in _FIXED.items()
+        if k in config and config[k] != v
+    ]
+    if config.get("num_embeds_ada_norm") is None:
+        bad.append("num_embeds_ada_norm = None (a class-conditional DiT has a class count)")
+    if bad:
+        raise ValueError(
+            f"{folder}/{CONFIG} describes an architecture kind-dit's DiT has no option for: "
+            + "; ".join(bad)
+        )
+    notes = []
+    eps = config.get("norm_eps", 1e-5)
+    if eps != DIT_EPS:
+        notes.append(
+            f"diffusers normalises before each MLP with eps {eps:g} (norm_eps); kind-dit, like "
+            f"DiT, with {DIT_EPS:g}"
+        )
+    return notes
+
+
+def to_kind(
+    config: dict, state: dict[str, torch.Tensor], what: str
+) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """(kind-dit dense tensors, hints, kind name -> diffusers name) of a folder's tensors.
+
+    hints: `image_size`, `in_channels`, `out_channels`, `heads`, `head_dim` and `num_classes` as
+    the config states them."""
+    depth = config.get("num_layers", 28)
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"{what}: num_layers = {depth!r}; a DiT has at least one block")
+    check_names(state, diffusers_keys(depth), what)
+    out: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    for w in _WB:
+        for theirs, ours in _TOP.items():
+            out[f"{ours}.{w}"], names[f"{ours}.{w}"] = state[f"{theirs}.{w}"], f"{theirs}.{w}"
+        for i in range(depth):
+            b = f"transformer_blocks.{i}."
+            for theirs, ours in _BLOCK.items():
+                key = f"blocks.{i}.{ours}.{w}"
+                out[key], names[key] = state[f"{b}{theirs}.{w}"], f"{b}{theirs}.{w}"
+    # one timestep MLP and label table, repeated in every block: take block 0's, check the rest
+    shared = [f"{n}.{w}" for n in _EMB for w in _WB] + [_LABELS]
+    for i in range(1, depth):
+        differ = [
+            n for n in shared if not torch.equal(state[f"transformer_blocks.{i}.{n}"],
+                                                 state[f"transformer_blocks.0.{n}"])
+        ]  # fmt: skip
+        if differ:
+            raise ValueError(
+                f"{what}: block {i}'s {', '.join(differ)} differ from block 0's; DiT (and "
+                "kind-dit) has one timestep embedder and one label table for all blocks, as "
+                "diffusers' conversion of DiT writes them"
+            )
+    for n in _EMB:
+        for w in _WB:
+            key = f"{_EMB[n]}.{w}"
+            out[key], names[key] = (
+                state[f"transformer_blocks.0.{n}.{w}"],
+                f"transformer_blocks.0.{n}.{w}",
+            )
+    table = state[f"transformer_blocks.0.{_LABELS}"]
+    label_name = f"transformer_blocks.0.{_LABELS}"
+    out["y_embedder.table"], names["y_embedder.table"] = table[:-1], f"{label_name} (class rows)"
+    out["y_embedder.null"], names["y_embedder.null"] = table[-1], f"{label_name} (last row: null)"
+    hints = {
+        "image_size": config.get("sample_size", 32),
+        "in_channels": config.get("in_channels", 4),
+        "out_channels": config.get("out_channels") or config.get("in_channels", 4),
+        "heads": config.get("num_attention_heads", 16),
+        "head_dim": config.get("attention_head_dim", 72),
+        "num_classes": config.get("num_embeds_ada_norm"),
+    }
+    return out, hints, names
+
+
+def from_kind(
+    state: dict[str, torch.Tensor],
+    *,
+    depth: int,
+    heads: int,
+    image_size: int,
+    patch: int,
+    in_channels: int,
+    out_channels: int,
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config.json content, tensors) of a DiTTransformer2DModel holding kind-dit dense tensors
+    (already in DiT's channel order)."""
+    from diffusers import __version__
+
+    hidden = state["x_embedder.weight"].shape[0]
+    table = torch.cat([state["y_embedder.table"], state["y_embedder.null"][None]])
+    config = {
+        "_class_name": CLASS_NAME,
+        "_diffusers_version": __version__,
+        "num_attention_heads": heads,
+        "attention_head_dim": hidden // heads,
+        "in_channels": in_channels,
+        "out_channels": out_channels,
+        "num_layers": depth,
+        "dropout": 0.0,
+        "norm_num_groups": 32,
+        "sample_size": image_size,
+        "patch_size": patch,
+        "num_embeds_ada_norm": table.shape[0] - 1,
+        "upcast_attention": False,
+        "norm_eps": DIT_EPS,
+        **_FIXED,
+    }
+    out = {}
+    for w in _WB:
+        for theirs, ours in _TOP.items():
+            out[f"{theirs}.{w}"] = state[f"{ours}.{w}"]
+        for i in range(depth):
+            b = f"transformer_blocks.{i}."
+            for theirs, ours in _BLOCK.items():
+                out[f"{b}{theirs}.{w}"] = state[f"blocks.{i}.{ours}.{w}"]
+            for theirs, ours in _EMB.items():
+                out[f"{b}{theirs}.{w}"] = state[f"{ours}.{w}"]
+    for i in range(depth):
+        out[f"transformer_blocks.{i}.{_LABELS}"] = table
+    return config, out
+
+
+def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> None:
+    """config.json and the safetensors file into `folder` (inside a directory the caller writes
+    atomically); every block's copy of the shared tensors is stored as a tensor of its own."""
+    folder = Path(folder)
+    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    atomic_save_tensors(
+        folder / WEIGHTS, {k: v.clone() for k, v in state.items()}, {"format": "pt"}
+    )

@@ -1,0 +1,338 @@
+"""`kind-dit import` and `kind-dit export --format diffusers`, checked against an independent
+reference: diffusers' `DiTTransformer2DModel` holding the same weights.
+
+diffusers computes DiT's timestep features with frequencies 10000^(-i/127) where DiT divides by
+128 (`downscale_freq_shift=1`); the reference here is diffusers' model with that one setting put
+back to DiT's (`test_reference_computes_dits_timestep_features` checks it against DiT's formula).
+Everything else (patch and position embedding, attention, MLP, adaLN, final layer, label table,
+unpatchify, learned-σ channels) is diffusers' own code. Models are random and small (kind-dit's
+`tiny/2`: depth 4, hidden 128, 4 heads; 8x8 inputs, 4 channels, 10 classes); no downloads.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+from kind.cli.main import main
+from kind.core.decomposition import merge
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT, ModelConfig, sincos_pos_embed
+from kind.store.dit_official import dit_pos_embed
+from kind.store.interop import residual_order
+from kind.store.load import load_model
+from kind.store.modeldir import save_model_dir
+
+CLASSES = 10
+SHAPE = dict(num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8,
+             num_layers=4, sample_size=8, patch_size=2, num_embeds_ada_norm=CLASSES)  # fmt: skip
+
+
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter N(0, 0.05²): DiT's init zeroes adaLN and the output layer, which would hide
+    a wrong mapping behind zeros."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def make_reference(seed: int = 0, norm_eps: float = 1e-6, **shape) -> DiTTransformer2DModel:
+    """A random diffusers DiT with one timestep MLP and label table copied into every block, as
+    diffusers' conversion of DiT writes them."""
+    ref = DiTTransformer2DModel(**(SHAPE | shape), norm_eps=norm_eps).eval()
+    randomise(ref, seed)
+    first = ref.transformer_blocks[0].norm1.emb.state_dict()
+    for block in ref.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(first)
+    return ref
+
+
+def with_dit_time(ref: DiTTransformer2DModel) -> DiTTransformer2DModel:
+    """A copy of `ref` whose timestep features use DiT's frequencies (the one change)."""
+    ref = copy.deepcopy(ref)
+    for block in ref.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    return ref
+
+
+def inputs(classes: int = CLASSES):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 1, 10, 250, 500, 999])
+    y = torch.tensor([0, 3, classes - 1, classes, 5, classes])  # `classes` is the null class
+    return x, t, y
+
+
+@torch.no_grad()
+def assert_same(ours: torch.nn.Module, ref: DiTTransformer2DModel, classes: int = CLASSES):
+    """Outputs [B, 8, 8, 8] (ε and the learned-variance channels) within 1e-5 relative."""
+    x, t, y = inputs(classes)
+    a, b = ours(x, t, y), ref(x, t, y).sample
+    assert a.shape == b.shape == (6, 8, 8, 8)
+    assert (a - b).norm() / b.norm() < 1e-5
+    assert (a - b).abs().max() < 1e-5 * b.abs().max()
+
+
+def relative_gap(ours: torch.nn.Module, ref: DiTTransformer2DModel) -> float:
+    with torch.no_grad():
+        x, t, y = inputs()
+        a, b = ours(x, t, y), ref(x, t, y).sample
+    return float((a - b).norm() / b.norm())
+
+
+def official_state(ref: DiTTransformer2DModel) -> dict[str, torch.Tensor]:
+    """The reference's weights under facebookresearch/DiT's names: fused qkv, one label table
+    with the null row last, and diffusers' own position table as `pos_embed` [1, T, D]."""
+    s = {k: v.clone() for k, v in ref.state_dict().items()}
+    emb = "transformer_blocks.0.norm1.emb."
+    out = {
+        "pos_embed": ref.pos_embed.pos_embed.clone(),
+        "y_embedder.embedding_table.weight": s[emb + "class_embedder.embedding_table.weight"],
+    }
+    for w in ("weight", "bias"):
+        out[f"x_embedder.proj.{w}"] = s[f"pos_embed.proj.{w}"]
+        out[f"t_embedder.mlp.0.{w}"] = s[f"{emb}timestep_embedder.linear_1.{w}"]
+        out[f"t_embedder.mlp.2.{w}"] = s[f"{emb}timestep_embedder.linear_2.{w}"]
+        out[f"final_layer.linear.{w}"] = s[f"proj_out_2.{w}"]
+        out[f"final_layer.adaLN_modulation.1.{w}"] = s[f"proj_out_1.{w}"]
+        for i in range(SHAPE["num_layers"]):
+            b, d = f"blocks.{i}.", f"transformer_blocks.{i}."
+            out[f"{b}attn.qkv.{w}"] = torch.cat([s[f"{d}attn1.to_{p}.{w}"] for p in "qkv"])
+            out[f"{b}attn.proj.{w}"] = s[f"{d}attn1.to_out.0.{w}"]
+            out[f"{b}mlp.fc1.{w}"] = s[f"{d}ff.net.0.proj.{w}"]
+            out[f"{b}mlp.fc2.{w}"] = s[f"{d}ff.net.2.{w}"]
+            out[f"{b}adaLN_modulation.1.{w}"] = s[f"{d}norm1.linear.{w}"]
+    return out
+
+
+def dense_model(seed: int = 2) -> DiT:
+    model = DiT(ModelConfig(size="tiny/2", kind=False, image_size=8, in_channels=4,
+                            learn_sigma=True, class_names=[f"c{i}" for i in range(CLASSES)]))  # fmt: skip
+    randomise(model, seed)
+    return model.eval()
+
+
+def fails(argv: list[str], capsys) -> str:
+    """Run a command that must fail as a user error (exit 2); its message."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+# ---- the reference and the conventions -------------------------------------------------------
+
+
+def test_reference_computes_dits_timestep_features():
+    t = torch.tensor([0, 1, 10, 250, 999])
+    half = 128
+    args = t[:, None].float() * torch.exp(-math.log(10000) * torch.arange(half) / half)[None]
+    dit = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # DiT's TimestepEmbedder
+    ref = make_reference()
+    proj = with_dit_time(ref).transformer_blocks[0].norm1.emb.time_proj
+    torch.testing.assert_close(proj(t), dit, rtol=0, atol=1e-6)
+    stock = ref.transformer_blocks[0].norm1.emb.time_proj
+    assert (stock(t) - dit).abs().max() > 0.1  # diffusers' own frequencies: i/127
+
+
+def test_position_embedding_channel_orders():
+    """DiT's table (ours) is diffusers' table; kind-dit's own holds DiT's channels in the order
+    `residual_order` reports (the two halves swapped), which the weights are permuted to."""
+    for dim, grid in ((128, 4), (64, 3), (1152, 16)):
+        ours = dit_pos_embed(dim, grid)
+        theirs = get_2d_sincos_pos_embed(dim, grid, base_size=grid, output_type="pt").float()
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        order = residual_order(sincos_pos_embed(dim, grid), dim)
+        torch.testing.assert_close(sincos_pos_embed(dim, grid), ours[:, order], rtol=0, atol=1e-6)
+
+
+# ---- import ----------------------------------------------------------------------------------
+
+
+def test_official_checkpoint_imports_to_dits_outputs(tmp_path, capsys):
+    ref = make_reference()
+    torch.save(official_state(ref), tmp_path / "dit.pt")
+    main(["import", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "m")])
+    assert "model ->" in capsys.readouterr().out
+    model, diffusion, meta = load_model(tmp_path / "m")
+    assert_same(model, with_dit_time(ref))
+    assert relative_gap(model, ref) > 1e-3  # stock diffusers: its own timestep frequencies
+    cfg = model.config
+    assert (cfg.size, cfg.kind, cfg.image_size, cfg.in_channels, cfg.learn_sigma) == (
+        "tiny/2", False, 8, 4, True)  # fmt: skip
+    assert cfg.class_names == [str(i) for i in range(CLASSES)]
+    assert (diffusion.prediction, diffusion.schedule, diffusion.num_timesteps) == (
+        "eps", "linear", 1000)  # fmt: skip
+    assert meta["imported"]["license"] == "CC-BY-NC-4.0"
+    assert meta["latent"] == {"vae": None, "image_size": 64}
+    notice = (tmp_path / "m" / "NOTICE").read_text()
+    assert "CC BY-NC 4.0" in notice and meta["imported"]["sha256"] in notice
+    assert "NOTICE" in json.loads((tmp_path / "m" / "checksums.json").read_text())["sha256"]
+
+
+def test_official_checkpoint_with_class_names_and_a_vae(tmp_path, vae_dir):
+    torch.save(official_state(make_reference()), tmp_path / "dit.pt")
+    names = [f"class {i}" for i in range(CLASSES)]
+    (tmp_path / "names.txt").write_text("# one a line\n" + "\n".join(names) + "\n\n")
+    main(["import", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "m"),
+          "--class-names", str(tmp_path / "names.txt"), "--vae", str(vae_dir)])  # fmt: skip
+    model, _, meta = load_model(tmp_path / "m")
+    assert model.config.class_names == names
+    assert meta["latent"]["vae"] == str(vae_dir.resolve())
+
+
+def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):
+    ref = make_reference(seed=3)
+    pipe = tmp_path / "pipe"  # a DiTPipeline folder: the transformer in transformer/
+    ref.save_pretrained(pipe / "transformer")
+    (pipe / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# DiT\n")
+    (pipe / "LICENSE").write_text("Attribution-NonCommercial 4.0 International\n")
+    main(["import", str(pipe), "--out", str(tmp_path / "m")])
+    out = capsys.readouterr().out
+    assert "10000^(-i/127)" in out  # the note on diffusers' timestep frequencies
+    model, diffusion, meta = load_model(tmp_path / "m")
+    assert_same(model, with_dit_time(ref))
+    assert diffusion.prediction == "eps" and model.config.learn_sigma
+    assert meta["imported"]["license"] == "cc-by-nc-4.0"
+    assert (tmp_path / "m" / "source-LICENSE").read_text().startswith("Attribution")
+    assert (tmp_path / "m" / "source-README.md").is_file()
+    assert "cc-by-nc-4.0" in (tmp_path / "m" / "NOTICE").read_text()
+
+
+def test_diffusers_folder_with_diffusers_norm_eps_imports_with_a_note(tmp_path, capsys):
+    make_reference(norm_eps=1e-5).save_pretrained(tmp_path / "ref")
+    main(["import", str(tmp_path / "ref"), "--out", str(tmp_path / "m")])
+    assert "eps 1e-05" in capsys.readouterr().out
+
+
+# ---- export ----------------------------------------------------------------------------------
+
+
+def test_export_loads_in_diffusers_with_the_same_outputs_and_round_trips(tmp_path, capsys):
+    model = dense_model()
+    diffusion = DiffusionConfig()  # kind-dit's default: v-prediction, cosine
+    save_model_dir(tmp_path / "m", model, diffusion, {"sample": {"steps": 7}})
+    main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "d"), "--format", "diffusers"])
+    assert "10000^(-i/127)" in capsys.readouterr().out
+    loaded = DiTTransformer2DModel.from_pretrained(tmp_path / "d").eval()
+    assert loaded.config.norm_eps == 1e-6 and loaded.config.num_embeds_ada_norm == CLASSES
+    assert_same(model, with_dit_time(loaded))
+    info = json.loads((tmp_path / "d" / "kind_dit.json").read_text())
+    assert info["class_names"] == model.config.class_names and info["null_class"] == CLASSES
+    assert info["scheduler"]["prediction_type"] == "v_prediction"
+    assert info["scheduler"]["beta_schedule"] == "squaredcos_cap_v2"
+    # and back: the same tensors bit for bit, the same class names, diffusion and sampling
+    main(["import", str(tmp_path / "d"), "--out", str(tmp_path / "back")])
+    back, back_diffusion, meta = load_model(tmp_path / "back")
+    assert back.config == model.config and back_diffusion == diffusion
+    assert meta["sample"] == {"steps": 7}
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+
+
+@pytest.fixture(scope="module")
+def kind_model() -> DiT:
+    """A random KIND DiT with four classes (built once: its SVD initialisation is the slow part)."""
+    kind = DiT(ModelConfig(size="tiny/2", kind=True, image_size=8, in_channels=4,
+                           learn_sigma=True, class_names=[str(i) for i in range(4)]))  # fmt: skip
+    randomise(kind, 4)
+    return kind.eval()
+
+
+def test_export_of_a_merged_model_writes_class_and_null_networks(tmp_path, kind_model):
+    kind = kind_model
+    merged = merge(kind, "2")
+    save_model_dir(tmp_path / "m", merged, DiffusionConfig(), {"merged": "2"})
+    main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "d")])
+    x, t, _ = inputs()
+    cond = with_dit_time(DiTTransformer2DModel.from_pretrained(tmp_path / "d").eval())
+    # a path, not subfolder=: diffusers reads a root's own weights file whatever the subfolder
+    null = with_dit_time(DiTTransformer2DModel.from_pretrained(tmp_path / "d" / "unconditional"))
+    with torch.no_grad():
+        ones, zeros = torch.ones(6, dtype=torch.long), torch.zeros(6, dtype=torch.long)
+        ours_cond, ours_null = merged(x, t, zeros), merged(x, t, ones)  # class "2", null
+        theirs_cond, theirs_null = cond(x, t, zeros).sample, null(x, t, zeros).sample
+        full = kind(x, t, torch.full((6,), 2))
+    for a, b in ((ours_cond, theirs_cond), (ours_null, theirs_null), (full, theirs_cond)):
+        assert (a - b).norm() / b.norm() < 1e-5
+    assert json.loads((tmp_path / "d" / "kind_dit.json").read_text())["merged"] == "2"
+
+
+def test_export_refuses_a_kind_model_and_a_foreign_mlp_ratio(tmp_path, capsys, kind_model):
+    save_model_dir(tmp_path / "kind", kind_model, DiffusionConfig())
+    err = fails(["export", str(tmp_path / "kind"), "--out", str(tmp_path / "d")], capsys)
+    assert "KIND model" in err and "--merge" in err
+    wide = DiT(ModelConfig(size="tiny/2", kind=False, image_size=8, in_channels=4,
+                           class_names=["a"], mlp_ratio=2.0))  # fmt: skip
+    save_model_dir(tmp_path / "wide", wide, DiffusionConfig())
+    err = fails(["export", str(tmp_path / "wide"), "--out", str(tmp_path / "d")], capsys)
+    assert "MLP ratio 2" in err
+    assert not (tmp_path / "d").exists()
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+def test_import_errors_name_the_problem_and_write_nothing(tmp_path, capsys):
+    state = official_state(make_reference())
+    out = str(tmp_path / "m")
+
+    broken = dict(state)
+    del broken["blocks.2.mlp.fc1.weight"]
+    broken["blocks.0.attn.q_norm.weight"] = torch.ones(128)
+    torch.save(broken, tmp_path / "broken.pt")
+    err = fails(["import", str(tmp_path / "broken.pt"), "--out", out], capsys)
+    assert "missing: blocks.2.mlp.fc1.weight" in err and "unknown: blocks.0.attn.q_norm" in err
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    err = fails(["import", str(tmp_path / "notes.txt"), "--out", out], capsys)
+    assert "not a PyTorch checkpoint" in err
+    (tmp_path / "empty").mkdir()
+    err = fails(["import", str(tmp_path / "empty"), "--out", out], capsys)
+    assert "without config.json" in err
+
+    torch.save(state, tmp_path / "dit.pt")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep me")
+    err = fails(["import", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "full")], capsys)
+    assert "not empty" in err
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
+
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    err = fails(["import", str(tmp_path / "dit.pt"), "--out", out,
+                 "--class-names", str(tmp_path / "names.txt")], capsys)  # fmt: skip
+    assert "2 class names for a model with 10 classes" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys):
+    out = str(tmp_path / "m")
+    small = make_reference(num_layers=2, attention_head_dim=16)
+    small.save_pretrained(tmp_path / "small")  # depth 2, hidden 64: no kind-dit size
+    err = fails(["import", str(tmp_path / "small"), "--out", out], capsys)
+    assert "depth 2, hidden size 64" in err and "tiny (depth 4, hidden 128" in err
+
+    untied = DiTTransformer2DModel(**SHAPE)  # every block has its own random embedders
+    untied.save_pretrained(tmp_path / "untied")
+    err = fails(["import", str(tmp_path / "untied"), "--out", out], capsys)
+    assert "block 1's" in err and "one timestep embedder" in err
+
+    geglu = make_reference()
+    geglu.register_to_config(activation_fn="geglu")
+    geglu.save_pretrained(tmp_path / "geglu")
+    err = fails(["import", str(tmp_path / "geglu"), "--out", out], capsys)
+    assert "activation_fn = 'geglu'" in err
+
+    state = official_state(make_reference())
+    state["pos_embed"] = torch.randn_like(state["pos_embed"])  # a learned table
+    torch.save(state, tmp_path / "learned.pt")
+    err = fails(["import", str(tmp_path / "learned.pt"), "--out", out], capsys)
+    assert "not DiT's fixed sine-cosine table" in err
+    assert not (tmp_path / "m").exists()
