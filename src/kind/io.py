@@ -122,14 +122,16 @@ def sha256_file(path: str | Path) -> str:
 
 
 CHECKSUMS = "checksums.json"
+CARD = "README.md"  # a model card: documentation for people to edit, not data to verify
 
 
 def write_checksums(directory: Path) -> None:
     """Record the sha256 of every file in `directory` (not its sub-directories) in checksums.json,
-    so a reader can tell a flipped bit or a swapped file from the data that was written."""
+    so a reader can tell a flipped bit or a swapped file from the data that was written. The
+    model card is left out: a user may edit it without making the model unloadable."""
     directory = Path(directory)
     sums = {p.name: sha256_file(p) for p in sorted(directory.iterdir())
-            if p.is_file() and p.name != CHECKSUMS}  # fmt: skip
+            if p.is_file() and p.name not in (CHECKSUMS, CARD)}  # fmt: skip
     write_json(directory / CHECKSUMS, {"sha256": sums})
 
 

@@ -34,10 +34,11 @@ from kind.core.decomposition import PartsError, split_state
 from kind.core.model import ModelConfig
 from kind.io import atomic_dir, atomic_file, atomic_write_text, read_json, sha256_file
 from kind.store.load import load_model
-from kind.store.modeldir import is_model_dir
+from kind.store.modeldir import is_model_dir, write_card
 from kind.store.parts import (
     MANIFEST,
     check_new_dir,
+    parts_card,
     read_manifest,
     read_part,
     tailor_file,
@@ -145,6 +146,10 @@ def graft(parts_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Pa
             "grafted": manifest.get("grafted", []) + [grafted],
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=2))
+        write_card(
+            tmp,
+            parts_card(new_manifest, f"grafted by `kind-dit graft` onto `{parts_dir.resolve()}`"),
+        )
     log.info("grafted %s (%s) onto %s -> %s", run_dir, ", ".join(rcfg.class_names), parts_dir, out)
     return out
 

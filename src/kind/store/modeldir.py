@@ -1,6 +1,6 @@
 """Model directories: `model.json` (architecture, diffusion and sampling settings) beside
-`model.safetensors` (the weights) and `checksums.json` (their sha256, checked on every load),
-written atomically as one directory.
+`model.safetensors` (the weights), `README.md` (its model card, `kind.store.card`) and
+`checksums.json` (their sha256, checked on every load), written atomically as one directory.
 
 This is what a run exports, what `assemble` writes and what `sample` reads; a merged directory
 (`"merged"` in model.json) holds one class folded into dense weights plus its null network.
@@ -26,6 +26,8 @@ from kind.io import (
     verify_checksums,
     write_checksums,
 )
+from kind.store.card import CARD, model_card, model_sizes
+from kind.store.runs import run_provenance
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +44,28 @@ def save_model_dir(
     diffusion: DiffusionConfig,
     extra: dict | None = None,
     state: dict[str, torch.Tensor] | None = None,
+    made: dict | None = None,
 ) -> None:
-    """Write `model.json` (architecture + diffusion config + `extra`) and `model.safetensors`
-    (`state`, default the model's own) as one directory, atomically."""
-    with atomic_dir(Path(path)) as tmp:
+    """Write `model.json` (architecture + diffusion config + `extra`), `model.safetensors`
+    (`state`, default the model's own) and the model card as one directory, atomically. `made`:
+    how the model was made, for its card (`kind.store.card.model_card`); default, for a run's
+    `model/`, what the run's config.json and run.json record."""
+    path = Path(path)
+    made = run_provenance(path) if made is None else made
+    with atomic_dir(path) as tmp:
         meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
         atomic_write_text(tmp / MODEL_JSON, json.dumps(meta, indent=2))
         atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())
+        write_card(tmp, model_card(meta, model_sizes(model), made))
         write_checksums(tmp)
+
+
+def write_card(directory: Path, card: str) -> None:
+    """Write `card` as the directory's README.md; a README.md already there is never replaced."""
+    if (Path(directory) / CARD).exists():
+        log.warning("%s already exists: kept, no model card written", Path(directory) / CARD)
+        return
+    atomic_write_text(Path(directory) / CARD, card)
 
 
 def load_model_dir(path: Path) -> tuple[DiT | MergedDiT, DiffusionConfig, dict]:

@@ -35,7 +35,9 @@ from kind.io import (
     read_tensors,
     sha256_file,
 )
-from kind.store.modeldir import save_model_dir
+from kind.store.card import manifest_sizes, model_card
+from kind.store.modeldir import save_model_dir, write_card
+from kind.store.runs import run_provenance
 
 FORMAT = "kind-parts/1"
 MANIFEST, LEARNGENE_FILE = "manifest.json", "learngene.safetensors"
@@ -100,7 +102,25 @@ def decompose(
             **(extra or {}),
         }
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        write_card(tmp, parts_card(manifest, "decomposed by `kind-dit decompose`"))
     return out
+
+
+def parts_card(manifest: dict, how: str) -> str:
+    """The model card of a parts directory with this manifest (made as `how` says)."""
+    source = f" from `{manifest['source']}`" if manifest.get("source") else ""
+    made = provenance(manifest) | {"how": how + source}
+    return model_card(manifest, manifest_sizes(manifest), made, parts=True)
+
+
+def provenance(manifest: dict) -> dict:
+    """How the model of a parts manifest was made, as far as the runs it names still say: the
+    run it was decomposed from, plus the training data of the runs grafted onto it."""
+    made = run_provenance(manifest["source"]) if manifest.get("source") else {}
+    for g in manifest.get("grafted") or []:
+        if g.get("run"):
+            made["data"] = made.get("data", []) + run_provenance(g["run"]).get("data", [])
+    return made
 
 
 def is_parts_dir(path: str | Path) -> bool:
@@ -212,10 +232,12 @@ def assemble(
     model, diffusion, manifest = load_parts(parts, [] if merge_null else needed)
     extra = {"source": str(Path(parts).resolve())}
     extra |= {k: manifest[k] for k in ("sample", "latent") if k in manifest}
+    made = provenance(manifest)
+    made["how"] = f"assembled by `kind-dit assemble` from the parts `{extra['source']}`"
     if merge_class is not None or merge_null:
         merged = merge(model, None if merge_null else merge_class)
         extra["merged"] = "null" if merge_null else merge_class
-        save_model_dir(out, merged, diffusion, extra)
+        save_model_dir(out, merged, diffusion, extra, made=made)
     else:
-        save_model_dir(out, model, diffusion, extra)
+        save_model_dir(out, model, diffusion, extra, made=made)
     return out

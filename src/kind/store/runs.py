@@ -105,6 +105,27 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
     return model.eval(), DiffusionConfig(**cfg["diffusion"]), meta
 
 
+def run_provenance(path: Path) -> dict:
+    """What a model card says of how a run's model was made: {"data": [spec], "steps": n,
+    "transfer": run.json's record}, from a run directory or its `model/`; {} for anything else."""
+    path = Path(path)
+    run_dir = path.parent if path.name == "model" and is_run_dir(path.parent) else path
+    if not is_run_dir(run_dir):
+        return {}
+    try:
+        cfg = read_json(run_dir / CONFIG_JSON)
+        run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}
+    except ValueError:  # a damaged record: the card says less, the model is still written
+        return {}
+    made = {
+        "data": [cfg["data"]] if cfg.get("data") else [],
+        "steps": cfg.get("train", {}).get("steps"),
+    }
+    if run.get("transfer"):
+        made["transfer"] = run["transfer"]
+    return made
+
+
 # ---- owning a run directory -----------------------------------------------------------------
 
 MARKER, LOCK = ".kind-run", ".kind-run.lock"
