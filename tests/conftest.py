@@ -8,6 +8,17 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on the shared 2-core CPU: one thread is many times faster than threads that
+    contend (LAPACK's SVD in PiSSA and SVDiff slows by orders of magnitude). Use it in a module
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def vae_dir(tmp_path_factory) -> Path:
     """A tiny randomly initialised AutoencoderKL in the sd-vae-ft-* layout (2 down blocks: x2)."""

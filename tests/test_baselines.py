@@ -11,6 +11,8 @@ from kind.training.config import load_config
 from kind.training.loop import train
 from kind.transfer.baselines import RECIPES, adapt, export, size_for_budget, target_shapes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 NEW = ["six", "seven", "eight", "nine"]
 # KIND's transfer budget for a tiny model (hidden 128, depth 4, r_T 8): per class 4 blocks of
 # 4 square tailors (8 x 257) + fc1, fc2 tailors (8 x 641 each), plus the class's label row.
@@ -29,16 +31,6 @@ TRAINS = {
 }
 # methods that start from the source's function (everything inherited, adapters start as identity)
 STARTS_AT_SOURCE = ("full", "lora", "pissa", "oft", "svdiff", "difffit")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # LAPACK's SVD (PiSSA, SVDiff) slows down by orders of magnitude on a shared, busy CPU when
-    # its threads contend; one thread keeps these tests at their normal speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,13 @@ from kind.store.graft import graft, tensor_sha256
 from kind.store.load import load_model
 from kind.store.parts import load_parts
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOY = (
     "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
     "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
 ).split()
 SHORT = ["--steps", "2", "--batch-size", "8", *TOY]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread is many times faster than contending for all."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,11 @@ from kind.data.latents import (
     scaling_factor,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 16  # pixels; the tiny VAE downsamples by 2 -> 8x8 latents
 # on the CPU wherever the tests run: a GPU's TF32 convolutions would not match `encode` on the CPU
 encode_cpu = functools.partial(encode_to_store, device="cpu")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and spin-waiting ones slow a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ it), and the directory still loads."""
 import json
 
 import pytest
-import torch
 import yaml
 
 from kind.cli.main import main
@@ -13,20 +12,13 @@ from kind.io import verify_checksums
 from kind.store.load import load_model
 from kind.store.modeldir import write_card
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TOY = (
     "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
     "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
 ).split()
 SHORT = ["--steps", "2", "--batch-size", "8", *TOY]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread is many times faster than contending for all."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

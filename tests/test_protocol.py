@@ -18,21 +18,13 @@ from kind.cli.main import main
 from kind.data.latents import LatentStore
 from kind.io import read_json
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 SIZE = 16  # pixels; the tiny VAE halves them: 8x8 latents
 SYNSETS = [f"n0000000{i}" for i in range(1, 7)]
 CLASS_MAP = {"n0100": ["n00000001", "n00000002"], "n00000003": ["n00000003"],
              "n0200": ["n00000004", "n00000005"], "n00000006": ["n00000006"]}  # fmt: skip
 PRETRAIN, NOVEL = ["n0100", "n00000003"], ["n0200", "n00000006"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _images(folder: Path, count: int, base: int, rng) -> None:
