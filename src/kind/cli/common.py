@@ -110,6 +110,8 @@ def overrides(args: argparse.Namespace) -> dict:
         ov.setdefault("model", {})["kind"] = args.model == "kind"
     if getattr(args, "size", None):
         ov.setdefault("model", {})["size"] = args.size
+    if getattr(args, "init_from", None):
+        ov.setdefault("train", {})["init_from"] = args.init_from
     return ov
 
 

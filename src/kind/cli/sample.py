@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=number(),
         help="classifier-free guidance scale; 1 = off (default: the run's sample.cfg_scale)",
     )
+    p.add_argument(
+        "--guided-channels",
+        type=count(),
+        help="guide only the first N channels, the rest conditional (DiT's sampler: 3 of 4 latent "
+        "channels; default: the run's sample.guided_channels, else every channel)",
+    )
     p.add_argument("--seed", type=count(0), default=0, help="seed; same seed, same samples")
     p.add_argument("--batch-size", type=count(), default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -84,6 +90,7 @@ def run(args: argparse.Namespace) -> None:
     defaults = meta.get("sample", {})
     steps = args.steps if args.steps is not None else defaults.get("steps", 50)
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.5)
+    guided = args.guided_channels or defaults.get("guided_channels")
     model.to(info.device)
     ids = [model.null_id] if args.unconditional else resolve_classes(model.config, names)
     labels = [c for c in ids for _ in range(args.n)]
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         steps=steps,
         cfg_scale=cfg_scale,
+        guided_channels=guided,
         batch_size=args.batch_size,
         progress=info.is_main,
         decode=decode,
@@ -117,6 +125,7 @@ def run(args: argparse.Namespace) -> None:
         sampler=args.sampler,
         steps=steps,
         cfg_scale=cfg_scale,
+        guided_channels=guided or model.config.in_channels,
         seed=args.seed,
         checkpoint=str(Path(args.source).resolve()),
     )

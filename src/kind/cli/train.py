@@ -28,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="model size: tiny, mini (patch 7 for 28x28), tiny/4, mini/2, "
         "DiT-S/2 ... DiT-XL/8 (model.size)",
     )
+    p.add_argument(
+        "--init-from",
+        metavar="DENSE",
+        help="start a KIND model from a dense DiT (run or model directory, e.g. one made by "
+        "`kind-dit import`): learngenes = the leading SVD triples of its weights, its other "
+        "weights and label rows copied, tailors fresh (train.init_from)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

@@ -4,7 +4,7 @@ Schedules and sampler steps come from diffusers' `DDPMScheduler` / `DDIMSchedule
 β schedules, respacing, DDIM η, learned-range variance, x₀ clipping with ε re-derived from the clipped
 x₀). What diffusers has no piece for is written here: the training loss (ε- or v-prediction,
 min-SNR-γ weighting, and the learned-σ variational bound of improved DDPM / DiT) and classifier-free
-guidance over all channels.
+guidance (over all channels, or the first k as DiT's sampler does).
 """
 
 from __future__ import annotations
@@ -192,6 +192,7 @@ class Diffusion:
         sampler: str = "ddim",
         steps: int = 50,
         cfg_scale: float = 1.0,
+        guided_channels: int | None = None,
         generators: list[torch.Generator] | None = None,
         learn_sigma: bool = False,
         progress: Callable | None = None,
@@ -199,14 +200,17 @@ class Diffusion:
         """Draw samples [B, *shape] in the data range for labels y [B].
 
         `generators` holds one generator per sample, so a sample depends only on its own seed, not on
-        the batch it was drawn in. Classifier-free guidance mixes the conditional and null-class
-        outputs on every channel: out = uncond + s · (cond − uncond); a learned variance is taken
-        from the conditional output.
+        the batch it was drawn in. Classifier-free guidance: see `guide`.
         """
         device = y.device
         sched = self.scheduler(sampler, steps, learn_sigma)
         x = randn_tensor((len(y), *shape), generator=generators, device=device)
         C = shape[0]
+        if guided_channels is not None and not 1 <= guided_channels <= C:
+            raise ValueError(
+                f"guided_channels = {guided_channels} is out of range for {C}-channel samples; "
+                f"allowed: 1..{C}, or unset for every channel"
+            )
         guided = cfg_scale != 1.0
         y_in = torch.cat([y, torch.full_like(y, null_id)]) if guided else y
         timesteps = progress(sched.timesteps) if progress else sched.timesteps
@@ -218,11 +222,20 @@ class Diffusion:
             t_in = torch.full((len(y_in),), int(t), device=device, dtype=torch.long)
             out = model(x_in, t_in, y_in, **kwargs)  # [B or 2B, C or 2C, H, W]
             if guided:
-                cond, uncond = out.chunk(2)
-                eps = uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C])
-                out = torch.cat([eps, cond[:, C:]], dim=1)
+                out = guide(*out.chunk(2), cfg_scale, guided_channels or C)
             if sampler == "ddim":
                 x = sched.step(out[:, :C], t, x, eta=0.0, use_clipped_model_output=True).prev_sample
             else:
                 x = sched.step(out, t, x, generator=generators).prev_sample
         return x
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int) -> torch.Tensor:
+    """Classifier-free guidance of a model's output: uncond + s · (cond − uncond) on its first
+    `channels` channels, the conditional output on the rest (the other prediction channels and a
+    learned variance). DiT's sampler guides 3 of its 4 latent channels (`forward_with_cfg`);
+    `channels` = 3 reproduces it for imported DiT weights, every channel is this project's default.
+    """
+    # cond, uncond: [B, C or 2C, H, W] -> [B, C or 2C, H, W]
+    mixed = uncond[:, :channels] + scale * (cond[:, :channels] - uncond[:, :channels])
+    return torch.cat([mixed, cond[:, channels:]], dim=1)

@@ -57,7 +57,13 @@ UNCONDITIONAL = "unconditional"  # sub-folder of an exported merged model: its n
 DIT_DIFFUSION = dict(
     prediction="eps", schedule="linear", num_timesteps=1000, min_snr_gamma=None, clip_x0=None
 )
-DIT_SAMPLE = {"sampler": "ddpm", "steps": 250, "cfg_scale": 4.0, "per_class": 8}
+DIT_SAMPLE = {
+    "sampler": "ddpm",
+    "steps": 250,
+    "cfg_scale": 4.0,
+    "per_class": 8,
+    "guided_channels": 3,
+}  # fmt: skip  (DiT's sampler guides 3 of 4 latent channels)
 SD_VAE_FACTOR = 8  # a 4-channel DiT works on SD-VAE latents, 8x smaller than its images
 TIME_NOTE = (
     "diffusers' DiTTransformer2DModel computes its timestep features with frequencies "
@@ -437,6 +443,19 @@ def _to_diffusers(net: DiT, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
     )
 
 
+def scheduler_settings(diffusion: DiffusionConfig, learn_sigma: bool) -> dict:
+    """The diffusers scheduler arguments that reproduce this model's diffusion, for an export's
+    `kind_dit.json` (diffusers' DiT pipeline takes a scheduler of its own choosing)."""
+    return {
+        "num_train_timesteps": diffusion.num_timesteps,
+        "beta_schedule": SCHEDULES[diffusion.schedule],
+        "prediction_type": PREDICTIONS[diffusion.prediction],
+        "variance_type": "learned_range" if learn_sigma else "fixed_small",
+        "clip_sample": diffusion.clip_x0 is not None,
+        "clip_sample_range": diffusion.clip_x0 or 1.0,
+    }
+
+
 def export_diffusers(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     """Write a dense (or merged) kind-dit model as a diffusers DiTTransformer2DModel folder:
     `out` (config.json + diffusion_pytorch_model.safetensors, for `from_pretrained(out)`), for a
@@ -483,14 +502,7 @@ def export_diffusers(source: str | Path, out: str | Path) -> tuple[Path, list[st
         "null_class": cfg.num_classes,
         "merged": meta.get("merged"),
         "diffusion": vars(diffusion),
-        "scheduler": {
-            "num_train_timesteps": diffusion.num_timesteps,
-            "beta_schedule": SCHEDULES[diffusion.schedule],
-            "prediction_type": PREDICTIONS[diffusion.prediction],
-            "variance_type": "learned_range" if cfg.learn_sigma else "fixed_small",
-            "clip_sample": diffusion.clip_x0 is not None,
-            "clip_sample_range": diffusion.clip_x0 or 1.0,
-        },
+        "scheduler": scheduler_settings(diffusion, cfg.learn_sigma),
         "sample": meta.get("sample"),
         "latent": meta.get("latent"),
         "license": (meta.get("imported") or {}).get("license"),

@@ -35,7 +35,6 @@ from pathlib import Path
 import torch
 
 from kind.core.decomposition import MergedDiT, PartsError
-from kind.core.diffusion import PREDICTIONS, SCHEDULES
 from kind.core.model import DiT, load_state
 from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, write_json
 from kind.store import diffusers_dit
@@ -45,6 +44,7 @@ from kind.store.interop import (
     _to_diffusers,
     permute_residual,
     residual_order,
+    scheduler_settings,
 )
 from kind.store.load import load_model
 from kind.store.parts import check_new_dir
@@ -239,12 +239,7 @@ def export_peft(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
         "adapters": uses,
         "base": BASE,
         "diffusion": vars(diffusion),
-        "scheduler": {
-            "num_train_timesteps": diffusion.num_timesteps,
-            "beta_schedule": SCHEDULES[diffusion.schedule],
-            "prediction_type": PREDICTIONS[diffusion.prediction],
-            "variance_type": "learned_range" if cfg.learn_sigma else "fixed_small",
-        },
+        "scheduler": scheduler_settings(diffusion, cfg.learn_sigma),
         "sample": meta.get("sample"),
         "latent": meta.get("latent"),
         "notes": notes,

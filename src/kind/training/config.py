@@ -74,6 +74,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     tensorboard: bool = False  # also write TensorBoard scalars (needs the tensorboard extra)
+    # a dense DiT (run or model directory) whose weights start a KIND model (kind.core.kindify);
+    # None: DiT's random init. Used once, when the run starts: --resume loads its checkpoint
+    init_from: str | None = None
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints",
@@ -91,6 +94,10 @@ class TrainConfig:
         _real("train.orth_weight", self.orth_weight, 0)
         check_range("train.precision", self.precision, self.precision in ("fp32", "bf16", "fp16"),
                     "fp32, bf16 or fp16")  # fmt: skip
+        check_range("train.init_from", self.init_from,
+                    self.init_from is None or (isinstance(self.init_from, str)
+                                               and bool(self.init_from.strip())),
+                    "a dense run or model directory, or null")  # fmt: skip
 
 
 @dataclass
@@ -101,6 +108,7 @@ class SampleConfig:
     steps: int = 50
     cfg_scale: float = 1.5
     per_class: int = 8
+    guided_channels: int | None = None  # guide the first k channels only (DiT: 3); None: all
 
     def __post_init__(self):
         check_range(
@@ -109,6 +117,8 @@ class SampleConfig:
         _count("sample.steps", self.steps, 1)
         _count("sample.per_class", self.per_class, 1)
         _real("sample.cfg_scale", self.cfg_scale, 0)
+        if self.guided_channels is not None:
+            _count("sample.guided_channels", self.guided_channels, 1)
 
 
 @dataclass

@@ -37,12 +37,14 @@ from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion
 from kind.core.images import save_grid
+from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT
 from kind.core.sampling import generate
 from kind.data.dataset import Dataset, open_dataset
 from kind.data.latents import decoder
-from kind.io import atomic_write_text, read_json
-from kind.store.modeldir import save_model_dir
+from kind.io import CHECKSUMS, atomic_write_text, read_json, sha256_file
+from kind.store.load import load_model
+from kind.store.modeldir import MODEL_WEIGHTS, is_model_dir, save_model_dir
 from kind.store.runs import (
     CONFIG_JSON,
     RUN_JSON,
@@ -73,14 +75,56 @@ class TrainResult:
     seconds: float  # the run's training wall time, across resumes
 
 
-def build_model(cfg: Config, data: Dataset) -> DiT:
+def build_model(cfg: Config, data: Dataset, dense: DiT | None = None) -> DiT:
     """A fresh model for `data`: the config's architecture with the data's classes, size and
-    channels (and τ from the group file)."""
+    channels (and τ from the group file); started from dense DiT `dense` when given
+    (`kind.core.kindify`), else from DiT's random init."""
     images = data.images
     tau = read_group_file(cfg.group_file, data.class_names) if cfg.group_file else None
     mc = replace(cfg.model, class_names=list(data.class_names), image_size=images.shape[-1],
                  in_channels=images.shape[1], class_to_group=tau)  # fmt: skip
-    return DiT(mc)
+    if dense is None:
+        return DiT(mc)
+    try:
+        return kindify(dense, mc)
+    except KindifyError as e:
+        raise TrainingError(f"train.init_from {cfg.train.init_from}: {e}") from None
+
+
+def load_dense(cfg: Config) -> tuple[DiT, dict]:
+    """The dense model `train.init_from` names (a run or model directory) and what run.json
+    records of it: its resolved path, the weights file read and that file's sha256 (and, for a
+    model `kind-dit import` made, the record of its source)."""
+    path = Path(cfg.train.init_from)
+    try:
+        dense, diffusion, meta = load_model(path)
+    except FileNotFoundError as e:
+        raise TrainingError(f"train.init_from: {e}") from None
+    if getattr(dense, "config", None) is not None and dense.config.kind:
+        raise TrainingError(
+            f"train.init_from {path} is a KIND model (learngenes and tailors), not a dense DiT: to "
+            "reuse a KIND model's learngenes for new classes run `kind-dit transfer` on its parts "
+            "directory (`kind-dit decompose` writes one); --init-from takes a dense DiT"
+        )
+    if diffusion != cfg.diffusion:
+        log.warning("train.init_from %s was trained with another diffusion config (%s); this run "
+                    "uses %s (set the diffusion section to match to keep its schedule)",
+                    path, vars(diffusion), vars(cfg.diffusion))  # fmt: skip
+    record: dict = {"path": str(path.resolve())}
+    directory = next((d for d in (path, path / "model") if is_model_dir(d)), None)
+    if directory is not None:
+        weights = directory / MODEL_WEIGHTS
+        sums = read_json(directory / CHECKSUMS)["sha256"] if (directory / CHECKSUMS).is_file() \
+            else {}  # fmt: skip
+        record |= {"weights": str(weights.resolve()),
+                   "sha256": sums.get(MODEL_WEIGHTS) or sha256_file(weights)}  # fmt: skip
+        if isinstance(meta.get("source"), dict):  # `kind-dit import`: the file it came from
+            record["imported"] = meta["source"]
+    else:  # a run interrupted before its export: the EMA weights of its latest checkpoint
+        checkpoint = next(usable_checkpoints(path))
+        weights = checkpoint / "ema.safetensors"
+        record |= {"weights": str(weights.resolve()), "sha256": sha256_file(weights)}
+    return dense, record
 
 
 @dataclass
@@ -116,12 +160,24 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
             f"train.batch_size {B} must split evenly over {world} rank(s) and "
             f"micro-batches of {micro}"
         )
+    dense, init_record = None, None
+    if tc.init_from and model is not None:
+        raise TrainingError(
+            "train.init_from starts `kind-dit train` from a dense DiT; this command builds its "
+            "own start model: unset train.init_from"
+        )
+    if tc.init_from and not resume:  # on --resume the checkpoint wins: no init to redo
+        dense, init_record = load_dense(cfg)
     torch.manual_seed(tc.seed)
     if data is None:
         arch = model.config if model is not None else cfg.model  # a size set in the config wins
+        if dense is not None:  # unset: the dense model's (the data are resized to it)
+            arch = replace(arch, image_size=arch.image_size or dense.config.image_size,
+                           in_channels=arch.in_channels or dense.config.in_channels)  # fmt: skip
         shape = (arch.image_size, arch.in_channels)
         data = open_dataset(cfg.data, "train", *shape, vae=cfg.vae)
-    model = model if model is not None else build_model(cfg, data)
+    model = model if model is not None else build_model(cfg, data, dense)
+    del dense
     if list(model.config.class_names) != list(data.class_names):
         raise TrainingError(
             f"model classes {model.config.class_names} differ from the data's {data.class_names}"
@@ -145,6 +201,8 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
     elif info.is_main:
         save_config(cfg, out / CONFIG_JSON)
         run_meta = (meta or {}) | {"latent": data.latent}
+        if init_record is not None:
+            run_meta["init_from"] = init_record
         atomic_write_text(out / RUN_JSON, json.dumps(run_meta, indent=2))
     distributed.barrier(info)
 
@@ -385,6 +443,7 @@ def write_grid(run: _Run, path: Path) -> None:
             sampler=sc.sampler,
             steps=sc.steps,
             cfg_scale=sc.cfg_scale,
+            guided_channels=sc.guided_channels,
             device=device,
             decode=decoder(latent, device=device) if latent else None,
         )
