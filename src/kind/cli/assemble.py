@@ -12,7 +12,8 @@ DESCRIPTION = (
     "Learngenes + the tailors of --classes -> a model directory "
     "that computes exactly the full model's outputs for those classes. With "
     "--merge CLASS, one class folded into a dense DiT (plus the learngene-only "
-    "network for guidance); --merge null gives the unconditional dense model."
+    "network for guidance); --merge null gives the unconditional dense model. "
+    "--max-params N drops the lowest-|σ| learngene components until the model fits N."
 )
 
 
@@ -22,6 +23,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classes", help="comma-separated class names (default: all)")
     p.add_argument(
         "--merge", metavar="CLASS|null", help="fold one class (or null) into dense weights"
+    )
+    p.add_argument(
+        "--max-params",
+        type=int,
+        metavar="N",
+        help="parameter budget: drop learngene components until the model has ≤ N parameters. "
+        "Globally across all decomposed layers, components are ranked by |σ_i| alone (smallest "
+        "first); each dropped one saves (in + out + 1) parameters of its layer; every layer "
+        "keeps at least one. Refused before writing when one component per layer exceeds N",
     )
     p.add_argument("--out", required=True, help="model directory to create")
 
@@ -33,6 +43,11 @@ def run(args: argparse.Namespace) -> None:
     merge_null = args.merge == "null"
     merge_class = None if merge_null else args.merge
     out = assemble(
-        args.parts, classes(args.classes), args.out, merge_class=merge_class, merge_null=merge_null
+        args.parts,
+        classes(args.classes),
+        args.out,
+        merge_class=merge_class,
+        merge_null=merge_null,
+        max_params=args.max_params,
     )
     print(f"model -> {out}")

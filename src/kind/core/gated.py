@@ -179,6 +179,22 @@ class KindLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self.init_from_dense(nn.init.xavier_uniform_(torch.empty(out_features, in_features)))
 
+    @torch.no_grad()
+    def resize_learngene(self, rank: int) -> None:
+        """Give the learngene `rank` components (new U, S, V: the leading SVD triples of the current
+        learngene weight; a budget assembly then loads the kept components into them)."""
+        if not 1 <= rank <= min(self.in_features, self.out_features):
+            raise ValueError(
+                f"learngene rank {rank} for a {self.out_features}x{self.in_features} layer; "
+                f"it takes 1 to {min(self.in_features, self.out_features)} components"
+            )
+        weight, like = self.learngene_weight(), self.U
+        self.rank_learngene = rank
+        self.U = nn.Parameter(like.new_empty(self.out_features, rank))
+        self.S = nn.Parameter(like.new_empty(rank))
+        self.V = nn.Parameter(like.new_empty(self.in_features, rank))
+        self.init_from_dense(weight)
+
     @property
     def tailor_width(self) -> int:
         """Numbers one group's tailor takes in a bank row: U (out×r), σ (r), V (in×r)."""

@@ -67,6 +67,9 @@ class ModelConfig:
     )
     rank_learngene: float = 0.5  # components, or fraction (< 1) of min(in, out)
     rank_tailor: float = 8
+    # per-layer learngene ranks that differ from rank_learngene (layer name -> components), as a
+    # budget assembly (`kind.store.parts.assemble`, max_params) leaves them; None: none differ
+    learngene_ranks: dict[str, int] | None = None
     tailor_sigma: float = 1e-2  # initial singular values of fresh tailors
     decompose_adaln: bool = False  # adaLN modulation as learngene-only SVD layers
     # the null class (classifier-free guidance) gets a tailor group of its own, so the
@@ -275,6 +278,12 @@ class DiT(nn.Module):
             DiTBlock(hidden, heads, cfg.mlp_ratio, linear, adaln_linear) for _ in range(depth)
         )
         self.final_layer = FinalLayer(hidden, self.patch, self.out_channels, adaln_linear)
+        ranks = dict(cfg.learngene_ranks or {}) if cfg.kind else {}  # a dense DiT has none
+        for name, m in self.kind_layers():
+            if name in ranks:
+                m.resize_learngene(int(ranks.pop(name)))
+        if ranks:
+            raise ValueError(f"learngene_ranks names layers this model lacks: {sorted(ranks)}")
         # every tailor in one bank (a row per held group), gated layers in module order
         self.gated = [(n, m) for n, m in self.kind_layers() if m.rank_tailor]
         self.tailors = (

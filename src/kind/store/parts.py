@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from kind.core.decomposition import BANKS, PartsError, merge, resolve_classes, split_state
 from kind.core.diffusion import DiffusionConfig
-from kind.core.model import DiT, ModelConfig, load_state
+from kind.core.model import DiT, ModelConfig, count_params, load_state
 from kind.io import (
     atomic_dir,
     atomic_save_tensors,
@@ -218,18 +218,86 @@ def load_learngene(model: DiT, parts: str | Path) -> dict[str, torch.Tensor]:
     return learngene
 
 
+BUDGET_RULE = (
+    "Globally across all decomposed layers, the learngene components are ranked by |σ_i| alone "
+    "(smallest first); each dropped component saves (in + out + 1) parameters of its layer (its U "
+    "column, σ and V column); components are dropped in that order until the parameter count is "
+    "≤ the budget, and every layer keeps at least one component (its largest |σ|)."
+)
+
+
+def budget_keep(model: DiT, max_params: int) -> dict[str, list[int]]:
+    """The learngene components each decomposed layer of `model` keeps (indices, in order) so that
+    the model has at most `max_params` parameters; only layers that lose some are listed.
+
+    Rule (BUDGET_RULE): globally across all decomposed layers, rank the learngene components by
+    |σ_i| alone, smallest first; each dropped component saves (in + out + 1) parameters of its
+    layer; drop in that order until the count is ≤ `max_params`; every layer keeps at least one
+    component (its largest |σ|). PartsError, before anything is written, when even one component
+    per layer cannot meet the budget (the message gives the minimum reachable count)."""
+    full = count_params(model)
+    layers = model.kind_layers()
+    candidates = []  # (|σ|, layer order, index, name, saving): all but each layer's largest
+    for order, (name, m) in enumerate(layers):
+        s = m.S.detach().abs().double()
+        top = int(s.argmax())
+        saving = m.in_features + m.out_features + 1
+        candidates += [(float(s[i]), order, i, name, saving) for i in range(len(s)) if i != top]
+    floor = full - sum(c[4] for c in candidates)
+    if floor > max_params:
+        raise PartsError(
+            f"--max-params {max_params} cannot be met: with one learngene component per layer "
+            f"the model still has {floor} parameters (the minimum reachable; {full} in full)"
+        )
+    dropped: dict[str, set[int]] = {}
+    count = full
+    for _, _, i, name, saving in sorted(candidates):
+        if count <= max_params:
+            break
+        dropped.setdefault(name, set()).add(i)
+        count -= saving
+    ranks = {name: m.rank_learngene for name, m in layers}
+    return {n: [i for i in range(ranks[n]) if i not in d] for n, d in dropped.items()}
+
+
+def shrink_to_budget(model: DiT, max_params: int) -> DiT:
+    """`model` with its lowest-|σ| learngene components dropped until it has at most `max_params`
+    parameters (`budget_keep`); `model` itself when it fits already."""
+    keep = budget_keep(model, max_params)
+    if not keep:
+        return model
+    state = model.state_dict()
+    for name, idx in keep.items():
+        idx_t = torch.tensor(idx, dtype=torch.long)
+        state[f"{name}.U"] = state[f"{name}.U"][:, idx_t].clone()
+        state[f"{name}.S"] = state[f"{name}.S"][idx_t].clone()
+        state[f"{name}.V"] = state[f"{name}.V"][:, idx_t].clone()
+    ranks = dict(model.config.learngene_ranks or {}) | {n: len(i) for n, i in keep.items()}
+    small = DiT(replace(model.config, learngene_ranks=ranks))
+    load_state(small, state, "the budget assembly")
+    return small.eval()
+
+
 def assemble(
     parts: str | Path,
     classes: list[str] | None,
     out: str | Path,
     merge_class: str | None = None,
     merge_null: bool = False,
+    max_params: int | None = None,
 ) -> Path:
     """Write a model directory holding the learngenes plus the tailors of `classes`; with
-    `merge_class` (or `merge_null`) a dense model with that class (or nothing) folded in."""
+    `merge_class` (or `merge_null`) a dense model with that class (or nothing) folded in.
+
+    With `max_params`, the model keeps at most that many parameters by dropping learngene
+    components (`budget_keep`); the dropped layers' ranks go into the config's learngene_ranks."""
     out = check_new_dir(out)
+    if max_params is not None and (merge_class is not None or merge_null):
+        raise PartsError("--max-params shrinks a KIND model; it does not combine with --merge")
     needed = [merge_class] if merge_class is not None else classes
     model, diffusion, manifest = load_parts(parts, [] if merge_null else needed)
+    if max_params is not None:
+        model = shrink_to_budget(model, max_params)
     extra = {"source": str(Path(parts).resolve())}
     extra |= {k: manifest[k] for k in ("sample", "latent") if k in manifest}
     made = provenance(manifest)

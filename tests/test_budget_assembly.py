@@ -1,0 +1,107 @@
+"""`kind-dit assemble --max-params N`: drop the lowest-|σ| learngene components to fit a budget."""
+
+import pytest
+import torch
+
+from kind.cli.main import main
+from kind.core.decomposition import PartsError
+from kind.core.diffusion import DiffusionConfig
+from kind.core.model import DiT, ModelConfig, count_params
+from kind.store.load import load_model
+from kind.store.parts import assemble, budget_keep, decompose
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ["zero", "one", "two", "three"]
+KEEP = ["one", "three"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(class_names=NAMES, rank_tailor=4))
+    with torch.no_grad():  # leave the SVD start so σ differ and every component matters
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return decompose(model.eval(), DiffusionConfig(), tmp_path_factory.mktemp("p") / "parts")
+
+
+@pytest.fixture(scope="module")
+def normal(parts, tmp_path_factory):
+    out = assemble(parts, KEEP, tmp_path_factory.mktemp("a") / "normal")
+    return load_model(out)[0]
+
+
+def _batch(y, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.tensor(y)
+    x = torch.randn(len(y), 1, 28, 28, generator=g)
+    return x, torch.randint(0, 1000, (len(y),), generator=g), y
+
+
+def test_full_budget_equals_the_normal_assembly(parts, normal, tmp_path):
+    out = assemble(parts, KEEP, tmp_path / "m", max_params=count_params(normal))
+    model = load_model(out)[0]
+    assert model.config.learngene_ranks is None
+    assert count_params(model) == count_params(normal)
+    x, t, y = _batch([1, 3, 4, 1])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), normal(x, t, y))
+
+
+def test_smaller_budget_drops_the_smallest_sigmas(parts, normal, tmp_path):
+    full = count_params(normal)
+    layers = dict(normal.kind_layers())
+    step = max(m.in_features + m.out_features + 1 for m in layers.values())
+    budget = full - 20 * step - 7
+    main(["assemble", str(parts), "--classes", ",".join(KEEP), "--out", str(tmp_path / "m"),
+          "--max-params", str(budget)])  # fmt: skip
+    model = load_model(tmp_path / "m")[0]
+    n = count_params(model)
+    assert budget - step < n <= budget  # ≤ N and within one component of it
+    small = dict(model.kind_layers())
+    assert model.config.learngene_ranks
+    dropped, kept = [], []  # |σ| of dropped components, and of kept ones that could have gone
+    zeroed = DiT(normal.config)
+    zeroed.load_state_dict(normal.state_dict())
+    zeroed.eval()
+    for name, m in layers.items():
+        s, s_small = m.S.detach(), small[name].S.detach()
+        assert small[name].rank_learngene == len(s_small) >= 1
+        assert small[name].U.shape == (m.out_features, len(s_small))  # really smaller
+        gone = ~torch.isin(s, s_small)
+        assert int(gone.sum()) == len(s) - len(s_small)
+        dropped += s[gone].abs().tolist()
+        if len(s_small) > 1:
+            kept += s_small.abs().tolist()
+        with torch.no_grad():
+            dict(zeroed.kind_layers())[name].S[gone] = 0
+    assert len(dropped) >= 20
+    assert max(dropped) <= min(kept)
+    # saved exactly (in + out + 1) per dropped component
+    saved = sum(
+        (layers[k].rank_learngene - small[k].rank_learngene)
+        * (layers[k].in_features + layers[k].out_features + 1)
+        for k in layers
+    )
+    assert n == full - saved
+    # dropping a component computes what zeroing its σ does
+    x, t, y = _batch([1, 3, 4, 3])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), zeroed(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_too_small_budget_is_refused_before_writing(parts, normal, tmp_path):
+    floor = count_params(normal) - sum(
+        (m.rank_learngene - 1) * (m.in_features + m.out_features + 1)
+        for _, m in normal.kind_layers()
+    )
+    with pytest.raises(PartsError, match="minimum reachable") as e:
+        assemble(parts, KEEP, tmp_path / "m", max_params=floor - 1)
+    assert str(floor) in str(e.value)
+    assert not (tmp_path / "m").exists()
+    keep = budget_keep(normal, floor)  # the floor itself is reachable: one component per layer
+    assert all(len(idx) == 1 for idx in keep.values())
+    with pytest.raises(SystemExit):
+        main(["assemble", str(parts), "--out", str(tmp_path / "c"), "--max-params", "10"])
+    assert not (tmp_path / "c").exists()
