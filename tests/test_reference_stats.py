@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from kind.cli.main import main
 from kind.data.images import load_images
 from kind.eval import evaluate as ev
 from kind.eval import features, metrics, reference
+from test_evaluate import write_samples  # the `kind-dit sample` layout, written once
 
 MNIST = [str(d) for d in range(10)]
 
@@ -36,16 +36,6 @@ def shifted() -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     real = load_images("mnist:0-1", "train")
     images = torch.roll(real.images[::4], shifts=(2, 2), dims=(2, 3))
     return images.contiguous(), real.labels[::4].contiguous(), real.class_names
-
-
-def write_samples(path: Path, images: torch.Tensor, labels, class_names) -> Path:
-    np.savez(
-        path,
-        arr_0=images.permute(0, 2, 3, 1).numpy(),
-        labels=np.asarray(labels, dtype=np.int64),
-        class_names=np.asarray(class_names, dtype=str),
-    )
-    return path
 
 
 def rel(a: float, b: float) -> float:

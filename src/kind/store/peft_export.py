@@ -171,7 +171,8 @@ def _readme(model: DiT, adapters: dict[str, list[str]]) -> str:
         "), so the adapters carry no\nmodules_to_save: pass the class id as `class_labels` "
         "and activate that class's adapter.\n\n"
         "```python\nfrom diffusers import DiTTransformer2DModel\nfrom peft import PeftModel\n\n"
-        'base = DiTTransformer2DModel.from_pretrained("OUT/base")\n'
+        "# local folders only: nothing is downloaded\n"
+        'base = DiTTransformer2DModel.from_pretrained("OUT/base", local_files_only=True)\n'
         f'model = PeftModel.from_pretrained(base, "OUT/{first}", adapter_name="{first}").eval()\n'
         '# model.load_adapter("OUT/<other>", adapter_name="<other>") for more classes, then a\n'
         '# mixed batch: one adapter name per sample, "__base__" for the null class\n'
