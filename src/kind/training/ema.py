@@ -46,8 +46,9 @@ class EMA:
     @torch.no_grad()
     def update(self, rows: dict[str, torch.Tensor] | None = None) -> None:
         """Call after the optimiser step, before gradients are cleared, with the rows the step
-        updated in each bank."""
-        groups: dict[float, tuple[list, list]] = defaultdict(lambda: ([], []))
+        updated in each bank. One foreach lerp per distinct update count (one in a usual run,
+        where every parameter moves every step), the weight computed once per count."""
+        groups: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
         for n, p in self.params.items():
             if p.grad is None:
                 continue
@@ -55,11 +56,11 @@ class EMA:
                 self._update_rows(n, p, (rows or {}).get(self.banks[n]))
                 continue
             c = self.counts[n]
-            groups[_weight(c, self.decay)][0].append(self.shadow[n])
-            groups[_weight(c, self.decay)][1].append(p.detach())
+            shadow, current = groups[c]
+            shadow.append(self.shadow[n]), current.append(p.detach())
             self.counts[n] = c + 1
-        for weight, (shadow, current) in groups.items():
-            torch._foreach_lerp_(shadow, current, weight)
+        for count, (shadow, current) in groups.items():
+            torch._foreach_lerp_(shadow, current, _weight(count, self.decay))
 
     def _update_rows(self, name: str, p: torch.Tensor, rows: torch.Tensor | None) -> None:
         if rows is None or rows.numel() == 0:

@@ -8,8 +8,8 @@ step count. The rows to update come from `DiT.present_rows` of the global batch,
 DDP job updates the same rows.
 
 torch's AdamW cannot do this: it decays and moves the moments of every element it holds, and a
-row with a zero gradient is still an element it holds. The other parameters go through torch's
-fused AdamW unchanged.
+row with a zero gradient is still an element it holds. Every update, the banks' rows and the other
+parameters alike, runs through torch's fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -76,53 +76,64 @@ class MaskedAdamW(torch.optim.Optimizer):
         groups += [{"params": [p], "bank": ids[id(p)]} for p in params if id(p) in ids]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
         self.rows: dict[str, torch.Tensor] = {}  # set before each step: key -> int64 [P] rows
-        self._plain = None
-        if plain:  # shares the group dict (lr) and the state with this optimiser
-            self._plain = torch.optim.AdamW([self.param_groups[0]], lr=lr, fused=True)
-            self._plain.state = self.state
 
     def set_rows(self, rows: dict[str, torch.Tensor]) -> None:
         """The rows of each bank the coming step updates (`DiT.present_rows`)."""
         self.rows = rows
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        if self._plain is not None:  # the loaded groups and state are new objects: share again
-            self._plain.param_groups = [self.param_groups[0]]
-            self._plain.state = self.state
-
     @torch.no_grad()
     def step(self, closure=None):
-        if self._plain is not None:
-            self._plain.step()
+        """One call of torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs) for
+        every group setting: the plain parameters with a gradient and the present rows of every
+        bank together, each row a tensor of its own (a view, updated in place) with its own step
+        count. Calling the kernel directly rather than through torch.optim.AdamW skips its
+        per-parameter Python bookkeeping, which at hundreds of tensors costs more than the rows."""
+        calls: dict[tuple, tuple[list, ...]] = {}  # group setting -> x, grad, m, v, step
         for group in self.param_groups:
+            key = (group["lr"], tuple(group["betas"]), group["weight_decay"], group["eps"])
+            lists = calls.setdefault(key, ([], [], [], [], []))
             if "bank" in group:
-                self._bank_step(group)
+                self._bank_lists(group, *lists)
+                continue
+            x, g, m, v, step = lists
+            for p in group["params"]:  # list building, as torch's AdamW does; no tensor work
+                if p.grad is not None:
+                    state = self._state(p, ())
+                    x.append(p), g.append(p.grad), step.append(state["step"])
+                    m.append(state["exp_avg"]), v.append(state["exp_avg_sq"])
+        for (lr, (beta1, beta2), weight_decay, eps), (x, g, m, v, step) in calls.items():
+            if x:
+                torch._foreach_add_(step, 1)
+                torch._fused_adamw_(
+                    x, g, m, v, [], step, amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+                    weight_decay=weight_decay, eps=eps, maximize=False,
+                )  # fmt: skip
 
-    def _bank_step(self, group: dict) -> None:
-        (p,) = group["params"]
-        rows = self.rows.get(group["bank"])
-        if p.grad is None or rows is None or rows.numel() == 0:
-            return
+    def _state(self, p: torch.Tensor, steps: tuple[int, ...]) -> dict:
+        """p's AdamW state (torch.optim.AdamW's keys, so its checkpoints read as AdamW's), made on
+        first use; `steps` is the shape of its step counts: () for a parameter, (G,) for a bank."""
         state = self.state[p]
         if not state:
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            state["step"] = torch.zeros(steps, dtype=torch.float32, device=p.device)
         if state["step"].device != p.device:  # a checkpoint's step counts load on the CPU
             state["step"] = state["step"].to(p.device)
+        return state
+
+    def _bank_lists(self, group: dict, x: list, g: list, m: list, v: list, step: list) -> None:
+        """The present rows of the group's bank, its gradient's rows, moments and step counts."""
+        (p,) = group["params"]
+        rows = self.rows.get(group["bank"])
+        if p.grad is None or rows is None or rows.numel() == 0:
+            return
+        state = self._state(p, (p.shape[0],))
         grad = rows_of_grad(p.grad, rows.to(p.device, non_blocking=True))  # [P, N]
-        # torch's fused AdamW kernel (what torch.optim.AdamW(fused=True) runs) in place on the
-        # present rows, each row a tensor of its own (a view) with its own step count
-        x, m, v, step = (pick_rows(t, rows) for t in (p, state["exp_avg"], state["exp_avg_sq"],
-                                                      state["step"]))  # fmt: skip
-        torch._foreach_add_(step, 1)
-        beta1, beta2 = group["betas"]
-        torch._fused_adamw_(
-            x, list(grad.unbind()), m, v, [], step,
-            amsgrad=False, lr=group["lr"], beta1=beta1, beta2=beta2,
-            weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
-        )  # fmt: skip
+        x += pick_rows(p, rows)
+        g += grad.unbind()
+        m += pick_rows(state["exp_avg"], rows)
+        v += pick_rows(state["exp_avg_sq"], rows)
+        step += pick_rows(state["step"], rows)
 
 
 def pick_rows(t: torch.Tensor, rows: torch.Tensor) -> list[torch.Tensor]:
