@@ -12,6 +12,7 @@ kind-dit demo       the end-to-end demo: pre-train, decompose, transfer, evaluat
 kind-dit encode     images -> a latent store, with a local VAE
 kind-dit import     public DiT weights (official .pt or diffusers folder) -> a dense model
 kind-dit export     a dense or merged model -> a diffusers DiT folder
+kind-dit serve      a parts directory over HTTP: learngene once, tailors on demand, mixed batches
 
 Each command is a module of this package with NAME, HELP, DESCRIPTION, add_arguments(parser)
 and run(args); COMMANDS lists them in --help order. Command modules import the library only
@@ -35,6 +36,7 @@ from kind.cli import (
     import_,
     info,
     sample,
+    serve,
     train,
     transfer,
 )
@@ -52,6 +54,7 @@ COMMANDS = (
     encode,
     import_,
     export,
+    serve,
 )
 
 

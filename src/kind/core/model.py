@@ -471,14 +471,19 @@ class DiT(nn.Module):
             rows = [state[f"y_embedder.rows.{c}"] for c in self.config.held_classes]
             out["y_embedder.table"] = torch.stack(rows) if rows else self.y_embedder.table[:0]
             if self.tailors is not None:
-                out["tailors.rows"] = torch.stack([
-                    torch.cat([state[f"{name}.tailors.{g}.{f}"].reshape(-1)
-                               for name, _ in self.gated for f in "USV"])
-                    for g in self.tailors.groups
-                ])  # fmt: skip
+                out["tailors.rows"] = torch.stack([self.tailor_row(state, g)
+                                                   for g in self.tailors.groups])  # fmt: skip
         except KeyError as e:
             raise ValueError(f"the weights lack {e.args[0]!r}, which this model needs") from None
         return out
+
+    def tailor_row(self, state: dict[str, torch.Tensor], group: int) -> torch.Tensor:
+        """Group `group`'s tailor as one bank row [N] (layer after layer, U | σ | V) from its
+        per-group tensors (`{layer}.tailors.{group}.U|S|V`, as a tailor part file holds them);
+        KeyError for a missing one. What `banked_state` stacks, and what a server that swaps
+        tailors in and out of bank rows (kind.serve.cache) writes into one row."""
+        return torch.cat([state[f"{name}.tailors.{group}.{f}"].reshape(-1)
+                          for name, _ in self.gated for f in "USV"])  # fmt: skip
 
 
 _PER_GROUP = re.compile(r"\.tailors\.\d+\.[USV]$")

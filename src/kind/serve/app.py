@@ -1,0 +1,217 @@
+"""The HTTP side of `kind-dit serve`: a JSON API and a web page, as a FastAPI app.
+
+FastAPI + uvicorn because the API is a handful of JSON endpoints whose validation pydantic models
+state (with 422 errors that name the field) and whose async handlers let one process queue and
+batch requests while a worker thread runs torch; uvicorn serves it with nothing else to run.
+
+    POST /generate  {"class_name": "3", "n": 4, "seed": 0, "steps": 50, "cfg_scale": 1.5,
+                     "sampler": "ddim", "format": "png" | "npz"}  -> a PNG grid (default) or an
+                     .npz (`format`, or `Accept: application/x-npz`) in `kind-dit sample`'s layout
+    GET  /health    status, queue length, batches and samples so far
+    GET  /model     model config summary, classes, defaults and limits
+    GET  /cache     the loaded tailors and cache counters
+    GET  /          the web page (page.html)
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from kind.core.decomposition import PartsError, resolve_classes
+from kind.core.diffusion import SAMPLERS, Diffusion, DiffusionConfig
+from kind.core.images import image_grid, save_npz
+from kind.serve.batcher import Batcher, Result
+from kind.serve.cache import TailorCache
+from kind.serve.draw import Settings
+
+MAX_N = 64  # samples a request
+MAX_SEED = 2**32 - 1
+MAX_CFG = 20.0
+NPZ = "application/x-npz"
+# the model config fields GET /model shows
+SUMMARY = ("size", "image_size", "in_channels", "rank_learngene", "rank_tailor", "null_tailor",
+           "decompose_adaln", "learn_sigma")  # fmt: skip
+
+
+class GenerateRequest(BaseModel):
+    """POST /generate: n samples of one class. Unset fields take the parts' sampling defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    class_name: str = Field(min_length=1, description="a class of the model (GET /model)")
+    n: int | None = Field(None, ge=1, le=MAX_N, description="samples")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="same seed, same samples")
+    steps: int | None = Field(None, ge=1, description="sampling steps")
+    cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG, allow_inf_nan=False,
+                                    description="classifier-free guidance; 1 = off")  # fmt: skip
+    sampler: Literal["ddim", "ddpm"] | None = None
+    format: Literal["png", "npz"] | None = Field(
+        None, description=f"png (default) or npz; unset: by the Accept header ({NPZ})"
+    )
+
+
+def sample_defaults(manifest: dict) -> dict:
+    """n, steps, cfg_scale, sampler and guided_channels for fields a request leaves unset: the
+    parts' `sample` section (what the model was trained to sample with), else 4 images and
+    `kind-dit sample`'s defaults."""
+    given = manifest.get("sample") or {}
+    return {
+        "n": min(int(given.get("per_class", 4)), MAX_N),
+        "steps": int(given.get("steps", 50)),
+        "cfg_scale": float(given.get("cfg_scale", 1.5)),
+        "sampler": given.get("sampler", "ddim"),
+        "guided_channels": given.get("guided_channels"),
+    }
+
+
+def create_app(
+    parts: str | Path,
+    *,
+    cache_tailors: int | None = None,
+    cache_bytes: int | None = None,
+    max_batch: int = 64,
+    max_wait_ms: float = 50.0,
+    device: torch.device | str = "cpu",
+) -> FastAPI:
+    """The app serving the parts directory `parts`; loads (and verifies) the learngene now, the
+    tailors on demand into a cache of `cache_tailors` slots or of `cache_bytes` (default: room
+    for every tailor)."""
+    cache = TailorCache(parts, cache_tailors, cache_bytes, device)
+    manifest, full = cache.manifest, cache.full
+    diffusion_config = DiffusionConfig(**manifest["diffusion"])
+    defaults = sample_defaults(manifest)
+    decode = None
+    if manifest.get("latent"):
+        from kind.data.latents import decoder
+
+        decode = decoder(manifest["latent"], None, cache.device)
+    batcher = Batcher(cache, Diffusion(diffusion_config), max_batch, max_wait_ms, decode)
+    started = time.time()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="kind-dit serve", lifespan=lifespan)
+    app.state.cache, app.state.batcher = cache, batcher
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        """One message naming each bad field and what it got, not pydantic's nested list."""
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
+            got = e.get("input")
+            shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
+            problems.append(f"{where}: {e['msg']}{shown}")
+        return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return resources.files("kind.serve").joinpath("page.html").read_text()
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "queued": batcher.queued,
+            "batches": batcher.batches,
+            "samples": batcher.samples,
+            "uptime_s": round(time.time() - started, 1),
+        }
+
+    @app.get("/model")
+    async def model() -> dict:
+        tailor = next(iter(manifest["tailors"].values()))
+        return {
+            "parts": str(cache.parts.resolve()),
+            "model": {k: getattr(full, k) for k in SUMMARY},
+            "classes": manifest["classes"],
+            "diffusion": manifest["diffusion"],
+            "defaults": defaults,
+            "limits": {
+                "n": [1, MAX_N],
+                "seed": [0, MAX_SEED],
+                "steps": [1, diffusion_config.num_timesteps],
+                "cfg_scale": [0, MAX_CFG],
+                "sampler": list(SAMPLERS),
+            },
+            "sizes": {
+                "learngene": {k: manifest["learngene"][k] for k in ("params", "bytes")},
+                "tailor": {k: tailor[k] for k in ("params", "bytes")},
+            },
+            "server": {
+                "max_batch": batcher.max_batch,
+                "max_wait_ms": batcher.max_wait * 1000,
+                "cache_capacity": cache.capacity,
+                "device": str(cache.device),
+            },
+        }
+
+    @app.get("/cache")
+    async def cache_stats() -> dict:
+        return cache.stats()
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request) -> Response:
+        try:
+            (class_id,) = resolve_classes(full, [body.class_name])
+        except PartsError as e:
+            raise HTTPException(422, f"class_name: {e}") from None
+        steps = body.steps if body.steps is not None else defaults["steps"]
+        if steps > diffusion_config.num_timesteps:
+            raise HTTPException(
+                422, f"steps: must be in 1..{diffusion_config.num_timesteps} (got {steps})"
+            )
+        n = body.n if body.n is not None else defaults["n"]
+        settings = Settings(
+            sampler=body.sampler or defaults["sampler"],
+            steps=steps,
+            cfg_scale=body.cfg_scale if body.cfg_scale is not None else defaults["cfg_scale"],
+            guided_channels=defaults["guided_channels"],
+        )
+        try:
+            result = await batcher.submit(class_id, n, body.seed, settings)
+        except PartsError as e:  # a damaged or missing tailor file: the server's data, not you
+            raise HTTPException(500, str(e)) from None
+        wants_npz = body.format == "npz" or (
+            body.format is None and NPZ in request.headers.get("accept", "")
+        )
+        headers = {
+            "X-Kind-Batch": str(result.batch),
+            "X-Kind-Batch-Samples": str(result.batch_samples),
+            "X-Kind-Batch-Classes": str(result.batch_classes),
+            "X-Kind-Seconds": f"{result.seconds:.3f}",
+        }
+        if wants_npz:
+            content = _npz(result, class_id, body.seed, settings, full.class_names)
+            return Response(content, media_type=NPZ, headers=headers)
+        grid = io.BytesIO()
+        image_grid(result.images, min(n, 8)).save(grid, format="PNG")
+        return Response(grid.getvalue(), media_type="image/png", headers=headers)
+
+    return app
+
+
+def _npz(result: Result, class_id: int, seed: int, settings: Settings, names: list[str]) -> bytes:
+    """The images as `kind-dit sample` writes them (`kind.core.images.save_npz`), as bytes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "samples.npz"
+        save_npz(path, result.images, [class_id] * len(result.images), names,
+                 sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
+                 seed=seed)  # fmt: skip
+        return path.read_bytes()

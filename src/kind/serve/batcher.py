@@ -1,0 +1,177 @@
+"""The dynamic batcher: requests for different classes queue up and run together as one mixed
+batch through the KIND model (the per-sample class gate), one batch at a time.
+
+An asyncio queue and one worker task: the worker takes the oldest request, waits up to
+`max_wait` after its arrival for more, takes every queued request with the same sampling
+settings that fits (at most `max_batch` samples, at most as many tailor groups as the cache has
+slots; a single request larger than `max_batch` runs alone), and runs the batch in a thread so
+the event loop keeps answering. Requests left out wait for the next batch, oldest first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kind.core.diffusion import Diffusion
+from kind.core.sampling import sample_seed
+from kind.serve.cache import TailorCache
+from kind.serve.draw import Settings, draw
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """A request's images and the batch that drew them."""
+
+    images: torch.Tensor  # uint8 [n, C, H, W]
+    batch: int  # batch number since start
+    batch_samples: int  # samples of all requests in that batch
+    batch_classes: int  # distinct classes in that batch
+    seconds: float  # the batch's time, tailor loads included
+
+
+@dataclass(eq=False)  # identity: two requests alike are still two requests
+class Job:
+    class_id: int
+    group: int
+    n: int
+    seed: int
+    settings: Settings
+    future: asyncio.Future[Result]
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Queue + one worker; `submit` returns a request's `Result` or raises what failed it (a
+    `PartsError` when its tailor file cannot be loaded)."""
+
+    def __init__(
+        self,
+        cache: TailorCache,
+        diffusion: Diffusion,
+        max_batch: int = 64,
+        max_wait_ms: float = 50.0,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.cache, self.diffusion, self.decode = cache, diffusion, decode
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
+        self._queue: asyncio.Queue[Job] = asyncio.Queue()
+        self._pending: list[Job] = []  # taken from the queue, not yet run, oldest first
+        self._task: asyncio.Task | None = None
+        self.batches = self.samples = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._drain()
+        for job in self._pending:  # only at shutdown, after the server stopped taking requests
+            job.future.cancel()
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize() + len(self._pending)
+
+    async def submit(self, class_id: int, n: int, seed: int, settings: Settings) -> Result:
+        future = asyncio.get_running_loop().create_future()
+        job = Job(class_id, self.cache.group_of(class_id), n, seed, settings, future)
+        self._queue.put_nowait(job)
+        return await future
+
+    async def _work(self) -> None:
+        while True:
+            if not self._pending:
+                self._pending.append(await self._queue.get())
+            self._drain()
+            deadline = self._pending[0].arrived + self.max_wait
+            while sum(j.n for j in self._select()) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    self._pending.append(await asyncio.wait_for(self._queue.get(), left))
+                except TimeoutError:
+                    break
+                self._drain()
+            batch = self._select()
+            taken = {id(j) for j in batch}
+            self._pending = [j for j in self._pending if id(j) not in taken]
+            await self._run(batch)
+
+    def _drain(self) -> None:
+        while not self._queue.empty():
+            self._pending.append(self._queue.get_nowait())
+
+    def _select(self) -> list[Job]:
+        """The next batch: the oldest request and the queued ones that may join it."""
+        first = self._pending[0]
+        batch, samples, groups = [], 0, set()
+        for job in self._pending:
+            fits = not batch or samples + job.n <= self.max_batch
+            room = job.group in groups or len(groups) < self.cache.capacity
+            if job.settings == first.settings and fits and room:
+                batch.append(job)
+                samples += job.n
+                groups.add(job.group)
+        return batch
+
+    async def _run(self, batch: list[Job]) -> None:
+        batch = [j for j in batch if not j.future.done()]  # a client that went away
+        if not batch:
+            return
+        self.batches += 1
+        number = self.batches
+        try:
+            outcomes = await asyncio.to_thread(self._forward, batch, number)
+        except Exception as e:  # a bug, not a bad request: fail this batch, keep serving
+            log.exception("batch %d failed", number)
+            outcomes = [e] * len(batch)
+        for job, outcome in zip(batch, outcomes, strict=True):
+            if job.future.done():
+                continue
+            if isinstance(outcome, Exception):
+                job.future.set_exception(outcome)
+            else:
+                job.future.set_result(outcome)
+
+    def _forward(self, batch: list[Job], number: int) -> list[Result | Exception]:
+        """On the worker thread: pin the batch's tailors (loading missing ones), one mixed
+        sampling run, unpin. Requests whose tailor fails to load get the error; the rest run."""
+        start = time.perf_counter()
+        groups = list(dict.fromkeys(j.group for j in batch))
+        failed = self.cache.acquire(groups)
+        ok = [j for j in batch if j.group not in failed]
+        try:
+            labels = [self.cache.slot_class(j.class_id) for j in ok for _ in range(j.n)]
+            seeds = [sample_seed(j.seed, i) for j in ok for i in range(j.n)]
+            settings, model = batch[0].settings, self.cache.model
+            images = (
+                draw(model, self.diffusion, labels, seeds, settings, self.decode) if ok else None
+            )
+        finally:
+            self.cache.release([g for g in groups if g not in failed])
+        seconds = time.perf_counter() - start
+        self.samples += len(labels)
+        classes = len({j.class_id for j in ok})
+        log.info("batch %d: %d samples of %d classes in %.2f s", number, len(labels), classes,
+                 seconds)  # fmt: skip
+        outcomes: list[Result | Exception] = []
+        offset = 0
+        for job in batch:
+            if job.group in failed:
+                outcomes.append(failed[job.group])
+                continue
+            part = images[offset : offset + job.n]  # [n, C, H, W]
+            offset += job.n
+            outcomes.append(Result(part, number, len(labels), classes, seconds))
+        return outcomes

@@ -1,0 +1,208 @@
+"""`kind-dit serve`: a real uvicorn server on a free localhost port, real HTTP. Mixed requests for
+three classes share one batched forward and return exactly what `kind-dit sample` draws; the tailor
+cache evicts under a tiny budget and reloads to the same images; a tailor file damaged on disk is
+refused at load while the server keeps serving; the JSON endpoints and the page answer."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import socket
+import threading
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+
+from kind.cli.main import main
+from kind.core.diffusion import Diffusion, DiffusionConfig
+from kind.core.model import DiT, ModelConfig
+from kind.serve.app import create_app
+from kind.serve.cache import TailorCache
+from kind.serve.draw import Settings, draw
+from kind.serve.server import Background
+from kind.store.parts import decompose
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NAMES = ["zero", "one", "two", "three"]
+# ddpm draws fresh per-sample noise every step too; 3 steps keep it fast
+SETTINGS = {"steps": 3, "cfg_scale": 2.0, "sampler": "ddpm"}
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(class_names=NAMES, rank_tailor=4))
+    with torch.no_grad():  # leave the identity start so every class's tailors matter
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return decompose(model.eval(), DiffusionConfig(), tmp_path_factory.mktemp("serve") / "parts")
+
+
+@contextmanager
+def serving(parts, **options):
+    with Background(create_app(parts, **options)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def url(parts):
+    # a wait long enough that requests sent together always share a batch
+    with serving(parts, max_wait_ms=500) as url:
+        yield url
+
+
+def post(url, body, accept=None):
+    """(status, headers, body bytes) of POST /generate."""
+    headers = {"Content-Type": "application/json"} | ({"Accept": accept} if accept else {})
+    request = urllib.request.Request(url + "/generate", json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.headers, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def get(url, path):
+    with urllib.request.urlopen(url + path, timeout=10) as r:
+        return r.headers.get_content_type(), r.read()
+
+
+def images(body) -> np.ndarray:
+    return np.load(io.BytesIO(body), allow_pickle=False)["arr_0"]
+
+
+def sample_cli(parts, out, name, n, seed):
+    """What `kind-dit sample` draws from the parts for one class."""
+    main(["sample", str(parts), "--classes", name, "--n", str(n), "--seed", str(seed),
+          "--steps", "3", "--cfg-scale", "2", "--sampler", "ddpm", "--out", str(out)])  # fmt: skip
+    return np.load(out / "samples.npz")["arr_0"]
+
+
+def test_mixed_requests_share_one_forward_and_equal_kind_dit_sample(url, parts, tmp_path):
+    requests = [("one", 4, 11), ("two", 6, 12), ("three", 8, 13)]
+    answers = {}
+
+    def ask(name, n, seed):
+        answers[name] = post(url, {"class_name": name, "n": n, "seed": seed, **SETTINGS},
+                             accept="application/x-npz")  # fmt: skip
+
+    threads = [threading.Thread(target=ask, args=r) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {a[0] for a in answers.values()} == {200}
+    assert len({a[1]["X-Kind-Batch"] for a in answers.values()}) == 1  # one batch for all three
+    assert {a[1]["X-Kind-Batch-Classes"] for a in answers.values()} == {"3"}
+    for name, n, seed in requests:
+        served = images(answers[name][2])
+        assert served.shape == (n, 28, 28, 1) and served.dtype == np.uint8
+        # bit for bit (kind.serve.draw says why the batch does not change the arithmetic)
+        assert np.array_equal(served, sample_cli(parts, tmp_path / name, name, n, seed)), name
+
+
+def test_a_sample_does_not_depend_on_its_batch_mates_to_the_last_bit(parts):
+    cache = TailorCache(parts)
+    cache.acquire([0, 1, 2, 3])
+    diffusion, settings = Diffusion(DiffusionConfig()), Settings("ddim", 3, 2.0)
+    c = [cache.slot_class(i) for i in range(4)]
+    keep_floats = lambda x: x  # noqa: E731 (decode: the float samples, not uint8 images)
+    alone = draw(cache.model, diffusion, [c[1]], [7], settings, keep_floats)
+    # alone the batch is too small to fold and odd-sized: padded (see kind.serve.draw)
+    for before, after in [([c[0]] * 3, []), ([c[2]] * 5, [c[3]] * 2), ([], [c[3]] * 9)]:
+        labels = before + [c[1]] + after
+        seeds = [100 + i for i in range(len(before))] + [7] + [200 + i for i in range(len(after))]
+        mixed = draw(cache.model, diffusion, labels, seeds, settings, keep_floats)
+        assert torch.equal(mixed[len(before)], alone[0])
+
+
+def test_unknown_class_and_out_of_range_fields_are_4xx_that_name_the_problem(url):
+    status, _, body = post(url, {"class_name": "seven"})
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "'seven'" in detail and all(f"'{n}'" in detail for n in NAMES)
+    status, _, body = post(url, {"class_name": "one", "n": 1000, "steps": 0, "cfg_scale": -1})
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "n:" in detail and "steps:" in detail and "cfg_scale:" in detail
+    status, _, body = post(url, {"class_name": "one", "steps": 5000})
+    assert status == 422 and "1..1000" in json.loads(body)["detail"]
+
+
+def test_cache_evicts_under_a_tiny_budget_and_a_reloaded_tailor_draws_the_same(url, parts):
+    slot = json.loads(get(url, "/cache")[1])["slot_bytes"]
+    with serving(parts, cache_bytes=int(1.5 * slot), max_wait_ms=10) as small:
+        ask = {"class_name": "one", "n": 4, "seed": 5, **SETTINGS, "format": "npz"}
+        first = post(small, ask)
+        assert first[0] == 200 and post(small, ask | {"class_name": "two"})[0] == 200
+        again = post(small, ask)
+        stats = json.loads(get(small, "/cache")[1])
+        # under capacity 1, two classes asked together run in two batches, and both succeed
+        both = []
+        threads = [threading.Thread(target=lambda c=c: both.append(post(small, ask | {"class_name": c})))
+                   for c in ("zero", "three")]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert stats["capacity"] == 1 and stats["evictions"] == 2 and stats["misses"] == 3
+    assert [t["classes"] for t in stats["loaded"]] == [["one"]]
+    assert again[0] == 200 and np.array_equal(images(again[2]), images(first[2]))
+    assert [b[0] for b in both] == [200, 200]
+    assert both[0][1]["X-Kind-Batch"] != both[1][1]["X-Kind-Batch"]
+    # the same request on the roomy server (other batch mates, other slot): the same images
+    assert np.array_equal(images(post(url, ask)[2]), images(first[2]))
+
+
+def test_a_tailor_file_damaged_after_start_is_refused_and_the_server_keeps_serving(parts, tmp_path):
+    copy = shutil.copytree(parts, tmp_path / "parts")
+    with serving(copy, max_wait_ms=10) as url:
+        damaged = copy / "tailor_0002.safetensors"
+        data = bytearray(damaged.read_bytes())
+        data[-100:-90] = bytes(b ^ 0xFF for b in data[-100:-90])
+        damaged.write_bytes(bytes(data))
+        status, _, body = post(url, {"class_name": "two", **SETTINGS})
+        detail = json.loads(body)["detail"]
+        assert status == 500 and "['two']" in detail
+        assert "tailor_0002.safetensors" in detail and "sha256" in detail
+        assert post(url, {"class_name": "one", "n": 2, **SETTINGS})[0] == 200
+        stats = json.loads(get(url, "/cache")[1])
+        assert stats["load_errors"] == 1 and [t["classes"] for t in stats["loaded"]] == [["one"]]
+        assert json.loads(get(url, "/health")[1])["status"] == "ok"
+
+
+def test_health_model_cache_page_and_png(url):
+    kind, body = get(url, "/health")
+    assert kind == "application/json" and json.loads(body)["status"] == "ok"
+    model = json.loads(get(url, "/model")[1])
+    assert [c["name"] for c in model["classes"]] == NAMES and model["model"]["size"] == "tiny"
+    assert model["limits"]["steps"] == [1, 1000] and model["sizes"]["tailor"]["bytes"] > 0
+    cache = json.loads(get(url, "/cache")[1])
+    assert {"capacity", "loaded", "hits", "misses", "evictions", "bytes"} <= set(cache)
+    kind, page = get(url, "/")
+    assert kind == "text/html" and b"<title>kind-dit serve</title>" in page
+    assert b'fetch("/generate"' in page and b'fetch("/cache")' in page
+    status, headers, png = post(url, {"class_name": "zero", "n": 2, **SETTINGS})
+    assert status == 200 and headers.get_content_type() == "image/png"
+    assert png.startswith(b"\x89PNG")
+
+
+def test_cli_errors_are_one_line(parts, tmp_path, capsys):
+    for args, message in [
+        ([str(tmp_path / "nowhere")], "is not a directory"),
+        ([str(tmp_path)], "is not a parts directory"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["serve", *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit) as e:
+            main(["serve", str(parts), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
+    assert "Traceback" not in err
