@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how long a request waits for others to share its batch (default 50)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--threads",
+        type=count(),
+        help="CPU threads for torch (default: torch's; on a machine that also runs other work, "
+        "1 is often fastest for small models)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -55,6 +61,10 @@ def run(args: argparse.Namespace) -> None:
     if not parts.is_dir():
         raise ValueError(f"{parts} is not a directory; give a parts directory (kind-dit decompose)")
     read_manifest(parts)  # a clear error for a directory that holds no parts
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     sock = bind(args.host, args.port)
     app = create_app(
         parts,
