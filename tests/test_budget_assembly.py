@@ -1,14 +1,24 @@
-"""`kind-dit assemble --max-params N`: drop the lowest-|σ| learngene components to fit a budget."""
+"""`kind-dit assemble --max-params N` / `--max-gflops G`: drop the lowest-|σ| learngene components
+to fit a parameter or a compute budget."""
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from kind.cli.main import main
 from kind.core.decomposition import PartsError
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, count_params
 from kind.store.load import load_model
-from kind.store.parts import assemble, budget_keep, decompose
+from kind.store.parts import (
+    assemble,
+    budget_floor,
+    budget_keep,
+    decompose,
+    forward_flops,
+    shrink_to_budget,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -105,3 +115,74 @@ def test_too_small_budget_is_refused_before_writing(parts, normal, tmp_path):
     with pytest.raises(SystemExit):
         main(["assemble", str(parts), "--out", str(tmp_path / "c"), "--max-params", "10"])
     assert not (tmp_path / "c").exists()
+
+
+def _counted(model: DiT) -> int:
+    """FLOPs of one forward pass of one sample of the model's first class, as
+    torch.utils.flop_counter counts them (attention through the math kernel, which it counts)."""
+    c, size = model.config.in_channels, model.config.image_size
+    x = torch.randn(1, c, size, size)
+    y = torch.tensor(model.config.held_classes[:1])
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(x, torch.tensor([500]), y)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(kind=False),  # dense
+        dict(),  # 16 tokens: the learngene through its factors, the tailor through its factors
+        dict(size="tiny/2"),  # 196 tokens: the class's tailor folded into one weight
+        dict(size="tiny/2", rank_tailor=0, rank_learngene=128),  # learngene materialised
+        dict(size="tiny/4", decompose_adaln=True, learn_sigma=True, groups=[1]),
+        dict(learngene_ranks={"blocks.0.attn.q": 3, "blocks.3.mlp.fc2": 100}),
+    ],
+    ids=["dense", "factored", "folded", "materialised", "adaln+sigma+assembled", "budgeted"],
+)
+def test_flop_count_is_what_torch_counts(config):
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(class_names=NAMES, **({"rank_tailor": 4} | config)))
+    assert forward_flops(model) == _counted(model)
+
+
+def test_flop_budget_fits_and_drops_the_smallest_sigmas(parts, normal, tmp_path):
+    full = forward_flops(normal)
+    floor, same = budget_floor(normal, gflops=True)
+    assert same == full and floor < 0.8 * full
+    budget = 0.8 * full / 1e9
+    main(["assemble", str(parts), "--classes", ",".join(KEEP), "--out", str(tmp_path / "m"),
+          "--max-gflops", str(budget)])  # fmt: skip
+    model = load_model(tmp_path / "m")[0]
+    counted = _counted(model)
+    assert counted == forward_flops(model) <= budget * 1e9
+    assert counted > budget * 1e9 - max(  # within one component's saving of the budget
+        2 * 16 * (m.in_features + m.out_features) for _, m in model.kind_layers()
+    )
+    small = dict(model.kind_layers())
+    dropped, kept = [], []
+    for name, m in normal.kind_layers():
+        s, s_small = m.S.detach().abs(), small[name].S.detach().abs()
+        gone = ~torch.isin(s, s_small)
+        dropped += s[gone].tolist()
+        kept += s_small.tolist() if len(s_small) > 1 else []
+    assert dropped and max(dropped) <= min(kept)
+    # the same rule as --max-params: a FLOP budget that keeps what a parameter budget keeps
+    keep = budget_keep(normal, max_gflops=budget)
+    assert budget_keep(normal, count_params(model)) == keep
+    assert forward_flops(shrink_to_budget(normal, max_gflops=full / 1e9)) == full  # fits: as is
+
+
+def test_unreachable_flop_budget_and_two_budgets_are_refused(parts, normal, tmp_path):
+    floor, full = budget_floor(normal, gflops=True)
+    with pytest.raises(PartsError, match="minimum reachable") as e:
+        assemble(parts, KEEP, tmp_path / "m", max_gflops=0.99 * floor / 1e9)
+    assert f"{floor / 1e9:.6g} GFLOPs" in str(e.value)
+    assert not (tmp_path / "m").exists()
+    assert all(len(i) == 1 for i in budget_keep(normal, max_gflops=floor / 1e9).values())
+    with pytest.raises(PartsError, match="give one"):
+        assemble(parts, KEEP, tmp_path / "m", max_params=10**9, max_gflops=1.0)
+    with pytest.raises(SystemExit):
+        main(["assemble", str(parts), "--out", str(tmp_path / "c"), "--max-params", "10",
+              "--max-gflops", "1"])  # fmt: skip
+    assert not (tmp_path / "c").exists() and not (tmp_path / "m").exists()

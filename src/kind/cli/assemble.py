@@ -13,7 +13,8 @@ DESCRIPTION = (
     "that computes exactly the full model's outputs for those classes. With "
     "--merge CLASS, one class folded into a dense DiT (plus the learngene-only "
     "network for guidance); --merge null gives the unconditional dense model. "
-    "--max-params N drops the lowest-|σ| learngene components until the model fits N."
+    "--max-params N (or --max-gflops G) drops the lowest-|σ| learngene components until the "
+    "model fits N parameters (G GFLOPs a forward pass of one sample)."
 )
 
 
@@ -24,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--merge", metavar="CLASS|null", help="fold one class (or null) into dense weights"
     )
-    p.add_argument(
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument(
         "--max-params",
         type=int,
         metavar="N",
@@ -32,6 +34,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "Globally across all decomposed layers, components are ranked by |σ_i| alone (smallest "
         "first); each dropped one saves (in + out + 1) parameters of its layer; every layer "
         "keeps at least one. Refused before writing when one component per layer exceeds N",
+    )
+    budget.add_argument(
+        "--max-gflops",
+        type=float,
+        metavar="G",
+        help="compute budget, the same rule as --max-params with each component's cost in FLOPs: "
+        "drop learngene components until one forward pass of one sample (of a kept class, at "
+        "the model's image size) costs ≤ G GFLOPs. Counted per layer as the layer computes it "
+        "(2 FLOPs a multiply-add; matrix products, patch convolution and attention, as "
+        "torch.utils.flop_counter counts; kind.store.parts.FLOP_RULE). Refused before writing "
+        "when one component per layer exceeds G",
     )
     p.add_argument("--out", required=True, help="model directory to create")
 
@@ -49,5 +62,6 @@ def run(args: argparse.Namespace) -> None:
         merge_class=merge_class,
         merge_null=merge_null,
         max_params=args.max_params,
+        max_gflops=args.max_gflops,
     )
     print(f"model -> {out}")

@@ -8,7 +8,10 @@ instead, in one command.
    and the baselines at KIND's budget of trainable parameters;
 4. evaluate every model on the test split (FID, precision, recall and class accuracy in the feature
    space of a classifier trained on that dataset), also along training for FID-against-steps curves;
-5. write report.md with the tables, sample grids and plots.
+5. where the preset asks (the paper preset): KIND-ify the dense DiT and compare it with KIND from
+   scratch at equal total steps, and draw FID against size for KIND truncation against the dense
+   DiT truncated by its SVD (`extras`);
+6. write report.md with the tables, sample grids and plots.
 
 Independent jobs run side by side in worker processes (one CPU thread each by default, which is
 what a 2-core laptop runs best); each job writes its result when it finishes, and re-running the
@@ -26,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from kind.experiments.jobs import deploy_task, pretrain_task, transfer_task
+from kind.experiments.jobs import deploy_task, pretrain_task, size_task, transfer_task
 from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
 from kind.experiments.scheduler import Job, execute
@@ -95,6 +98,48 @@ def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
         for method in preset.methods:
             if method in seeded:
                 jobs += transfers(seed, method)
+    return jobs + extras(out, preset, common)
+
+
+def extras(out: Path, preset: Preset, common: dict) -> list[Job]:
+    """The comparisons added to the claims: KIND-ify against KIND from scratch at equal total
+    steps on the first source (each pre-training deployed and transferred to the source's tasks
+    with KIND, first seed), and FID against size for every source.
+
+    The scratch side is the source's KIND pre-training continued from its last checkpoint to
+    pretrain_steps + kindify_steps: with a constant learning rate after warm-up and exact resumes,
+    that is the run from scratch, its first pretrain_steps not redone."""
+    jobs = []
+    if preset.kindify_steps:
+        src = SOURCES[preset.sources[0]]
+        pre = out / src.prefix / "pretrain"
+        for arm, steps, deps, start in (
+            ("kindify", preset.kindify_steps, "pretrain/dense", {"init_from": str(pre / "dense")}),
+            ("scratch", preset.pretrain_steps + preset.kindify_steps, "pretrain/kind",
+             {"continue_from": str(pre / "kind")}),
+        ):  # fmt: skip
+            p = f"{src.prefix}{arm}/"
+            jobs += [
+                pretrain_task(out, f"{p}pretrain/kind", preset, (f"{src.prefix}{deps}",),
+                              kind=True, seed=0, source=src.name, steps=steps, pretraining=arm,
+                              **start, **common),
+                deploy_task(out, f"{p}deploy", out / p / "pretrain" / "kind",
+                            (f"{p}pretrain/kind",), **common),
+            ] + [
+                transfer_task(out, f"{p}transfer/{task.name}/kind/seed{preset.seeds[0]}", preset,
+                              (f"{p}deploy",), task=task.name, method="kind",
+                              seed=preset.seeds[0], parts=str(out / p / "deploy" / "parts"),
+                              dense=str(pre / "dense"), source=src.name, pretraining=arm, **common)
+                for task in src.tasks
+            ]  # fmt: skip
+    if preset.size_fractions:
+        for src in (SOURCES[s] for s in preset.sources):
+            jobs.append(
+                size_task(out, f"{src.prefix}sizes", preset,
+                          (f"{src.prefix}deploy", f"{src.prefix}pretrain/dense"),
+                          source=src.name, parts=str(out / src.prefix / "deploy" / "parts"),
+                          dense=str(out / src.prefix / "pretrain" / "dense"), **common)
+            )  # fmt: skip
     return jobs
 
 
@@ -115,6 +160,8 @@ def run_demo(
         preset = replace(preset, methods=tuple(methods))
     for method in preset.methods + preset.budget_methods + preset.null_methods:
         get(method)  # an unknown name fails here, before any job starts
+    if preset.noise_draws < 1:
+        raise ValueError(f"noise_draws must be at least 1, not {preset.noise_draws}")
     for source in preset.sources:
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")

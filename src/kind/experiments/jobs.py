@@ -6,17 +6,22 @@ Jobs are module-level functions, so the scheduler's spawned workers import them 
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from kind.core.diffusion import Diffusion
 from kind.core.images import save_grid, save_npz
-from kind.core.model import count_params, load_state
+from kind.core.kindify import kindify
+from kind.core.model import DiT, count_params, load_state
 from kind.core.sampling import generate
 from kind.data.dataset import class_names
 from kind.eval.evaluate import evaluate_images
@@ -28,13 +33,27 @@ from kind.experiments.results import (
     EvalSummary,
     GuidancePoint,
     RunResult,
+    SizeCurveResult,
+    SizePoint,
     SizeRow,
 )
 from kind.experiments.scheduler import Job
-from kind.io import read_json
+from kind.io import atomic_write_text, read_json
 from kind.store.load import load_model
-from kind.store.parts import assemble, decompose, is_parts_dir, read_manifest
+from kind.store.parts import (
+    assemble,
+    budget_floor,
+    decompose,
+    forward_flops,
+    is_parts_dir,
+    load_parts,
+    read_manifest,
+    shrink_to_budget,
+)
 from kind.store.runs import (
+    CONFIG_JSON,
+    MARKER,
+    RUN_JSON,
     checkpoint_dirs,
     checkpoint_step,
     ema_weights,
@@ -90,15 +109,16 @@ def _config(data: str, preset: Preset, steps: int, seed: int, device: str,
 
 
 def _evaluate(model, diffusion, ref: str, per_class: int, preset: Preset, device: str,
-              save: Path | None = None, cfg_scale: float | None = None) -> EvalSummary:  # fmt: skip
+              save: Path | None = None, cfg_scale: float | None = None,
+              seed: int = EVAL_SEED) -> EvalSummary:  # fmt: skip
     """Sample `per_class` images of every class the model holds and score them against `ref`, at
-    guidance `cfg_scale` (default the preset's)."""
+    guidance `cfg_scale` (default the preset's), drawing with `seed`."""
     classes = model.config.held_classes
     labels = [c for c in classes for _ in range(per_class)]
     cfg_scale = preset.cfg_scale if cfg_scale is None else cfg_scale
     generation = {"sampler": "ddim", "steps": preset.sample_steps, "cfg_scale": cfg_scale,
-                  "seed": EVAL_SEED}  # fmt: skip
-    images = generate(model, diffusion, labels, seed=EVAL_SEED, steps=preset.sample_steps,
+                  "seed": seed}  # fmt: skip
+    images = generate(model, diffusion, labels, seed=seed, steps=preset.sample_steps,
                       cfg_scale=cfg_scale, device=device)  # fmt: skip
     result = evaluate_images(images, torch.tensor(labels), model.config.class_names, ref,
                              generation=generation)  # fmt: skip
@@ -130,6 +150,35 @@ def _sweep(model, diffusion, ref: str, preset: Preset, device: str) -> list[Guid
     return points
 
 
+def _draws(model, diffusion, ref: str, preset: Preset, device: str,
+           first: EvalSummary | None = None) -> list[EvalSummary]:  # fmt: skip
+    """`preset.noise_draws` evaluations at the preset's guidance, draw i sampled with seed
+    EVAL_SEED + i (the same labels and noise for every model, so draws pair across models);
+    `first`: draw 0, evaluated already."""
+    evals = [first] if first is not None else []
+    for i in range(len(evals), preset.noise_draws):
+        evals.append(_evaluate(model, diffusion, ref, preset.eval_per_class, preset, device,
+                               seed=EVAL_SEED + i))  # fmt: skip
+    return evals
+
+
+def _step_flops(model: DiT, diffusion: Diffusion, batch_size: int, device: str) -> float:
+    """FLOPs of one training step of `model` (the loss's forward and backward) on a batch of
+    `batch_size` cycling through its classes, counted by torch.utils.flop_counter, attention
+    through the math kernel (which it counts; the fused kernels it does not)."""
+    classes = model.config.held_classes
+    g = torch.Generator().manual_seed(0)
+    c, s = model.config.in_channels, model.config.image_size
+    x = torch.randn(batch_size, c, s, s, generator=g).to(device)
+    y = torch.tensor([classes[i % len(classes)] for i in range(batch_size)])
+    t = torch.randint(0, diffusion.config.num_timesteps, (batch_size,), generator=g).to(device)
+    route = model.route(y) if model.config.kind else None
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        diffusion.loss(model, x, y.to(device), t, torch.randn_like(x), route).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def _continue(run: Path) -> dict:
     """How to (re)start `run`: resume from its checkpoint, restart a run of ours that died before
     its first one, or start fresh; a folder that is not a run of ours is refused by `train`."""
@@ -138,13 +187,61 @@ def _continue(run: Path) -> dict:
     return {"restart": is_owned(run) and is_run_dir(run)}
 
 
+# training settings a continued run may change: how long it runs and how it keeps records
+_LENGTH = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "device",
+           "threads", "init_from"}  # fmt: skip
+
+
+def _adopt(source: Path, run: Path, cfg: Config) -> None:
+    """Start `run` as finished run `source` at its latest checkpoint (its config, record, metrics
+    to that step, and the checkpoint), for `train(..., resume=True)` to take it to
+    cfg.train.steps. The learning rate is constant after warm-up and a resumed run computes what
+    an uninterrupted one does (tests/test_train.py), so `run` ends as the run of `cfg` from scratch
+    would, without redoing the steps `source` took. Refused unless `source` trained the same data
+    and model with the same settings (its length aside). A partial start of `run` of our own
+    (no checkpoint yet) is replaced."""
+    saved = read_json(source / CONFIG_JSON)
+    mine = asdict(cfg)
+    differ = [f"{k}: {saved.get(k)} vs {mine[k]}" for k in ("data", "group_file", "vae", "diffusion")
+              if saved.get(k) != mine[k]]  # fmt: skip
+    differ += [f"model.{k}: {saved['model'].get(k)} vs {v}" for k, v in mine["model"].items()
+               if v is not None and k not in ("class_names",) and saved["model"].get(k) != v]  # fmt: skip
+    differ += [f"train.{k}: {saved['train'].get(k)} vs {v}" for k, v in mine["train"].items()
+               if k not in _LENGTH and saved["train"].get(k) != v]  # fmt: skip
+    if differ:
+        raise ValueError(f"cannot continue {source}: it trained otherwise ({'; '.join(differ)})")
+    checkpoint = next((c for c in usable_checkpoints(source)
+                       if checkpoint_step(c) <= cfg.train.steps), None)  # fmt: skip
+    if checkpoint is None:
+        raise ValueError(f"cannot continue {source}: no checkpoint at or before step "
+                         f"{cfg.train.steps}")  # fmt: skip
+    step = checkpoint_step(checkpoint)
+    if run.exists():
+        if not is_owned(run) or next(usable_checkpoints(run), None) is not None:
+            raise ValueError(f"{run} holds a run of its own; it cannot start as {source}")
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    for name in (MARKER, CONFIG_JSON):
+        shutil.copy2(source / name, run / name)
+    lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
+    kept = [r for r in lines[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
+    atomic_write_text(run / "metrics.csv", "".join(lines[:1] + kept))
+    record = read_json(source / RUN_JSON) if (source / RUN_JSON).is_file() else {}
+    record["continued_from"] = {"run": str(source.resolve()), "step": step}
+    atomic_write_text(run / RUN_JSON, json.dumps(record, indent=2))
+    shutil.copytree(checkpoint, run / "checkpoints" / checkpoint.name)
+
+
 def _finish(run: Path, result: TrainResult, diffusion: Diffusion, ref: str, preset: Preset,
-            device: str, **extra) -> RunResult:  # fmt: skip
-    """Final evaluation of a finished run, then its curve."""
+            device: str, draws: bool = False, **extra) -> RunResult:  # fmt: skip
+    """Final evaluation of a finished run (with `draws`: repeated over `preset.noise_draws` sample
+    draws), then its curve."""
     model = result.model
     trainable = count_params(model, trainable=True)
     deployed, _, _ = load_model(run / "model")
     final = _evaluate(deployed, diffusion, ref, preset.eval_per_class, preset, device, run / "eval")
+    if draws:
+        extra["draws"] = [e.fid for e in _draws(deployed, diffusion, ref, preset, device, final)]
     t0 = time.time()
     curve = _curve(run, model, diffusion, ref, preset, device) if preset.curve_points else []
     sweep = _sweep(deployed, diffusion, ref, preset, device)
@@ -164,27 +261,48 @@ def _finish(run: Path, result: TrainResult, diffusion: Diffusion, ref: str, pres
 
 
 def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, device: str,
-                 orth_weight: float = 0.0, source: str = "digits") -> RunResult:  # fmt: skip
-    """Pre-train on the classes of `source` and evaluate; `orth_weight`: the orthogonality
-    penalty."""
+                 orth_weight: float = 0.0, source: str = "digits", steps: int | None = None,
+                 init_from: str | None = None, continue_from: str | None = None,
+                 pretraining: str = "") -> RunResult:  # fmt: skip
+    """Pre-train on the classes of `source` for `steps` (default the preset's) and evaluate;
+    `orth_weight`: the orthogonality penalty; `init_from`: a dense run whose model starts this
+    KIND run (KIND-ify, `train.init_from`); `continue_from`: a finished run of the same settings
+    this one continues from its latest checkpoint (`_adopt`: the same run as from scratch, its
+    steps not redone). A run of the KIND-ify comparison (`pretraining` set) is also evaluated
+    over sample draws and has its training step's FLOPs counted (and those of the dense run it
+    starts from)."""
     preset = _preset(preset)
     spec = SOURCES[source].spec
     run = Path(out)
     _setup_worker(threads, run.parent / f"{run.name}.log")
-    cfg = _config(spec, preset, preset.pretrain_steps, seed, device, kind=kind)
+    cfg = _config(spec, preset, steps or preset.pretrain_steps, seed, device, kind=kind)
     cfg.train.orth_weight = orth_weight
+    cfg.train.init_from = init_from
+    if continue_from and next(usable_checkpoints(run), None) is None:
+        _adopt(Path(continue_from), run, cfg)
     result = train(cfg, run, **_continue(run))
-    return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device,
-                   method="kind" if kind else "dense", source=source)  # fmt: skip
+    diffusion = Diffusion(cfg.diffusion)
+    extra = {}
+    if pretraining:
+        batch = cfg.train.batch_size
+        extra["step_flops"] = _step_flops(result.model, diffusion, batch, device)
+        if init_from:
+            dense = load_model(Path(init_from) / "model")[0].to(device)
+            extra["init_step_flops"] = _step_flops(dense, diffusion, batch, device)
+            extra["init_steps"] = load_config(Path(init_from) / "config.json").train.steps
+    return _finish(run, result, diffusion, spec, preset, device, draws=bool(pretraining),
+                   method="kind" if kind else "dense", source=source, pretraining=pretraining,
+                   **extra)  # fmt: skip
 
 
 def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense: str,
                  preset: dict, threads: int, device: str, rank_tailor: float | None = None,
                  source: str = "digits", budget_scale: float = 1.0,
-                 null_tailor: bool = False) -> RunResult:  # fmt: skip
+                 null_tailor: bool = False, pretraining: str = "") -> RunResult:  # fmt: skip
     """One transfer run and its evaluation. `rank_tailor` varies KIND's tailor rank (ablation);
     `budget_scale` puts the run at that multiple of KIND's budget (a KIND method through its
-    tailor rank, LoRA/PiSSA through their rank, OFT through its block size)."""
+    tailor rank, LoRA/PiSSA through their rank, OFT through its block size); `pretraining`: the
+    KIND-ify comparison's pre-training the parts come from (evaluated over sample draws too)."""
     preset = _preset(preset)
     run = Path(out)
     _setup_worker(threads, run.parent / f"{run.name}.log")
@@ -202,10 +320,11 @@ def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense:
                           rank_tailor=rank_tailor, null_tailor=null_tailor,
                           **_continue(run))  # fmt: skip
     meta = read_json(run / "run.json")["transfer"]
-    return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device, task=task,
-                   method=method, seed=seed, budget=budget, detail=meta.get("detail", ""),
-                   rank_tailor=rank_tailor, source=source, budget_scale=budget_scale,
-                   null_tailor=null_tailor)  # fmt: skip
+    return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device,
+                   draws=bool(pretraining), task=task, method=method, seed=seed, budget=budget,
+                   detail=meta.get("detail", ""), rank_tailor=rank_tailor, source=source,
+                   budget_scale=budget_scale, null_tailor=null_tailor,
+                   pretraining=pretraining)  # fmt: skip
 
 
 def _preset(fields: dict) -> Preset:
@@ -261,14 +380,100 @@ def deploy_job(out: str, kind_run: str, threads: int, device: str) -> DeployResu
     return DeployResult(str(parts), variants, table, full.orthogonality_error())
 
 
+@torch.no_grad()
+def svd_form(dense: DiT) -> DiT:
+    """Dense DiT `dense` as a KIND model without tailors whose learngenes are the full SVDs of its
+    weights (`kindify` at full learngene rank, tailor rank 0): the same outputs to fp32 rounding,
+    in a form the budget rule truncates as it truncates KIND (more parameters than the dense
+    model at full rank: r·(in + out + 1) against in·out a layer)."""
+    probe = DiT(replace(dense.config, kind=True, rank_tailor=0, rank_learngene=1))
+    ranks = {n: min(m.in_features, m.out_features) for n, m in probe.kind_layers()}
+    cfg = replace(dense.config, kind=True, rank_tailor=0, rank_learngene=1, learngene_ranks=ranks)
+    return kindify(dense, cfg).eval()
+
+
+def _max_rel_diff(a: DiT, b: DiT) -> float:
+    """Relative difference of two models' outputs on a mixed batch of their classes and null."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor(a.config.held_classes * 2 + [a.null_id] * 2)
+    c, s = a.config.in_channels, a.config.image_size
+    x, t = torch.randn(len(y), c, s, s, generator=g), torch.randint(0, 1000, (len(y),), generator=g)
+    with torch.no_grad():
+        ref, got = a.cpu()(x, t, y), b.cpu()(x, t, y)
+    return ((got - ref).norm() / ref.norm()).item()
+
+
+def _components(model: DiT) -> int:
+    """Learngene components over all of the model's decomposed layers."""
+    return sum(m.rank_learngene for _, m in model.kind_layers())
+
+
+def size_job(out: str, source: str, parts: str, dense: str, preset: dict, threads: int,
+             device: str) -> SizeCurveResult:  # fmt: skip
+    """FID against size for `source`: its KIND model for all source classes (from `parts`) and
+    its dense DiT (the run `dense`), each truncated by the budget rule (`shrink_to_budget`) to
+    `preset.size_fractions` of the KIND model's parameter count and to the KIND model's floor,
+    the dense DiT through its exact SVD form (`svd_form`; itself where it fits whole); every
+    model evaluated at the preset's guidance over `preset.noise_draws` sample draws."""
+    preset = _preset(preset)
+    spec = SOURCES[source].spec
+    _setup_worker(threads, Path(out).with_suffix(".log"))
+    kind_model, diffusion, _ = load_parts(parts)
+    dense_model = load_model(Path(dense) / "model")[0].eval()
+    svd = svd_form(dense_model)
+    kind_full, dense_full = count_params(kind_model), count_params(dense_model)
+    kind_floor = budget_floor(kind_model)[0]
+    svd_floor, svd_full = budget_floor(svd)
+    targets = sorted({round(f * kind_full) for f in preset.size_fractions} | {kind_floor},
+                     reverse=True)  # fmt: skip
+    kind_ranks, svd_ranks = _components(kind_model), _components(svd)
+    evaluated: dict[tuple, list[EvalSummary]] = {}  # a model at several budgets: evaluated once
+
+    def point(name: str, target: int, model: DiT, form: str, kept: float) -> SizePoint:
+        params = count_params(model)
+        key = (name, form, params)  # the budget rule gives one model a count
+        if key not in evaluated:
+            evaluated[key] = _draws(model.to(device), diffusion, spec, preset, device)
+        return SizePoint(name, target, params, form, kept, forward_flops(model) / 1e9,
+                         evaluated[key])  # fmt: skip
+
+    points, unreachable = [], []
+    for target in targets:
+        if target >= kind_floor:
+            small = shrink_to_budget(kind_model, target)
+            points.append(point("kind", target, small, "full" if small is kind_model
+                                else "truncated", _components(small) / kind_ranks))  # fmt: skip
+        if target >= dense_full:
+            points.append(point("dense", target, dense_model, "dense", 1.0))
+        elif target >= svd_floor:
+            small = shrink_to_budget(svd, target)
+            points.append(point("dense", target, small, "SVD, truncated",
+                                _components(small) / svd_ranks))  # fmt: skip
+        if target < kind_floor and target < svd_floor:
+            unreachable.append(target)
+    return SizeCurveResult(source, kind_full, kind_floor, dense_full, svd_full, svd_floor,
+                           _max_rel_diff(dense_model, svd), unreachable, points)  # fmt: skip
+
+
 # ---- jobs for the scheduler ------------------------------------------------------------------
 
 
-def pretrain_task(out: Path, name: str, preset: Preset, **kwargs) -> Job:
+def pretrain_task(out: Path, name: str, preset: Preset, deps: tuple[str, ...] = (),
+                  **kwargs) -> Job:  # fmt: skip
     """A `pretrain_job` called `name` whose run goes to out/name; kwargs are pretrain_job's."""
-    weight = preset.pretrain_steps * (1.4 if kwargs["kind"] else 1.0)
+    steps = kwargs.get("steps") or preset.pretrain_steps
+    if kwargs.get("continue_from"):
+        steps -= preset.pretrain_steps  # the steps of the run it continues are not redone
+    weight = steps * (1.4 if kwargs["kind"] else 1.0)
     return Job(name, pretrain_job, dict(out=str(out / name), preset=asdict(preset), **kwargs),
-               weight)  # fmt: skip
+               weight, deps=deps)  # fmt: skip
+
+
+def size_task(out: Path, name: str, preset: Preset, deps: tuple[str, ...], **kwargs) -> Job:
+    """A `size_job` called `name` (its log: out/name.log); kwargs are size_job's."""
+    evals = 2 * (len(preset.size_fractions) + 1) * preset.noise_draws
+    return Job(name, size_job, dict(out=str(out / name), preset=asdict(preset), **kwargs),
+               evals * preset.eval_per_class * preset.sample_steps / 100, deps=deps)  # fmt: skip
 
 
 def deploy_task(out: Path, name: str, kind_run: Path, deps: tuple[str, ...], **kwargs) -> Job:

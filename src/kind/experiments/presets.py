@@ -73,6 +73,19 @@ class Preset:
     cfg_scale: float = 1.5
     cfg_scales: tuple[float, ...] = ()  # a guidance sweep of every transfer (empty: none)
     sweep_samples: int = 200  # samples per guidance scale, spread over the task's classes
+    # KIND-ify against KIND from scratch at equal total steps, on the first source (0: off): a
+    # KIND pre-training started from the dense pre-training's model (`train.init_from`) for this
+    # many steps, against KIND from scratch for pretrain_steps + kindify_steps steps (seed 0: the
+    # KIND pre-training continued); both deployed and transferred to the source's tasks with KIND
+    # (first seed)
+    kindify_steps: int = 0
+    # FID against size, per source (empty: off): its KIND model for all source classes truncated
+    # to these fractions of its parameter count (and to the smallest count the budget rule
+    # reaches), against the dense DiT truncated by the SVD of its weights to the same counts
+    size_fractions: tuple[float, ...] = ()
+    # sample draws (seeds) of each evaluation the two comparisons above rest on: a one-seed run's
+    # comparison can only be set against the sampling noise of its evaluation
+    noise_draws: int = 3
 
 
 PRESETS = {
@@ -90,7 +103,15 @@ PRESETS = {
     # (KIND and LoRA at 1/4, 1 and 4x KIND's count), three seeds for KIND (with and without a
     # null tailor) and LoRA, whose comparison the verdicts rest on, one seed for the rest:
     # 64 transfers of 500 steps at batch 64, sized so the whole preset runs in one ~3 h session
-    # on 2 cores (2 jobs of 1 thread); the pre-training is the default preset's
+    # on 2 cores (2 jobs of 1 thread); the pre-training is the default preset's.
+    # Added later, run on top of a finished paper run (~1 h on 2 cores): KIND-ify for 500 steps
+    # (a fifth of the pre-training and as long as a transfer: time for the fresh tailors to take
+    # up the classes) against KIND from scratch at 2,500 + 500 steps (the KIND pre-training
+    # continued, the same run as from scratch: see `demo.extras`), each transferred to both tasks
+    # (4 transfers); FID against size at 100, 80, 70, 55 and 40% of each KIND model's count (the
+    # rule cannot take KIND for all classes below ~62% of its count on digits and ~74% on the
+    # wide source, whose 16 tailor groups are untouched by it: the lower sizes are the dense
+    # DiT's alone; the rule's floor is added as a point)
     "paper": Preset(
         transfer_steps=500,
         transfer_batch_size=64,
@@ -105,5 +126,8 @@ PRESETS = {
         curve_points=0,
         cfg_scales=(1.0, 1.25, 1.5, 2.0, 3.0),
         sweep_samples=100,
+        kindify_steps=500,
+        size_fractions=(1.0, 0.8, 0.7, 0.55, 0.4),
+        noise_draws=3,
     ),
 }

@@ -1,8 +1,9 @@
 """report.md for the demo: verdicts, tables, sample grids and plots from the job results.
 
 Numbers are copied from the results the jobs wrote, never computed here beyond means, standard
-deviations, intervals and interpolations along a run's own guidance sweep, so every figure in the
-report traces back to one run's result file; the verdicts come from `kind.experiments.verdicts`.
+deviations, intervals, interpolations along a run's own guidance sweep and the sums of steps,
+training times and FLOPs of the KIND-ify comparison's two stages, so every figure in the report
+traces back to a result file; the verdicts come from `kind.experiments.verdicts`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,17 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from kind.experiments.presets import SOURCES, Source, Task
-from kind.experiments.results import DeployResult, Result, RunResult
-from kind.experiments.verdicts import all_verdicts, best_fid, paired_interval
+from kind.experiments.results import DeployResult, Result, RunResult, SizeCurveResult
+from kind.experiments.verdicts import (
+    KINDIFY_CLAIM,
+    SIZE_CLAIM,
+    all_verdicts,
+    best_fid,
+    kindify_verdicts,
+    paired_interval,
+    size_summary,
+    size_verdicts,
+)
 from kind.io import atomic_write_text
 from kind.transfer.registry import METHODS
 
@@ -314,6 +324,184 @@ def _task_section(src: Source, task: Task, runs: list[RunResult], settings: dict
     return md
 
 
+def _best(run: RunResult) -> str:
+    """'best FID (at scale)' of a run's guidance sweep."""
+    if not run.sweep:
+        return "–"
+    p = min(run.sweep, key=lambda p: p.fid)
+    return f"{p.fid:.2f} ({p.cfg_scale:g})"
+
+
+def _kindify_section(src: Source, results: dict[str, Result], settings: dict, out: Path,
+                     n: str) -> list[str]:  # fmt: skip
+    """KIND-ify against KIND from scratch at equal total steps: the two pre-trainings (with the
+    source's own pre-trainings for reference), what each cost, and the transfers from them."""
+    get = lambda name: results.get(f"{src.prefix}{name}")  # noqa: E731
+    kindify, scratch, dense = get("kindify/pretrain/kind"), get("scratch/pretrain/kind"), \
+        get("pretrain/dense")  # fmt: skip
+    if not isinstance(kindify, RunResult) and not isinstance(scratch, RunResult):
+        return []
+    cfg = settings["cfg_scale"]
+    tflops = lambda steps, flops: None if flops is None else steps * flops / 1e12  # noqa: E731
+    rows = []
+    if isinstance(kindify, RunResult):
+        dense_min = dense.train_seconds / 60 if isinstance(dense, RunResult) else None
+        init = kindify.init_steps or 0
+        parts = [tflops(init, kindify.init_step_flops), tflops(kindify.steps, kindify.step_flops)]
+        rows.append([
+            "KIND-ify: dense DiT, then KIND from its model", f"{init:,} dense + {kindify.steps:,} KIND",
+            ("–" if dense_min is None else f"{dense_min:.1f} + {kindify.train_seconds / 60:.1f} = "
+             f"{dense_min + kindify.train_seconds / 60:.1f}"),
+            " / ".join("–" if f is None else f"{f / 1e9:.2f}"
+                       for f in (kindify.init_step_flops, kindify.step_flops)),
+            "–" if None in parts else f"{parts[0]:.1f} + {parts[1]:.1f} = {sum(parts):.1f}",
+            count_label(kindify.deployed), _stat(kindify.draws, ".2f"), f"{kindify.eval.precision:.3f}",
+            f"{kindify.eval.recall:.3f}", _stat([kindify.eval.class_accuracy], ".3f"), _best(kindify),
+        ])  # fmt: skip
+    if isinstance(scratch, RunResult):
+        total = tflops(scratch.steps, scratch.step_flops)
+        rows.append([
+            "KIND from scratch", f"{scratch.steps:,} KIND", f"{scratch.train_seconds / 60:.1f}",
+            "–" if scratch.step_flops is None else f"{scratch.step_flops / 1e9:.2f}",
+            "–" if total is None else f"{total:.1f}", count_label(scratch.deployed),
+            _stat(scratch.draws, ".2f"), f"{scratch.eval.precision:.3f}", f"{scratch.eval.recall:.3f}",
+            _stat([scratch.eval.class_accuracy], ".3f"), _best(scratch),
+        ])  # fmt: skip
+    for name, label in (("pretrain/kind", "for reference: the source's KIND pre-training"),
+                        ("pretrain/dense", "for reference: the dense pre-training")):  # fmt: skip
+        r = get(name)
+        if isinstance(r, RunResult):
+            rows.append([label, f"{r.steps:,} {'KIND' if r.method == 'kind' else 'dense'}",
+                         f"{r.train_seconds / 60:.1f}", "–", "–", count_label(r.deployed),
+                         f"{r.eval.fid:.2f}", f"{r.eval.precision:.3f}", f"{r.eval.recall:.3f}",
+                         _stat([r.eval.class_accuracy], ".3f"), _best(r)])  # fmt: skip
+    header = ["pre-training", "steps", "train min", "GFLOPs a step (dense / KIND)",
+              "training TFLOPs", "params", f"FID @ {cfg:g}", "precision", "recall",
+              "class acc.", "best FID (scale)"]  # fmt: skip
+    md = [
+        f"## {n}. KIND-ify against KIND from scratch at equal compute",
+        "",
+        "KIND-ify: the dense DiT pre-trained above, made into a KIND model (learngenes from the "
+        "SVD of its weights, fresh tailors: `kind-dit train --model kind --init-from DENSE`), "
+        "then trained as KIND; against KIND from scratch (seed 0, the KIND pre-training's "
+        "settings) for as many steps as the two stages together. The scratch run is the KIND "
+        "pre-training above continued from its last checkpoint: with the learning rate constant "
+        "after warm-up and resumes exact, that is the run from scratch, its first steps not "
+        "trained twice (its train min holds both sessions). *Equal compute* is equal steps of "
+        "the same batch; whether that is equal work shows in the FLOPs of a training step "
+        "(forward and backward of the loss on one batch through all classes, counted by "
+        "`torch.utils.flop_counter`) and in the measured training times (the pre-trainings "
+        "above ran in an earlier session; times on a shared CPU move with its load). "
+        f"FID @ {cfg:g}: mean ± std over {len((kindify or scratch).draws)} sample draws of the "
+        "final evaluation (same seeds for both); the reference rows have one draw.",
+        "",
+        md_table(header, rows),
+        "",
+    ]
+    verdicts = [v for v in kindify_verdicts(results, src.name) if v.claim == KINDIFY_CLAIM]
+    md += [f"- {v.comparison}: **{v.verdict}** ({v.evidence})" for v in verdicts]
+    md += [""] if verdicts else []
+    trows = []
+    for task in src.tasks:
+        for label, name in (("the source's KIND pre-training", "transfer"),
+                            ("KIND from scratch", "scratch/transfer"),
+                            ("KIND-ify", "kindify/transfer")):  # fmt: skip
+            found = [r for k, r in results.items() if isinstance(r, RunResult)
+                     and k.startswith(f"{src.prefix}{name}/{task.name}/kind/seed")]  # fmt: skip
+            r = min(found, key=lambda r: r.seed or 0) if found else None
+            if r is None:
+                continue
+            trows.append([task.title, label, f"{r.seed}", count_label(r.trainable),
+                          _stat(r.draws or [r.eval.fid], ".2f"),
+                          _stat([r.eval.class_accuracy], ".3f"), _best(r),
+                          f"{r.train_seconds / 60:.1f}"])  # fmt: skip
+    if any(row[1] != "the source's KIND pre-training" for row in trows):
+        md += [
+            "KIND transfers from each pre-training's parts (the KIND-ify and scratch runs "
+            "decomposed like the source's KIND model; the first row of each task is the transfer "
+            "above, one draw):",
+            "",
+            md_table(["task", "learngenes from", "seed", "trainable", f"FID @ {cfg:g}",
+                      f"acc. @ {cfg:g}", "best FID (scale)", "train min"], trows),
+            "",
+        ]  # fmt: skip
+    runs = [(label, r) for label, r in (("KIND-ify", kindify), ("scratch", scratch))
+            if isinstance(r, RunResult)]  # fmt: skip
+    grids = [f"![{label}]({_copy_grid(r.grid, out, f'{src.name}_{label.lower()}')})"
+             for label, r in runs]  # fmt: skip
+    md += ["| " + " | ".join(label for label, _ in runs) + " |", "|" + "---|" * len(runs),
+           "| " + " | ".join(grids) + " |", ""]  # fmt: skip
+    return md
+
+
+def _size_plot(curve: SizeCurveResult, title: str, out: Path, name: str) -> str:
+    fig, ax = _new_figure()
+    for i, (model, label) in enumerate((("kind", "KIND, truncated"),
+                                        ("dense", "dense DiT (SVD-truncated below its size)"))):  # fmt: skip
+        points = sorted((p.params, statistics.mean(p.fids)) for p in curve.points
+                        if p.model == model)  # fmt: skip
+        points = list(dict(points).items())  # one point per model size
+        ax.plot([x for x, _ in points], [f for _, f in points], marker="o", label=label,
+                color=f"C{i}", linestyle="-" if model == "kind" else "--")  # fmt: skip
+    ax.axvline(curve.kind_floor, color="C0", alpha=0.3, linestyle=":", label="KIND's floor")
+    ax.set_yscale("log")
+    _finish_axes(ax, f"FID against size: {title}", "parameters", "FID (lower is better)")
+    return _save(fig, out, name)
+
+
+def _size_section(src: Source, curve: SizeCurveResult, settings: dict, out: Path,
+                  n: str) -> list[str]:  # fmt: skip
+    """FID against size: the KIND model for all source classes and the dense DiT, each truncated
+    by the budget rule to the same parameter counts."""
+    cfg = settings["cfg_scale"]
+    by_target: dict[int, dict[str, object]] = defaultdict(dict)
+    for p in curve.points:
+        by_target[p.target][p.model] = p
+    verdict = {v.comparison.split(":")[0]: v.verdict for v in size_verdicts(curve)
+               if v.claim == SIZE_CLAIM}  # fmt: skip
+
+    def cells(p) -> list[str]:
+        if p is None:
+            return ["–"] * 5
+        kept = "" if p.form in ("full", "dense") else f", {p.kept:.0%}"
+        return [f"{p.params:,}", p.form + kept, f"{p.gflops:.4f}", _stat(p.fids, ".2f"),
+                _stat([e.class_accuracy for e in p.evals], ".3f")]  # fmt: skip
+
+    rows = [[f"{t:,}" + (" (KIND's floor)" if t == curve.kind_floor else ""),
+             *cells(m.get("kind")), *cells(m.get("dense")), verdict.get(f"≤ {t:,} parameters", "–")]
+            for t, m in sorted(by_target.items(), reverse=True)]  # fmt: skip
+    draws = max((len(p.evals) for p in curve.points), default=0)
+    md = [
+        f"## {n}. Quality against size: KIND truncated vs the dense DiT truncated by its SVD",
+        "",
+        f"The KIND model for all {src.title} ({curve.kind_params:,} parameters, the deployment "
+        "above) and the dense DiT, each cut to a parameter budget by the rule of `kind-dit "
+        "assemble --max-params` (the lowest-|σ| learngene components dropped across all layers; "
+        "the tailors stay whole). The dense DiT is cut through its exact SVD form: KIND-ified at "
+        "full learngene rank without tailors, its outputs within "
+        f"{curve.svd_max_rel_diff:.1e} of the dense model's, {curve.svd_params:,} parameters (a "
+        "rank-r factor pair costs r·(in + out + 1) against a dense layer's in·out); at a budget "
+        f"it fits whole ({curve.dense_params:,}) it is the dense DiT itself. The rule keeps one "
+        f"component a layer: KIND goes no lower than {curve.kind_floor:,}, the dense DiT "
+        f"{curve.dense_floor:,}. 'kept': the learngene (SVD) components left; GFLOPs: one forward "
+        f"pass of one sample (`kind.store.parts.FLOP_RULE`); FID @ {cfg:g} and class accuracy: "
+        f"mean ± std over {draws} sample draws, paired across the two models.",
+        "",
+        md_table(["budget (params)", "KIND params", "KIND form", "KIND GFLOPs", "KIND FID",
+                  "KIND acc.", "dense params", "dense form", "dense GFLOPs", "dense FID",
+                  "dense acc.", "at this budget"], rows),
+        "",
+        f"![FID against size]({_size_plot(curve, src.title, out, f'sizes_{src.name}')})",
+        "",
+        f"**Verdict:** {size_summary(curve)}",
+        "",
+    ]  # fmt: skip
+    if curve.unreachable:
+        md += ["Budgets neither model reaches: " + ", ".join(f"{t:,}" for t in curve.unreachable),
+               ""]  # fmt: skip
+    return md
+
+
 def _verdict_section(results: dict[str, Result], sources: list[str]) -> list[str]:
     verdicts = all_verdicts(results, sources)
     if not verdicts:
@@ -323,6 +511,12 @@ def _verdict_section(results: dict[str, Result], sources: list[str]) -> list[str
           "FID at its best guidance scale; two methods compared on their shared seeds through a "
           "95% t-interval of the paired FID difference (negative: the first is better). "
           "*Unresolved* means the interval straddles 0 or fewer than two seeds are shared.", ""]  # fmt: skip
+    if any(v.claim in (KINDIFY_CLAIM, SIZE_CLAIM) for v in verdicts):
+        md += ["The KIND-ify and size comparisons rest on one training seed: their models are "
+               "compared at the preset's guidance over paired sample draws (the same sampling "
+               "seeds for both), so their intervals hold the evaluation's sampling noise only, "
+               "not the seed-to-seed noise of training; *within noise* means that interval "
+               "straddles 0.", ""]  # fmt: skip
     for claim in dict.fromkeys(v.claim for v in verdicts):
         md += [f"**{claim}**", "",
                md_table(["source", "comparison", "verdict", "evidence"],
@@ -384,6 +578,12 @@ def write_report(
                     and r.source == src.name and k.startswith(f"{src.prefix}transfer/")]  # fmt: skip
             if runs:
                 md += _task_section(src, task, runs, settings, out, f"{prefix}{j}")
+        j = 3 + len(src.tasks)
+        extra = _kindify_section(src, results, settings, out, f"{prefix}{j}")
+        md += extra
+        curve = results.get(f"{src.prefix}sizes")
+        if isinstance(curve, SizeCurveResult):
+            md += _size_section(src, curve, settings, out, f"{prefix}{j + bool(extra)}")
     if failed:
         md += ["## Failed jobs", "", *[f"- `{k}`: {v}" for k, v in failed.items()], ""]
     path = out / "report.md"

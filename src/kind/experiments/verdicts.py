@@ -15,9 +15,10 @@ import statistics
 from dataclasses import dataclass
 
 from kind.experiments.presets import SOURCES
-from kind.experiments.results import DeployResult, RunResult
+from kind.experiments.results import DeployResult, RunResult, SizeCurveResult
 
 SUPPORTED, NOT_SUPPORTED, UNRESOLVED = "supported", "not supported", "unresolved"
+WITHIN_NOISE = "within noise"
 PEFT = ("lora", "pissa", "oft")  # the parameter-efficient baselines the claims name
 # two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (no scipy in the core install)
 _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
@@ -165,12 +166,112 @@ def decomposition(deploy: DeployResult, source: str) -> Verdict:
                    evidence)  # fmt: skip
 
 
+# ---- one training seed: comparisons over paired sample draws ---------------------------------
+
+KINDIFY_CLAIM = "KIND-ify against KIND from scratch at equal total steps"
+SIZE_CLAIM = "quality against size: KIND truncated vs the dense DiT truncated by its SVD"
+
+
+def draw_compare(a: list[float], b: list[float]) -> tuple[str, str]:
+    """("better" | "worse" | WITHIN_NOISE | UNRESOLVED, evidence) for FIDs `a` against `b` over
+    paired sample draws (draw i of both sampled with the same seed): the 95% t-interval of the
+    mean difference, which holds the evaluation's sampling noise only (one training seed)."""
+    interval = paired_interval(dict(enumerate(a)), dict(enumerate(b)))
+    head = f"FID {statistics.mean(a):.2f} vs {statistics.mean(b):.2f}"
+    if interval is None:
+        return UNRESOLVED, f"{head}; fewer than 2 sample draws"
+    evidence = f"{head}, ΔFID {str(interval).replace('(n=', '(draws n=')}"
+    if interval.high < 0:
+        return "better", evidence
+    if interval.low > 0:
+        return "worse", evidence
+    return WITHIN_NOISE, evidence
+
+
+def _arm(results: dict, source: str, arm: str, name: str) -> RunResult | None:
+    r = results.get(f"{SOURCES[source].prefix}{arm}/{name}")
+    return r if isinstance(r, RunResult) else None
+
+
+def kindify_verdicts(results: dict, source: str) -> list[Verdict]:
+    """KIND-ify (the dense pre-training, then KIND from its model) against KIND from scratch for
+    as many steps in all: their pre-trainings at the preset's guidance, and the KIND transfers
+    from their parts, each over paired sample draws. The verdict names the better (lower FID)
+    side, or says the difference is within the sampling noise."""
+    head = f"{SOURCES[source].prefix}kindify/"
+    names = sorted((k.removeprefix(head) for k in results if k.startswith(head)),
+                   key=lambda n: (n != "pretrain/kind", n))  # fmt: skip
+    verdicts = []
+    for name in names:
+        mine, theirs = (
+            _arm(results, source, "kindify", name),
+            _arm(results, source, "scratch", name),
+        )
+        if mine is None or theirs is None:
+            continue
+        outcome, evidence = draw_compare(mine.draws or [mine.eval.fid],
+                                         theirs.draws or [theirs.eval.fid])  # fmt: skip
+        evidence += (
+            f"; best FID over the guidance sweep {best_fid(mine):.2f} vs {best_fid(theirs):.2f}"
+        )
+        if mine.task is None:
+            what = (f"pre-training: KIND-ify ({mine.init_steps or 0:,} dense + {mine.steps:,} KIND "
+                    f"steps) vs scratch ({theirs.steps:,} KIND steps)")  # fmt: skip
+        else:
+            what = f"{mine.variant} transfer to {mine.task}, seed {mine.seed}: KIND-ify's parts vs scratch's"
+        verdict = {"better": "KIND-ify better", "worse": "KIND-ify worse"}.get(outcome, outcome)
+        verdicts.append(Verdict(KINDIFY_CLAIM, source, what, verdict, evidence))
+    return verdicts
+
+
+def size_pairs(curve: SizeCurveResult) -> list[tuple[int, object, object]]:
+    """(budget, KIND point, dense point) for every budget both models were evaluated at."""
+    kind = {p.target: p for p in curve.points if p.model == "kind"}
+    dense = {p.target: p for p in curve.points if p.model == "dense"}
+    return [(t, kind[t], dense[t]) for t in sorted(kind.keys() & dense.keys(), reverse=True)]
+
+
+def size_verdicts(curve: SizeCurveResult) -> list[Verdict]:
+    """At every budget both models reach: which has the lower FID at the same parameter count
+    (over paired sample draws), with how far each has moved from its own full size's FID."""
+    full = {p.model: statistics.mean(p.fids) for p in curve.points if p.form in ("full", "dense")}
+    verdicts = []
+    for target, k, d in size_pairs(curve):
+        outcome, evidence = draw_compare(k.fids, d.fids)
+        verdict = {"better": "KIND lower FID", "worse": "dense lower FID"}.get(outcome, outcome)
+        moved = [f"{label} ×{statistics.mean(p.fids) / full[p.model]:.2f} its full size's FID"
+                 for label, p in (("KIND", k), ("dense", d)) if full.get(p.model)]  # fmt: skip
+        what = (f"≤ {target:,} parameters: KIND {k.params:,} ({k.form}, {k.kept:.0%} of its "
+                f"learngene) vs dense {d.params:,} ({d.form}"
+                + ("" if d.form == "dense" else f", {d.kept:.0%} of its SVD") + ")")  # fmt: skip
+        verdicts.append(Verdict(SIZE_CLAIM, curve.source, what, verdict,
+                                "; ".join([evidence, *moved])))  # fmt: skip
+    return verdicts
+
+
+def size_summary(curve: SizeCurveResult) -> str:
+    """One line from the size verdicts: at how many shared budgets each model has the lower FID,
+    and what lies beyond the KIND model's floor."""
+    verdicts = size_verdicts(curve)
+    counts = {v: sum(x.verdict == v for x in verdicts) for v in
+              ("KIND lower FID", "dense lower FID", WITHIN_NOISE, UNRESOLVED)}  # fmt: skip
+    parts = [f"{n} of {len(verdicts)} shared budgets: {v}" for v, n in counts.items() if n]
+    below = [p for p in curve.points if p.model == "dense" and p.target < curve.kind_floor]
+    line = "; ".join(parts) or "no budget both models reach"
+    if below:
+        line += (f". Below the KIND model's floor ({curve.kind_floor:,}) only the dense DiT goes: "
+                 + ", ".join(f"FID {statistics.mean(p.fids):.2f} at {p.params:,}" for p in below))  # fmt: skip
+    return line + "."
+
+
 def all_verdicts(results: dict[str, RunResult | DeployResult], sources: list[str],
                  kind_variants: tuple[str, ...] = ("kind", "kind+null")) -> list[Verdict]:  # fmt: skip
     """Every claim for every source that has results: decomposition, novel classes vs PEFT and
     domain shift vs PEFT (for each KIND variant), negative transfer of source tailors, and the
-    null class's own tailor on each task."""
-    runs = [r for r in results.values() if isinstance(r, RunResult) and r.task]
+    null class's own tailor on each task; then KIND-ify against KIND from scratch and the size
+    curves, where they ran."""
+    runs = [r for r in results.values()
+            if isinstance(r, RunResult) and r.task and not r.pretraining]  # fmt: skip
     verdicts = []
     for source in sources:
         deploy = results.get(f"{SOURCES[source].prefix}deploy")
@@ -186,4 +287,8 @@ def all_verdicts(results: dict[str, RunResult | DeployResult], sources: list[str
         for task in ("novel", "shift"):
             if score_by_seed(runs, source, task, "kind+null"):
                 verdicts.append(null_tailor_helps(runs, source, task))
+        verdicts += kindify_verdicts(results, source)
+        curve = results.get(f"{SOURCES[source].prefix}sizes")
+        if isinstance(curve, SizeCurveResult):
+            verdicts += size_verdicts(curve)
     return verdicts

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from kind.core.decomposition import BANKS, PartsError, merge, resolve_classes, split_state
 from kind.core.diffusion import DiffusionConfig
-from kind.core.model import DiT, ModelConfig, count_params, load_state
+from kind.core.gated import KindLinear
+from kind.core.model import Attention, DiT, ModelConfig, count_params, load_state
 from kind.io import (
     atomic_dir,
     atomic_save_tensors,
@@ -220,50 +222,154 @@ def load_learngene(model: DiT, parts: str | Path) -> dict[str, torch.Tensor]:
 
 BUDGET_RULE = (
     "Globally across all decomposed layers, the learngene components are ranked by |σ_i| alone "
-    "(smallest first); each dropped component saves (in + out + 1) parameters of its layer (its U "
-    "column, σ and V column); components are dropped in that order until the parameter count is "
-    "≤ the budget, and every layer keeps at least one component (its largest |σ|)."
+    "(smallest first); components are dropped in that order until the model's cost is ≤ the "
+    "budget, each dropped component saving its cost: for a parameter budget (in + out + 1) "
+    "parameters of its layer (its U column, σ and V column), for a FLOP budget what its layer's "
+    "learngene then costs less in one forward pass of one sample (FLOP_RULE); every layer keeps "
+    "at least one component (its largest |σ|)."
+)
+
+FLOP_RULE = (
+    "FLOPs of one forward pass of one sample at the model's image size (T tokens), 2 FLOPs a "
+    "multiply-add, counted as torch.utils.flop_counter counts them (matrix products, the patch "
+    "convolution, attention; not biases, norms, activations, modulation or softmax). A dense "
+    "linear costs rows·in·out multiply-adds (rows = T for the per-token layers, 1 for the "
+    "timestep MLP and the adaLN modulations); attention 2·T²·hidden a block (QKᵀ and AV); the patch "
+    "embedding T·hidden·C·p². A KIND linear of learngene rank r, for a sample of a class with its "
+    "tailor (rank r_T), costs what its forward then computes: when one folded weight is no bigger "
+    "than the activations (min(in, out) ≤ rows) it builds the learngene weight (out·r·in), adds "
+    "the class's tailor to it and a zero one for the samples without (2·out·r_T·in) and runs one "
+    "product (rows·in·out); otherwise the learngene by "
+    "the cheaper of its two forms (`KindLinear._learngene`: the materialised weight, "
+    "rows·in·out + in·out·r, when that is ≤ 1.25 × the factored rows·r·(in + out)) plus the "
+    "tailor through its factors (rows·r_T·(in + out))."
 )
 
 
-def budget_keep(model: DiT, max_params: int) -> dict[str, list[int]]:
+def _rows(name: str, tokens: int) -> int:
+    """How many rows a linear of the DiT sees in one forward pass of one sample: one for the
+    timestep MLP and the adaLN modulations (they act on the conditioning vector), else one per
+    token."""
+    return 1 if name.startswith("t_embedder.") or ".adaLN_modulation." in name else tokens
+
+
+def kind_linear_flops(layer: KindLinear, rows: int, rank: int | None = None) -> int:
+    """FLOPs of `layer` (at learngene rank `rank`, default its own) on `rows` rows of one sample
+    of a class with its tailor, following the layer's own choice of path (FLOP_RULE)."""
+    fin, fout = layer.in_features, layer.out_features
+    r = layer.rank_learngene if rank is None else rank
+    rt = layer.rank_tailor
+    if rt and fin * fout <= rows * max(fin, fout):  # one group folded into one weight
+        macs = fout * r * fin + 2 * fout * rt * fin + rows * fin * fout
+    else:
+        materialised = rows * fin * fout + fin * fout * r
+        factored = rows * r * (fin + fout)
+        macs = materialised if materialised <= 1.25 * factored else factored
+        macs += rows * rt * (fin + fout)
+    return 2 * macs
+
+
+def forward_flops(model: nn.Module) -> int:
+    """FLOPs of one forward pass of one sample of a class the model holds (FLOP_RULE), dense or
+    KIND, at the model's image size."""
+    cfg = model.config
+    tokens = (cfg.image_size // model.patch) ** 2
+    total = 0
+    for name, m in model.named_modules():
+        if isinstance(m, KindLinear):
+            total += kind_linear_flops(m, _rows(name, tokens))
+        elif isinstance(m, nn.Linear):
+            total += 2 * _rows(name, tokens) * m.in_features * m.out_features
+        elif isinstance(m, nn.Conv2d):
+            (kh, kw), (sh, sw) = m.kernel_size, m.stride
+            out = ((cfg.image_size - kh) // sh + 1) * ((cfg.image_size - kw) // sw + 1)
+            total += 2 * out * m.out_channels * (m.in_channels // m.groups) * kh * kw
+        elif isinstance(m, Attention):
+            total += 4 * tokens * tokens * m.q.in_features
+    return total
+
+
+def _budget_cost(model: DiT, max_params: int | None, max_gflops: float | None):
+    """(budget, full cost, cost of layer `name` at learngene rank r, how the budget was asked,
+    how a cost reads) for a parameter or a FLOP budget: the one place the two budgets differ (the
+    full and floor costs of the model are its cost(s) at full rank and at rank 1 per layer, so
+    each layer's cost must be the whole model's share of that layer)."""
+    if (max_params is None) == (max_gflops is None):
+        raise ValueError("give one budget: max_params or max_gflops")
+    if max_params is not None:
+
+        def params(name: str, m: KindLinear, r: int) -> int:
+            return r * (m.in_features + m.out_features + 1)
+
+        return (max_params, count_params(model), params, f"--max-params {max_params}",
+                lambda n: f"{int(n)} parameters")  # fmt: skip
+    tokens = (model.config.image_size // model.patch) ** 2
+
+    def flops(name: str, m: KindLinear, r: int) -> int:
+        return kind_linear_flops(m, _rows(name, tokens), r)
+
+    return (max_gflops * 1e9, forward_flops(model), flops, f"--max-gflops {max_gflops:g}",
+            lambda n: f"{n / 1e9:.6g} GFLOPs a forward pass")  # fmt: skip
+
+
+def budget_floor(model: DiT, gflops: bool = False) -> tuple[float, float]:
+    """(the smallest cost the budget rule reaches, the model's full cost), in parameters or (with
+    `gflops`) in FLOPs of one forward pass of one sample: the model with one learngene component
+    in every decomposed layer, and as it is."""
+    _, full, cost, _, _ = _budget_cost(model, None if gflops else 0, 0.0 if gflops else None)
+    layers = model.kind_layers()
+    return full - sum(cost(n, m, m.rank_learngene) - cost(n, m, 1) for n, m in layers), full
+
+
+def budget_keep(
+    model: DiT, max_params: int | None = None, *, max_gflops: float | None = None
+) -> dict[str, list[int]]:
     """The learngene components each decomposed layer of `model` keeps (indices, in order) so that
-    the model has at most `max_params` parameters; only layers that lose some are listed.
+    the model has at most `max_params` parameters, or costs at most `max_gflops` GFLOPs in one
+    forward pass of one sample (`forward_flops`); only layers that lose some are listed.
 
     Rule (BUDGET_RULE): globally across all decomposed layers, rank the learngene components by
-    |σ_i| alone, smallest first; each dropped component saves (in + out + 1) parameters of its
-    layer; drop in that order until the count is ≤ `max_params`; every layer keeps at least one
-    component (its largest |σ|). PartsError, before anything is written, when even one component
-    per layer cannot meet the budget (the message gives the minimum reachable count)."""
-    full = count_params(model)
+    |σ_i| alone, smallest first; drop in that order until the cost is within the budget, each
+    dropped component saving its layer's cost at its rank minus the cost one rank lower
+    ((in + out + 1) parameters; for FLOPs, FLOP_RULE); every layer keeps at least one component
+    (its largest |σ|). PartsError, before anything is written, when even one component per layer
+    cannot meet the budget (the message gives the minimum reachable cost)."""
+    budget, full, cost, flag, describe = _budget_cost(model, max_params, max_gflops)
     layers = model.kind_layers()
-    candidates = []  # (|σ|, layer order, index, name, saving): all but each layer's largest
+    candidates = []  # (|σ|, layer order, index, name): all but each layer's largest
     for order, (name, m) in enumerate(layers):
         s = m.S.detach().abs().double()
         top = int(s.argmax())
-        saving = m.in_features + m.out_features + 1
-        candidates += [(float(s[i]), order, i, name, saving) for i in range(len(s)) if i != top]
-    floor = full - sum(c[4] for c in candidates)
-    if floor > max_params:
+        candidates += [(float(s[i]), order, i, name) for i in range(len(s)) if i != top]
+    floor, _ = budget_floor(model, gflops=max_gflops is not None)
+    if floor > budget:
         raise PartsError(
-            f"--max-params {max_params} cannot be met: with one learngene component per layer "
-            f"the model still has {floor} parameters (the minimum reachable; {full} in full)"
+            f"{flag} cannot be met: with one learngene component per layer the model still comes "
+            f"to {describe(floor)} (the minimum reachable; {describe(full)} in full)"
         )
+    modules = dict(layers)
+    rank = {name: m.rank_learngene for name, m in layers}
     dropped: dict[str, set[int]] = {}
     count = full
-    for _, _, i, name, saving in sorted(candidates):
-        if count <= max_params:
+    for _, _, i, name in sorted(candidates):
+        if count <= budget:
             break
+        m, r = modules[name], rank[name]
+        count -= cost(name, m, r) - cost(name, m, r - 1)
+        rank[name] = r - 1
         dropped.setdefault(name, set()).add(i)
-        count -= saving
-    ranks = {name: m.rank_learngene for name, m in layers}
-    return {n: [i for i in range(ranks[n]) if i not in d] for n, d in dropped.items()}
+    return {
+        n: [i for i in range(modules[n].rank_learngene) if i not in d] for n, d in dropped.items()
+    }
 
 
-def shrink_to_budget(model: DiT, max_params: int) -> DiT:
+def shrink_to_budget(
+    model: DiT, max_params: int | None = None, *, max_gflops: float | None = None
+) -> DiT:
     """`model` with its lowest-|σ| learngene components dropped until it has at most `max_params`
-    parameters (`budget_keep`); `model` itself when it fits already."""
-    keep = budget_keep(model, max_params)
+    parameters, or costs at most `max_gflops` GFLOPs a forward pass of one sample (`budget_keep`);
+    `model` itself when it fits already."""
+    keep = budget_keep(model, max_params, max_gflops=max_gflops)
     if not keep:
         return model
     state = model.state_dict()
@@ -285,19 +391,25 @@ def assemble(
     merge_class: str | None = None,
     merge_null: bool = False,
     max_params: int | None = None,
+    max_gflops: float | None = None,
 ) -> Path:
     """Write a model directory holding the learngenes plus the tailors of `classes`; with
     `merge_class` (or `merge_null`) a dense model with that class (or nothing) folded in.
 
-    With `max_params`, the model keeps at most that many parameters by dropping learngene
-    components (`budget_keep`); the dropped layers' ranks go into the config's learngene_ranks."""
+    With `max_params` (or `max_gflops`), the model keeps at most that many parameters (GFLOPs in
+    one forward pass of one sample, FLOP_RULE) by dropping learngene components (`budget_keep`);
+    the dropped layers' ranks go into the config's learngene_ranks."""
     out = check_new_dir(out)
-    if max_params is not None and (merge_class is not None or merge_null):
-        raise PartsError("--max-params shrinks a KIND model; it does not combine with --merge")
+    if max_params is not None and max_gflops is not None:
+        raise PartsError("--max-params and --max-gflops are two budgets; give one")
+    budget = max_params is not None or max_gflops is not None
+    if budget and (merge_class is not None or merge_null):
+        flag = "--max-params" if max_params is not None else "--max-gflops"
+        raise PartsError(f"{flag} shrinks a KIND model; it does not combine with --merge")
     needed = [merge_class] if merge_class is not None else classes
     model, diffusion, manifest = load_parts(parts, [] if merge_null else needed)
-    if max_params is not None:
-        model = shrink_to_budget(model, max_params)
+    if budget:
+        model = shrink_to_budget(model, max_params, max_gflops=max_gflops)
     extra = {"source": str(Path(parts).resolve())}
     extra |= {k: manifest[k] for k in ("sample", "latent") if k in manifest}
     made = provenance(manifest)
