@@ -80,12 +80,16 @@ def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
         shared = sorted(a.keys() & b.keys())
         detail = ", ".join(f"seed {s}: {a[s]:.2f} vs {b[s]:.2f}" for s in shared) or "no seed"
         return UNRESOLVED, f"{detail}; fewer than 2 shared seeds"
-    evidence = f"ΔFID {interval}"
+    return _side(interval, UNRESOLVED), f"ΔFID {interval}"
+
+
+def _side(interval, tie: str) -> str:
+    """ "better" when the interval of a − b lies below 0, "worse" above, else `tie`."""
     if interval.high < 0:
-        return "better", evidence
+        return "better"
     if interval.low > 0:
-        return "worse", evidence
-    return UNRESOLVED, evidence
+        return "worse"
+    return tie
 
 
 def beats_peft(
@@ -181,11 +185,7 @@ def draw_compare(a: list[float], b: list[float]) -> tuple[str, str]:
     if interval is None:
         return UNRESOLVED, f"{head}; fewer than 2 sample draws"
     evidence = f"{head}, ΔFID {str(interval).replace('(n=', '(draws n=')}"
-    if interval.high < 0:
-        return "better", evidence
-    if interval.low > 0:
-        return "worse", evidence
-    return WITHIN_NOISE, evidence
+    return _side(interval, WITHIN_NOISE), evidence
 
 
 def _arm(results: dict, source: str, arm: str, name: str) -> RunResult | None:
