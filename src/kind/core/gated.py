@@ -218,6 +218,22 @@ class KindLinear(nn.Module):
     def learngene_weight(self) -> torch.Tensor:
         return (self.U * self.S) @ self.V.T  # [out, in]
 
+    def folds(self, groups: int, rows: int) -> bool:
+        """Whether a batch of `groups` tailor groups over `rows` rows (tokens) runs folded: each
+        group's weight built in full (groups·in·out numbers) when that is no bigger than the
+        layer's activations (rows·max(in, out)); else the learngene and the tailors run apart."""
+        fin, fout = self.in_features, self.out_features
+        return groups * fin * fout <= rows * max(fin, fout)
+
+    def materialises(self, rows: int, rank: int | None = None) -> bool:
+        """Whether the learngene (at `rank` components, default its own) runs on `rows` rows as one
+        matmul on its materialised weight U diag(σ) Vᵀ (rows·in·out, plus in·out·r to build it)
+        rather than two thin matmuls through its factors (rows·r·(in + out)): whichever costs
+        fewer multiply-adds, with a 25 % margin for the one matmul, which runs closer to peak."""
+        fin, fout = self.in_features, self.out_features
+        r = self.rank_learngene if rank is None else rank
+        return rows * fin * fout + fin * fout * r <= 1.25 * rows * r * (fin + fout)
+
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
         # x: [B, T, in] (or [B, in]) -> [B, T, out]
         if route is None or not self.rank_tailor or route.rows.shape[0] == 0:
@@ -230,7 +246,7 @@ class KindLinear(nn.Module):
         # (invariant 2). Two ways to compute the same thing, chosen from the shapes:
         U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
         n, fin, fout = x.numel() // self.in_features, self.in_features, self.out_features
-        if route.sizes is not None and U.shape[0] * fin * fout <= n * max(fin, fout):
+        if route.sizes is not None and self.folds(U.shape[0], n):
             # Few groups (CPU sizes): fold each group into its own dense weight, no bigger in all
             # than the layer's activations, and run each block of samples through its weight.
             # The samples without a tailor form a last block whose weight is w alone: a zero
@@ -252,13 +268,8 @@ class KindLinear(nn.Module):
         return torch.baddbmm(y, xv, U.to(x3.dtype).transpose(1, 2)).view(*x.shape[:-1], fout)
 
     def _learngene(self, x: torch.Tensor) -> torch.Tensor:
-        """The learngene for the whole batch, by whichever costs fewer multiply-adds for its n
-        tokens: one matmul on the materialised weight U diag(σ) Vᵀ (n·in·out, plus in·out·r to
-        build it), or two thin matmuls through the factors (n·r·(in + out)). One matmul runs
-        closer to peak than two thin ones, so it keeps a 25 % margin."""
-        fin, fout, r = self.in_features, self.out_features, self.rank_learngene
-        n = x.numel() // fin
-        if n * fin * fout + fin * fout * r <= 1.25 * n * r * (fin + fout):
+        """The learngene for the whole batch, materialised or factored (`materialises`)."""
+        if self.materialises(x.numel() // self.in_features):
             return F.linear(x, self.learngene_weight(), self.bias)
         y = ((x @ self.V) * self.S) @ self.U.T
         return y + self.bias if self.bias is not None else y

@@ -57,9 +57,10 @@ def padding(model: DiT, samples: int, groups: int, guided: bool) -> int:
     copies = 2 if guided else 1  # guidance doubles the batch with its null half
     # the null tailor, if any, is one group more once null samples are present (conservative)
     present = groups + (model.config.null_group is not None)
-    need = max((present * min(m.in_features, m.out_features) for _, m in model.gated), default=0)
     total = samples
-    while total * copies * per_sample < need or (total * copies) % ROW_BLOCK:
+    while (total * copies) % ROW_BLOCK or not all(
+        m.folds(present, total * copies * per_sample) for _, m in model.gated
+    ):
         total += 1
     return total - samples
 

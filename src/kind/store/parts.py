@@ -259,12 +259,12 @@ def kind_linear_flops(layer: KindLinear, rows: int, rank: int | None = None) -> 
     fin, fout = layer.in_features, layer.out_features
     r = layer.rank_learngene if rank is None else rank
     rt = layer.rank_tailor
-    if rt and fin * fout <= rows * max(fin, fout):  # one group folded into one weight
+    if rt and layer.folds(1, rows):  # one group folded into one weight
         macs = fout * r * fin + 2 * fout * rt * fin + rows * fin * fout
     else:
         materialised = rows * fin * fout + fin * fout * r
         factored = rows * r * (fin + fout)
-        macs = materialised if materialised <= 1.25 * factored else factored
+        macs = materialised if layer.materialises(rows, r) else factored
         macs += rows * rt * (fin + fout)
     return 2 * macs
 
