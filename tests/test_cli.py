@@ -6,12 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from cli_options import SHORT, TOY
 from kind.cli.main import build_parser, main
-
-TOY = (
-    "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
-    "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
-).split()
 
 
 def cli(command: str, *paths) -> None:
@@ -70,7 +66,7 @@ def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
 
 def test_transfer_with_kind_and_a_matched_baseline_then_evaluate(run, tmp_path, capsys):
     parts, dense = tmp_path / "parts", tmp_path / "dense"
-    short = "--steps 2 --batch-size 8".split() + TOY
+    short = SHORT
     main(["decompose", str(run), "--out", str(parts)])
     main(["transfer", str(parts), "--data", "mnist:6,7", "--out", str(tmp_path / "kind"), *short])
     main(["train", "--model", "dense", "--data", "mnist:0-2", "--out", str(dense), *short])

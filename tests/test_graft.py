@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli_options import SHORT
 from kind.cli.main import main
 from kind.core.decomposition import PartsError
 from kind.io import sha256_file
@@ -17,12 +18,6 @@ from kind.store.load import load_model
 from kind.store.parts import load_parts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TOY = (
-    "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
-    "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
-).split()
-SHORT = ["--steps", "2", "--batch-size", "8", *TOY]
 
 
 @pytest.fixture(scope="module")

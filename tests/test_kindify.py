@@ -9,16 +9,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from cli_options import SHORT
 from kind.cli.main import main
 from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT, ModelConfig
 from kind.io import sha256_file
-
-TOY = (
-    "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
-    "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
-).split()
-SHORT = ["--steps", "2", "--batch-size", "8", *TOY]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -7,18 +7,13 @@ import json
 import pytest
 import yaml
 
+from cli_options import SHORT
 from kind.cli.main import main
 from kind.io import verify_checksums
 from kind.store.load import load_model
 from kind.store.modeldir import write_card
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-TOY = (
-    "--set model.rank_tailor=2 --set train.threads=1 --set train.sample_every=0 "
-    "--set sample.steps=2 --set sample.per_class=1 --set train.log_every=1"
-).split()
-SHORT = ["--steps", "2", "--batch-size", "8", *TOY]
 
 
 @pytest.fixture(scope="module")
