@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sampler",
         choices=["ddim", "ddpm"],
-        default="ddim",
-        help="DDIM (eta 0) or ancestral DDPM, both respaced (default ddim)",
+        help="DDIM (eta 0) or ancestral DDPM, both respaced (default: the model's sample.sampler, "
+        "ddim unless it was imported from DiT)",
     )
     p.add_argument("--steps", type=count(), help="sampling steps (default: the run's sample.steps)")
     p.add_argument(
@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> None:
     from kind.core.sampling import generate_sharded
     from kind.store.load import load_model
     from kind.training import distributed
+    from kind.training.config import SampleConfig
 
     out = Path(args.out)
     targets = [out / "samples.png", out / "samples.npz"]
@@ -87,10 +88,11 @@ def run(args: argparse.Namespace) -> None:
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     names = classes(args.classes)
     model, diffusion, meta = load_model(Path(args.source), names)
-    defaults = meta.get("sample", {})
-    steps = args.steps if args.steps is not None else defaults.get("steps", 50)
-    cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.get("cfg_scale", 1.5)
-    guided = args.guided_channels or defaults.get("guided_channels")
+    defaults = SampleConfig.saved(meta.get("sample"))
+    sampler = args.sampler or defaults.sampler
+    steps = args.steps if args.steps is not None else defaults.steps
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.cfg_scale
+    guided = args.guided_channels or defaults.guided_channels
     model.to(info.device)
     ids = [model.null_id] if args.unconditional else resolve_classes(model.config, names)
     labels = [c for c in ids for _ in range(args.n)]
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> None:
         labels,
         info,
         seed=args.seed,
-        sampler=args.sampler,
+        sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
         guided_channels=guided,
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
         images,
         labels,
         class_names,
-        sampler=args.sampler,
+        sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
         guided_channels=guided or model.config.in_channels,

@@ -35,6 +35,7 @@ from kind.core.images import image_grid, save_npz
 from kind.serve.batcher import Batcher, Result
 from kind.serve.cache import TailorCache
 from kind.serve.draw import Settings
+from kind.training.config import SampleConfig
 
 MAX_N = 64  # samples a request
 MAX_SEED = 2**32 - 1
@@ -64,15 +65,14 @@ class GenerateRequest(BaseModel):
 
 def sample_defaults(manifest: dict) -> dict:
     """n, steps, cfg_scale, sampler and guided_channels for fields a request leaves unset: the
-    parts' `sample` section (what the model was trained to sample with), else 4 images and
-    `kind-dit sample`'s defaults."""
-    given = manifest.get("sample") or {}
+    parts' sampling defaults, as `kind-dit sample` takes them, and at most MAX_N images."""
+    saved = SampleConfig.saved(manifest.get("sample"))
     return {
-        "n": min(int(given.get("per_class", 4)), MAX_N),
-        "steps": int(given.get("steps", 50)),
-        "cfg_scale": float(given.get("cfg_scale", 1.5)),
-        "sampler": given.get("sampler", "ddim"),
-        "guided_channels": given.get("guided_channels"),
+        "n": min(saved.per_class, MAX_N),
+        "steps": saved.steps,
+        "cfg_scale": saved.cfg_scale,
+        "sampler": saved.sampler,
+        "guided_channels": saved.guided_channels,
     }
 
 

@@ -120,6 +120,14 @@ class SampleConfig:
         if self.guided_channels is not None:
             _count("sample.guided_channels", self.guided_channels, 1)
 
+    @classmethod
+    def saved(cls, sample: dict | None) -> SampleConfig:
+        """The sampling defaults a model directory, run or parts directory records (its `sample`
+        section: what it was trained or imported to sample with), the rest the defaults above;
+        keys this version does not know are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (sample or {}).items() if k in known})
+
 
 @dataclass
 class Config:
