@@ -244,21 +244,13 @@ class KindLinear(nn.Module):
         # A sample only ever touches its own group's factors (invariant 1); the bank rows of
         # groups absent from the batch are never read, and the masked optimiser leaves them be
         # (invariant 2). Two ways to compute the same thing, chosen from the shapes:
-        U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
-        n, fin, fout = x.numel() // self.in_features, self.in_features, self.out_features
-        if route.sizes is not None and self.folds(U.shape[0], n):
-            # Few groups (CPU sizes): fold each group into its own dense weight, no bigger in all
-            # than the layer's activations, and run each block of samples through its weight.
-            # The samples without a tailor form a last block whose weight is w alone: a zero
-            # tailor appended to the thin factors, so one baddbmm writes all P + 1 weights
-            # (no concatenation of out x in weights).
-            w = self.learngene_weight()  # [out, in]
-            US = F.pad(U * S[:, None], (0, 0, 0, 0, 0, 1))  # [P + 1, out, r], last row zero
-            Vt = F.pad(V, (0, 0, 0, 0, 0, 1)).transpose(1, 2)  # [P + 1, r, in]
-            W = torch.baddbmm(w.expand(US.shape[0], -1, -1), US, Vt)  # [P + 1, out, in]
+        W = self.folded(route, x.numel() // self.in_features)
+        if W is not None:  # few groups (CPU sizes): each block of samples through its own weight
             return grouped_linear(x, W, self.bias, route.sizes)
         # Many groups, or static shapes (compile, GPUs): the learngene in one matmul for the whole
         # batch, each sample's rank-r tailor through its own gathered factors in batched products.
+        U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
+        fin, fout = self.in_features, self.out_features
         if route.slot is not None:
             U, S, V = U[route.slot], S[route.slot], V[route.slot]  # [B, out, r], [B, r], [B, in, r]
         S = S * route.gate[:, None].to(S.dtype)  # the null class without a tailor: zero
@@ -266,6 +258,24 @@ class KindLinear(nn.Module):
         y = self._learngene(x3)  # [B, T, out]
         xv = torch.bmm(x3, V.to(x3.dtype)) * S[:, None].to(x3.dtype)  # [B, T, r]
         return torch.baddbmm(y, xv, U.to(x3.dtype).transpose(1, 2)).view(*x.shape[:-1], fout)
+
+    def folded(self, route: Route, rows: int) -> torch.Tensor | None:
+        """The weights [P + 1, out, in] of a blocked route's P groups and its tailorless last block,
+        when this layer folds them for a batch of `rows` rows (`folds`); else None.
+
+        Each group's weight is the learngene plus its tailor, U_G diag(σ_G) V_Gᵀ + U_T diag(σ_T)
+        V_Tᵀ. The tailorless block's weight is the learngene alone: a zero tailor appended to the
+        thin factors, so one baddbmm writes all P + 1 weights (no concatenation of out × in
+        weights)."""
+        if route.sizes is None or not self.rank_tailor or route.rows.shape[0] == 0:
+            return None
+        U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
+        if not self.folds(U.shape[0], rows):
+            return None
+        w = self.learngene_weight()  # [out, in]
+        US = F.pad(U * S[:, None], (0, 0, 0, 0, 0, 1))  # [P + 1, out, r], last row zero
+        Vt = F.pad(V, (0, 0, 0, 0, 0, 1)).transpose(1, 2)  # [P + 1, r, in]
+        return torch.baddbmm(w.expand(US.shape[0], -1, -1), US, Vt)  # [P + 1, out, in]
 
     def _learngene(self, x: torch.Tensor) -> torch.Tensor:
         """The learngene for the whole batch, materialised or factored (`materialises`)."""
@@ -388,6 +398,29 @@ class TailorBank(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, width={sum(self.widths)}"
+
+
+def linears(
+    layers: tuple[nn.Module, ...], x: torch.Tensor, route: Route | None
+) -> list[torch.Tensor]:
+    """x through several layers that read the same input (attention's q, k and v), as one GEMM:
+    their weights stacked along the output, one `F.linear` (dense) or one grouped GEMM over the
+    folded weights (KIND), then the output split per layer. Three small GEMMs (and in KIND three
+    sets of per-group blocks) cost more than one three times as wide, most at CPU sizes.
+    Layers of any other kind (a peft adapter), or a KIND route that does not fold, go one by one."""
+    outs = [m.out_features for m in layers]
+    biases = [m.bias for m in layers]
+    bias = None if any(b is None for b in biases) else torch.cat(biases)
+    if len(layers) > 1 and all(type(m) is Linear for m in layers) and bias is not None:
+        y = F.linear(x, torch.cat([m.weight for m in layers]), bias)  # [..., Σ out]
+        return list(y.split(outs, dim=-1))
+    if all(type(m) is KindLinear for m in layers) and route is not None and route.order is None:
+        rows = x.numel() // x.shape[-1]
+        weights = [m.folded(route, rows) for m in layers]
+        if bias is not None and all(w is not None for w in weights):
+            y = grouped_linear(x, torch.cat(weights, dim=1), bias, route.sizes)  # [..., Σ out]
+            return list(y.split(outs, dim=-1))
+    return [m(x, route) for m in layers]
 
 
 class Linear(nn.Linear):

@@ -21,7 +21,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from kind.core.gated import KindLinear, Linear, Route, TailorBank, make_route, route_to
+from kind.core.gated import KindLinear, Linear, Route, TailorBank, linears, make_route, route_to
 
 # name -> (depth, hidden size, heads); DiT-* as in the DiT paper, the small ones for CPUs.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -186,8 +186,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
         B, T, D = x.shape
         q, k, v = (
-            m(x, route).view(B, T, self.heads, D // self.heads).transpose(1, 2)
-            for m in (self.q, self.k, self.v)
+            h.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+            for h in linears((self.q, self.k, self.v), x, route)
         )  # 3 x [B, heads, T, D/heads]
         out = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, heads, T, D/heads]
         return self.proj(out.transpose(1, 2).reshape(B, T, D), route)  # [B, T, D]
