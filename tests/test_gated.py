@@ -166,36 +166,39 @@ def test_grouped_linear_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(lambda x, w, b: grouped_linear(x, w, b, (2, 0, 3)), (x, w, b))
 
 
-@pytest.mark.parametrize(
-    "tokens", [16, 1]
-)  # 16: the layers fold (one grouped GEMM); 1: they do not
-def test_layers_run_together_give_each_layers_own_output_and_gradients(tokens):
+# 16 tokens: the layers fold (one grouped GEMM); 12: their learngenes materialise (one GEMM, the
+# tailors apart); 1: the learngenes run factored (one by one)
+@pytest.mark.parametrize("tokens", [16, 12, 1])
+@pytest.mark.parametrize("route", ["blocked", "static", "none"])
+def test_layers_run_together_give_each_layers_own_output_and_gradients(tokens, route):
     """Attention's q, k and v through `linears` (their weights stacked, one GEMM) equal the three
     layers called one by one, outputs and gradients, for KIND layers and dense ones."""
     torch.manual_seed(3)
-    kind = [KindLinear(32, 32, 0.5, 4) for _ in range(3)]
+    kind = [KindLinear(32, 32, 16, 4) for _ in range(3)]
     bank = TailorBank(kind, [0, 1, 2])
     bank.reset(kind)
     with torch.no_grad():
         bank.rows.mul_(3)  # tailors that matter
-    route = make_route(torch.tensor([0, 0, 1, 2, 2, -1]))  # already in block order
+    slots = torch.tensor([0, 0, 1, 2, 2, -1])  # already in block order
     dense = [Linear(32, 32) for _ in range(3)]
     x = torch.randn(6, tokens, 32)
+    assert kind[0].folds(3, x.numel() // 32) == (tokens == 16)
+    assert kind[0].materialises(x.numel() // 32) == (tokens >= 12)
     for layers, params in (
         (kind, [bank.rows, *kind[1].parameters()]),
         (dense, dense[2].parameters()),
     ):
         params = list(params)
-        assert kind[0].folds(3, x.numel() // 32) == (tokens == 16)
         outs = {}
         for how in ("together", "apart"):
-            r = bank.attach(route)
+            r = None if route == "none" else bank.attach(make_route(slots, route == "blocked"))
             ys = linears(tuple(layers), x, r) if how == "together" else [m(x, r) for m in layers]
             sum((y * torch.randn_like(y, generator=torch.Generator().manual_seed(i))).sum()
                 for i, y in enumerate(ys)).backward()  # fmt: skip
-            grads = [p.grad.to_dense().clone() for p in params]
+            grads = [p.grad.to_dense().clone() for p in params if p.grad is not None]
             for p in params:
                 p.grad = None
             outs[how] = (ys, grads)
-        for a, b in zip(*(outs[h][0] + outs[h][1] for h in ("together", "apart"))):
+        assert len(outs["together"][1]) == len(params) - (route == "none" and layers is kind)
+        for a, b in zip(*(outs[h][0] + outs[h][1] for h in ("together", "apart")), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

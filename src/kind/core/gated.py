@@ -249,15 +249,20 @@ class KindLinear(nn.Module):
             return grouped_linear(x, W, self.bias, route.sizes)
         # Many groups, or static shapes (compile, GPUs): the learngene in one matmul for the whole
         # batch, each sample's rank-r tailor through its own gathered factors in batched products.
+        return self.add_tailors(self._learngene(x), x, route)
+
+    def add_tailors(self, y: torch.Tensor, x: torch.Tensor, route: Route) -> torch.Tensor:
+        """y (the learngene's output) plus each sample's tailor applied to x, through its gathered
+        factors: y + U_T[g] diag(σ_T[g]) V_T[g]ᵀ x, the unfolded tailor path."""
         U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
-        fin, fout = self.in_features, self.out_features
         if route.slot is not None:
             U, S, V = U[route.slot], S[route.slot], V[route.slot]  # [B, out, r], [B, r], [B, in, r]
         S = S * route.gate[:, None].to(S.dtype)  # the null class without a tailor: zero
-        x3 = x.reshape(x.shape[0], -1, fin)  # [B, T, in]
-        y = self._learngene(x3)  # [B, T, out]
+        x3 = x.reshape(x.shape[0], -1, self.in_features)  # [B, T, in]
+        y3 = y.reshape(x.shape[0], -1, self.out_features)  # [B, T, out]
         xv = torch.bmm(x3, V.to(x3.dtype)) * S[:, None].to(x3.dtype)  # [B, T, r]
-        return torch.baddbmm(y, xv, U.to(x3.dtype).transpose(1, 2)).view(*x.shape[:-1], fout)
+        out = torch.baddbmm(y3, xv, U.to(x3.dtype).transpose(1, 2))  # [B, T, out]
+        return out.view(*x.shape[:-1], self.out_features)
 
     def folded(self, route: Route, rows: int) -> torch.Tensor | None:
         """The weights [P + 1, out, in] of a blocked route's P groups and its tailorless last block,
@@ -403,24 +408,32 @@ class TailorBank(nn.Module):
 def linears(
     layers: tuple[nn.Module, ...], x: torch.Tensor, route: Route | None
 ) -> list[torch.Tensor]:
-    """x through several layers that read the same input (attention's q, k and v), as one GEMM:
-    their weights stacked along the output, one `F.linear` (dense) or one grouped GEMM over the
-    folded weights (KIND), then the output split per layer. Three small GEMMs (and in KIND three
-    sets of per-group blocks) cost more than one three times as wide, most at CPU sizes.
-    Layers of any other kind (a peft adapter), or a KIND route that does not fold, go one by one."""
-    outs = [m.out_features for m in layers]
-    biases = [m.bias for m in layers]
-    bias = None if any(b is None for b in biases) else torch.cat(biases)
-    if len(layers) > 1 and all(type(m) is Linear for m in layers) and bias is not None:
-        y = F.linear(x, torch.cat([m.weight for m in layers]), bias)  # [..., Σ out]
-        return list(y.split(outs, dim=-1))
-    if all(type(m) is KindLinear for m in layers) and route is not None and route.order is None:
-        rows = x.numel() // x.shape[-1]
-        weights = [m.folded(route, rows) for m in layers]
-        if bias is not None and all(w is not None for w in weights):
-            y = grouped_linear(x, torch.cat(weights, dim=1), bias, route.sizes)  # [..., Σ out]
+    """x through several layers that read the same input (attention's q, k and v), as one GEMM
+    three times as wide instead of three: their weights stacked along the output, one `F.linear`
+    (dense, or KIND learngenes that materialise, each layer's tailors then added on its own) or
+    one grouped GEMM over the folded KIND weights, the output split per layer. Layers of any other
+    kind (a peft adapter), and KIND learngenes that run factored, go one by one."""
+    kinds = {type(m) for m in layers}
+    unsorted = route is not None and route.order is not None  # the model sorts before its layers
+    if len(kinds) > 1 or kinds - {Linear, KindLinear} or any(m.bias is None for m in layers):
+        return [m(x, route) for m in layers]
+    outs, bias = [m.out_features for m in layers], torch.cat([m.bias for m in layers])
+    if kinds == {Linear}:
+        return list(F.linear(x, torch.cat([m.weight for m in layers]), bias).split(outs, dim=-1))
+    rows = x.numel() // x.shape[-1]
+    tailored = route is not None and route.rows.shape[0] > 0
+    if tailored and not unsorted:
+        folded = [m.folded(route, rows) for m in layers]  # [P + 1, out, in] each, or None
+        if all(w is not None for w in folded):  # each block through its group's weights
+            y = grouped_linear(x, torch.cat(folded, dim=1), bias, route.sizes)  # [..., Σ out]
             return list(y.split(outs, dim=-1))
-    return [m(x, route) for m in layers]
+    if unsorted or not all(m.materialises(rows) for m in layers):
+        return [m(x, route) for m in layers]
+    weight = torch.cat([m.learngene_weight() for m in layers])  # [Σ out, in]
+    ys = F.linear(x, weight, bias).split(outs, dim=-1)  # [..., out] each
+    if not tailored:
+        return list(ys)
+    return [m.add_tailors(y, x, route) if m.rank_tailor else y for m, y in zip(layers, ys)]
 
 
 class Linear(nn.Linear):
