@@ -413,12 +413,13 @@ def linears(
     (dense, or KIND learngenes that materialise, each layer's tailors then added on its own) or
     one grouped GEMM over the folded KIND weights, the output split per layer. Layers of any other
     kind (a peft adapter), and KIND learngenes that run factored, go one by one."""
-    kinds = {type(m) for m in layers}
+    dense = all(type(m) is Linear for m in layers)
+    kind = all(type(m) is KindLinear for m in layers)
     unsorted = route is not None and route.order is not None  # the model sorts before its layers
-    if len(kinds) > 1 or kinds - {Linear, KindLinear} or any(m.bias is None for m in layers):
+    if not (dense or kind) or any(m.bias is None for m in layers):
         return [m(x, route) for m in layers]
     outs, bias = [m.out_features for m in layers], torch.cat([m.bias for m in layers])
-    if kinds == {Linear}:
+    if dense:
         return list(F.linear(x, torch.cat([m.weight for m in layers]), bias).split(outs, dim=-1))
     rows = x.numel() // x.shape[-1]
     tailored = route is not None and route.rows.shape[0] > 0
