@@ -14,15 +14,18 @@ The commands (run in a temporary directory):
 
 Every command runs on one thread (OMP_NUM_THREADS=1). Recorded on the project's reference machine
 (2-core x86-64 CPU, torch 2.13.0+cpu) with the tailor bank (one tensor for every tailor, one label
-table; label dropout and flips drawn on the host), and reproduced by a second run:
+table; label dropout and flips drawn on the host; attention's q, k and v as one GEMM), and
+reproduced by a second run:
 
-    kind_run/model/model.safetensors   030ffb60acfc06a308a84007c24901e37c4022202e3060ccdffc81a010b1cdfc
-    dense_run/model/model.safetensors  8f58cad89baab753c07577913f292f3137bc045394e7ece1dc9c0feb8bb35cdc
+    kind_run/model/model.safetensors   cb02add04f97969d7d01e3a2bc3df902c65576b9f7dd99465827eb3ba3dc1dda
+    dense_run/model/model.safetensors  2f192ea5d4a282c154e049f409e86a384b8f89c3c08d8129d4bba21c603f0634
     kind_run.samp/samples.npz arrays   bb263615e6a6fb9bd7b839776a603c38958c45b116ce8bb0c296974b7f347a40
     dense_run.samp/samples.npz arrays  ec0c42022f88ff2d57c2b471e8c7c38c266a4266ce9a7254f85fbef77c22e9fe
 
 (kind-dit 0.1 and the layered package up to the bank gave 5382ad50…, a15f6cb9…, d533fb3f… and
-6e3e7fc1…: the bank changed the file layout and the random stream on purpose.)
+6e3e7fc1…: the bank changed the file layout and the random stream on purpose; the bank before
+the stacked q, k, v GEMM gave 030ffb60… and 8f58cad8… for the weights, whose last bits the wider
+GEMM's summation order changes, and the same samples.)
 
 Float results depend on the CPU's kernels and the thread count, so other machines may get other
 hashes: there, run this script on two versions of the code and compare what it prints. That is
@@ -41,8 +44,8 @@ from pathlib import Path
 import numpy as np
 
 RECORDED = {
-    "kind_run/model/model.safetensors": "030ffb60acfc06a308a84007c24901e37c4022202e3060ccdffc81a010b1cdfc",
-    "dense_run/model/model.safetensors": "8f58cad89baab753c07577913f292f3137bc045394e7ece1dc9c0feb8bb35cdc",
+    "kind_run/model/model.safetensors": "cb02add04f97969d7d01e3a2bc3df902c65576b9f7dd99465827eb3ba3dc1dda",
+    "dense_run/model/model.safetensors": "2f192ea5d4a282c154e049f409e86a384b8f89c3c08d8129d4bba21c603f0634",
     "kind_run.samp/samples.npz": "bb263615e6a6fb9bd7b839776a603c38958c45b116ce8bb0c296974b7f347a40",
     "dense_run.samp/samples.npz": "ec0c42022f88ff2d57c2b471e8c7c38c266a4266ce9a7254f85fbef77c22e9fe",
 }
