@@ -30,8 +30,9 @@ class Route:
 
     - blocked (`sizes` set; eager): `rows` are the bank rows of the groups present, the batch is
       sorted into one contiguous block per group (`order`) followed by a block without tailor
-      (`sizes` holds the block lengths as host ints), so a layer can fold each group into one
-      weight; `slot[i]` is sample i's index into `rows`.
+      (`sizes` holds the block lengths as host ints, `offsets` their ends as a tensor for the
+      grouped GEMM), so a layer can fold each group into one weight; `slot[i]` is sample i's
+      index into `rows`.
     - static (`sizes` None; compile and large class counts): `rows` holds one bank row per sample
       and `slot` is None. Its shapes depend on the batch size only, so a compiled model never
       recompiles for another class mix.
@@ -44,6 +45,7 @@ class Route:
     gate: torch.Tensor  # [B] float: 1 = the sample's tailor applies, 0 = no tailor
     slot: torch.Tensor | None = None  # int64 [B]: sample -> index into `rows` (None: identity)
     sizes: tuple[int, ...] | None = None  # len(rows) + 1 block lengths (blocked)
+    offsets: torch.Tensor | None = None  # int32 [len(rows) + 1]: where each block ends (blocked)
     order: torch.Tensor | None = None  # int64 [B] permutation into block order, or None
     factors: tuple[torch.Tensor, ...] = ()  # per layer: [len(rows), tailor_width]
 
@@ -69,14 +71,15 @@ def make_route(slots: torch.Tensor, blocked: bool = True) -> Route:
     slot = [min(ranks[i], max(len(present) - 1, 0)) for i in perm]
     slot = None if slot == list(range(len(present))) else torch.tensor(slot)  # None: identity
     return Route(rows=torch.tensor(present, dtype=torch.long), gate=gate[perm], slot=slot,
-                 sizes=tuple(sizes), order=order)  # fmt: skip
+                 sizes=tuple(sizes), offsets=torch.tensor(sizes, dtype=torch.int32).cumsum(0,
+                 dtype=torch.int32), order=order)  # fmt: skip
 
 
 def route_to(route: Route, device: torch.device) -> Route:
     """The route's tensors on `device` (copied without waiting)."""
     move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
     return replace(route, rows=move(route.rows), gate=move(route.gate), slot=move(route.slot),
-                   order=move(route.order))  # fmt: skip
+                   offsets=move(route.offsets), order=move(route.order))  # fmt: skip
 
 
 def resolve_rank(rank: float, in_features: int, out_features: int) -> int:
@@ -102,51 +105,40 @@ def _orthonormal(n: int, rows: int, cols: int, avoid: torch.Tensor | None = None
     return q[..., :cols]
 
 
-class _GroupedLinear(torch.autograd.Function):
-    """y_i = x_i W_iᵀ + b for consecutive row blocks x_i of x, as one autograd node.
-
-    The per-block products are plain ATen calls writing into preallocated outputs, so a layer with
-    P groups adds one graph node instead of ~4P (P linears, their bias adds, the concatenation):
-    at CPU sizes, where each block is small, that bookkeeping costs as much as the arithmetic.
-    On GPUs a grouped GEMM (torch._grouped_mm) could do the block loop in one kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weights, bias, rows):
-        # x: [M, in], weights: [G, out, in], rows: G block lengths summing to M -> [M, out]
-        ctx.save_for_backward(x, weights)
-        ctx.rows, ctx.has_bias = rows, bias is not None
-        y = x.new_empty(x.shape[0], weights.shape[1])
-        for xb, yb, w in zip(x.split(rows), y.split(rows), weights):
-            torch.mm(xb, w.T, out=yb)
-        # the bias in one pass: addmm per block would broadcast it block by block (one more
-        # threaded copy a block, which costs at two threads what the block's GEMM saves)
-        return y if bias is None else y.add_(bias)
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, weights = ctx.saved_tensors
-        grad_x, grad_w = torch.empty_like(x), torch.empty_like(weights)
-        blocks = zip(x.split(ctx.rows), grad_y.split(ctx.rows), grad_x.split(ctx.rows))
-        for i, (xb, gy, gx) in enumerate(blocks):
-            torch.mm(gy, weights[i], out=gx)  # [m, out] @ [out, in]
-            torch.mm(gy.T, xb, out=grad_w[i])  # [out, m] @ [m, in]
-        grad_b = grad_y.sum(0) if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None
-
-
 def grouped_linear(
-    x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, sizes: tuple[int, ...]
+    x: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor | None, route: Route
 ) -> torch.Tensor:
-    """Block i of `sizes[i]` samples of x [B, ..., in] through weights[i] [out, in] (+ bias)."""
+    """Block i of a blocked route's samples (`route.sizes[i]` of them) of x [B, ..., in] through
+    weights[i] [out, in] (+ bias), as one grouped GEMM: torch's `grouped_mm`, a C++ loop over the
+    blocks on CPUs and one kernel on GPUs that have one, forward and backward."""
     if torch.is_autocast_enabled(x.device.type):  # compute in what F.linear would use
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weights = x.to(dtype), weights.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    per_sample = x[0].numel() // x.shape[-1]  # tokens per sample
-    rows = tuple(n * per_sample for n in sizes)
-    with torch.autocast(x.device.type, enabled=False):
-        y = _GroupedLinear.apply(x.reshape(-1, x.shape[-1]), weights, bias, rows)
-    return y.view(*x.shape[:-1], weights.shape[1])
+    x2 = x.reshape(-1, x.shape[-1])  # [B·T, in]
+    if _grouped_mm_runs(x2, weights.shape[1]):
+        per_sample = x2.shape[0] // x.shape[0]  # tokens per sample
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.grouped_mm(x2, weights.transpose(1, 2), offs=route.offsets * per_sample)
+        y = y if bias is None else y.add_(bias)  # grouped_mm's bias takes no gradient
+    else:  # a dtype or GPU that grouped_mm would run through a host-syncing loop: ours, on host ints
+        y = torch.cat([F.linear(xb, w, bias) for xb, w in zip(x.split(route.sizes), weights)])
+    return y.view(*x.shape[:-1], weights.shape[1])  # [B, ..., out]
+
+
+def _grouped_mm_runs(x: torch.Tensor, out_features: int) -> bool:
+    """Whether `F.grouped_mm` runs on x [rows, in] -> [rows, out_features] without reading the
+    block offsets on the host: its CPU kernel (fp32, bf16, fp16) and its CUDA kernel (bf16,
+    compute capability 9.0 and up), each for rows of whole 16-byte units (its stride rule)."""
+    if any(n * x.element_size() % 16 for n in (x.shape[1], out_features)):
+        return False
+    if x.device.type == "cpu":
+        return x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (
+        x.device.type == "cuda"
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
 
 
 class KindLinear(nn.Module):
@@ -246,7 +238,7 @@ class KindLinear(nn.Module):
         # (invariant 2). Two ways to compute the same thing, chosen from the shapes:
         W = self.folded(route, x.numel() // self.in_features)
         if W is not None:  # few groups (CPU sizes): each block of samples through its own weight
-            return grouped_linear(x, W, self.bias, route.sizes)
+            return grouped_linear(x, W, self.bias, route)
         # Many groups, or static shapes (compile, GPUs): the learngene in one matmul for the whole
         # batch, each sample's rank-r tailor through its own gathered factors in batched products.
         return self.add_tailors(self._learngene(x), x, route)
@@ -426,7 +418,7 @@ def linears(
     if tailored and not unsorted:
         folded = [m.folded(route, rows) for m in layers]  # [P + 1, out, in] each, or None
         if all(w is not None for w in folded):  # each block through its group's weights
-            y = grouped_linear(x, torch.cat(folded, dim=1), bias, route.sizes)  # [..., Σ out]
+            y = grouped_linear(x, torch.cat(folded, dim=1), bias, route)  # [..., Σ out]
             return list(y.split(outs, dim=-1))
     if unsorted or not all(m.materialises(rows) for m in layers):
         return [m(x, route) for m in layers]
