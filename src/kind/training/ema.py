@@ -36,6 +36,7 @@ class EMA:
         """`banks`: parameter name -> the key of its rows in `update(rows)`, for row banks."""
         self.decay = decay
         self.params = dict(named_params)
+        self.data = {n: p.detach() for n, p in self.params.items()}  # detached once, not per update
         self.banks = {n: k for n, k in (banks or {}).items() if n in self.params}
         self.shadow = {n: p.detach().clone() for n, p in self.params.items()}
         self.counts: dict[str, int | torch.Tensor] = {
@@ -53,22 +54,22 @@ class EMA:
             if p.grad is None:
                 continue
             if n in self.banks:
-                self._update_rows(n, p, (rows or {}).get(self.banks[n]))
+                self._update_rows(n, (rows or {}).get(self.banks[n]))
                 continue
             c = self.counts[n]
             shadow, current = groups[c]
-            shadow.append(self.shadow[n]), current.append(p.detach())
+            shadow.append(self.shadow[n]), current.append(self.data[n])
             self.counts[n] = c + 1
         for count, (shadow, current) in groups.items():
             torch._foreach_lerp_(shadow, current, _weight(count, self.decay))
 
-    def _update_rows(self, name: str, p: torch.Tensor, rows: torch.Tensor | None) -> None:
+    def _update_rows(self, name: str, rows: torch.Tensor | None) -> None:
         if rows is None or rows.numel() == 0:
             return
         rows = rows.cpu()  # host indices, like the counts
         counts = self.counts[name]
         weights = _weight(counts[rows].double(), self.decay).tolist()  # one per row
-        torch._foreach_lerp_(pick_rows(self.shadow[name], rows), pick_rows(p.detach(), rows),
+        torch._foreach_lerp_(pick_rows(self.shadow[name], rows), pick_rows(self.data[name], rows),
                              weights)  # fmt: skip
         counts[rows] += 1
 
