@@ -6,9 +6,7 @@ Jobs are module-level functions, so the scheduler's spawned workers import them 
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 import sys
 import time
 from dataclasses import asdict, replace
@@ -38,7 +36,7 @@ from kind.experiments.results import (
     SizeRow,
 )
 from kind.experiments.scheduler import Job
-from kind.io import atomic_write_text, read_json
+from kind.io import read_json
 from kind.store.load import load_model
 from kind.store.parts import (
     assemble,
@@ -52,13 +50,12 @@ from kind.store.parts import (
 )
 from kind.store.runs import (
     CONFIG_JSON,
-    MARKER,
-    RUN_JSON,
     checkpoint_dirs,
     checkpoint_step,
     ema_weights,
     is_owned,
     is_run_dir,
+    start_from_checkpoint,
     usable_checkpoints,
 )
 from kind.store.sizes import size_table
@@ -198,8 +195,8 @@ def _adopt(source: Path, run: Path, cfg: Config) -> None:
     cfg.train.steps. The learning rate is constant after warm-up and a resumed run computes what
     an uninterrupted one does (tests/test_train.py), so `run` ends as the run of `cfg` from scratch
     would, without redoing the steps `source` took. Refused unless `source` trained the same data
-    and model with the same settings (its length aside). A partial start of `run` of our own
-    (no checkpoint yet) is replaced."""
+    and model with the same settings (its length aside); the files are `start_from_checkpoint`'s
+    business."""
     saved = read_json(source / CONFIG_JSON)
     mine = asdict(cfg)
     differ = [f"{k}: {saved.get(k)} vs {mine[k]}" for k in ("data", "group_file", "vae", "diffusion")
@@ -215,21 +212,7 @@ def _adopt(source: Path, run: Path, cfg: Config) -> None:
     if checkpoint is None:
         raise ValueError(f"cannot continue {source}: no checkpoint at or before step "
                          f"{cfg.train.steps}")  # fmt: skip
-    step = checkpoint_step(checkpoint)
-    if run.exists():
-        if not is_owned(run) or next(usable_checkpoints(run), None) is not None:
-            raise ValueError(f"{run} holds a run of its own; it cannot start as {source}")
-        shutil.rmtree(run)
-    run.mkdir(parents=True)
-    for name in (MARKER, CONFIG_JSON):
-        shutil.copy2(source / name, run / name)
-    lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
-    kept = [r for r in lines[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
-    atomic_write_text(run / "metrics.csv", "".join(lines[:1] + kept))
-    record = read_json(source / RUN_JSON) if (source / RUN_JSON).is_file() else {}
-    record["continued_from"] = {"run": str(source.resolve()), "step": step}
-    atomic_write_text(run / RUN_JSON, json.dumps(record, indent=2))
-    shutil.copytree(checkpoint, run / "checkpoints" / checkpoint.name)
+    start_from_checkpoint(run, source, checkpoint)
 
 
 def _finish(run: Path, result: TrainResult, diffusion: Diffusion, ref: str, preset: Preset,
@@ -341,7 +324,6 @@ def deploy_job(out: str, kind_run: str, threads: int, device: str) -> DeployResu
     if not is_parts_dir(parts):
         decompose(full, diffusion, parts, {"sample": meta.get("sample", {})})
     names = full.config.class_names
-    g = torch.Generator().manual_seed(0)
     variants = []
     for label, classes, merge_class in [
         ("1 class", names[:1], None),
@@ -355,13 +337,6 @@ def deploy_job(out: str, kind_run: str, threads: int, device: str) -> DeployResu
         model, _, _ = load_model(target)
         ids = [names.index(c) for c in classes]
         own = [model.config.class_names.index(c) for c in classes]  # ids inside the small model
-        y_full = torch.tensor(ids * 4 + [full.null_id] * 2)
-        y_own = torch.tensor(own * 4 + [model.null_id] * 2)
-        c, s = full.config.in_channels, full.config.image_size
-        x = torch.randn(len(y_full), c, s, s, generator=g)
-        t = torch.randint(0, 1000, (len(y_full),), generator=g)
-        with torch.no_grad():
-            ref, got = full(x, t, y_full), model(x, t, y_own)
         same = torch.equal(
             generate(full, diffusion, ids[:1] * 2, seed=7, steps=5),
             generate(model, diffusion, own[:1] * 2, seed=7, steps=5),
@@ -372,7 +347,7 @@ def deploy_job(out: str, kind_run: str, threads: int, device: str) -> DeployResu
                 classes=classes,
                 params=count_params(model),
                 bytes=sum(f.stat().st_size for f in target.rglob("*.safetensors")),
-                max_rel_diff=((got - ref).norm() / ref.norm()).item(),
+                max_rel_diff=_max_rel_diff(full, model, ids, own),
                 same_samples=same,
             )
         )
@@ -392,14 +367,17 @@ def svd_form(dense: DiT) -> DiT:
     return kindify(dense, cfg).eval()
 
 
-def _max_rel_diff(a: DiT, b: DiT) -> float:
-    """Relative difference of two models' outputs on a mixed batch of their classes and null."""
+def _max_rel_diff(a: DiT, b: DiT, classes: list[int], own: list[int] | None = None) -> float:
+    """Relative difference of model b's outputs from model a's on one seeded batch of `classes`
+    (ids of a; `own`: the same classes' ids in b, default the same ids) and the null class."""
     g = torch.Generator().manual_seed(0)
-    y = torch.tensor(a.config.held_classes * 2 + [a.null_id] * 2)
+    own = classes if own is None else own
+    y_a, y_b = (torch.tensor(ids * 4 + [m.null_id] * 2) for ids, m in ((classes, a), (own, b)))
     c, s = a.config.in_channels, a.config.image_size
-    x, t = torch.randn(len(y), c, s, s, generator=g), torch.randint(0, 1000, (len(y),), generator=g)
+    x = torch.randn(len(y_a), c, s, s, generator=g)
+    t = torch.randint(0, 1000, (len(y_a),), generator=g)
     with torch.no_grad():
-        ref, got = a.cpu()(x, t, y), b.cpu()(x, t, y)
+        ref, got = a.cpu()(x, t, y_a), b.cpu()(x, t, y_b)
     return ((got - ref).norm() / ref.norm()).item()
 
 
@@ -452,7 +430,7 @@ def size_job(out: str, source: str, parts: str, dense: str, preset: dict, thread
         if target < kind_floor and target < svd_floor:
             unreachable.append(target)
     return SizeCurveResult(source, kind_full, kind_floor, dense_full, svd_full, svd_floor,
-                           _max_rel_diff(dense_model, svd), unreachable, points)  # fmt: skip
+                           _max_rel_diff(dense_model, svd, dense_model.config.held_classes), unreachable, points)  # fmt: skip
 
 
 # ---- jobs for the scheduler ------------------------------------------------------------------

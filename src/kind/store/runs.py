@@ -21,7 +21,14 @@ import torch
 
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, load_state
-from kind.io import read_json, read_tensors, verify_checksums
+from kind.io import (
+    atomic_dir,
+    atomic_write_text,
+    read_json,
+    read_tensors,
+    verify_checksums,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,3 +240,28 @@ def usable_checkpoints(run_dir: Path) -> Iterator[Path]:
             log.warning("checkpoint %s is unreadable (%s); falling back to the one before", path, e)
             continue
         yield path
+
+
+def start_from_checkpoint(run: Path, source: Path, checkpoint: Path) -> None:
+    """Start run directory `run` as run `source` stopped at `checkpoint` (one of its own, checked):
+    its marker and config, its metrics up to that step, its record (saying where it continued
+    from) and the checkpoint, copied and checked against its checksums, for a resume to take it
+    further. `run` must be absent or a start of our own without a checkpoint (replaced)."""
+    run, source = Path(run), Path(source)
+    if run.exists():
+        if not is_owned(run) or next(usable_checkpoints(run), None) is not None:
+            raise RunDirError(f"{run} holds a run of its own; it cannot start as {source}")
+        shutil.rmtree(run)
+    step = checkpoint_step(checkpoint)
+    run.mkdir(parents=True)
+    (run / MARKER).write_text("a kind-dit run directory\n")
+    atomic_write_text(run / CONFIG_JSON, (source / CONFIG_JSON).read_text())
+    lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
+    kept = [r for r in lines[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
+    atomic_write_text(run / "metrics.csv", "".join(lines[:1] + kept))
+    record = read_json(source / RUN_JSON) if (source / RUN_JSON).is_file() else {}
+    write_json(run / RUN_JSON, record | {"continued_from": {"run": str(source.resolve()),
+                                                           "step": step}})  # fmt: skip
+    with atomic_dir(checkpoint_dir(run, step)) as tmp:
+        shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
+        verify_checksums(tmp)  # the copy is what the source's checksums say
