@@ -181,6 +181,8 @@ def test_grouped_linear_equals_each_block_through_its_own_weight(dtype):
         x.grad = w.grad = b.grad = None
     for got, want in zip(*grads):
         torch.testing.assert_close(got, want)
+    grouped_linear(x, w, b, route).sum().backward()  # a gradient of stride 0 (all ones)
+    torch.testing.assert_close(w.grad[0], (x[:2].sum((0, 1)))[None].expand(8, -1))
     if dtype == torch.float64:
         assert torch.autograd.gradcheck(lambda x, w, b: grouped_linear(x, w, b, route), (x, w, b))
 

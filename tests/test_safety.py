@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from kind.cli.main import main
-from kind.store.runs import run_lock
+from kind.store.runs import latest_checkpoint, run_lock, start_from_checkpoint
 from kind.training.config import load_config
 from kind.training.loop import train
 
@@ -80,6 +80,23 @@ def _demo_user_folder(tmp: Path, made: Path) -> Callable[[], None]:
     (folder / "notes.txt").write_text("mine")
     cfg = load_config(overrides={"data": "mnist:0-1", "train": {"steps": 1, "batch_size": 8}})
     return lambda: train(cfg, folder, **_continue(folder))
+
+
+def _continue_into(what: str) -> Callable[[Path, Path], Callable[[], None]]:
+    """A run started as another's checkpoint (the demo's continued pre-training) into a folder
+    holding a user's file or a run of its own."""
+
+    def setup(tmp: Path, made: Path) -> Callable[[], None]:
+        if what == "run":
+            target = _copy(made, tmp)
+        else:
+            target = tmp / "mine"
+            target.mkdir()
+            (target / "notes.txt").write_text("mine")
+        source = made / "run"
+        return lambda: start_from_checkpoint(target, source, latest_checkpoint(source))
+
+    return setup
 
 
 def _flipped_model(tmp: Path, made: Path) -> list[str]:
@@ -219,6 +236,8 @@ CASES = [
     Case("two runs in one --out", _locked, 2, "is being written by"),
     Case("demo never deletes a user's folder", _demo_user_folder, 2, "did not make"),
     Case("demo --out with user files", _demo_into_user_dir, 2, "not a kind-dit demo"),
+    Case("continue a run into a user's folder", _continue_into("user"), 2, "of its own"),
+    Case("continue a run into another run", _continue_into("run"), 2, "of its own"),
     Case("sample --out with user files", _sample_into_user_dir, 2, "other files than samples"),
     Case("bit flip in a model directory", _flipped_model, 2, "does not match its sha256"),
     Case("bit flip in the latest checkpoint", _flipped_checkpoint, 0, "falling back", False),

@@ -121,6 +121,8 @@ def grouped_linear(
         with torch.autocast(x.device.type, enabled=False):
             y = F.grouped_mm(x2, weights.transpose(1, 2), offs=route.offsets * per_sample)
         y = y if bias is None else y.add_(bias)  # grouped_mm's bias takes no gradient
+        if y.requires_grad:  # its backward refuses a gradient of stride 0 (that of y.sum())
+            y.register_hook(torch.Tensor.contiguous)
     else:  # a dtype or GPU that grouped_mm would run through a host-syncing loop: ours, on host ints
         y = torch.cat([F.linear(xb, w, bias) for xb, w in zip(x.split(route.sizes), weights)])
     return y.view(*x.shape[:-1], weights.shape[1])  # [B, ..., out]
