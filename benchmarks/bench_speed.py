@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from kind.core.decomposition import merge
 from kind.core.diffusion import Diffusion, DiffusionConfig
+from kind.core.flops import count_flops
 from kind.core.gated import route_to
 from kind.core.model import SIZES, DiT, ModelConfig, parse_size
 from kind.training.optim import masked_adamw
@@ -124,7 +124,7 @@ def main() -> None:
     for k in models:  # one more step each: its floating-point work and its peak memory
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with FlopCounterMode(display=False) as counter:
+        with count_flops() as counter:
             train_step(k)()
         flops[k] = counter.get_total_flops()
         if device.type == "cuda":

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
+from kind.core.flops import count_flops
 from kind.core.model import DiT, ModelConfig
 
 
@@ -33,9 +33,9 @@ def main() -> None:
                                 learn_sigma=True, class_names=names, rank_tailor=args.rank_tailor))  # fmt: skip
         n = args.batch_size
         x, y, t = torch.randn(n, 4, 32, 32), torch.arange(n) % args.classes, torch.arange(n) * 400
-        with FlopCounterMode(display=False) as train:
+        with count_flops() as train:
             Diffusion(DiffusionConfig()).loss(model, x, y, t, torch.randn_like(x), model.route(y)).mean().backward()  # fmt: skip
-        with FlopCounterMode(display=False) as forward, torch.no_grad():
+        with count_flops() as forward, torch.no_grad():
             model(x, t, y, model.route(y))
         print(f"{args.size} {'KIND' if kind else 'dense'}: {train.get_total_flops() / n / 1e9:.1f} "
               f"GFLOP a training image, {forward.get_total_flops() / n / 1e9:.1f} GFLOP a forward "

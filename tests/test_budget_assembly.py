@@ -4,11 +4,11 @@ to fit a parameter or a compute budget."""
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from kind.cli.main import main
 from kind.core.decomposition import PartsError
 from kind.core.diffusion import DiffusionConfig
+from kind.core.flops import count_flops
 from kind.core.model import DiT, ModelConfig, count_params
 from kind.store.load import load_model
 from kind.store.parts import (
@@ -123,7 +123,7 @@ def _counted(model: DiT) -> int:
     c, size = model.config.in_channels, model.config.image_size
     x = torch.randn(1, c, size, size)
     y = torch.tensor(model.config.held_classes[:1])
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
+    with sdpa_kernel(SDPBackend.MATH), count_flops() as counter, torch.no_grad():
         model.eval()(x, torch.tensor([500]), y)
     return counter.get_total_flops()
 

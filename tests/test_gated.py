@@ -5,6 +5,7 @@ weights or gathered factors, chosen from the shapes; static: per-sample gathered
 import pytest
 import torch
 
+from kind.core.flops import count_flops
 from kind.core.gated import (
     KindLinear,
     Linear,
@@ -175,8 +176,10 @@ def test_grouped_linear_equals_each_block_through_its_own_weight(dtype):
         lambda: grouped_linear(x, w, b, route),
         lambda: torch.einsum("btk,bok->bto", x, w[w_of]) + b,
     ):
-        y = fn()
-        y.backward(gy)
+        with count_flops() as counter:
+            y = fn()
+            y.backward(gy)
+        assert counter.get_total_flops() == 3 * 2 * 15 * 4 * 8  # y, grad x, grad w: 15 rows
         grads.append([y.detach()] + [p.grad.clone() for p in (x, w, b)])
         x.grad = w.grad = b.grad = None
     for got, want in zip(*grads):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from kind.core.diffusion import Diffusion
+from kind.core.flops import count_flops
 from kind.core.images import save_grid, save_npz
 from kind.core.kindify import kindify
 from kind.core.model import DiT, count_params, load_state
@@ -170,7 +170,7 @@ def _step_flops(model: DiT, diffusion: Diffusion, batch_size: int, device: str) 
     y = torch.tensor([classes[i % len(classes)] for i in range(batch_size)])
     t = torch.randint(0, diffusion.config.num_timesteps, (batch_size,), generator=g).to(device)
     route = model.route(y) if model.config.kind else None
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with sdpa_kernel(SDPBackend.MATH), count_flops() as counter:
         diffusion.loss(model, x, y.to(device), t, torch.randn_like(x), route).mean().backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
