@@ -29,7 +29,9 @@ GEMM's summation order changes, and the same samples.)
 
 Float results depend on the CPU's kernels and the thread count, so other machines may get other
 hashes: there, run this script on two versions of the code and compare what it prints. That is
-why this is a script and not a test.
+why this is a script and not a test. The grouped GEMM (torch's `grouped_mm` for the folded blocks)
+was checked that way: on a later session's machine (an Intel Xeon, 2 cores) the code before it
+(d111746) and after it both gave 135c1dd2…, c671de10…, 35ae4c62… and the dense samples above.
 """
 
 from __future__ import annotations
