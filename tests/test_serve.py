@@ -85,7 +85,7 @@ def sample_cli(parts, out, name, n, seed):
 
 
 def test_mixed_requests_share_one_forward_and_equal_kind_dit_sample(url, parts, tmp_path):
-    requests = [("one", 4, 11), ("two", 6, 12), ("three", 8, 13)]
+    requests = [("one", 8, 11), ("two", 10, 12), ("three", 12, 13)]  # kind.serve.draw: ≥ 16 rows
     answers = {}
 
     def ask(name, n, seed):

@@ -12,18 +12,21 @@ dropped:
    round differently. A batch is padded until it folds, P · min(in, out) ≤ tokens for every gated
    layer (P: tailor groups present), which is also how `kind-dit sample` computes a class alone
    as soon as its batch is big enough (n ≥ 4 with guidance for the tiny 28×28 model).
-2. BLAS products with few rows give a row a different rounding depending on where it falls:
-   MKL computes blocks of 4 rows in one kernel and the rest in another (row counts 1–3 differ
-   at one thread; 5–7 and 9–11 too at two; 17–19 and 25–27 too at sixteen). The per-sample
-   products (time and adaLN embeddings: one row a sample) therefore get a multiple of 4 rows.
-   The per-token products have samples × tokens rows: a multiple of 4 when the token count is
-   (16 for 28×28 images at patch 7, 256 for 32×32 latents at patch 2), else at least one
-   sample's tokens (49 at patch 4), above the counts where MKL varied.
+2. BLAS products with few rows give a row a different rounding depending on where it falls or
+   how many rows there are. On one 2-core x86-64 machine MKL computed blocks of 4 rows in one
+   kernel and the rest in another (row counts 1–3 differed at one thread; 5–7 and 9–11 too at
+   two; 17–19 and 25–27 too at sixteen); on an AVX-512 Xeon (2 cores) products of few rows take
+   another kernel altogether (with 128 inputs a row, 1–5 rows differ from the same rows in a
+   bigger product; with 256, 1–10; with 512, 1–15; from there on, none up to 600 rows). The
+   per-sample products (time and adaLN embeddings: one row a sample) therefore get a multiple
+   of 4 rows and at least 16. The per-token products have samples × tokens rows: a multiple of
+   4 when the token count is (16 for 28×28 images at patch 7, 256 for 32×32 latents at patch 2),
+   else at least one sample's tokens (49 at patch 4), above the counts where MKL varied.
 
 So a request's images do not depend on its batch mates, and equal `kind-dit sample`'s for the
 same class, seed and settings whenever that command folds and its own batch is a multiple of 4
-(e.g. n = 4, 6 or 8 with guidance on the tiny model). GPUs give no such guarantee (cuBLAS picks
-kernels by shape).
+rows and at least 16 (e.g. n = 8, 10 or 12 with guidance on the tiny model). GPUs give no such
+guarantee (cuBLAS picks kernels by shape).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from kind.core.images import to_uint8
 from kind.core.model import DiT
 
 ROW_BLOCK = 4  # rows MKL computes together (see 2. above)
+MIN_ROWS = 16  # fewer rows take MKL's kernel for small products on some CPUs (see 2. above)
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,17 @@ class Settings:
 
 def padding(model: DiT, samples: int, groups: int, guided: bool) -> int:
     """Null-class samples to add to a batch of `samples` samples of `groups` tailor groups so
-    that every gated layer folds and the per-sample products have a multiple of 4 rows."""
+    that every gated layer folds and the per-sample products have a multiple of 4 rows, at
+    least 16."""
     per_sample = model.grid**2  # tokens
     copies = 2 if guided else 1  # guidance doubles the batch with its null half
     # the null tailor, if any, is one group more once null samples are present (conservative)
     present = groups + (model.config.null_group is not None)
     total = samples
-    while (total * copies) % ROW_BLOCK or not all(
-        m.folds(present, total * copies * per_sample) for _, m in model.gated
+    while (
+        (total * copies) % ROW_BLOCK
+        or total * copies < MIN_ROWS
+        or not all(m.folds(present, total * copies * per_sample) for _, m in model.gated)
     ):
         total += 1
     return total - samples
