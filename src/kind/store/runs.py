@@ -254,7 +254,7 @@ def start_from_checkpoint(run: Path, source: Path, checkpoint: Path) -> None:
         shutil.rmtree(run)
     step = checkpoint_step(checkpoint)
     run.mkdir(parents=True)
-    (run / MARKER).write_text("a kind-dit run directory\n")
+    claim_run_dir(run, restart=False)  # our marker
     atomic_write_text(run / CONFIG_JSON, (source / CONFIG_JSON).read_text())
     lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
     kept = [r for r in lines[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
