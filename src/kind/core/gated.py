@@ -70,9 +70,9 @@ def make_route(slots: torch.Tensor, blocked: bool = True) -> Route:
     # samples without a tailor point at row 0 with gate 0 (the row is read, never applied)
     slot = [min(ranks[i], max(len(present) - 1, 0)) for i in perm]
     slot = None if slot == list(range(len(present))) else torch.tensor(slot)  # None: identity
+    ends = torch.tensor(sizes, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     return Route(rows=torch.tensor(present, dtype=torch.long), gate=gate[perm], slot=slot,
-                 sizes=tuple(sizes), offsets=torch.tensor(sizes, dtype=torch.int32).cumsum(0,
-                 dtype=torch.int32), order=order)  # fmt: skip
+                 sizes=tuple(sizes), offsets=ends, order=order)  # fmt: skip
 
 
 def route_to(route: Route, device: torch.device) -> Route:
