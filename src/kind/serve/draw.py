@@ -16,8 +16,9 @@ dropped:
    how many rows there are. On one 2-core x86-64 machine MKL computed blocks of 4 rows in one
    kernel and the rest in another (row counts 1–3 differed at one thread; 5–7 and 9–11 too at
    two; 17–19 and 25–27 too at sixteen); on an AVX-512 Xeon (2 cores) products of few rows take
-   another kernel altogether (with 128 inputs a row, 1–5 rows differ from the same rows in a
-   bigger product; with 256, 1–10; with 512, 1–15; from there on, none up to 600 rows). The
+   another kernel altogether (`F.linear(x[:n], w, b)` against the first n rows of the same
+   product over 600 rows, fp32, one and two threads: with 128 inputs a row n = 1–5 differ; with
+   256, 1–10; with 512, 1–15; no larger n up to 600). The
    per-sample products (time and adaLN embeddings: one row a sample) therefore get a multiple
    of 4 rows and at least 16. The per-token products have samples × tokens rows: a multiple of
    4 when the token count is (16 for 28×28 images at patch 7, 256 for 32×32 latents at patch 2),
