@@ -30,6 +30,7 @@ from bench_speed import timed  # noqa: E402  (the same alternating median timer)
 from kind.core.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from kind.core.model import DiT, ModelConfig  # noqa: E402
 from kind.training.ema import EMA  # noqa: E402
+from kind.training.host_memory import keep_freed_memory  # noqa: E402
 from kind.training.optim import keep_rows, masked_adamw  # noqa: E402
 
 CASES = ("DiT-S/4:150", "DiT-B/4:150", "DiT-S/4:611")
@@ -69,6 +70,7 @@ def training_parts(model: DiT, kind: bool):
 def _peak_step(size: str, classes: int, kind: bool, queue) -> None:
     """In a fresh process: one training step, then the process's peak resident memory (GiB)."""
     torch.set_num_threads(1)
+    keep_freed_memory()
     model = build(size, classes, kind)
     opt, ema = training_parts(model, kind)
     x, y, t, noise = batch(classes)
@@ -168,6 +170,7 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the training loop does on a CPU
     rows = [measure(case, args.repeats, args.step_repeats) for case in args.cases]
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch 16 of 16 distinct classes, "
           f"median of {args.repeats} (optimiser and EMA: of {args.step_repeats})\n")  # fmt: skip

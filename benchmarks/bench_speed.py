@@ -28,6 +28,7 @@ from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.flops import count_flops
 from kind.core.gated import route_to
 from kind.core.model import SIZES, DiT, ModelConfig, parse_size
+from kind.training.host_memory import keep_freed_memory
 from kind.training.optim import masked_adamw
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -78,6 +79,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cpu":  # as the training loop does: no page faults to refill its heap
+        keep_freed_memory()
     amp = PRECISIONS[args.precision]
     torch.manual_seed(0)
 

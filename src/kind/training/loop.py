@@ -55,6 +55,7 @@ from kind.store.runs import (
 )
 from kind.training import distributed
 from kind.training.config import Config, read_group_file, save_config
+from kind.training.host_memory import keep_freed_memory
 from kind.training.log import CsvLog
 from kind.training.optim import keep_rows
 from kind.training.state import TrainState
@@ -150,6 +151,8 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
     info = distributed.setup(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    if info.device.type == "cpu":  # the step's freed memory stays for the next step
+        keep_freed_memory()
     if info.is_main:  # rank 0 owns the directory; the others follow it after the barrier
         check_run_dir(out, resume, restart)
     B, world = tc.batch_size, info.world

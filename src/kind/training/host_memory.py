@@ -1,0 +1,43 @@
+"""Keep the CPU training step's freed memory in the process instead of handing it back every step.
+
+Why: glibc's malloc returns the top of its heap to the system once more than its trim threshold
+lies free there, and takes fresh pages from the system (a page fault each, the page zeroed) when
+the heap grows again. A KIND step frees its folded per-group weights and their gradients in an
+order that leaves the heap's top free at the end of every step: the tiny default model took ~5,000
+page faults a step (~20 MiB touched afresh), about 6 % of its step time, where the dense model,
+whose top stays in use, took none (BENCHMARKS.md). glibc would keep that memory itself once its
+adaptive threshold had met a large enough block; this sets the thresholds to the largest values
+that adaptation reaches (its mmap threshold's ceiling of 32 MiB, trimming at twice that), so the
+heap keeps at most 64 MiB free at its top. A library allocator swapped in with LD_PRELOAD
+(jemalloc, tcmalloc) does the same, but has to be set before the process starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc's malloc.h)
+MMAP_THRESHOLD = 32 * 2**20  # glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit systems
+TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # the ratio glibc's adaptation keeps
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's trim and mmap thresholds for this process (see the module docstring); True
+    when they were set, False where the C library is not glibc (nothing changes there)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    done = done and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    log.debug("malloc thresholds %s", "set" if done else "left as they were")
+    return done
