@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import timed  # noqa: E402  (the same alternating median timer)
 
 from kind.core.diffusion import Diffusion, DiffusionConfig  # noqa: E402
+from kind.core.host_memory import keep_freed_memory  # noqa: E402
 from kind.core.model import DiT, ModelConfig  # noqa: E402
 from kind.training.ema import EMA  # noqa: E402
-from kind.training.host_memory import keep_freed_memory  # noqa: E402
 from kind.training.optim import keep_rows, masked_adamw  # noqa: E402
 
 CASES = ("DiT-S/4:150", "DiT-B/4:150", "DiT-S/4:611")

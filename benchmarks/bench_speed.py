@@ -27,8 +27,8 @@ from kind.core.decomposition import merge
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.flops import count_flops
 from kind.core.gated import route_to
+from kind.core.host_memory import keep_freed_memory
 from kind.core.model import SIZES, DiT, ModelConfig, parse_size
-from kind.training.host_memory import keep_freed_memory
 from kind.training.optim import masked_adamw
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

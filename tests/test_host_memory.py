@@ -18,7 +18,7 @@ STEPS = """
 import json, resource, torch
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.model import DiT, ModelConfig
-from kind.training.host_memory import keep_freed_memory
+from kind.core.host_memory import keep_freed_memory
 from kind.training.optim import masked_adamw
 
 torch.manual_seed(0)

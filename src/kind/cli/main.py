@@ -40,6 +40,7 @@ from kind.cli import (
     train,
     transfer,
 )
+from kind.core.host_memory import keep_freed_memory
 
 COMMANDS = (
     train,
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    keep_freed_memory()  # every command's CPU work: no page faults to refill the heap
     try:
         args.func(args)
     except (ValueError, OSError, RuntimeError) as e:

@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kind.core.diffusion import Diffusion
 from kind.core.flops import count_flops
+from kind.core.host_memory import keep_freed_memory
 from kind.core.images import save_grid, save_npz
 from kind.core.kindify import kindify
 from kind.core.model import DiT, count_params, load_state
@@ -72,6 +73,7 @@ def _setup_worker(threads: int, log_file: Path) -> None:
     """One job's process: its thread count, and its log and progress bars in its own log file
     (the terminal shows only the demo's overall progress)."""
     torch.set_num_threads(threads)
+    keep_freed_memory()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     sys.stderr = open(log_file, "a", buffering=1)  # noqa: SIM115 (lives as long as the job)
     logging.basicConfig(

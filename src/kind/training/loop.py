@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion
+from kind.core.host_memory import keep_freed_memory
 from kind.core.images import save_grid
 from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT
@@ -55,7 +56,6 @@ from kind.store.runs import (
 )
 from kind.training import distributed
 from kind.training.config import Config, read_group_file, save_config
-from kind.training.host_memory import keep_freed_memory
 from kind.training.log import CsvLog
 from kind.training.optim import keep_rows
 from kind.training.state import TrainState

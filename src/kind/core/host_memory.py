@@ -1,15 +1,18 @@
-"""Keep the CPU training step's freed memory in the process instead of handing it back every step.
+"""Keep the freed memory of a CPU process's training steps and forwards instead of handing it back
+to the system after each one.
 
 Why: glibc's malloc returns the top of its heap to the system once more than its trim threshold
 lies free there, and takes fresh pages from the system (a page fault each, the page zeroed) when
-the heap grows again. A KIND step frees its folded per-group weights and their gradients in an
-order that leaves the heap's top free at the end of every step: the tiny default model took ~5,000
-page faults a step (~20 MiB touched afresh), about 6 % of its step time, where the dense model,
-whose top stays in use, took none (BENCHMARKS.md). glibc would keep that memory itself once its
+the heap grows again. The DiT's forward and backward free their activations, and KIND's its folded
+per-group weights, in an order that often leaves the heap's top free after a call: on the default
+tiny model, thousands of page faults a training step or guided sampling forward, more for KIND
+than for dense and varying with the heap's history, up to a third of a sampling forward's time
+(`benchmarks/bench_host_memory.py`, BENCHMARKS.md). glibc would keep that memory itself once its
 adaptive threshold had met a large enough block; this sets the thresholds to the largest values
 that adaptation reaches (its mmap threshold's ceiling of 32 MiB, trimming at twice that), so the
 heap keeps at most 64 MiB free at its top. A library allocator swapped in with LD_PRELOAD
-(jemalloc, tcmalloc) does the same, but has to be set before the process starts.
+(jemalloc, tcmalloc) does the same, but has to be set before the process starts; this is one call
+at the start of a command, a job's process, or `kind.training.train` on a CPU.
 """
 
 from __future__ import annotations
