@@ -11,9 +11,11 @@ import pytest
 
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
-# Identical KIND training steps of the default tiny model, page faults counted over steps 4-6,
-# before and after keep_freed_memory; in a fresh interpreter, since the setting is per process
-# and other tests' training runs set it in this one.
+# Identical KIND training steps of the default tiny model in a fresh interpreter that calls
+# keep_freed_memory first, as a command or a job's process does (the setting is per process, and
+# other tests' training runs set it in this one): the median page faults of steps 15-24, once the
+# heap has grown to what a step needs. Without the call such steps take hundreds to thousands each
+# (benchmarks/bench_host_memory.py).
 STEPS = """
 import json, resource, torch
 from kind.core.diffusion import Diffusion, DiffusionConfig
@@ -29,19 +31,19 @@ diffusion, g = Diffusion(DiffusionConfig()), torch.Generator().manual_seed(0)
 x, y = torch.randn(128, 1, 28, 28, generator=g), torch.arange(128) % 7
 t, noise = torch.randint(0, 1000, (128,), generator=g), torch.randn(128, 1, 28, 28, generator=g)
 
+kept = keep_freed_memory()
 def faults_per_step():
-    for i in range(6):
-        if i == 3:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    faults = []
+    for _ in range(24):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         opt.set_rows(model.present_rows(y))
         diffusion.loss(model, x, y, t, noise, model.route(y)).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(faults[14:])[5]  # the median step of the last ten
 
-default = faults_per_step()
-kept = keep_freed_memory()
-print(json.dumps({"default": default, "kept": kept, "after": faults_per_step()}))
+print(json.dumps({"kept": kept, "faults": faults_per_step()}))
 """
 
 
@@ -52,7 +54,4 @@ def test_training_steps_stop_page_faulting():
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["kept"] is True
-    # ~20 MiB of heap came back from the system every step before (thousands of faults); after,
-    # the steps reuse what the process holds
-    assert result["after"] < 100, result
-    assert result["after"] < result["default"], result
+    assert result["faults"] < 20, result  # the steps reuse the memory the process holds
