@@ -70,8 +70,9 @@ EVAL_SEED = 12345
 
 
 def _setup_worker(threads: int, log_file: Path) -> None:
-    """One job's process: its thread count, and its log and progress bars in its own log file
-    (the terminal shows only the demo's overall progress)."""
+    """One job's process: its thread count, its heap kept between steps (kind.core.host_memory),
+    and its log and progress bars in its own log file (the terminal shows only the demo's overall
+    progress)."""
     torch.set_num_threads(threads)
     keep_freed_memory()
     log_file.parent.mkdir(parents=True, exist_ok=True)
