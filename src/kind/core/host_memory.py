@@ -6,7 +6,7 @@ lies free there, and takes fresh pages from the system (a page fault each, the p
 the heap grows again. The DiT's forward and backward free their activations, and KIND's its folded
 per-group weights, in an order that often leaves the heap's top free after a call: on the default
 tiny model, thousands of page faults a training step or guided sampling forward, more for KIND
-than for dense and varying with the heap's history, up to a third of a sampling forward's time
+than for dense and varying with the heap's history, up to 30 % of a sampling forward's time
 (`benchmarks/bench_host_memory.py`, BENCHMARKS.md). glibc would keep that memory itself once its
 adaptive threshold had met a large enough block; this sets the thresholds to the largest values
 that adaptation reaches (its mmap threshold's ceiling of 32 MiB, trimming at twice that), so the
