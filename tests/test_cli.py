@@ -38,6 +38,23 @@ def test_sample_is_reproducible_and_writes_png_and_npz(run, tmp_path):
     assert (tmp_path / "a" / "samples.png").stat().st_size > 0
 
 
+def test_sample_compiled_draws_what_eager_draws(run, tmp_path, monkeypatch):
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # no graph of another test's model in the count
+    counters.clear()
+    eager_compile = torch.compile  # aot_eager: dynamo's trace without inductor's code generation
+    monkeypatch.setattr(torch, "compile", lambda m: eager_compile(m, backend="aot_eager"))
+    for name, flag in (("eager", ""), ("compiled", "--compile")):
+        cli(f"sample {{}} --classes 0,2 --n 2 --steps 2 {flag} --out {{}}", run, tmp_path / name)
+    a, b = (
+        np.load(tmp_path / n / "samples.npz")["arr_0"].astype(int) for n in ("eager", "compiled")
+    )
+    assert np.abs(a - b).max() <= 1  # the static route's fp32 rounding against the folded one
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 def test_sample_refuses_to_overwrite_and_unknown_classes(run, tmp_path, capsys):
     main(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):

@@ -10,6 +10,7 @@ guidance (over all channels, or the first k as DiT's sampler does).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -214,8 +215,13 @@ class Diffusion:
         guided = cfg_scale != 1.0
         y_in = torch.cat([y, torch.full_like(y, null_id)]) if guided else y
         timesteps = progress(sched.timesteps) if progress else sched.timesteps
-        # a KIND model's route, built once for every step (the labels do not change)
-        route = model.route(y_in) if hasattr(model, "route") else None
+        # a KIND model's route, built once for every step (the labels do not change); a compiled
+        # model's is static, its shapes set by the batch size, so one compile serves any classes
+        route = (
+            model.route(y_in.cpu(), blocked=not compiled(model))
+            if hasattr(model, "route")
+            else None
+        )
         kwargs = {} if route is None else {"route": route}
         for t in timesteps:
             x_in = torch.cat([x, x]) if guided else x
@@ -228,6 +234,15 @@ class Diffusion:
             else:
                 x = sched.step(out, t, x, generator=generators).prev_sample
         return x
+
+
+def compiled(model: Callable) -> bool:
+    """Whether `model` runs through torch.compile: wrapped (`torch.compile(model)`) or compiled in
+    place (`model.compile()`). torch has no public test for either; a wrapped model is dynamo's
+    `OptimizedModule`, and dynamo is loaded once anything has been compiled."""
+    dynamo = sys.modules.get("torch._dynamo")
+    wrapped = dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+    return wrapped or getattr(model, "_compiled_call_impl", None) is not None
 
 
 def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int) -> torch.Tensor:

@@ -349,9 +349,10 @@ class DiT(nn.Module):
 
     def route(self, y: torch.Tensor, blocked: bool = True) -> Route | None:
         """The route of labels y (see `kind.core.gated.Route`), None for a dense model. Blocked:
-        read on the host, classes checked (call it once per batch, with CPU labels where you have
-        them); static: no host sync, for compiled models."""
-        if blocked:
+        read on the host (call it once per batch, with CPU labels where you have them); static:
+        no host sync, for compiled models. Labels on the host are checked against the classes
+        the model holds (outside a compiled graph)."""
+        if blocked or (y.device.type == "cpu" and not torch.compiler.is_compiling()):
             y = y.cpu()
             self.check_classes(y)
         if self.tailors is None:
