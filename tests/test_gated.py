@@ -10,6 +10,7 @@ from kind.core.gated import (
     KindLinear,
     Linear,
     TailorBank,
+    _ThinBaddbmm,
     grouped_linear,
     linears,
     make_route,
@@ -64,12 +65,36 @@ def test_output_of_a_sample_ignores_other_groups_tailors(
 
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)
 def test_blocked_and_static_routes_agree(fin, fout, rg, rt, groups, tokens):
+    """Outputs and every gradient: the input's, the learngene's and the bank rows'."""
     torch.manual_seed(6)
     layer, bank = _layer(fin, fout, rg, rt, groups)
     g = [groups[-1], -1, groups[0], groups[-1], groups[0]]
-    x = torch.randn(len(g), tokens, fin)
-    torch.testing.assert_close(_run(layer, bank, x, g), _run(layer, bank, x, g, blocked=False),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    x = torch.randn(len(g), tokens, fin, requires_grad=True)
+    gy = torch.randn(len(g), tokens, fout)
+    params = [x, layer.U, layer.S, layer.V, layer.bias, bank.rows]
+    results = []
+    for blocked in (True, False):
+        y = _run(layer, bank, x, g, blocked=blocked)
+        y.backward(gy)
+        results.append([y.detach()] + [p.grad.to_dense() for p in params])
+        for p in params:
+            p.grad = None
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_thin_products_gradients():
+    """The thin baddbmm's own backward (a's gradient as the transposed product) against finite
+    differences, with and without a gradient for the base (a frozen learngene)."""
+    torch.manual_seed(7)
+    base = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(3, 6, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_ThinBaddbmm.apply, (base, a, b))
+    assert torch.autograd.gradcheck(_ThinBaddbmm.apply, (base.detach(), a, b))
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)  # the fold's expanded base
+    assert torch.autograd.gradcheck(lambda w, a, b: _ThinBaddbmm.apply(w.expand(3, -1, -1), a, b),
+                                    (w, a, b))  # fmt: skip
 
 
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)

@@ -143,6 +143,30 @@ def _grouped_mm_runs(x: torch.Tensor, out_features: int) -> bool:
     )
 
 
+class _ThinBaddbmm(torch.autograd.Function):
+    """torch.baddbmm(base, a, b) for a thin a [n, m, r] (r: a tailor's rank) and b [n, r, k].
+
+    Its backward takes a's gradient as the transposed product (b @ gᵀ)ᵀ: autograd computes it as
+    g @ bᵀ, a batched product with r columns, which MKL runs ~4× slower than the same numbers with
+    r rows (BENCHMARKS.md); the other gradients are autograd's."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        return torch.baddbmm(base, a, b)  # [n, m, k]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        # grad [n, m, k] -> base [n, m, k], a [n, m, r], b [n, r, k]
+        a, b = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast: the product's dtype
+        need_base, need_a, need_b = ctx.needs_input_grad
+        return (
+            grad if need_base else None,
+            torch.bmm(b, grad.transpose(1, 2)).transpose(1, 2) if need_a else None,
+            torch.bmm(a.transpose(1, 2), grad) if need_b else None,
+        )
+
+
 class KindLinear(nn.Module):
     """Linear layer in SVD form: learngene components (its own parameters) plus, per sample, the
     components of that sample's tailor group, which live in the model's `TailorBank`.
@@ -274,7 +298,7 @@ class KindLinear(nn.Module):
         w = self.learngene_weight()  # [out, in]
         US = F.pad(U * S[:, None], (0, 0, 0, 0, 0, 1))  # [P + 1, out, r], last row zero
         Vt = F.pad(V, (0, 0, 0, 0, 0, 1)).transpose(1, 2)  # [P + 1, r, in]
-        return torch.baddbmm(w.expand(US.shape[0], -1, -1), US, Vt)  # [P + 1, out, in]
+        return _ThinBaddbmm.apply(w.expand(US.shape[0], -1, -1), US, Vt)  # [P + 1, out, in]
 
     def _learngene(self, x: torch.Tensor) -> torch.Tensor:
         """The learngene for the whole batch, materialised or factored (`materialises`)."""
