@@ -110,6 +110,30 @@ def test_masked_adamw_is_adamw_on_present_rows_and_still_elsewhere():
     assert torch.all(opt.state[bank]["exp_avg"][[0, 2, 4]] == 0)
 
 
+def test_masked_adamw_counts_each_plain_parameter_and_resumes_from_its_state_dict():
+    from kind.training.optim import MaskedAdamW
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt = MaskedAdamW(params, {}, lr=0.1, weight_decay=0.2)
+    ref = torch.optim.AdamW(copies, lr=0.1, weight_decay=0.2)
+    for step in range(4):  # parameter 1 gets no gradient in steps 1 and 2, parameter 2 not in 0
+        for i, (p, c) in enumerate(zip(params, copies)):
+            skip = (i == 1 and step in (1, 2)) or (i == 2 and step == 0)
+            p.grad = c.grad = None if skip else torch.randn(4)
+        opt.step(), ref.step()
+        if step == 1:  # resume from a copy of the state, into a new optimiser
+            saved = opt.state_dict()
+            opt = MaskedAdamW(params, {}, lr=0.1, weight_decay=0.2)
+            opt.load_state_dict(saved)
+    assert [float(opt.state[p]["step"]) for p in params] == [4.0, 2.0, 3.0]
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p, c, rtol=1e-6, atol=1e-7)
+    steps = [st["step"] for st in opt.state_dict()["state"].values()]  # each its own tensor
+    assert len({t.untyped_storage().data_ptr() for t in steps}) == len(steps)
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     data = _data([0, 1, 2, 3])
     train(_cfg(4, weight_decay=0.05), tmp_path / "straight", data=data)
