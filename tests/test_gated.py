@@ -79,8 +79,12 @@ def test_blocked_and_static_routes_agree(fin, fout, rg, rt, groups, tokens):
         results.append([y.detach()] + [p.grad.to_dense() for p in params])
         for p in params:
             p.grad = None
-    for got, want in zip(*results, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    names = ["y", "x", "U", "S", "V", "bias", "bank rows"]
+    for name, got, want in zip(names, *results, strict=True):
+        # relative to the tensor's norm: a gradient sums many products, so an element near zero
+        # can differ by fp32 rounding of its larger terms (~1e-5 absolute on an Intel Xeon)
+        err = ((got - want).norm() / want.norm()).item()
+        assert err <= 1e-5, f"{name}: relative error {err:.1e}"
 
 
 def test_thin_products_gradients():
