@@ -158,7 +158,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         if len(has) == counts.numel():
             counts.add_(1)
         elif has:
-            counts.index_add_(0, torch.tensor(has, device=counts.device), counts.new_ones(len(has)))
+            index = torch.tensor(has).to(counts.device, non_blocking=True)  # as the bank rows
+            counts.index_add_(0, index, counts.new_ones(len(has)))
 
     def _bank_lists(self, group: dict, x: list, g: list, m: list, v: list, step: list) -> None:
         """The present rows of the group's bank, its gradient's rows, moments and step counts."""
