@@ -10,7 +10,8 @@ from kind.core.gated import (
     KindLinear,
     Linear,
     TailorBank,
-    _ThinBaddbmm,
+    _Fold,
+    fold,
     grouped_linear,
     linears,
     make_route,
@@ -88,17 +89,45 @@ def test_blocked_and_static_routes_agree(fin, fout, rg, rt, groups, tokens):
 
 
 def test_thin_products_gradients():
-    """The thin baddbmm's own backward (a's gradient as the transposed product) against finite
-    differences, with and without a gradient for the base (a frozen learngene)."""
+    """The fold's own backward (a's gradient as the transposed product) against finite
+    differences, with and without a gradient for the learngene weights (a frozen learngene)."""
     torch.manual_seed(7)
-    base = torch.randn(3, 6, 5, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(3, 6, 2, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, 2, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(_ThinBaddbmm.apply, (base, a, b))
-    assert torch.autograd.gradcheck(_ThinBaddbmm.apply, (base.detach(), a, b))
-    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)  # the fold's expanded base
-    assert torch.autograd.gradcheck(lambda w, a, b: _ThinBaddbmm.apply(w.expand(3, -1, -1), a, b),
-                                    (w, a, b))  # fmt: skip
+    w = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)  # [L, out, in]
+    a = torch.randn(3, 2, 6, 2, dtype=torch.float64, requires_grad=True)  # [n, L, out, r]
+    b = torch.randn(3, 2, 2, 5, dtype=torch.float64, requires_grad=True)  # [n, L, r, in]
+    assert torch.autograd.gradcheck(_Fold.apply, (w, a, b))
+    assert torch.autograd.gradcheck(_Fold.apply, (w.detach(), a, b))
+
+
+def test_layers_of_one_shape_fold_together_as_each_alone():
+    """`fold` over the layers of a model (one batched product a shape) gives each layer the
+    weights, and its factors and bank rows the gradients, of folding it alone; layers that do not
+    fold these rows get None."""
+    torch.manual_seed(3)
+    shapes = [(16, 32, 8), (32, 16, 8), (16, 32, 8), (16, 32, 4), (16, 32, 8), (64, 64, 8)]
+    layers = [KindLinear(fin, fout, rg, 2) for fin, fout, rg in shapes]
+    bank = TailorBank(layers, [0, 1, 2])
+    bank.reset(layers)
+    with torch.no_grad():
+        bank.rows.normal_()
+    route = make_route(torch.tensor([0, 2, 2, -1, 0]))
+    rows = 40  # 2 groups fold a 16x32 layer (2·16·32 ≤ 40·32), not a 64x64 one
+    params = [bank.rows] + [p for m in layers[:-1] for p in (m.U, m.S, m.V)]
+    results = []
+    for together in (True, False):
+        attached = bank.attach(route)
+        ws = (
+            fold(layers, attached, rows)
+            if together
+            else [fold([m], attached, rows)[0] for m in layers]
+        )
+        assert ws[-1] is None and all(w is not None for w in ws[:-1])
+        sum(w.square().sum() * i for i, w in enumerate(ws[:-1], 1)).backward()
+        results.append([w.detach() for w in ws[:-1]] + [p.grad.to_dense() for p in params])
+        for p in params:
+            p.grad = None
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)

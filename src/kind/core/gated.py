@@ -38,7 +38,9 @@ class Route:
       recompiles for another class mix.
 
     `gate` is 1 for a sample with a tailor and 0 for the null class when it has none. `factors`
-    holds the gathered tailor rows cut per layer (`TailorBank.gather`), filled in by the model.
+    holds the gathered tailor rows cut per layer (`TailorBank.gather`), and `weights` the blocked
+    route's folded weights per layer (`fold`, None where a layer does not fold), both filled in
+    by the model, indexed by the layers' places in the bank.
     """
 
     rows: torch.Tensor  # int64 [P] (blocked) or [B] (static): bank rows to gather
@@ -48,6 +50,7 @@ class Route:
     offsets: torch.Tensor | None = None  # int32 [len(rows) + 1]: where each block ends (blocked)
     order: torch.Tensor | None = None  # int64 [B] permutation into block order, or None
     factors: tuple[torch.Tensor, ...] = ()  # per layer: [len(rows), tailor_width]
+    weights: tuple[torch.Tensor | None, ...] = ()  # per layer: [len(rows) + 1, out, in] or None
 
 
 def make_route(slots: torch.Tensor, blocked: bool = True) -> Route:
@@ -143,27 +146,31 @@ def _grouped_mm_runs(x: torch.Tensor, out_features: int) -> bool:
     )
 
 
-class _ThinBaddbmm(torch.autograd.Function):
-    """torch.baddbmm(base, a, b) for a thin a [n, m, r] (r: a tailor's rank) and b [n, r, k].
+class _Fold(torch.autograd.Function):
+    """w[None] + a @ b: learngene weights w [L, out, in] plus thin products a [n, L, out, r] @
+    b [n, L, r, in] (r: a tailor's rank), the n folded weights of L layers: [n, L, out, in].
 
     Its backward takes a's gradient as the transposed product (b @ gᵀ)ᵀ: autograd computes it as
     g @ bᵀ, a batched product with r columns, which MKL runs ~4× slower than the same numbers with
     r rows (BENCHMARKS.md); the other gradients are autograd's."""
 
     @staticmethod
-    def forward(ctx, base: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
-        return torch.baddbmm(base, a, b)  # [n, m, k]
+        (n, L, fout, r), fin = a.shape, b.shape[-1]
+        base = w.expand(n, L, fout, fin).reshape(n * L, fout, fin)  # a view when L is 1
+        W = torch.baddbmm(base, a.reshape(n * L, fout, r), b.reshape(n * L, r, fin))
+        return W.view(n, L, fout, fin)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        # grad [n, m, k] -> base [n, m, k], a [n, m, r], b [n, r, k]
+        # grad [n, L, out, in] -> w [L, out, in], a [n, L, out, r], b [n, L, r, in]
         a, b = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast: the product's dtype
-        need_base, need_a, need_b = ctx.needs_input_grad
+        need_w, need_a, need_b = ctx.needs_input_grad
         return (
-            grad if need_base else None,
-            torch.bmm(b, grad.transpose(1, 2)).transpose(1, 2) if need_a else None,
-            torch.bmm(a.transpose(1, 2), grad) if need_b else None,
+            grad.sum(0) if need_w else None,
+            torch.matmul(b, grad.transpose(-1, -2)).transpose(-1, -2) if need_a else None,
+            torch.matmul(a.transpose(-1, -2), grad) if need_b else None,
         )
 
 
@@ -283,22 +290,12 @@ class KindLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
     def folded(self, route: Route, rows: int) -> torch.Tensor | None:
-        """The weights [P + 1, out, in] of a blocked route's P groups and its tailorless last block,
-        when this layer folds them for a batch of `rows` rows (`folds`); else None.
-
-        Each group's weight is the learngene plus its tailor, U_G diag(σ_G) V_Gᵀ + U_T diag(σ_T)
-        V_Tᵀ. The tailorless block's weight is the learngene alone: a zero tailor appended to the
-        thin factors, so one baddbmm writes all P + 1 weights (no concatenation of out × in
-        weights)."""
-        if route.sizes is None or not self.rank_tailor or route.rows.shape[0] == 0:
-            return None
-        U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
-        if not self.folds(U.shape[0], rows):
-            return None
-        w = self.learngene_weight()  # [out, in]
-        US = F.pad(U * S[:, None], (0, 0, 0, 0, 0, 1))  # [P + 1, out, r], last row zero
-        Vt = F.pad(V, (0, 0, 0, 0, 0, 1)).transpose(1, 2)  # [P + 1, r, in]
-        return _ThinBaddbmm.apply(w.expand(US.shape[0], -1, -1), US, Vt)  # [P + 1, out, in]
+        """This layer's weights [P + 1, out, in] for a blocked route's P groups and its tailorless
+        block, or None when it does not fold them (`fold`): the model's, folded with the other
+        layers of this shape, or, for a route without them, this layer's own."""
+        if route.weights and self.rank_tailor:
+            return route.weights[self.bank_slot]
+        return fold([self], route, rows)[0]
 
     def _learngene(self, x: torch.Tensor) -> torch.Tensor:
         """The learngene for the whole batch, materialised or factored (`materialises`)."""
@@ -361,6 +358,44 @@ class KindLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, r_learngene={self.rank_learngene}, "
             f"r_tailor={self.rank_tailor}"
         )
+
+
+def fold(layers: list[KindLinear], route: Route, rows: int) -> tuple[torch.Tensor | None, ...]:
+    """The weights [P + 1, out, in] of a blocked route's P groups and its tailorless last block for
+    each of `layers` that folds a batch of `rows` rows (`KindLinear.folds`); None for the others.
+
+    Each group's weight is the learngene plus its tailor, U_G diag(σ_G) V_Gᵀ + U_T diag(σ_T) V_Tᵀ;
+    the tailorless block's is the learngene alone: a zero tailor appended to the thin factors, so
+    one product writes all P + 1 weights. Layers of one shape fold together in one batched product:
+    a model has a few shapes and many layers, and folding one layer at a time costs some twenty
+    small operations a layer, forward and backward, which at CPU sizes outweighs the arithmetic."""
+    out: list[torch.Tensor | None] = [None] * len(layers)
+    if route.sizes is None or route.rows.shape[0] == 0:
+        return tuple(out)
+    P = route.rows.shape[0]
+    shapes: dict[tuple[int, int, int], list[int]] = {}
+    for i, m in enumerate(layers):  # once per forward, over layers (not groups or samples)
+        if m.rank_tailor and m.folds(P, rows):
+            shapes.setdefault((m.in_features, m.out_features, m.rank_learngene), []).append(i)
+    for idx in shapes.values():
+        ms = [layers[i] for i in idx]
+        L, head = len(ms), ms[0]
+        chunks = _stack([route.factors[m.bank_slot] for m in ms], dim=1)  # [P, L, width]
+        U, S, V = (f.unflatten(0, (P, L)) for f in head.unpack(chunks.flatten(0, 1)))
+        # U [P, L, out, r], S [P, L, r], V [P, L, in, r]
+        UG, SG, VG = (_stack([getattr(m, f) for m in ms], dim=0) for f in "USV")
+        w = torch.bmm(UG * SG[:, None], VG.transpose(1, 2))  # [L, out, in]: the learngenes
+        US = F.pad(U * S[..., None, :], (0, 0, 0, 0, 0, 0, 0, 1))  # [P + 1, L, out, r]
+        Vt = F.pad(V, (0, 0, 0, 0, 0, 0, 0, 1)).transpose(-1, -2)  # [P + 1, L, r, in]
+        W = _Fold.apply(w, US, Vt)  # [P + 1, L, out, in]
+        for i, W_i in zip(idx, W.unbind(1) if L > 1 else [W.squeeze(1)]):  # [P + 1, out, in]
+            out[i] = W_i
+    return tuple(out)
+
+
+def _stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.stack, but a view for one tensor (a layer folding alone), not a copy."""
+    return torch.stack(tensors, dim) if len(tensors) > 1 else tensors[0].unsqueeze(dim)
 
 
 class TailorBank(nn.Module):

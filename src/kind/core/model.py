@@ -21,7 +21,16 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-from kind.core.gated import KindLinear, Linear, Route, TailorBank, linears, make_route, route_to
+from kind.core.gated import (
+    KindLinear,
+    Linear,
+    Route,
+    TailorBank,
+    fold,
+    linears,
+    make_route,
+    route_to,
+)
 
 # name -> (depth, hidden size, heads); DiT-* as in the DiT paper, the small ones for CPUs.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -400,6 +409,11 @@ class DiT(nn.Module):
             if order is not None:  # sort once into group blocks so no layer has to (see Route)
                 x, t, y = x[order], t[order], y[order]
             route = self.tailors.attach(replace(route, order=None))
+            if torch.is_grad_enabled() and not (self.grad_checkpointing and self.training):
+                # a step keeps every folded weight for its backward anyway: fold all layers at
+                # once, a product a shape (inference folds layer by layer, freeing as it goes)
+                layers = [m for _, m in self.gated]  # each runs on the B·T token rows
+                route = replace(route, weights=fold(layers, route, x.shape[0] * self.grid**2))
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D]
         c = self.t_embedder(t) + self.y_embedder(y, self.null_id)  # [B, D]
         for block in self.blocks:
