@@ -158,9 +158,10 @@ class _Fold(torch.autograd.Function):
     def forward(ctx, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(a, b)
         (n, L, fout, r), fin = a.shape, b.shape[-1]
-        base = w.expand(n, L, fout, fin).reshape(n * L, fout, fin)  # a view when L is 1
-        W = torch.baddbmm(base, a.reshape(n * L, fout, r), b.reshape(n * L, r, fin))
-        return W.view(n, L, fout, fin)
+        W = w.expand(n, L, fout, fin).contiguous()  # the learngenes, their tailors added in place
+        W3 = W.view(n * L, fout, fin)
+        torch.baddbmm(W3, a.reshape(n * L, fout, r), b.reshape(n * L, r, fin), out=W3)
+        return W
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
