@@ -99,10 +99,9 @@ def test_thin_products_gradients():
     assert torch.autograd.gradcheck(_Fold.apply, (w.detach(), a, b))
 
 
-def test_layers_of_one_shape_fold_together_as_each_alone():
-    """`fold` over the layers of a model (one batched product a shape) gives each layer the
-    weights, and its factors and bank rows the gradients, of folding it alone; layers that do not
-    fold these rows get None."""
+def _model_layers():
+    """Gated layers of three shapes plus one that does not fold these rows, with their bank (every
+    tailor pushed away from zero) and a blocked route of two groups and a null sample."""
     torch.manual_seed(3)
     shapes = [(16, 32, 8), (32, 16, 8), (16, 32, 8), (16, 32, 4), (16, 32, 8), (64, 64, 8)]
     layers = [KindLinear(fin, fout, rg, 2) for fin, fout, rg in shapes]
@@ -110,24 +109,47 @@ def test_layers_of_one_shape_fold_together_as_each_alone():
     bank.reset(layers)
     with torch.no_grad():
         bank.rows.normal_()
-    route = make_route(torch.tensor([0, 2, 2, -1, 0]))
     rows = 40  # 2 groups fold a 16x32 layer (2·16·32 ≤ 40·32), not a 64x64 one
+    return layers, bank, make_route(torch.tensor([0, 2, 2, -1, 0])), rows
+
+
+def _folded(layers, bank, route, rows, together: bool) -> list[torch.Tensor]:
+    """The folded weights of the layers that fold, then the gradients of a loss on them: the bank
+    rows' and every folding layer's U, S and V."""
+    attached = bank.attach(route)
+    ws = (
+        fold(layers, attached, rows) if together else [fold([m], attached, rows)[0] for m in layers]
+    )
+    assert ws[-1] is None and all(w is not None for w in ws[:-1])
+    sum(w.float().square().sum() * i for i, w in enumerate(ws[:-1], 1)).backward()
     params = [bank.rows] + [p for m in layers[:-1] for p in (m.U, m.S, m.V)]
-    results = []
-    for together in (True, False):
-        attached = bank.attach(route)
-        ws = (
-            fold(layers, attached, rows)
-            if together
-            else [fold([m], attached, rows)[0] for m in layers]
-        )
-        assert ws[-1] is None and all(w is not None for w in ws[:-1])
-        sum(w.square().sum() * i for i, w in enumerate(ws[:-1], 1)).backward()
-        results.append([w.detach() for w in ws[:-1]] + [p.grad.to_dense() for p in params])
-        for p in params:
-            p.grad = None
-    for got, want in zip(*results, strict=True):
+    grads = [p.grad.to_dense() for p in params]
+    for p in params:
+        p.grad = None
+    return [w.detach() for w in ws[:-1]] + grads
+
+
+def test_layers_of_one_shape_fold_together_as_each_alone():
+    """`fold` over the layers of a model (one batched product a shape) gives each layer the
+    weights, and its factors and bank rows the gradients, of folding it alone; layers that do not
+    fold these rows get None."""
+    layers, bank, route, rows = _model_layers()
+    together, alone = (_folded(layers, bank, route, rows, t) for t in (True, False))
+    for got, want in zip(together, alone, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_fold_under_bf16_autocast():
+    """Under autocast the folded weights come out in the GEMMs' dtype (bf16 on a CPU), folded
+    together or alone, forward and backward, within bf16 rounding of fp32's."""
+    layers, bank, route, rows = _model_layers()
+    want = _folded(layers, bank, route, rows, together=False)
+    for together in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = _folded(layers, bank, route, rows, together)
+        assert all(w.dtype == torch.bfloat16 for w in got[: len(layers) - 1])
+        for g, w in zip(got, want, strict=True):
+            assert ((g.float() - w).norm() / w.norm()).item() < 2e-2
 
 
 @pytest.mark.parametrize("fin,fout,rg,rt,groups,tokens", CASES)

@@ -156,6 +156,7 @@ class _Fold(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # w, a and b of one dtype (autocast does not cast an out= product's operands)
         ctx.save_for_backward(a, b)
         (n, L, fout, r), fin = a.shape, b.shape[-1]
         W = w.expand(n, L, fout, fin).contiguous()  # the learngenes, their tailors added in place
@@ -166,7 +167,7 @@ class _Fold(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         # grad [n, L, out, in] -> w [L, out, in], a [n, L, out, r], b [n, L, r, in]
-        a, b = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast: the product's dtype
+        a, b = ctx.saved_tensors
         need_w, need_a, need_b = ctx.needs_input_grad
         return (
             grad.sum(0) if need_w else None,
@@ -388,7 +389,8 @@ def fold(layers: list[KindLinear], route: Route, rows: int) -> tuple[torch.Tenso
         w = torch.bmm(UG * SG[:, None], VG.transpose(1, 2))  # [L, out, in]: the learngenes
         US = F.pad(U * S[..., None, :], (0, 0, 0, 0, 0, 0, 0, 1))  # [P + 1, L, out, r]
         Vt = F.pad(V, (0, 0, 0, 0, 0, 0, 0, 1)).transpose(-1, -2)  # [P + 1, L, r, in]
-        W = _Fold.apply(w, US, Vt)  # [P + 1, L, out, in]
+        # the tailors in the learngenes' dtype: under autocast, the one its GEMMs compute in
+        W = _Fold.apply(w, US.to(w.dtype), Vt.to(w.dtype))  # [P + 1, L, out, in]
         for i, W_i in zip(idx, W.unbind(1) if L > 1 else [W.squeeze(1)]):  # [P + 1, out, in]
             out[i] = W_i
     return tuple(out)
