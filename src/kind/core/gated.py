@@ -152,7 +152,7 @@ class _Fold(torch.autograd.Function):
 
     Its backward takes a's gradient as the transposed product (b @ gᵀ)ᵀ: autograd computes it as
     g @ bᵀ, a batched product with r columns, which MKL runs ~4× slower than the same numbers with
-    r rows (BENCHMARKS.md); the other gradients are autograd's."""
+    r rows (BENCHMARKS.md); w's gradient sums over the n weights, b's is the usual product."""
 
     @staticmethod
     def forward(ctx, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
