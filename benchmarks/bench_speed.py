@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kind.core.decomposition import merge
 from kind.core.diffusion import Diffusion, DiffusionConfig
@@ -40,6 +41,19 @@ def result_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations run inside it: at CPU sizes each costs a dispatch, and at two or
+    more threads a fork and join of the thread pool, whatever the arithmetic it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def timed(fns: dict[str, Callable[[], None]], repeats: int, warmup: int, device) -> dict:
@@ -123,13 +137,13 @@ def main() -> None:
         return fn
 
     step = timed({k: train_step(k) for k in models}, args.repeats, args.warmup, device)
-    flops, memory = {}, {}
-    for k in models:  # one more step each: its floating-point work and its peak memory
+    flops, ops, memory = {}, {}, {}
+    for k in models:  # one more step each: its floating-point work, operations and peak memory
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        with count_flops() as counter:
+        with count_flops() as counter, OpCounter() as op_counter:
             train_step(k)()
-        flops[k] = counter.get_total_flops()
+        flops[k], ops[k] = counter.get_total_flops(), op_counter.count
         if device.type == "cuda":
             memory[k] = torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -203,6 +217,7 @@ def main() -> None:
         "inference_s": inference,
         "merged_inference_ratio": inference["merged"] / inference["dense"],
         "train_step_flops": flops,
+        "train_step_ops": ops,
         "train_tflops_per_s": tflops,
         "peak_bf16_tflops": peak,
         "peak_memory_gib": memory,
@@ -238,7 +253,10 @@ def main() -> None:
     for k in models:
         util = f", {100 * tflops[k] / peak:.1f}% of the {peak:g} TFLOP/s bf16 peak" if peak else ""
         mem = f", peak memory {memory[k]:.2f} GiB" if memory else ""
-        print(f"{k}: {flops[k] / 1e12:.3f} TFLOP a step, {tflops[k]:.2f} TFLOP/s{util}{mem}")
+        print(
+            f"{k}: {flops[k] / 1e12:.3f} TFLOP and {ops[k]} operations a step, "
+            f"{tflops[k]:.2f} TFLOP/s{util}{mem}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

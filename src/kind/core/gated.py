@@ -369,7 +369,7 @@ def fold(layers: list[KindLinear], route: Route, rows: int) -> tuple[torch.Tenso
     Each group's weight is the learngene plus its tailor, U_G diag(σ_G) V_Gᵀ + U_T diag(σ_T) V_Tᵀ;
     the tailorless block's is the learngene alone: a zero tailor appended to the thin factors, so
     one product writes all P + 1 weights. Layers of one shape fold together in one batched product:
-    a model has a few shapes and many layers, and folding one layer at a time costs some twenty
+    a model has a few shapes and many layers, and folding one layer at a time costs ~28
     small operations a layer, forward and backward, which at CPU sizes outweighs the arithmetic."""
     out: list[torch.Tensor | None] = [None] * len(layers)
     if route.sizes is None or route.rows.shape[0] == 0:
