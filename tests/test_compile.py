@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from kind.core.decomposition import merge
 from kind.core.diffusion import Diffusion, DiffusionConfig, compiled
 from kind.core.model import DiT, ModelConfig
 
@@ -70,3 +71,20 @@ def test_guided_sampling_compiles_once_for_any_class_mix(kind):
     assert_one_graph()
     with pytest.raises(ValueError, match="not in this model"):  # checked before the graph runs
         draw(net, [0, 1, 2, len(CLASSES) + 5])
+
+
+def test_guided_sampling_of_a_merged_class_compiles_once():
+    """A deployed class (one class folded into dense weights, `merge`) samples with guidance
+    through its conditional and unconditional networks: the split between them is read once per
+    sampling run, so the compiled model has one graph and no data-dependent shapes."""
+    merged = merge(perturbed_model(True), "3")
+    net = torch.compile(merged, backend="aot_eager", fullgraph=True)
+    diffusion = Diffusion(DiffusionConfig())
+    seeds = [torch.Generator().manual_seed(i) for i in range(3)]
+    kw = dict(null_id=merged.null_id, steps=3, cfg_scale=1.5)
+    y = torch.zeros(3, dtype=torch.long)  # the merged model's one class
+    want = diffusion.sample(merged, y, (1, 28, 28), generators=seeds, **kw)
+    seeds = [torch.Generator().manual_seed(i) for i in range(3)]
+    got = diffusion.sample(net, y, (1, 28, 28), generators=seeds, **kw)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert_one_graph()

@@ -7,7 +7,7 @@ These are operations on models in memory; `kind.store.parts` writes and reads th
 from __future__ import annotations
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -59,6 +59,18 @@ def resolve_classes(config: ModelConfig, names: list[str] | None) -> list[int]:
     return [held[n] for n in names]
 
 
+@dataclass(frozen=True)
+class NullSplit:
+    """Which samples of a batch a `MergedDiT` runs through its unconditional network, read on the
+    host once per batch (once per sampling run) so that its forward neither syncs with the device
+    nor, compiled, has data-dependent shapes. `order` [B] puts the `conditional` samples of the
+    class first and the null samples after them; `inverse` [B] puts them back."""
+
+    order: torch.Tensor
+    inverse: torch.Tensor
+    conditional: int
+
+
 class MergedDiT(nn.Module):
     """One class folded into a dense DiT, plus the unconditional dense DiT (the learngene, and the
     null tailor where the model has one) for the null class, so classifier-free guidance works on
@@ -71,18 +83,30 @@ class MergedDiT(nn.Module):
         self.uncond = DiT(replace(config, class_names=[]))
         self.null_id = self.cond.null_id
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        null = y == self.null_id
-        if not null.any():
+    def route(self, y: torch.Tensor, blocked: bool = True) -> NullSplit:
+        """The split of labels y between the two networks (reads y on the host; checks it holds
+        only this model's class and the null class). `blocked` is DiT.route's: both networks are
+        dense, so there is no other route to choose."""
+        y = y.cpu()
+        self.cond.check_classes(y)
+        order = torch.argsort(y == self.null_id, stable=True)
+        return NullSplit(order, torch.argsort(order), int((y != self.null_id).sum()))
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, route: NullSplit | None = None
+    ) -> torch.Tensor:
+        """`route`: from `self.route(y)`, built once per batch by the caller (sampling does);
+        without one the forward reads y on the host."""
+        split = self.route(y) if route is None else route
+        n, null = split.conditional, torch.full_like(y, self.uncond.null_id)
+        if n == len(y):
             return self.cond(x, t, y)
-        if null.all():
-            return self.uncond(x, t, torch.full_like(y, self.uncond.null_id))
-        out = torch.empty(
-            (len(y), self.cond.out_channels, *x.shape[2:]), device=x.device, dtype=x.dtype
-        )
-        out[~null] = self.cond(x[~null], t[~null], y[~null])
-        out[null] = self.uncond(x[null], t[null], torch.full_like(y[null], self.uncond.null_id))
-        return out
+        if n == 0:
+            return self.uncond(x, t, null)
+        order = split.order.to(x.device)
+        x, t, y = x[order], t[order], y[order]  # the class's n samples first, then the null ones
+        out = torch.cat([self.cond(x[:n], t[:n], y[:n]), self.uncond(x[n:], t[n:], null[n:])])
+        return out[split.inverse.to(x.device)]  # [B, C(2C), H, W] in the batch's order
 
 
 @torch.no_grad()
