@@ -2,11 +2,15 @@
 thresholds and with `kind.core.host_memory.keep_freed_memory`, each in a fresh process.
 
     python benchmarks/bench_host_memory.py             # tiny default model, batch 128, 2 threads
+    python benchmarks/bench_host_memory.py --calls train-kind --processes 8 --trim-mib 64
+                                                       # the kept heap with another trim threshold
 
 The training step: one forward + backward + optimiser step of a mixed-class batch (as
 bench_speed.py). The sampling forward: one classifier-free-guided forward of 64 samples (64
 conditional + 64 null rows, the rows a sampler's step runs), no gradient. Median of --repeats,
-after 3 warm-up calls; page faults are the process's minor faults per call (getrusage).
+after 3 warm-up calls; page faults are the process's minor faults per call (getrusage), one
+figure a fresh process (--processes of them: whether a process's heap trims every call depends on
+where its allocations land, which differs from process to process).
 """
 
 from __future__ import annotations
@@ -22,16 +26,19 @@ import time
 import torch
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
-from kind.core.host_memory import keep_freed_memory
+from kind.core.host_memory import TRIM_THRESHOLD, keep_freed_memory
 from kind.core.model import DiT, ModelConfig
 from kind.training.optim import masked_adamw
 
+CALLS = ["train-kind", "train-dense", "sample-kind", "sample-dense"]
 
-def measure(kind: bool, what: str, keep: bool, repeats: int, threads: int) -> dict:
-    """In this process: faults and median seconds per call of `what` ("train" or "sample")."""
+
+def measure(kind: bool, what: str, keep: bool, repeats: int, threads: int, trim_mib: int) -> dict:
+    """In this process: faults and median seconds per call of `what` ("train" or "sample"); kept
+    with another trim threshold where `trim_mib` is set."""
     torch.set_num_threads(threads)
     if keep:
-        keep_freed_memory()
+        keep_freed_memory(trim_mib * 2**20 if trim_mib else TRIM_THRESHOLD)
     torch.manual_seed(0)
     names = [str(i) for i in range(6)]
     model = DiT(ModelConfig(kind=kind, image_size=28, in_channels=1, class_names=names))
@@ -77,27 +84,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--processes", type=int, default=2, help="fresh processes a measurement")
+    ap.add_argument("--calls", nargs="+", default=CALLS, choices=CALLS)
+    ap.add_argument("--trim-mib", type=int, default=0, help="kept: this trim threshold instead")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = ap.parse_args()
     if args.one:
         kind, what, keep = json.loads(args.one)
-        print(json.dumps(measure(kind, what, keep, args.repeats, args.threads)))
+        print(json.dumps(measure(kind, what, keep, args.repeats, args.threads, args.trim_mib)))
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}\n")
-    print("| call | model | page faults, default / kept | ms, default / kept | speed-up |")
-    print("|---|---|---|---|---|")
-    for what in ("train", "sample"):
-        for kind in (True, False):
-            r = {}
-            for keep in (False, True):  # each in a fresh process: the setting is per process
+    trim = f"trim threshold {args.trim_mib} MiB" if args.trim_mib else "the library's thresholds"
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}, "
+          f"{args.processes} processes each; kept: {trim}\n")  # fmt: skip
+    print("| call | model | page faults a call, default / kept | ms, default / kept |")
+    print("|---|---|---|---|")
+    for call in args.calls:
+        what, model = call.split("-")
+        r = {False: [], True: []}
+        for keep in (False, True):  # each in fresh processes: the setting is per process
+            for _ in range(args.processes):
                 cmd = [sys.executable, __file__, "--repeats", str(args.repeats),
-                       "--threads", str(args.threads), "--one", json.dumps([kind, what, keep])]  # fmt: skip
+                       "--threads", str(args.threads), "--trim-mib", str(args.trim_mib),
+                       "--one", json.dumps([model == "kind", what, keep])]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                r[keep] = json.loads(out.strip().splitlines()[-1])
-            print(f"| {'training step' if what == 'train' else 'guided sampling forward'} | "
-                  f"{'KIND' if kind else 'dense'} | {r[False]['faults']:.0f} / {r[True]['faults']:.0f} | "
-                  f"{r[False]['ms']:.1f} / {r[True]['ms']:.1f} | "
-                  f"{r[False]['ms'] / r[True]['ms']:.2f}x |")  # fmt: skip
+                r[keep].append(json.loads(out.strip().splitlines()[-1]))
+        faults = [", ".join(f"{m['faults']:,.0f}" for m in r[keep]) for keep in (False, True)]
+        ms = [", ".join(f"{m['ms']:.1f}" for m in r[keep]) for keep in (False, True)]
+        print(f"| {'training step' if what == 'train' else 'guided sampling forward'} | "
+              f"{'KIND' if model == 'kind' else 'dense'} | {faults[0]} / {faults[1]} | {ms[0]} / {ms[1]} |")  # fmt: skip
 
 
 if __name__ == "__main__":
