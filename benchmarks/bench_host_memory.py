@@ -4,6 +4,7 @@ thresholds and with `kind.core.host_memory.keep_freed_memory`, each in a fresh p
     python benchmarks/bench_host_memory.py             # tiny default model, batch 128, 2 threads
     python benchmarks/bench_host_memory.py --calls train-kind --processes 8 --trim-mib 64
                                                        # the kept heap with another trim threshold
+    python benchmarks/bench_host_memory.py --calls train-kind --size DiT-S/4 --batch 32 --threads 1
 
 The training step: one forward + backward + optimiser step of a mixed-class batch (as
 bench_speed.py). The sampling forward: one classifier-free-guided forward of 64 samples (64
@@ -33,18 +34,21 @@ from kind.training.optim import masked_adamw
 CALLS = ["train-kind", "train-dense", "sample-kind", "sample-dense"]
 
 
-def measure(kind: bool, what: str, keep: bool, repeats: int, threads: int, trim_mib: int) -> dict:
+def measure(kind: bool, what: str, keep: bool, args: argparse.Namespace) -> dict:
     """In this process: faults and median seconds per call of `what` ("train" or "sample"); kept
-    with another trim threshold where `trim_mib` is set."""
-    torch.set_num_threads(threads)
+    with another trim threshold where --trim-mib is set."""
+    torch.set_num_threads(args.threads)
     if keep:
-        keep_freed_memory(trim_mib * 2**20 if trim_mib else TRIM_THRESHOLD)
+        keep_freed_memory(args.trim_mib * 2**20 if args.trim_mib else TRIM_THRESHOLD)
     torch.manual_seed(0)
     names = [str(i) for i in range(6)]
-    model = DiT(ModelConfig(kind=kind, image_size=28, in_channels=1, class_names=names))
+    C, H = (1, 28) if args.size == "tiny" else (4, 32)  # bundled images, or SD-VAE latents
+    model = DiT(
+        ModelConfig(size=args.size, kind=kind, image_size=H, in_channels=C, class_names=names)
+    )
     g = torch.Generator().manual_seed(0)
-    B = 128
-    x, t = torch.randn(B, 1, 28, 28, generator=g), torch.randint(0, 1000, (B,), generator=g)
+    B = args.batch
+    x, t = torch.randn(B, C, H, H, generator=g), torch.randint(0, 1000, (B,), generator=g)
     if what == "train":
         y = torch.arange(B) % 7  # the six classes and the null class
         opt = (
@@ -72,7 +76,7 @@ def measure(kind: bool, what: str, keep: bool, repeats: int, threads: int, trim_
     for _ in range(3):
         call()
     faults, times = [], []
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
@@ -87,14 +91,16 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2, help="fresh processes a measurement")
     ap.add_argument("--calls", nargs="+", default=CALLS, choices=CALLS)
     ap.add_argument("--trim-mib", type=int, default=0, help="kept: this trim threshold instead")
+    ap.add_argument("--size", default="tiny", help="tiny (28x28x1) or e.g. DiT-S/4 (32x32x4)")
+    ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = ap.parse_args()
     if args.one:
         kind, what, keep = json.loads(args.one)
-        print(json.dumps(measure(kind, what, keep, args.repeats, args.threads, args.trim_mib)))
+        print(json.dumps(measure(kind, what, keep, args)))
         return
     trim = f"trim threshold {args.trim_mib} MiB" if args.trim_mib else "the library's thresholds"
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats}, "
+    print(f"torch {torch.__version__}, {args.size}, batch {args.batch}, {args.threads} threads, median of {args.repeats}, "
           f"{args.processes} processes each; kept: {trim}\n")  # fmt: skip
     print("| call | model | page faults a call, default / kept | ms, default / kept |")
     print("|---|---|---|---|")
@@ -105,7 +111,7 @@ def main() -> None:
             for _ in range(args.processes):
                 cmd = [sys.executable, __file__, "--repeats", str(args.repeats),
                        "--threads", str(args.threads), "--trim-mib", str(args.trim_mib),
-                       "--one", json.dumps([model == "kind", what, keep])]  # fmt: skip
+                       "--size", args.size, "--batch", str(args.batch), "--one", json.dumps([model == "kind", what, keep])]  # fmt: skip
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 r[keep].append(json.loads(out.strip().splitlines()[-1]))
         faults = [", ".join(f"{m['faults']:,.0f}" for m in r[keep]) for keep in (False, True)]
