@@ -29,11 +29,26 @@ from bench_speed import timed  # noqa: E402  (the same alternating median timer)
 
 from kind.core.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from kind.core.host_memory import keep_freed_memory  # noqa: E402
-from kind.core.model import DiT, ModelConfig  # noqa: E402
+from kind.core.model import DiT, ModelConfig, parse_size  # noqa: E402
 from kind.training.ema import EMA  # noqa: E402
 from kind.training.optim import keep_rows, masked_adamw  # noqa: E402
 
 CASES = ("DiT-S/4:150", "DiT-B/4:150", "DiT-S/4:611")
+
+
+def case(text: str) -> str:
+    """Checks a SIZE:CLASSES case up front (argparse turns the error into a usage message)."""
+    size, _, count = text.partition(":")
+    try:
+        parse_size(size)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    if not count.isdigit() or int(count) < 16:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give SIZE:CLASSES with at least 16 classes (a batch holds 16 distinct "
+            "classes), e.g. DiT-S/4:150"
+        )
+    return text
 
 
 def build(size: str, classes: int, kind: bool) -> DiT:
@@ -163,7 +178,7 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
-        "--cases", nargs="+", default=list(CASES), help="SIZE:CLASSES, e.g. DiT-S/4:150"
+        "--cases", nargs="+", type=case, default=list(CASES), help="SIZE:CLASSES, e.g. DiT-S/4:150"
     )
     ap.add_argument("--repeats", type=int, default=5, help="forward + backward repeats")
     ap.add_argument("--step-repeats", type=int, default=40, help="optimiser and EMA repeats")

@@ -37,6 +37,15 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
 
 
+def device_arg(text: str) -> torch.device:
+    try:
+        return torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; give cpu, cuda or cuda:N"
+        ) from None
+
+
 def result_machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -84,7 +93,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     ap.add_argument("--peak-tflops", type=float, help="the card's bf16 peak (default: by name)")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
@@ -92,7 +101,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {device}: this torch ({torch.__version__}) sees no CUDA GPU")
     if device.type == "cpu":  # as the training loop does: no page faults to refill its heap
         keep_freed_memory()
     amp = PRECISIONS[args.precision]
@@ -102,7 +113,11 @@ def main() -> None:
     common = dict(
         size=args.size, image_size=args.image_size, in_channels=args.channels, class_names=names
     )
-    models = {k: DiT(ModelConfig(kind=k == "kind", **common)).to(device) for k in ("kind", "dense")}
+    try:  # the model's own checks (size, patch, image size) as a usage error, not a traceback
+        models = {k: DiT(ModelConfig(kind=k == "kind", **common)) for k in ("kind", "dense")}
+    except ValueError as e:
+        ap.error(str(e))
+    models = {k: m.to(device) for k, m in models.items()}
     # KIND as the training loop runs it (masked AdamW over its row banks); dense as a user would
     # otherwise train it (torch's fused AdamW)
     opts = {"kind": masked_adamw(models["kind"], 1e-4)[0],
