@@ -107,9 +107,10 @@ def peak_memory(size: str, classes: int, kind: bool) -> float:
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_step, args=(size, classes, kind, queue))
     proc.start()
-    value = queue.get()
-    proc.join()
-    return value
+    proc.join()  # one float on the queue: it fits the pipe, so joining first cannot deadlock
+    if proc.exitcode != 0:  # a crashed child would otherwise leave queue.get() waiting forever
+        raise SystemExit(f"the peak-memory step of {size}:{classes} failed (exit {proc.exitcode})")
+    return queue.get(timeout=60)
 
 
 def measure(case: str, repeats: int, step_repeats: int) -> dict:
