@@ -25,6 +25,7 @@ import sys
 import time
 
 import torch
+from bench_speed import size_arg  # this script's folder is on the path when it runs
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.host_memory import TRIM_THRESHOLD, keep_freed_memory
@@ -91,7 +92,9 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=2, help="fresh processes a measurement")
     ap.add_argument("--calls", nargs="+", default=CALLS, choices=CALLS)
     ap.add_argument("--trim-mib", type=int, default=0, help="kept: this trim threshold instead")
-    ap.add_argument("--size", default="tiny", help="tiny (28x28x1) or e.g. DiT-S/4 (32x32x4)")
+    ap.add_argument(
+        "--size", type=size_arg, default="tiny", help="tiny (28x28x1) or e.g. DiT-S/4 (32x32x4)"
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: one measurement, as JSON
     args = ap.parse_args()

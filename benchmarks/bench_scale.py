@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import timed  # noqa: E402  (the same alternating median timer)
+from bench_speed import size_arg, timed  # noqa: E402  (the same alternating median timer)
 
 from kind.core.diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from kind.core.host_memory import keep_freed_memory  # noqa: E402
-from kind.core.model import DiT, ModelConfig, parse_size  # noqa: E402
+from kind.core.model import DiT, ModelConfig  # noqa: E402
 from kind.training.ema import EMA  # noqa: E402
 from kind.training.optim import keep_rows, masked_adamw  # noqa: E402
 
@@ -39,10 +39,7 @@ CASES = ("DiT-S/4:150", "DiT-B/4:150", "DiT-S/4:611")
 def case(text: str) -> str:
     """Checks a SIZE:CLASSES case up front (argparse turns the error into a usage message)."""
     size, _, count = text.partition(":")
-    try:
-        parse_size(size)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    size_arg(size)
     if not count.isdigit() or int(count) < 16:
         raise argparse.ArgumentTypeError(
             f"{text!r}: give SIZE:CLASSES with at least 16 classes (a batch holds 16 distinct "

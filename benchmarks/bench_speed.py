@@ -37,6 +37,15 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1}
 
 
+def size_arg(text: str) -> str:
+    """A model size for argparse: an unknown one is a usage error naming the sizes there are."""
+    try:
+        parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def device_arg(text: str) -> torch.device:
     try:
         return torch.device(text)
