@@ -28,6 +28,8 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     for heading in ("Pre-training", "Decompose and recombine", "novel classes", "domain shift"):
         assert heading in text
     assert "Failed jobs" not in text
+    assert "| FID @ 1.5 | acc. @ 1.5 | train min | seeds |" in text  # no sweep: no sweep columns
+    assert "best-FID scale" not in text and "FID @ acc." not in text
     deploy = json.loads((tmp_path / "results" / "deploy.json").read_text())
     assert all(v["max_rel_diff"] <= 1e-5 and v["same_samples"] for v in deploy["variants"])
     lora = json.loads((tmp_path / "results" / "transfer__novel__lora__seed0.json").read_text())
@@ -73,6 +75,7 @@ def test_claims_preset_sweeps_guidance_draws_budget_curves_and_writes_verdicts(t
     assert kind4["trainable"] > 3 * (kind1["trainable"] - 4 * 128)  # rank 32 tailors, same rows
     lora4 = json.loads((results / "wide__transfer__novel__lora@x4__seed0.json").read_text())
     assert 3 < lora4["trainable"] / kind1["trainable"] < 5
+    assert "| best-FID scale | best FID | acc. there | FID @ acc. " in text
     for heading in ("## Verdicts", "domain shift: KIND beats PEFT", "budget (× KIND"):
         assert heading in text, heading
     assert "unresolved" in text  # two toy seeds of two steps resolve nothing

@@ -175,7 +175,8 @@ def _deploy_section(dep: DeployResult, n: str) -> list[str]:
 
 def _transfer_table(by_variant: dict[str, list[RunResult]], cfg_scale: float) -> list[str]:
     """At KIND's budget: the final evaluation, each variant at its best-FID guidance scale, and
-    FID at the class accuracy every variant reaches (the lowest of their best accuracies)."""
+    FID at the class accuracy every variant reaches (the lowest of their best accuracies). Runs
+    without a guidance sweep (the default preset) get the final evaluation's columns only."""
     sweeps = {v: _sweep_means(rs) for v, rs in by_variant.items()}
     tops = [max(a for _, _, a in s if a is not None) for s in sweeps.values()
             if any(a is not None for _, _, a in s)]  # fmt: skip
@@ -197,6 +198,11 @@ def _transfer_table(by_variant: dict[str, list[RunResult]], cfg_scale: float) ->
     header = ["method", "trainable", "deployed", f"FID @ {cfg_scale:g}", f"acc. @ {cfg_scale:g}",
               "best-FID scale", "best FID", "acc. there",
               "FID @ acc. " + ("–" if target is None else f"{target:.3f}"), "train min", "seeds"]  # fmt: skip
+    if not any(sweeps.values()):  # no sweep: its four columns would only repeat or dash
+        sweep_columns = slice(5, 9)
+        for row in [header, *rows]:
+            del row[sweep_columns]
+        return [md_table(header, rows), ""]
     note = ("Best FID: each seed's FID at its best guidance scale (mean ± std over seeds); "
             "'best-FID scale' and 'acc. there' are from the mean sweep. 'FID @ acc.' interpolates "
             "each method's mean sweep at the highest class accuracy every method reaches.")  # fmt: skip
