@@ -2,11 +2,13 @@
 second invocation continues instead of redoing finished jobs."""
 
 import json
+import os
 
 import pytest
 
 from kind.experiments.demo import run_demo
 from kind.experiments.presets import Preset
+from kind.experiments.scheduler import Job, execute
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +41,33 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     for name in ("fid_digits_novel.png", "digits_novel_kind.png", "digits_shift_lora.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
 
+    walls = json.loads((tmp_path / "wall_times.json").read_text())
+    assert len(walls) == 1 and f"Wall time: {walls[0] / 60:.1f} min. " in text
+
     before = {p: p.stat().st_mtime for p in (tmp_path / "results").iterdir()}
-    run_demo(tmp_path, TOY, jobs=2, device="cpu")  # continues: nothing left to run
+    again = run_demo(tmp_path, TOY, jobs=2, device="cpu")  # continues: nothing left to run
     assert {p: p.stat().st_mtime for p in (tmp_path / "results").iterdir()} == before
+    assert json.loads((tmp_path / "wall_times.json").read_text()) == walls  # ran nothing
+    assert f"Wall time: {walls[0] / 60:.1f} min. " in again.read_text()
+
+
+def _report_progress_interval() -> None:
+    """A job that fails with the progress interval its worker process sees."""
+    raise RuntimeError(f"interval={os.environ.get('TQDM_MININTERVAL')}")
+
+
+@pytest.mark.parametrize("users", [None, "3"])
+def test_workers_print_sparse_progress_unless_the_user_chose_and_the_caller_keeps_its_env(
+    tmp_path, monkeypatch, users
+):
+    if users is None:
+        monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    else:
+        monkeypatch.setenv("TQDM_MININTERVAL", users)
+    job = Job("probe", _report_progress_interval, {}, weight=1.0)
+    _, failed = execute([job], tmp_path, workers=1)
+    assert failed["probe"] == f"RuntimeError: interval={users or 10}"
+    assert os.environ.get("TQDM_MININTERVAL") == users
 
 
 CLAIMS = Preset(

@@ -112,7 +112,7 @@ def test_kindify_and_size_jobs_write_their_report_sections(tmp_path, monkeypatch
 
     settings = {"preset": "custom", **asdict(EXTRAS), "jobs": 1, "threads_per_job": 1,
                 "device": "cpu"}  # fmt: skip
-    text = write_report(tmp_path, settings, results, {}, wall_seconds=None).read_text()
+    text = write_report(tmp_path, settings, results, {}, invocation_seconds=[]).read_text()
     section = text[text.index("KIND-ify against KIND from scratch at equal compute") :]
     assert re.search(r"\| KIND from scratch \| 5 KIND \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", section)
     assert re.search(

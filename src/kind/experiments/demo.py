@@ -32,7 +32,7 @@ import torch
 from kind.experiments.jobs import deploy_task, pretrain_task, size_task, transfer_task
 from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
-from kind.experiments.scheduler import Job, execute
+from kind.experiments.scheduler import Job, execute, result_path
 from kind.io import atomic_write_text
 from kind.transfer.registry import get
 
@@ -187,10 +187,18 @@ def run_demo(
         raise ValueError(f"{out} holds a demo with another preset; choose another --out")
     atomic_write_text(saved, json.dumps(settings, indent=2))
 
+    jobs_planned = plan(out, preset, threads, device)
+    to_run = [j for j in jobs_planned if not result_path(out, j.name).is_file()]
     t0 = time.time()
-    results, failed = execute(plan(out, preset, threads, device), out, workers, report_only)
-    wall = None if report_only else time.time() - t0
-    report = write_report(out, settings, results, failed, wall_seconds=wall)
+    results, failed = execute(jobs_planned, out, workers, report_only)
+    # One wall time per invocation that ran jobs, kept beside the results: an invocation that
+    # only continues a finished demo (or writes the report) leaves the earlier figures standing.
+    walls_file = out / "wall_times.json"
+    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else []
+    if to_run and not report_only:
+        walls.append(time.time() - t0)
+        atomic_write_text(walls_file, json.dumps(walls))
+    report = write_report(out, settings, results, failed, invocation_seconds=walls)
     if failed:
         log.error("%d job(s) failed; see %s and the job logs beside the runs", len(failed), report)
     return report

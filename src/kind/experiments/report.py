@@ -536,15 +536,20 @@ def write_report(
     settings: dict,
     results: dict[str, Result],
     failed: dict[str, str],
-    wall_seconds: float | None,
+    invocation_seconds: list[float],
 ) -> Path:
+    """Write report.md (and its figures) into `out`; `invocation_seconds` holds the wall time of
+    each invocation that ran jobs (none: the report states no wall time)."""
     out = Path(out)
     sources = list(settings.get("sources", ["digits"]))
     job_seconds = sum(r.job_seconds for r in results.values())
+    n = len(invocation_seconds)
     wall = (
-        ""
-        if wall_seconds is None
-        else f"Wall time of this invocation: {wall_seconds / 60:.1f} min. "
+        f"Wall time: {sum(invocation_seconds) / 60:.1f} min"
+        + (f" over the {n} invocations that ran jobs" if n > 1 else "")
+        + ". "
+        if n
+        else ""
     )
     sweep = settings.get("cfg_scales") or []
     md = [
