@@ -5,8 +5,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from cli_options import SHORT, TOY
+from kind.cli import info
 from kind.cli.main import build_parser, main
 
 
@@ -133,3 +135,39 @@ def test_every_option_has_help():
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+
+
+def test_unexpected_errors_print_one_line_and_verbose_shows_the_traceback(monkeypatch, capsys):
+    """An error the library does not anticipate ends in one line that names the command and the
+    exception, exit 1 (a user error is exit 2); -v re-raises it with its traceback."""
+
+    def unchecked(args):
+        raise KeyError("sha256")
+
+    monkeypatch.setattr(info, "run", unchecked)
+    with pytest.raises(SystemExit) as e:
+        main(["info", "x"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.startswith("error: kind-dit info stopped on KeyError: 'sha256'") and " -v " in err
+    with pytest.raises(KeyError):
+        main(["-v", "info", "x"])
+
+
+def test_a_port_out_of_range_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "parts", "--port", "70000"])
+    assert e.value.code == 2 and "from 0 to 65535" in capsys.readouterr().err
+
+
+def test_bad_device_or_methods_are_refused_before_anything_is_written(tmp_path, capsys):
+    for device in ("bogus", "cuda:0" if not torch.cuda.is_available() else "nope"):
+        with pytest.raises(SystemExit) as e:
+            main(["demo", "--out", str(tmp_path / "d"), "--device", device])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and device in err and "--set" not in err
+        assert not (tmp_path / "d").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "d"), "--methods", ","])
+    assert e.value.code == 2 and "names no method" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()

@@ -17,6 +17,7 @@ import torch
 from kind.data.images import dataset_classes, load_images
 from kind.eval import evaluate as ev
 from kind.eval import features, reference
+from kind.eval.npz import open_npz, scalars
 from kind.io import sha256_file
 
 MNIST = [str(d) for d in range(10)]
@@ -299,3 +300,17 @@ def test_inception_path_reports_sfid_and_inception_score(tmp_path):
                                 "mnist:0-1", net, is_splits=3)  # fmt: skip
     assert result["sfid"] > 0 and 1.0 <= result["inception_score"] <= 12.0
     assert result["class_accuracy"] is None and "does not classify" in result["class_accuracy_note"]
+
+
+def test_sample_metadata_becomes_json_whatever_its_type(tmp_path):
+    """0-d entries of a sample file go into the result JSON: numbers JSON cannot hold and dates
+    as their text, bytes decoded, so the file's metadata never fails the write at the end."""
+    meta = {"seed": np.array(3), "cfg": np.array(1.5), "ok": np.array(True), "who": np.array("me"),
+            "z": np.array(1 + 2j), "nan": np.array(np.nan), "when": np.array(np.datetime64("2026-12-07")),
+            "raw": np.array(b"\xff\xfe")}  # fmt: skip
+    np.savez(tmp_path / "m.npz", arr_0=np.zeros((1, 8, 8, 3), np.uint8), **meta)
+    with open_npz(tmp_path / "m.npz", "sample", "", "") as npz:
+        got = scalars(npz, ("arr_0",))
+    assert got == {"seed": 3, "cfg": 1.5, "ok": True, "who": "me", "z": "(1+2j)", "nan": "nan",
+                   "when": "2026-12-07", "raw": "\ufffd\ufffd"}  # fmt: skip
+    json.dumps(got, allow_nan=False)

@@ -312,7 +312,7 @@ def test_import_errors_name_the_problem_and_write_nothing(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
-def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys):
+def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys, vae_dir):
     out = str(tmp_path / "m")
     small = make_reference(num_layers=2, attention_head_dim=16)
     small.save_pretrained(tmp_path / "small")  # depth 2, hidden 64: no kind-dit size
@@ -335,4 +335,53 @@ def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys):
     torch.save(state, tmp_path / "learned.pt")
     err = fails(["import", str(tmp_path / "learned.pt"), "--out", out], capsys)
     assert "not DiT's fixed sine-cosine table" in err
+
+    state = official_state(make_reference())
+    state["pos_embed"] = torch.tensor(1.0)
+    torch.save(state, tmp_path / "pos0d.pt")
+    err = fails(["import", str(tmp_path / "pos0d.pt"), "--out", out], capsys)
+    assert "pos_embed has shape ()" in err
+
+    state = official_state(make_reference())
+    state["y_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"][-1:]
+    torch.save(state, tmp_path / "nullonly.pt")  # the null row and no class
+    err = fails(["import", str(tmp_path / "nullonly.pt"), "--out", out], capsys)
+    assert "at least one class row" in err
+
+    torch.save(official_state(make_reference()), tmp_path / "dit.pt")
+    for vae in (tmp_path / "no-vae", tmp_path / "dit.pt"):  # the VAE is checked before import
+        err = fails(["import", str(tmp_path / "dit.pt"), "--out", out, "--vae", str(vae)], capsys)
+        assert f"VAE directory {vae}" in err and ("does not exist" in err or "is a file" in err)
+    pixel = make_reference(in_channels=3, out_channels=6)
+    torch.save(official_state(pixel), tmp_path / "pixel.pt")
+    err = fails(["import", str(tmp_path / "pixel.pt"), "--out", out, "--vae", str(vae_dir)],
+                capsys)  # fmt: skip
+    assert "pixel-space model (3 input channels)" in err and "without --vae" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_official_checkpoint_imports(tmp_path, capsys, dtype):
+    """DiT checkpoints are often shared in fp16 or bf16: the rounded position table is still
+    DiT's (checked to the dtype's precision), and the weights load as float32."""
+    ref = make_reference()
+    state = {k: v.to(dtype) for k, v in official_state(ref).items()}
+    torch.save(state, tmp_path / "dit.pt")
+    main(["import", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "m")])
+    assert f"weights stored as {dtype}, converted to float32" in capsys.readouterr().out
+    model, _, _ = load_model(tmp_path / "m")
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).float())  # the reference rounded as the checkpoint was
+    assert_same(model, with_dit_time(ref))
+
+
+def test_pixel_space_official_checkpoint_guides_every_channel(tmp_path):
+    """DiT's sampling defaults come along with an official checkpoint, except guiding 3 of the
+    channels, which is its choice for 4 latent channels: a 3-channel model guides all three."""
+    torch.save(official_state(make_reference(in_channels=3, out_channels=6)), tmp_path / "p.pt")
+    main(["import", str(tmp_path / "p.pt"), "--out", str(tmp_path / "m")])
+    _, _, meta = load_model(tmp_path / "m")
+    assert meta["sample"]["sampler"] == "ddpm" and "guided_channels" not in meta["sample"]
+    assert meta["latent"] is None

@@ -23,6 +23,7 @@ from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig
 from kind.store.modeldir import save_model_dir
 from kind.store.parts import decompose
+from kind.store.peft_export import _adapter_names
 from test_interop import fails, randomise, with_dit_time
 
 NAMES = ["c0", "c1", "c2", "c3"]
@@ -132,3 +133,15 @@ def test_peft_export_refuses_a_null_tailor_and_a_dense_model(tmp_path, capsys):
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def test_adapter_folders_never_share_a_name():
+    """A class literally named like a generated folder, names that differ only in case (one
+    folder on macOS or Windows) and a name that is no plain word each get a folder of their own."""
+    names = ["group_0001", "x y", "Cat", "cat", "Base", "dog"]
+    cfg = ModelConfig(size="tiny/2", kind=True, image_size=8, in_channels=4, class_names=names,
+                      rank_tailor=4)  # fmt: skip
+    folders = _adapter_names(DiT(cfg))
+    assert folders == {0: "group_0000", 1: "group_0001", 2: "group_0002", 3: "group_0003",
+                       4: "group_0004", 5: "dog"}  # fmt: skip
+    assert len({f.lower() for f in folders.values()}) == len(names)

@@ -229,6 +229,62 @@ def _sample_into_user_dir(tmp: Path, made: Path) -> list[str]:
     return ["sample", str(made / "run"), "--n", "1", "--steps", "1", "--out", str(tmp / "mine")]
 
 
+def _damaged_json(what: str, text: str) -> Callable[[Path, Path], list[str]]:
+    """A hand-edited or damaged JSON file of the run or its parts, the command that reads it."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        folder = _copy(made, tmp, what.split("/")[0])
+        (folder.parent / what).write_text(text)
+        if what.startswith("parts"):
+            return ["info", str(folder)]
+        if what.endswith("model.json"):  # export reads it to tell a KIND model from a dense one
+            return ["export", str(folder / "model"), "--out", str(tmp / "x")]
+        return ["sample", str(folder), "--n", "1", "--steps", "1", "--out", str(tmp / "x")]
+
+    return setup
+
+
+def _damaged_samples(how: str) -> Callable[[Path, Path], list[str]]:
+    """A sample .npz cut short, with a flipped byte in its image data, with float labels or
+    with a single class name, scored with evaluate."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        samples = _copy(made, tmp, "s") / "samples.npz"
+        data = samples.read_bytes()
+        if how == "truncated":
+            samples.write_bytes(data[: len(data) // 2])
+        elif how == "flipped":
+            _flip(samples, 200)  # inside arr_0's data: the member's CRC no longer matches
+        else:
+            arrays = dict(np.load(samples))
+            if how == "float labels":
+                arrays["labels"] = arrays["labels"] + 0.5
+            else:
+                arrays["class_names"] = np.array("one name")
+            np.savez(samples, **arrays)
+        return ["evaluate", str(samples), "--ref", "mnist:0-1"]
+
+    return setup
+
+
+def _restart_a_users_folder(tmp: Path, made: Path) -> list[str]:
+    """A folder of the user's with a config.json of their own is no run to --restart."""
+    (tmp / "proj" / "samples").mkdir(parents=True)
+    (tmp / "proj" / "config.json").write_text('{"my": 1}')
+    (tmp / "proj" / "samples" / "photo.png").write_bytes(b"x")
+    return ["train", *QUICK, "--steps", "1", "--restart", "--out", str(tmp / "proj")]
+
+
+def _out_under_a_file(tmp: Path, made: Path) -> list[str]:
+    (tmp / "f").write_text("mine")
+    return ["decompose", str(made / "run"), "--out", str(tmp / "f" / "parts")]
+
+
+def _eval_onto_samples(tmp: Path, made: Path) -> list[str]:
+    samples = _copy(made, tmp, "s") / "samples.npz"
+    return ["evaluate", str(samples), "--ref", "mnist:0-1", "--out", str(samples), "--overwrite"]
+
+
 DIVERGE = ("--set", "train.lr=1e6", "--set", "train.warmup_steps=0", "--steps", "7")
 CASES = [
     Case("divergence stops, saves nothing non-finite", _train(*DIVERGE), 2, "training diverged"),
@@ -266,6 +322,49 @@ CASES = [
     Case("sample --cfg-scale nan", _sample("--cfg-scale", "nan"), 2, "finite number"),
     Case("sample --steps 0", _sample("--steps", "0"), 2, "must be an integer >= 1"),
     Case("sample --n 0", _sample("--n", "0"), 2, "must be an integer >= 1"),
+    Case("manifest not an object", _damaged_json("parts/manifest.json", "[1]"), 2, "not an object"),
+    Case(
+        "manifest without tailors",
+        _damaged_json("parts/manifest.json", '{"format": "kind-parts/1", "model": {}}'),
+        2,
+        "has no diffusion, learngene, tailors",
+    ),  # fmt: skip
+    Case(
+        "model.json without model",
+        _damaged_json("run/model/model.json", '{"diffusion": {}}'),
+        2,
+        "has no 'model'",
+    ),  # fmt: skip
+    Case(
+        "checksums.json without sha256",
+        _damaged_json("run/model/checksums.json", '{"x": 1}'),
+        2,
+        "has no 'sha256'",
+    ),  # fmt: skip
+    Case("evaluate a truncated .npz", _damaged_samples("truncated"), 2, "not a sample .npz"),
+    Case("evaluate a corrupted .npz", _damaged_samples("flipped"), 2, "damaged sample .npz"),
+    Case("evaluate float labels", _damaged_samples("float labels"), 2, "integer class ids"),
+    Case("evaluate 0-d class_names", _damaged_samples("names"), 2, "1-d array of names"),
+    Case("--out inside a file", _out_under_a_file, 2, "is a file, so"),
+    Case(
+        "--restart a user's folder with a config.json", _restart_a_users_folder, 2, "did not make"
+    ),  # fmt: skip
+    Case("evaluate --out onto its samples", _eval_onto_samples, 2, "is one of the inputs"),
+    Case(
+        "evaluate --device bogus",
+        lambda tmp, made: [
+            "evaluate",
+            str(made / "s" / "samples.npz"),
+            "--ref",
+            "mnist:0-1",
+            "--device",
+            "bogus",
+            "--out",
+            str(tmp / "r.json"),
+        ],
+        2,
+        "unknown device 'bogus'",
+    ),  # fmt: skip
 ]
 
 
@@ -293,3 +392,22 @@ def test_fault(case: Case, made: Path, tmp_path: Path, capsys, caplog):
         after = _files(tmp_path)
         changed = [str(p) for p, data in before.items() if after.get(p) != data]
         assert not changed, f"files changed or removed: {changed}"
+
+
+def test_outputs_go_into_a_users_empty_folder_or_its_link_and_keep_them(made, tmp_path):
+    """An empty --out the user made (its mode, setgid for a shared group folder) or a symlink to
+    one stays what it is: the parts appear inside, the link still points there."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o2770)
+    before = (tmp_path / "shared").stat()
+    main(["decompose", str(made / "run"), "--out", str(tmp_path / "shared")])
+    after = (tmp_path / "shared").stat()
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert (tmp_path / "shared" / "manifest.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+    (tmp_path / "disk" / "empty").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "disk" / "empty")
+    main(["decompose", str(made / "run"), "--out", str(tmp_path / "link")])
+    assert (tmp_path / "link").is_symlink()
+    assert (tmp_path / "disk" / "empty" / "manifest.json").is_file()

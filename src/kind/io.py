@@ -72,13 +72,20 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict
 
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
+    An empty directory already there (a user's `--out`, perhaps behind a symlink) is kept, with
+    its permissions and the links to it: the finished entries move into it, a rename each."""
     final = Path(final)
+    if final.is_symlink():
+        final = final.resolve()  # the link stays; the output goes where it points
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if final.exists():  # re-saving the same step: move the old one aside, then drop it
+        if final.is_dir() and not any(final.iterdir()):
+            for entry in sorted(tmp.iterdir()):
+                os.replace(entry, final / entry.name)
+        elif final.exists():  # re-saving the same step: move the old one aside, then drop it
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
@@ -90,14 +97,24 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, *required: str) -> dict:
+    """A JSON object from `path` holding the top-level keys `required`; a damaged or hand-edited
+    file (not JSON, not an object, a key missing) is a ValueError that names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{path} holds a JSON {type(data).__name__}, not an object; the file is damaged"
+        )
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{path} has no {', '.join(map(repr, missing))}; the file is damaged")
+    return data
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -142,7 +159,7 @@ def verify_checksums(directory: Path) -> bool:
     directory = Path(directory)
     if not (directory / CHECKSUMS).is_file():
         return False
-    for name, digest in read_json(directory / CHECKSUMS)["sha256"].items():
+    for name, digest in read_json(directory / CHECKSUMS, "sha256")["sha256"].items():
         path = directory / name
         if not path.is_file():
             raise ValueError(f"{path} is missing; {directory} is incomplete (copy it again)")

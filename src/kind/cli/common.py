@@ -20,18 +20,20 @@ SET_HELP = (
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "device", "precision")
 
 
-def count(low: int = 1):
-    """An argparse type: an integer >= `low`, refused at parse time with the range."""
+def count(low: int = 1, high: int | None = None):
+    """An argparse type: an integer >= `low` (and <= `high`), refused at parse time with the
+    range."""
+    wanted = f">= {low}" if high is None else f"from {low} to {high}"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"expected an integer >= {low}, got {text!r}"
+                f"expected an integer {wanted}, got {text!r}"
             ) from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer {wanted}, got {value}")
         return value
 
     return parse

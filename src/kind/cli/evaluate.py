@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=count(),
+        type=count(1, 2048),
         help="with --write-ref: image size of the reference (default: the data's own, 32 for "
         "folders; e.g. 256 for ImageNet 256x256)",
     )
@@ -104,6 +104,7 @@ def _write_reference(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Score, write the full result as JSON, and print the headline metrics on one line."""
+    from kind.core.device import pick_device
     from kind.eval.evaluate import evaluate, write_result
 
     if args.write_ref is not None:
@@ -115,8 +116,14 @@ def run(args: argparse.Namespace) -> None:
         )
     if args.image_size is not None:
         raise ValueError("--image-size goes with --write-ref; samples are scored at their own size")
+    pick_device(args.device)  # checked before the (long) evaluation, like the paths below
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
-    if out.exists() and not args.overwrite:  # checked before the (long) evaluation
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give the result file's name")
+    inputs = [Path(p) for p in (args.samples, args.ref, args.inception_weights) if p]
+    if any(p.exists() and out.resolve() == p.resolve() for p in inputs):
+        raise ValueError(f"--out {out} is one of the inputs; choose another --out")
+    if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose --out")
     result = evaluate(
         args.samples,

@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run one command; the library's user-facing errors print as one line and exit 2
-    (--verbose re-raises them with the traceback)."""
+    """Run one command; the library's user-facing errors print as one line and exit 2. Any other
+    exception is input the library does not check yet (or a bug): one line that says so and
+    how to see more, exit 1. --verbose re-raises both with the traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -86,11 +87,26 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()  # every command's CPU work: no page faults to refill the heap
     try:
         args.func(args)
-    except (ValueError, OSError, RuntimeError) as e:
+    except (
+        ValueError,
+        OSError,
+        RuntimeError,
+        ImportError,
+    ) as e:  # ImportError: an optional extra missing
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception as e:  # the last line of defence: no traceback for unchecked input
+        if args.verbose:
+            raise
+        print(
+            f"error: kind-dit {args.command} stopped on {type(e).__name__}: {e}. An input it does "
+            "not check yet, most likely a damaged or hand-edited file among those it read; run "
+            "it again with -v for the traceback, and please report it",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """Where to listen, how big the tailor cache is, how requests batch."""
     p.add_argument("parts", help="parts directory (kind-dit decompose)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=count(0), default=8000, help="port (default 8000; 0: any free)")
+    p.add_argument(
+        "--port", type=count(0, 65535), default=8000, help="port (default 8000; 0: any free)"
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument(
         "--cache-mb",

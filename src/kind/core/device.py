@@ -10,10 +10,13 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     device is asked for on a machine without one."""
     if preference == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ValueError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
-            "train.device asks for cuda, but no CUDA device is available here; "
-            "use --set train.device=cpu (or auto)"
+            f"device {preference!r} asks for CUDA, but no CUDA device is available here; "
+            "use cpu (or auto)"
         )
     return device

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -30,6 +30,19 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     min_snr_gamma: float | None = 5.0  # None: plain MSE (DiT)
     clip_x0: float | None = 1.0  # clip predicted x₀ to ±clip_x0 while sampling (None: latents)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiffusionConfig:
+        """The config a saved file records; its unknown keys are an error that names them."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a diffusion config is a mapping of settings, got {d!r}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"unknown diffusion config keys {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(**d)
 
     def __post_init__(self):
         if self.prediction not in PREDICTIONS:

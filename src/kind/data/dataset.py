@@ -89,6 +89,9 @@ def open_dataset(
 def class_names(spec: str) -> list[str]:
     """The class names a data spec or latent store holds, in label order, without reading images."""
     if is_store(spec):
-        return [str(c) for c in read_json(Path(spec).expanduser() / META_FILE)["class_names"]]
+        return [
+            str(c)
+            for c in read_json(Path(spec).expanduser() / META_FILE, "class_names")["class_names"]
+        ]
     dataset, chosen = parse_spec(spec)
     return chosen if chosen is not None else dataset_classes(dataset)

@@ -79,11 +79,28 @@ def load_vae(path: str | Path | None, dtype: torch.dtype = torch.float32) -> Aut
     ``vae/`` sub-folder is used). Only safetensors weights load, so loading never unpickles.
     ``dtype`` is applied while loading (diffusers warns when a loaded VAE is cast afterwards).
     """
+    root = vae_root(path)
+    from diffusers import AutoencoderKL
+
+    try:
+        vae = AutoencoderKL.from_pretrained(
+            root, local_files_only=True, use_safetensors=True, torch_dtype=dtype
+        )
+    except (OSError, ValueError, RuntimeError, TypeError) as err:
+        raise LatentError(f"cannot load the VAE in {root} ({err}); {GET_VAE}.") from err
+    log.info("loaded VAE %s (scaling factor %g)", root, scaling_factor(vae))
+    return vae.eval().requires_grad_(False)
+
+
+def vae_root(path: str | Path | None) -> Path:
+    """The folder of the AutoencoderKL that `load_vae` would load from `path`, checked without
+    loading it (a model directory records the VAE its samples decode with)."""
     if path is None or not str(path).strip():
         raise LatentError(f"no VAE directory given; {GET_VAE}.")
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise LatentError(f"VAE directory {root} does not exist; {GET_VAE}.")
+        what = "is a file, not a directory" if root.exists() else "does not exist"
+        raise LatentError(f"VAE directory {root} {what}; {GET_VAE}.")
     if not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
         root = root / "vae"  # a whole Stable Diffusion pipeline directory
     config = root / "config.json"
@@ -103,16 +120,7 @@ def load_vae(path: str | Path | None, dtype: torch.dtype = torch.float32) -> Aut
             f"{root} has no diffusion_pytorch_model.safetensors (only safetensors weights are "
             f"loaded); {GET_VAE}."
         )
-    from diffusers import AutoencoderKL
-
-    try:
-        vae = AutoencoderKL.from_pretrained(
-            root, local_files_only=True, use_safetensors=True, torch_dtype=dtype
-        )
-    except (OSError, ValueError, RuntimeError) as err:
-        raise LatentError(f"cannot load the VAE in {root} ({err}); {GET_VAE}.") from err
-    log.info("loaded VAE %s (scaling factor %g)", root, scaling_factor(vae))
-    return vae.eval().requires_grad_(False)
+    return root
 
 
 def scaling_factor(vae: AutoencoderKL) -> float:

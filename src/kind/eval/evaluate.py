@@ -29,7 +29,7 @@ import torch
 from kind.data.dataset import class_names as spec_classes
 from kind.eval import metrics
 from kind.eval.features import FeatureNet, fits, resolve_feature_net
-from kind.eval.npz import nchw, open_npz, scalars, tool_version
+from kind.eval.npz import name_list, nchw, open_npz, scalars, tool_version
 from kind.eval.reference import (
     auto_feature_net_for_stats,
     check_ref_split,
@@ -61,14 +61,13 @@ class SampleSet:
 def load_samples(path: str | Path) -> SampleSet:
     """Read a sample ``.npz`` (``allow_pickle=False``) and check its layout with clear errors."""
     path = Path(path)
-    npz = open_npz(
+    with open_npz(
         path,
         what="sample",
         expected="an .npz sample file with 'arr_0'",
         hint="the samples.npz that `kind-dit sample` writes, or an ADM-layout .npz with uint8 "
         "images under 'arr_0'",
-    )
-    with npz:
+    ) as npz:
         if "arr_0" not in npz.files:
             raise ValueError(
                 f"{path} has no 'arr_0' array (keys: {', '.join(npz.files) or 'none'}); sample "
@@ -87,10 +86,12 @@ def load_samples(path: str | Path) -> SampleSet:
         )
     if labels is not None and names is None:
         raise ValueError(f"{path} has 'labels' but no 'class_names' to say what they mean")
+    if labels is not None and labels.dtype.kind not in "iu":
+        raise ValueError(f"{path}: 'labels' must be integer class ids, got {labels.dtype}")
     return SampleSet(
         images=images,
         labels=None if labels is None else torch.from_numpy(labels.astype(np.int64)),
-        class_names=None if names is None else [str(c) for c in names],
+        class_names=name_list(path, names),
         generation=generation,
         path=str(path.resolve()),
     )

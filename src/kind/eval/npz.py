@@ -8,6 +8,11 @@ the result JSON and the reference batches both carry it.
 
 from __future__ import annotations
 
+import math
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,23 +31,30 @@ def tool_version() -> str:
         return getattr(kind, "__version__", "unknown")
 
 
-def open_npz(path: Path, what: str, expected: str, hint: str) -> np.lib.npyio.NpzFile:
-    """Open ``path`` (``allow_pickle=False``) as an ``.npz``; the errors name the file as a
-    ``what`` file, say it should be ``expected`` when it holds a single array, and end with
-    ``hint`` when numpy cannot read it."""
+@contextmanager
+def open_npz(path: Path, what: str, expected: str, hint: str) -> Iterator[np.lib.npyio.NpzFile]:
+    """Open ``path`` (``allow_pickle=False``) as an ``.npz`` for the reads in the ``with`` block;
+    the errors name the file as a ``what`` file, say it should be ``expected`` when it holds a
+    single array, and end with ``hint`` when numpy cannot read it, at opening or (a truncated or
+    corrupted member) while reading."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:  # numpy's message suggests allow_pickle: not the fix
+    except (ValueError, OSError, zipfile.BadZipFile) as e:  # numpy's allow_pickle hint: no fix
         raise ValueError(f"{path} is not a {what} .npz (numpy: {e}); pass {hint}") from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} holds one array, not {expected}")
-    return npz
+    with npz:
+        try:
+            yield npz
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ValueError(f"{path} is a damaged {what} .npz ({e}); pass {hint}") from e
 
 
 def scalars(npz: np.lib.npyio.NpzFile, arrays: tuple[str, ...]) -> dict:
-    """The file's 0-d entries other than ``arrays``, as JSON-friendly Python scalars."""
+    """The file's 0-d entries other than ``arrays``, as JSON-friendly Python scalars (numbers
+    JSON cannot hold, such as NaN or complex, and dates as their text)."""
     out = {}
     for key in npz.files:
         if key in arrays:  # not read: arr_0 can be gigabytes
@@ -50,8 +62,25 @@ def scalars(npz: np.lib.npyio.NpzFile, arrays: tuple[str, ...]) -> dict:
         value = npz[key]
         if value.ndim == 0:
             item = value.item()
-            out[key] = item.decode() if isinstance(item, bytes) else item
+            if isinstance(item, bytes):
+                item = item.decode(errors="replace")
+            elif not isinstance(item, (bool, int, str)) and not (
+                isinstance(item, float) and math.isfinite(item)
+            ):
+                item = str(item)
+            out[key] = item
     return out
+
+
+def name_list(path: Path, names: np.ndarray | None) -> list[str] | None:
+    """The file's ``class_names`` entry as a list, checked to be one name a class."""
+    if names is None:
+        return None
+    if names.ndim != 1:
+        raise ValueError(
+            f"{path}: 'class_names' must be a 1-d array of names, got shape {names.shape}"
+        )
+    return [str(c) for c in names]
 
 
 def nchw(arr: np.ndarray) -> torch.Tensor | None:

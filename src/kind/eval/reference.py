@@ -37,7 +37,7 @@ from kind.eval.features import (
     fits,
     resolve_feature_net,
 )
-from kind.eval.npz import nchw, open_npz, scalars, tool_version
+from kind.eval.npz import name_list, nchw, open_npz, scalars, tool_version
 from kind.io import sha256_file
 
 log = logging.getLogger(__name__)
@@ -180,13 +180,12 @@ def read_reference_stats(path: str | Path) -> ReferenceStats:
     ``[D]`` with ``sigma`` ``[D, D]``, optionally ``mu_s``/``sigma_s`` (sFID), optionally the
     reference images ``arr_0`` (uint8 ``[N, H, W, C]``), at least statistics or images."""
     path = Path(path)
-    npz = open_npz(
+    with open_npz(
         path,
         what="reference statistics",
         expected="an .npz with 'mu' and 'sigma'",
         hint=_REFERENCE_KINDS,
-    )
-    with npz:
+    ) as npz:
         mu, sigma = _read_stat_pair(path, npz, "mu", "sigma")
         mu_s, sigma_s = _read_stat_pair(path, npz, "mu_s", "sigma_s")
         arr = npz["arr_0"] if "arr_0" in npz.files else None
@@ -214,7 +213,7 @@ def read_reference_stats(path: str | Path) -> ReferenceStats:
         mu_s=mu_s,
         sigma_s=sigma_s,
         images=images,
-        class_names=None if names is None else [str(c) for c in names],
+        class_names=name_list(path, names),
         meta=meta,
     )
 

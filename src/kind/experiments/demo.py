@@ -21,7 +21,6 @@ demo with the same --out skips finished jobs, so an interrupted demo continues.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, replace
@@ -29,14 +28,13 @@ from pathlib import Path
 
 import torch
 
+from kind.core.device import pick_device
 from kind.experiments.jobs import deploy_task, pretrain_task, size_task, transfer_task
 from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
 from kind.experiments.scheduler import Job, execute, result_path
-from kind.io import atomic_write_text
+from kind.io import atomic_write_text, read_json
 from kind.transfer.registry import get
-
-log = logging.getLogger(__name__)
 
 
 def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
@@ -143,6 +141,10 @@ def extras(out: Path, preset: Preset, common: dict) -> list[Job]:
     return jobs
 
 
+class DemoError(RuntimeError):
+    """Jobs of the demo failed; the report of those that finished was written."""
+
+
 def run_demo(
     out: str | Path,
     preset: str | Preset = "default",
@@ -156,7 +158,10 @@ def run_demo(
     out = Path(out)
     preset_name = preset if isinstance(preset, str) else "custom"
     preset = PRESETS[preset] if isinstance(preset, str) else preset
-    if methods:
+    if methods is not None:
+        if not methods:
+            raise ValueError("--methods names no method; give a comma-separated list, or leave "
+                             "it out for the preset's")  # fmt: skip
         preset = replace(preset, methods=tuple(methods))
     for method in preset.methods + preset.budget_methods + preset.null_methods:
         get(method)  # an unknown name fails here, before any job starts
@@ -165,10 +170,10 @@ def run_demo(
     for source in preset.sources:
         if source not in SOURCES:
             raise ValueError(f"unknown source {source!r}; choose from {', '.join(SOURCES)}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    workers = jobs or (1 if device == "cuda" else max(1, min(4, os.cpu_count() or 1)))
-    threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
+    device = str(pick_device(device))  # checked before any job starts: "auto" -> cuda:0 / cpu
+    on_cpu = torch.device(device).type == "cpu"
+    workers = jobs or (max(1, min(4, os.cpu_count() or 1)) if on_cpu else 1)
+    threads = max(1, (os.cpu_count() or 1) // workers) if on_cpu else 1
     saved = out / "settings.json"
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not saved.is_file())):
         raise ValueError(
@@ -183,7 +188,7 @@ def run_demo(
         "threads_per_job": threads,
         "device": device,
     }
-    if saved.is_file() and json.loads(saved.read_text())["preset"] != preset_name:
+    if saved.is_file() and read_json(saved, "preset")["preset"] != preset_name:
         raise ValueError(f"{out} holds a demo with another preset; choose another --out")
     atomic_write_text(saved, json.dumps(settings, indent=2))
 
@@ -194,11 +199,15 @@ def run_demo(
     # One wall time per invocation that ran jobs, kept beside the results: an invocation that
     # only continues a finished demo (or writes the report) leaves the earlier figures standing.
     walls_file = out / "wall_times.json"
-    walls = json.loads(walls_file.read_text()) if walls_file.is_file() else []
+    walls = read_json(walls_file, "seconds")["seconds"] if walls_file.is_file() else []
     if to_run and not report_only:
         walls.append(time.time() - t0)
-        atomic_write_text(walls_file, json.dumps(walls))
+        atomic_write_text(walls_file, json.dumps({"seconds": walls}))
     report = write_report(out, settings, results, failed, invocation_seconds=walls)
     if failed:
-        log.error("%d job(s) failed; see %s and the job logs beside the runs", len(failed), report)
+        first = next(iter(failed.items()))
+        raise DemoError(
+            f"{len(failed)} job(s) failed (first: {first[0]}: {first[1]}); the report of the "
+            f"jobs that finished is {report}, the job logs are beside the runs"
+        )
     return report

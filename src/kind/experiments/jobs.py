@@ -305,7 +305,7 @@ def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense:
                           budget=None if kind else round(budget_scale * budget),
                           rank_tailor=rank_tailor, null_tailor=null_tailor,
                           **_continue(run))  # fmt: skip
-    meta = read_json(run / "run.json")["transfer"]
+    meta = read_json(run / "run.json", "transfer")["transfer"]
     return _finish(run, result, Diffusion(cfg.diffusion), spec, preset, device,
                    draws=bool(pretraining), task=task, method=method, seed=seed, budget=budget,
                    detail=meta.get("detail", ""), rank_tailor=rank_tailor, source=source,

@@ -90,7 +90,7 @@ def create_app(
     for every tailor)."""
     cache = TailorCache(parts, cache_tailors, cache_bytes, device)
     manifest, full = cache.manifest, cache.full
-    diffusion_config = DiffusionConfig(**manifest["diffusion"])
+    diffusion_config = DiffusionConfig.from_dict(manifest["diffusion"])
     defaults = sample_defaults(manifest)
     decode = None
     if manifest.get("latent"):

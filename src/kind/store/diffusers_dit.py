@@ -88,7 +88,7 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if (folder / WEIGHTS).is_file():
         return config, read_tensors(folder / WEIGHTS)
     if (folder / INDEX).is_file():  # sharded: the index names the file of every tensor
-        shards = sorted(set(read_json(folder / INDEX)["weight_map"].values()))
+        shards = sorted(set(read_json(folder / INDEX, "weight_map")["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
             state |= read_tensors(folder / shard)

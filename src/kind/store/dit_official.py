@@ -139,9 +139,10 @@ def to_kind(
             for n in _BLOCK_SAME:
                 put(f"{b}{n}.{w}", f"{b}{n}.{w}", state[f"{b}{n}.{w}"])
     table = state["y_embedder.embedding_table.weight"]
-    if table.dim() != 2 or table.shape[0] < 1:
+    if table.dim() != 2 or table.shape[0] < 2:
         raise ValueError(
-            f"{what}: y_embedder.embedding_table.weight is not a [classes + 1, hidden] table"
+            f"{what}: y_embedder.embedding_table.weight is not a [classes + 1, hidden] table "
+            "with at least one class row before the null class's"
         )
     put("y_embedder.table", "y_embedder.embedding_table.weight (class rows)", table[:-1])
     put("y_embedder.null", "y_embedder.embedding_table.weight (last row: null class)", table[-1])
@@ -149,7 +150,8 @@ def to_kind(
         state["x_embedder.proj.weight"].shape[0],
         state["x_embedder.proj.weight"].shape[-1],
     )
-    pos = state["pos_embed"].reshape(-1, state["pos_embed"].shape[-1])
+    pos = state["pos_embed"]
+    pos = pos.reshape(-1, pos.shape[-1]) if pos.dim() else pos.reshape(1, 1)
     grid = math.isqrt(pos.shape[0])
     if grid * grid != pos.shape[0] or pos.shape[1] != hidden:
         raise ValueError(

@@ -35,6 +35,7 @@ import torch
 from kind.core.decomposition import MergedDiT
 from kind.core.diffusion import PREDICTIONS, SCHEDULES, DiffusionConfig
 from kind.core.model import PATCHES, SIZES, DiT, ModelConfig, load_state, parse_size
+from kind.data.latents import vae_root
 from kind.io import (
     atomic_dir,
     atomic_file,
@@ -64,6 +65,8 @@ DIT_SAMPLE = {
     "per_class": 8,
     "guided_channels": 3,
 }  # fmt: skip  (DiT's sampler guides 3 of 4 latent channels)
+
+
 SD_VAE_FACTOR = 8  # a 4-channel DiT works on SD-VAE latents, 8x smaller than its images
 TIME_NOTE = (
     "diffusers' DiTTransformer2DModel computes its timestep features with frequencies "
@@ -132,6 +135,13 @@ def _sizes() -> str:
     )
 
 
+def _dit_sample(in_channels: int) -> dict:
+    """DiT's sampling defaults; guiding 3 channels is its choice for 4 latent channels only."""
+    if in_channels == 4:
+        return DIT_SAMPLE
+    return {k: v for k, v in DIT_SAMPLE.items() if k != "guided_channels"}
+
+
 def dense_config(
     state: dict[str, torch.Tensor], hints: dict, class_names: list[str] | None, what: str
 ) -> ModelConfig:
@@ -183,6 +193,8 @@ def dense_config(
         if hints.get(key) not in (None, value):
             raise ValueError(f"{what}: config.json says {key} = {hints[key]}, the weights {value}")
     names = class_names if class_names is not None else [str(c) for c in range(num_classes)]
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{what}: class_names must be a list of names, got {names!r}"[:300])
     if len(names) != num_classes:
         raise ValueError(
             f"{len(names)} class names for a model with {num_classes} classes; give one name a "
@@ -205,7 +217,11 @@ def read_class_names(path: str | Path) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"class names file {path} does not exist")
-    lines = (line.split("#", 1)[0].strip() for line in path.read_text().splitlines())
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e}); give one class name a line") from e
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     names = [line for line in lines if line]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -310,6 +326,8 @@ def import_dit(
     src = Path(src).expanduser()
     if not src.exists():
         raise FileNotFoundError(f"{src} does not exist")
+    if vae is not None:
+        vae = vae_root(vae)
     notes: list[str] = []
     saved: dict = {}  # kind_dit.json of a folder kind-dit exported
     licence_files: list[Path] = []
@@ -355,8 +373,10 @@ def import_dit(
     hidden = state["x_embedder.weight"].shape[0]
     if "pos_embed" in hints:  # the official checkpoint's own table must be DiT's fixed one
         grid = config.image_size // model.patch
-        if not torch.allclose(hints["pos_embed"].float(), dit_official.dit_pos_embed(hidden, grid),
-                              rtol=0, atol=1e-5):  # fmt: skip
+        stored = hints["pos_embed"]  # rounded to its dtype: fp16/bf16 checkpoints are common
+        atol = max(1e-5, torch.finfo(stored.dtype).eps) if stored.is_floating_point() else 1e-5
+        if not torch.allclose(stored.float(), dit_official.dit_pos_embed(hidden, grid),
+                              rtol=0, atol=atol):  # fmt: skip
             raise ValueError(
                 f"{what}: pos_embed is not DiT's fixed sine-cosine table; kind-dit's DiT has no "
                 "learned or other position embedding"
@@ -364,20 +384,25 @@ def import_dit(
     _check_tensors(model, state, names, what)
     state = permute_residual(state, residual_order(model.pos_embed, hidden))
     load_state(model, state, src)
-    diffusion = DiffusionConfig(**(saved.get("diffusion") or DIT_DIFFUSION))
+    diffusion = DiffusionConfig.from_dict(saved.get("diffusion") or DIT_DIFFUSION)
     latent = saved.get("latent")
     if not saved and config.in_channels == 4:
         latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR}
     if vae is not None:
+        if not latent and config.in_channels in (1, 3):
+            raise ValueError(
+                f"{what} is a pixel-space model ({config.in_channels} input channels), whose "
+                "samples no VAE decodes; import it without --vae"
+            )
         latent = (latent or {"image_size": config.image_size * SD_VAE_FACTOR}) | {
-            "vae": str(Path(vae).expanduser().resolve())
+            "vae": str(vae.resolve())
         }
     if latent and not latent.get("vae"):
         notes.append("a latent model: sample it with `kind-dit sample OUT --vae VAE_DIR`")
     extra = {
         "source": source["from"],
         "imported": source | {"notes": notes},
-        "sample": saved.get("sample") or ({} if saved else DIT_SAMPLE),
+        "sample": saved.get("sample") or ({} if saved else _dit_sample(config.in_channels)),
         "latent": latent,
     }
     copied = _copy_names(licence_files)
@@ -414,7 +439,7 @@ def _is_kind(source: Path) -> bool:
         return True
     for path in (source, source / "model"):
         if is_model_dir(path):
-            return bool(read_json(path / MODEL_JSON)["model"].get("kind", True))
+            return bool(read_json(path / MODEL_JSON, "model")["model"].get("kind", True))
     if (source / RUN_CONFIG).is_file():
         return bool(read_json(source / RUN_CONFIG).get("model", {}).get("kind", True))
     return False  # not a model at all: load_model says so

@@ -73,9 +73,9 @@ def load_model_dir(path: Path) -> tuple[DiT | MergedDiT, DiffusionConfig, dict]:
     path = Path(path)
     if not verify_checksums(path):
         log.warning("%s has no checksums.json (written by kind-dit 0.1): not verified", path)
-    meta = read_json(path / MODEL_JSON)
+    meta = read_json(path / MODEL_JSON, "model", "diffusion")
     config = ModelConfig.from_dict(meta["model"])
     merged = meta.get("merged") not in (None, "null")  # one class folded in, plus its null model
     model = MergedDiT(config) if merged else DiT(config)
     load_state(model, read_tensors(path / MODEL_WEIGHTS), path / MODEL_WEIGHTS)
-    return model.eval(), DiffusionConfig(**meta["diffusion"]), meta
+    return model.eval(), DiffusionConfig.from_dict(meta["diffusion"]), meta

@@ -59,6 +59,10 @@ def check_new_dir(out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise PartsError(f"{out} is a file, not a directory; choose another output directory")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise PartsError(f"{above} is a file, so {out} cannot be made; choose another output "
+                         "directory")  # fmt: skip
     if out.exists() and any(out.iterdir()):
         raise PartsError(f"{out} already exists and is not empty; choose another output directory")
     return out
@@ -142,6 +146,14 @@ def read_manifest(parts: str | Path) -> dict:
             f"{parts / MANIFEST} has format {manifest.get('format')!r}; this version "
             f"of kind-dit reads {FORMAT}"
         )
+    missing = [
+        k for k in ("model", "diffusion", "learngene", "tailors", "classes") if k not in manifest
+    ]
+    if missing:
+        raise PartsError(
+            f"{parts / MANIFEST} has no {', '.join(missing)}; the file is damaged (decompose the "
+            "run again, or restore the parts directory from a copy)"
+        )
     return manifest
 
 
@@ -191,7 +203,7 @@ def load_parts(
     for g in groups:
         state |= read_part(parts, manifest["tailors"][str(g)], str(g))
     load_state(model, state, parts)
-    return model.eval(), DiffusionConfig(**manifest["diffusion"]), manifest
+    return model.eval(), DiffusionConfig.from_dict(manifest["diffusion"]), manifest
 
 
 def load_learngene(model: DiT, parts: str | Path) -> dict[str, torch.Tensor]:

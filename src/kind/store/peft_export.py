@@ -30,6 +30,7 @@ group's tailor and nothing else.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -54,6 +55,7 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 PEFT_PREFIX = "base_model.model."  # peft's prefix of a saved adapter's tensor names
 _GATED = re.compile(r"blocks\.(\d+)\.(attn\.[qkv]|attn\.proj|mlp\.fc1|mlp\.fc2)")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_\-]+")
+_GENERATED_NAME = re.compile(r"group_\d+", re.IGNORECASE)
 _TO_DIFFUSERS = {ours: theirs for theirs, ours in diffusers_dit._BLOCK.items()}  # kind -> diffusers
 
 
@@ -114,15 +116,22 @@ def _check(model: DiT, source: Path) -> None:
 
 def _adapter_names(model: DiT) -> dict[int, str]:
     """Tailor group -> adapter folder name: the class's name when the group has one class and
-    the name is a plain word, else `group_NNNN` (also for groups several classes share)."""
+    the name is a plain word, else `group_NNNN` (also for groups several classes share). Names
+    are distinct even on a case-insensitive file system, and a class named like a generated
+    name (`group_0001`) gets a generated one, so no adapter overwrites another."""
     cfg = model.config
     classes = {g: [c for c in cfg.held_classes if cfg.tau[c] == g] for g in model.tailors.groups}
     names = {}
     for g, members in classes.items():
         name = cfg.class_names[members[0]] if len(members) == 1 else ""
-        ok = _SAFE_NAME.fullmatch(name) and name not in (BASE, "__base__")
+        ok = (
+            _SAFE_NAME.fullmatch(name)
+            and name.lower() not in (BASE, "__base__")
+            and not _GENERATED_NAME.fullmatch(name)
+        )
         names[g] = name if ok else f"group_{g:04d}"
-    return names
+    folded = Counter(n.lower() for n in names.values())
+    return {g: n if folded[n.lower()] == 1 else f"group_{g:04d}" for g, n in names.items()}
 
 
 def _factor_permutations(model: DiT) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

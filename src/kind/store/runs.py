@@ -109,7 +109,7 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
     load_state(model, ema_weights(last), last)
     run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}
     meta = {"sample": cfg["sample"], "latent": run.get("latent")}
-    return model.eval(), DiffusionConfig(**cfg["diffusion"]), meta
+    return model.eval(), DiffusionConfig.from_dict(cfg["diffusion"]), meta
 
 
 def run_provenance(path: Path) -> dict:
@@ -145,8 +145,19 @@ class RunDirError(ValueError):
 
 
 def is_owned(path: Path) -> bool:
-    """Whether kind-dit made this directory: its marker, or a run written before markers were."""
-    return (Path(path) / MARKER).is_file() or is_run_dir(path)
+    """Whether kind-dit made this directory: its marker, or a run written before markers were
+    (kind-dit 0.1): a run config (model, diffusion and train settings) beside what a run writes.
+    A user's own config.json alone is not a run, so --restart never removes their files."""
+    path = Path(path)
+    if (path / MARKER).is_file():
+        return True
+    if not is_run_dir(path) or not any((path / n).exists() for n in RUN_FILES[1:]):
+        return False
+    try:
+        read_json(path / CONFIG_JSON, "model", "diffusion", "train")
+    except ValueError:
+        return False
+    return True
 
 
 def check_run_dir(out: Path, resume: bool, restart: bool) -> None:

@@ -115,7 +115,7 @@ def load_dense(cfg: Config) -> tuple[DiT, dict]:
     directory = next((d for d in (path, path / "model") if is_model_dir(d)), None)
     if directory is not None:
         weights = directory / MODEL_WEIGHTS
-        sums = read_json(directory / CHECKSUMS)["sha256"] if (directory / CHECKSUMS).is_file() \
+        sums = read_json(directory / CHECKSUMS, "sha256")["sha256"] if (directory / CHECKSUMS).is_file() \
             else {}  # fmt: skip
         record |= {"weights": str(weights.resolve()),
                    "sha256": sums.get(MODEL_WEIGHTS) or sha256_file(weights)}  # fmt: skip
@@ -227,7 +227,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
 def _record_changes(cfg: Config, out: Path, step: int) -> None:
     """A resume that changes how the run trains (steps, batch size, lr, ...) says so, and the
     run's config.json and run.json record it."""
-    saved = read_json(out / CONFIG_JSON)["train"]
+    saved = read_json(out / CONFIG_JSON, "train")["train"]
     now = asdict(cfg.train)
     changed = {k: [saved.get(k), v] for k, v in now.items() if saved.get(k) != v}
     if not changed:

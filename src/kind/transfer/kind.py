@@ -66,7 +66,7 @@ def inherit_learngenes(
     sigmas = {f"{name}.S" for name, _ in model.kind_layers()} if train_sigma else set()
     for name, p in model.named_parameters():
         p.requires_grad_(train_learngenes or name in BANKS or name in sigmas)
-    return model, DiffusionConfig(**manifest["diffusion"])
+    return model, DiffusionConfig.from_dict(manifest["diffusion"])
 
 
 def kind_budget(parts: str | Path, class_names: list[str]) -> int:
