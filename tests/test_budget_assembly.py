@@ -115,6 +115,13 @@ def test_too_small_budget_is_refused_before_writing(parts, normal, tmp_path):
     with pytest.raises(SystemExit):
         main(["assemble", str(parts), "--out", str(tmp_path / "c"), "--max-params", "10"])
     assert not (tmp_path / "c").exists()
+    for flag, value in (("--max-gflops", "nan"), ("--max-gflops", "inf"), ("--max-params", "-1")):
+        with pytest.raises(SystemExit) as e:  # a usage error, not the smallest model
+            main(["assemble", str(parts), "--out", str(tmp_path / "c"), flag, value])
+        assert e.value.code == 2
+    with pytest.raises(ValueError, match="a finite number"):
+        budget_keep(normal, max_gflops=float("nan"))
+    assert not (tmp_path / "c").exists()
 
 
 def _counted(model: DiT) -> int:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_options import SHORT, TOY
+from cli_options import SHORT, TOY, TRANSFER_SHORT, TRANSFER_TOY
 from kind.cli import info
 from kind.cli.main import build_parser, main
 
@@ -64,6 +64,20 @@ def test_sample_refuses_to_overwrite_and_unknown_classes(run, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["sample", str(run), "--classes", "7", "--out", str(tmp_path / "x")])
     assert e.value.code == 2 and "'7'" in capsys.readouterr().err
+    for bad in (",", ""):  # a list that names no class
+        with pytest.raises(SystemExit) as e:
+            main(["sample", str(run), "--classes", bad, "--out", str(tmp_path / "x")])
+        assert e.value.code == 2 and "names nothing" in capsys.readouterr().err
+    # an evaluation of the samples: --overwrite replaces them and removes it, as it is stale
+    (tmp_path / "samples.eval.json").write_text("{}")
+    main(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path), "--overwrite"])
+    assert not (tmp_path / "samples.eval.json").exists()
+    (tmp_path / "samples.eval.json").write_text("{}")
+    (tmp_path / "samples.npz").unlink()
+    (tmp_path / "samples.png").unlink()
+    with pytest.raises(SystemExit):  # without --overwrite, even alone it is kept and refused
+        main(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path)])
+    assert (tmp_path / "samples.eval.json").read_text() == "{}"
 
 
 def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
@@ -85,10 +99,10 @@ def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
 
 def test_transfer_with_kind_and_a_matched_baseline_then_evaluate(run, tmp_path, capsys):
     parts, dense = tmp_path / "parts", tmp_path / "dense"
-    short = SHORT
+    short = TRANSFER_SHORT
     main(["decompose", str(run), "--out", str(parts)])
     main(["transfer", str(parts), "--data", "mnist:6,7", "--out", str(tmp_path / "kind"), *short])
-    main(["train", "--model", "dense", "--data", "mnist:0-2", "--out", str(dense), *short])
+    main(["train", "--model", "dense", "--data", "mnist:0-2", "--out", str(dense), *SHORT])
     main(["transfer", str(dense), "--method", "lora", "--match-kind", str(parts), "--data",
           "mnist:6,7", "--out", str(tmp_path / "lora"), *short])  # fmt: skip
     kind_meta = json.loads((tmp_path / "kind" / "run.json").read_text())["transfer"]
@@ -115,10 +129,25 @@ def test_baseline_from_a_kind_source_is_refused(run, tmp_path, capsys):
                 "mnist:6",
                 "--out",
                 str(tmp_path / "x"),
-                *TOY,
+                *TRANSFER_TOY,
             ]
         )
     assert "dense" in capsys.readouterr().err
+
+
+def test_transfer_refuses_settings_it_would_ignore(run, tmp_path, capsys):
+    """A transfer's model and diffusion come from its source, and a KIND transfer's size from
+    its tailors: settings that would be dropped are refused before anything is written."""
+    parts = tmp_path / "parts"
+    main(["decompose", str(run), "--out", str(parts)])
+    for extra, phrase in ((["--set", "model.rank_tailor=4"], "model settings from SOURCE"),
+                          (["--set", "diffusion.num_timesteps=50"], "diffusion settings"),
+                          (["--budget", "1000"], "a baseline's adapter")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["transfer", str(parts), "--data", "mnist:6", "--out", str(tmp_path / "t"),
+                  *TRANSFER_SHORT, *extra])  # fmt: skip
+        assert e.value.code == 2 and phrase in capsys.readouterr().err
+        assert not (tmp_path / "t").exists()
 
 
 def test_wrong_config_key_names_the_known_keys(tmp_path, capsys):
@@ -169,5 +198,5 @@ def test_bad_device_or_methods_are_refused_before_anything_is_written(tmp_path, 
         assert not (tmp_path / "d").exists()
     with pytest.raises(SystemExit) as e:
         main(["demo", "--out", str(tmp_path / "d"), "--methods", ","])
-    assert e.value.code == 2 and "names no method" in capsys.readouterr().err
+    assert e.value.code == 2 and "--methods ',' names nothing" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()

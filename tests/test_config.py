@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from kind.core.diffusion import DiffusionConfig
 from kind.training.config import load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
@@ -26,6 +27,14 @@ def test_shipped_configs_load(path):
 def test_unknown_key_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"unknown config key 'train.learning_rate'.*\blr\b"):
         load_config(overrides={"train": {"learning_rate": 1}})
+
+
+def test_a_saved_diffusion_config_with_an_unknown_key_names_it():
+    with pytest.raises(ValueError, match=r"unknown diffusion config keys \['bogus'\]"):
+        DiffusionConfig.from_dict({"prediction": "eps", "bogus": 1})
+    with pytest.raises(ValueError, match="a mapping of settings"):
+        DiffusionConfig.from_dict([1])
+    assert DiffusionConfig.from_dict({"prediction": "eps"}).prediction == "eps"
 
 
 def test_wrong_type_is_refused():

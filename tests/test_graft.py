@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_options import SHORT
+from cli_options import SHORT, TRANSFER_SHORT
 from kind.cli.main import main
 from kind.core.decomposition import PartsError
 from kind.io import sha256_file
@@ -33,7 +33,7 @@ def parts(root):
 
 
 def _transfer(parts, out, data, *extra):
-    main(["transfer", str(parts), "--data", data, "--out", str(out), *SHORT, *extra])
+    main(["transfer", str(parts), "--data", data, "--out", str(out), *TRANSFER_SHORT, *extra])
     return out
 
 

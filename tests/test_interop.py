@@ -305,6 +305,11 @@ def test_import_errors_name_the_problem_and_write_nothing(tmp_path, capsys):
     assert "not empty" in err
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
 
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    err = fails(["import", str(tmp_path / "dit.pt"), "--out", out,
+                 "--class-names", str(tmp_path / "latin1.txt")], capsys)  # fmt: skip
+    assert "latin1.txt is not UTF-8 text" in err
+
     (tmp_path / "names.txt").write_text("a\nb\n")
     err = fails(["import", str(tmp_path / "dit.pt"), "--out", out,
                  "--class-names", str(tmp_path / "names.txt")], capsys)  # fmt: skip

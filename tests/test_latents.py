@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,17 @@ def test_load_vae_reads_the_vae_subfolder_of_a_pipeline(tmp_path, vae_dir):
     assert load_vae(tmp_path).config.latent_channels == 4
 
 
-@pytest.mark.parametrize("case", ["none", "missing", "empty", "other-model", "no-weights"])
-def test_load_vae_errors_say_how_to_get_one(tmp_path, case):
-    path = {"none": None, "missing": tmp_path / "nope"}.get(case, tmp_path)
+@pytest.mark.parametrize(
+    "case", ["none", "missing", "a file", "empty", "other-model", "no-weights", "bad-config"]
+)
+def test_load_vae_errors_say_how_to_get_one(tmp_path, vae_dir, case):
+    path = {"none": None, "missing": tmp_path / "nope", "a file": vae_dir / "config.json"}.get(
+        case, tmp_path
+    )
+    if case == "bad-config":  # a VAE whose config has a wrong type: diffusers raises TypeError
+        shutil.copytree(vae_dir, tmp_path, dirs_exist_ok=True)
+        config = json.loads((tmp_path / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps(config | {"block_out_channels": "abc"}))
     if case == "other-model":
         (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
     if case == "no-weights":
@@ -204,8 +213,6 @@ def test_image_size_must_fit_the_vae(tmp_path, vae_dir):
     ],
 )
 def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
-    import shutil
-
     out = Path(shutil.copytree(folder_store[1], tmp_path / "copy"))
     meta = json.loads((out / "meta.json").read_text())
     if damage == "no-meta":

@@ -69,8 +69,8 @@ def test_protocol_rehearsal(imagenet, vae_dir, tiny_inception):
     main(["train", "--data", str(stores["pretrain"]), "--size", "tiny/2", *quick,
           "--out", str(root / "kind")])  # fmt: skip
     main(["decompose", str(root / "kind"), "--out", str(root / "parts")])
-    for name, extra in (("novel", []), ("faces", ["--null-tailor"])):
-        main(["transfer", str(root / "parts"), "--data", str(stores[name]), *extra, *quick,
+    for name, extra in (("novel", []), ("faces", ["--null-tailor"])):  # diffusion: the source's
+        main(["transfer", str(root / "parts"), "--data", str(stores[name]), *extra, *quick[:-2],
               "--out", str(root / f"to-{name}")])  # fmt: skip
         config = read_json(root / f"to-{name}" / "config.json")
         assert config["model"]["class_names"] == (NOVEL if name == "novel" else ["faces"])

@@ -347,6 +347,49 @@ CASES = [
     Case("evaluate 0-d class_names", _damaged_samples("names"), 2, "1-d array of names"),
     Case("--out inside a file", _out_under_a_file, 2, "is a file, so"),
     Case(
+        "sample --seed past 2^32 - 1", _sample("--seed", "99999999999"), 2, "from 0 to 4294967295"
+    ),
+    Case(
+        "evaluate --write-ref --image-size 100000",
+        lambda tmp, made: [
+            "evaluate",
+            "--ref",
+            "mnist:0-1",
+            "--write-ref",
+            str(tmp / "r.npz"),
+            "--image-size",
+            "100000",
+        ],
+        2,
+        "from 1 to 2048",
+    ),  # fmt: skip
+    Case(
+        "evaluate --out a directory",
+        lambda tmp, made: [
+            "evaluate",
+            str(made / "s" / "samples.npz"),
+            "--ref",
+            "mnist:0-1",
+            "--out",
+            str(made),
+        ],
+        2,
+        "is a directory",
+    ),  # fmt: skip
+    Case("--set a whole section", _train("--set", "train=3"), 2, "replaces a whole section"),
+    Case(
+        "--config a directory",
+        lambda tmp, made: ["train", *QUICK, "--config", str(made), "--out", str(tmp / "r")],
+        2,
+        "is a directory",
+    ),  # fmt: skip
+    Case(
+        "guided_channels beyond the data's",
+        _train("--set", "sample.guided_channels=5"),
+        2,
+        "out of range for this model's 1 channel",
+    ),  # fmt: skip
+    Case(
         "--restart a user's folder with a config.json", _restart_a_users_folder, 2, "did not make"
     ),  # fmt: skip
     Case("evaluate --out onto its samples", _eval_onto_samples, 2, "is one of the inputs"),
@@ -411,3 +454,16 @@ def test_outputs_go_into_a_users_empty_folder_or_its_link_and_keep_them(made, tm
     main(["decompose", str(made / "run"), "--out", str(tmp_path / "link")])
     assert (tmp_path / "link").is_symlink()
     assert (tmp_path / "disk" / "empty" / "manifest.json").is_file()
+
+
+def test_tensorboard_missing_is_refused_before_the_run_is_written(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorboard" else find_spec(name, *a))  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        main(["train", *QUICK, "--steps", "1", "--set", "train.tensorboard=true",
+              "--out", str(tmp_path / "r")])  # fmt: skip
+    assert e.value.code == 2 and "kind-dit[tensorboard]" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

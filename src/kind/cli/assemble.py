@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kind.cli.common import classes
+from kind.cli.common import classes, count, number
 
 NAME = "assemble"
 HELP = "build a model for some classes from parts"
@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group()
     budget.add_argument(
         "--max-params",
-        type=int,
+        type=count(0),
         metavar="N",
         help="parameter budget: drop learngene components until the model has ≤ N parameters. "
         "Globally across all decomposed layers, components are ranked by |σ_i| alone (smallest "
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     budget.add_argument(
         "--max-gflops",
-        type=float,
+        type=number(),
         metavar="G",
         help="compute budget, the same rule as --max-params with each component's cost in FLOPs: "
         "drop learngene components until one forward pass of one sample (of a kept class, at "

@@ -56,9 +56,14 @@ def number(low: float = 0.0, open_low: bool = False):
     return parse
 
 
-def classes(text: str | None) -> list[str] | None:
+def classes(text: str | None, option: str = "--classes") -> list[str] | None:
     """A comma list as names; None (not []) when the option was not given, meaning "all"."""
-    return None if text is None else [c.strip() for c in text.split(",") if c.strip()]
+    if text is None:
+        return None
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names:
+        raise ValueError(f"{option} {text!r} names nothing; give comma-separated names")
+    return names
 
 
 def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -> None:
@@ -78,7 +83,9 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument("--steps", type=count(), help="optimiser steps (train.steps)")
     p.add_argument("--batch-size", type=count(), help="global batch size (train.batch_size)")
     p.add_argument("--lr", type=number(open_low=True), help="peak learning rate (train.lr)")
-    p.add_argument("--seed", type=count(0), help="seed for init, batches and noise (train.seed)")
+    p.add_argument(
+        "--seed", type=count(0, 2**32 - 1), help="seed for init, batches and noise (train.seed)"
+    )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     p.add_argument(
         "--precision", choices=["fp32", "bf16", "fp16"], help="autocast precision (train.precision)"
@@ -103,6 +110,12 @@ def overrides(args: argparse.Namespace) -> dict:
     from kind.training.config import parse_overrides
 
     ov = parse_overrides(args.set)
+    for section in ("train", "model"):  # the flags below set keys inside these sections
+        if not isinstance(ov.get(section, {}), dict):
+            raise ValueError(
+                f"--set {section}={ov[section]!r} replaces a whole section; set its keys: "
+                f"--set {section}.KEY=VALUE"
+            )
     for key in _TRAIN_FLAGS:
         if getattr(args, key, None) is not None:
             ov.setdefault("train", {})[key] = getattr(args, key)

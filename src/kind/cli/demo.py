@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
         args.preset,
         jobs=args.jobs,
         device=args.device,
-        methods=classes(args.methods),
+        methods=classes(args.methods, "--methods"),
         report_only=args.report_only,
     )
     print(f"report: {report}")

@@ -87,12 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     keep_freed_memory()  # every command's CPU work: no page faults to refill the heap
     try:
         args.func(args)
-    except (
-        ValueError,
-        OSError,
-        RuntimeError,
-        ImportError,
-    ) as e:  # ImportError: an optional extra missing
+    # the library's user errors (an ImportError: an optional extra that is not installed)
+    except (ValueError, OSError, RuntimeError, ImportError) as e:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)

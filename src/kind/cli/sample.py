@@ -52,11 +52,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="guide only the first N channels, the rest conditional (DiT's sampler: 3 of 4 latent "
         "channels; default: the run's sample.guided_channels, else every channel)",
     )
-    p.add_argument("--seed", type=count(0), default=0, help="seed; same seed, same samples")
+    p.add_argument(
+        "--seed", type=count(0, 2**32 - 1), default=0, help="seed; same seed, same samples"
+    )
     p.add_argument("--batch-size", type=count(), default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--overwrite", action="store_true", help="replace samples already in --out")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace samples already in --out (and remove their samples.eval.json, which scored "
+        "the samples replaced)",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
@@ -89,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
             f"{out} holds other files than samples; choose a new or empty --out "
             "(nothing was touched)"
         )
-    if not args.overwrite and any(p.exists() for p in targets):
+    if not args.overwrite and any(p.exists() for p in [*targets, out / "samples.eval.json"]):
         raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     names = classes(args.classes)
@@ -141,4 +148,8 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint=str(Path(args.source).resolve()),
     )
+    stale = out / "samples.eval.json"
+    if stale.exists():  # --overwrite was given (checked above): it scored the samples replaced
+        stale.unlink()
+        print(f"removed {stale}: it scored the samples replaced")
     print(f"{len(labels)} samples -> {targets[0]}, {targets[1]}")

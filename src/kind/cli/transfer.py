@@ -96,10 +96,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Transfer into --out; --match-kind first sizes the budget from a KIND transfer's."""
     from kind.data.dataset import class_names
+    from kind.training.config import Config
     from kind.transfer.kind import kind_budget
     from kind.transfer.run import run_transfer
 
     cfg = run_config(args)
+    fixed = [s for s in ("model", "diffusion") if getattr(cfg, s) != getattr(Config(), s)]
+    if fixed and not args.resume:  # (a resumed run's config is its own: run_config checks it)
+        raise ValueError(
+            f"a transfer takes its {' and '.join(fixed)} settings from SOURCE; leave them out "
+            "of --set and --config (the tailors' rank is --rank-tailor)"
+        )
     budget = args.budget
     if args.match_kind:
         budget = kind_budget(args.match_kind, class_names(cfg.data))

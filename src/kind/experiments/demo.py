@@ -160,8 +160,7 @@ def run_demo(
     preset = PRESETS[preset] if isinstance(preset, str) else preset
     if methods is not None:
         if not methods:
-            raise ValueError("--methods names no method; give a comma-separated list, or leave "
-                             "it out for the preset's")  # fmt: skip
+            raise ValueError("methods names no method; pass None for the preset's")
         preset = replace(preset, methods=tuple(methods))
     for method in preset.methods + preset.budget_methods + preset.null_methods:
         get(method)  # an unknown name fails here, before any job starts

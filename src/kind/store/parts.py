@@ -18,6 +18,7 @@ model directory; `load_learngene` is where a transfer starts (`kind.transfer.kin
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -308,6 +309,9 @@ def _budget_cost(model: DiT, max_params: int | None, max_gflops: float | None):
     each layer's cost must be the whole model's share of that layer)."""
     if (max_params is None) == (max_gflops is None):
         raise ValueError("give one budget: max_params or max_gflops")
+    budget = max_params if max_params is not None else max_gflops
+    if not math.isfinite(budget):  # NaN compares false with every cost: it would keep nothing
+        raise ValueError(f"a budget is a finite number, got {budget}")
     if max_params is not None:
 
         def params(name: str, m: KindLinear, r: int) -> int:

@@ -104,7 +104,7 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
     last = next(usable_checkpoints(run_dir), None)
     if last is None or not is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a run directory with a checkpoint")
-    cfg = read_json(run_dir / CONFIG_JSON)
+    cfg = read_json(run_dir / CONFIG_JSON, "model", "diffusion", "sample")
     model = DiT(ModelConfig.from_dict(cfg["model"]))
     load_state(model, ema_weights(last), last)
     run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}

@@ -223,7 +223,8 @@ def load_config(
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise FileNotFoundError(f"config file {path} {what}; give a YAML/JSON file")
         loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections")

@@ -22,6 +22,7 @@ checkpoint and draw sample grids.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -115,8 +116,8 @@ def load_dense(cfg: Config) -> tuple[DiT, dict]:
     directory = next((d for d in (path, path / "model") if is_model_dir(d)), None)
     if directory is not None:
         weights = directory / MODEL_WEIGHTS
-        sums = read_json(directory / CHECKSUMS, "sha256")["sha256"] if (directory / CHECKSUMS).is_file() \
-            else {}  # fmt: skip
+        checksums = directory / CHECKSUMS
+        sums = read_json(checksums, "sha256")["sha256"] if checksums.is_file() else {}
         record |= {"weights": str(weights.resolve()),
                    "sha256": sums.get(MODEL_WEIGHTS) or sha256_file(weights)}  # fmt: skip
         if isinstance(meta.get("source"), dict):  # `kind-dit import`: the file it came from
@@ -186,6 +187,17 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
             f"model classes {model.config.class_names} differ from the data's {data.class_names}"
         )
     cfg = replace(cfg, model=model.config)
+    guided, channels = cfg.sample.guided_channels, model.config.in_channels
+    if guided is not None and guided > channels:  # else found only when the run exports
+        raise TrainingError(
+            f"sample.guided_channels = {guided} is out of range for this model's {channels} "
+            f"channel(s); set at most {channels}, or unset it (null: guide every channel)"
+        )
+    if tc.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise TrainingError(
+            "train.tensorboard needs TensorBoard: pip install 'kind-dit[tensorboard]', or unset "
+            "train.tensorboard (metrics.csv holds the same scalars)"
+        )
     model.to(info.device)
     model.grad_checkpointing = tc.grad_checkpointing
     state = TrainState.create(model, tc, info.device)

@@ -51,6 +51,11 @@ def _start_kind(source, class_names, *, carry_tailors: bool = False, unfrozen: b
                 train_sigma: bool = False, class_to_group=None, train_learngenes=False,
                 budget=None, rank_tailor=None, null_tailor=False, seed=0) -> Start:  # fmt: skip
     """Learngenes of the parts directory `source`, fresh (or carried) tailors."""
+    if budget is not None:
+        raise ValueError(
+            "--budget and --match-kind size a baseline's adapter; a KIND transfer trains what its "
+            "tailors hold (their rank: --rank-tailor)"
+        )
     train_learngenes = train_learngenes or unfrozen
     model, diffusion = inherit_learngenes(
         source,
