@@ -12,7 +12,7 @@ import torch
 from cli_options import SHORT, TRANSFER_SHORT
 from kind.cli.main import main
 from kind.core.decomposition import PartsError
-from kind.io import sha256_file
+from kind.io import OutputDirError, sha256_file
 from kind.store.graft import graft, tensor_sha256
 from kind.store.load import load_model
 from kind.store.parts import load_parts
@@ -156,7 +156,7 @@ def test_a_non_empty_out_is_refused_and_nothing_is_touched(parts, run, tmp_path)
     out.mkdir()
     (out / "notes.txt").write_text("my file")
     before = _snapshot(parts, run, out)
-    with pytest.raises(PartsError, match="not empty"):
+    with pytest.raises(OutputDirError, match="not empty"):
         graft(parts, run, out)
     with pytest.raises(PartsError, match="inside PARTS"):
         graft(parts, run, parts / "sub")

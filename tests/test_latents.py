@@ -25,6 +25,7 @@ from kind.data.latents import (
     load_vae,
     scaling_factor,
 )
+from kind.io import OutputDirError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +191,7 @@ def test_corrupt_image_error_names_the_file_and_leaves_nothing(tmp_path, vae_dir
 def test_existing_output_is_refused_but_an_empty_dir_is_filled(tmp_path, vae_dir):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    with pytest.raises(LatentError, match="not an empty directory"):
+    with pytest.raises(OutputDirError, match="not empty"):
         encode_cpu("mnist:0", tmp_path / "full", vae_dir, SIZE, limit_per_class=1)
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     (tmp_path / "empty").mkdir()

@@ -10,6 +10,7 @@ from kind.core.decomposition import PartsError, merge, split_state
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig
 from kind.core.sampling import generate
+from kind.io import OutputDirError
 from kind.store.load import load_model
 from kind.store.parts import assemble, decompose, load_learngene, load_parts
 from kind.store.sizes import size_table
@@ -149,7 +150,7 @@ def test_size_table_grows_with_classes_and_adds_up(parts, source):
 
 
 def test_decompose_will_not_overwrite(parts, source):
-    with pytest.raises(PartsError, match="not empty"):
+    with pytest.raises(OutputDirError, match="not empty"):
         decompose(source, DiffusionConfig(), parts)
 
 

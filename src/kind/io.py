@@ -70,6 +70,29 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict
         )
 
 
+class OutputDirError(ValueError):
+    """An output directory that may not be written as asked; nothing in it was touched."""
+
+
+def check_new_dir(out: str | Path) -> Path:
+    """`out` as a Path when a new directory of outputs may go there (absent, or an empty
+    directory; `atomic_dir` fills it); refused before anything is written otherwise."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"{out} is a file, not a directory; choose another output directory")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise OutputDirError(
+            f"{above} is a file, so {out} cannot be made; choose another output directory"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise OutputDirError(
+            f"{out} already exists and is not empty; choose another output directory (nothing "
+            "was touched)"
+        )
+    return out
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from kind.core.device import pick_device
 from kind.core.images import to_uint8
 from kind.data.images import DataError, ImageItem, list_images, parse_spec, read_image
-from kind.io import atomic_dir, atomic_write_text
+from kind.io import atomic_dir, atomic_write_text, check_new_dir
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -233,14 +233,6 @@ def _encode_into(
             bar.update(len(x))
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LatentError(
-            f"{out} already exists and is not an empty directory; choose another output "
-            "directory or remove it (nothing was overwritten)."
-        )
-
-
 def encode_to_store(
     spec: str,
     out: str | Path,
@@ -266,7 +258,7 @@ def encode_to_store(
     Returns ``out``.
     """
     out = Path(out).expanduser().absolute()
-    _check_out(out)
+    check_new_dir(out)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
     compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -313,7 +305,7 @@ def encode_to_store(
             "downsampling": f,
         }
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-        _check_out(out)  # someone may have filled `out` while we encoded
+        check_new_dir(out)  # someone may have filled `out` while we encoded
     log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, latent_shape)
     return out
 

@@ -32,12 +32,18 @@ import torch
 
 from kind.core.decomposition import PartsError, split_state
 from kind.core.model import ModelConfig
-from kind.io import atomic_dir, atomic_file, atomic_write_text, read_json, sha256_file
+from kind.io import (
+    atomic_dir,
+    atomic_file,
+    atomic_write_text,
+    check_new_dir,
+    read_json,
+    sha256_file,
+)
 from kind.store.load import load_model
 from kind.store.modeldir import is_model_dir, write_card
 from kind.store.parts import (
     MANIFEST,
-    check_new_dir,
     parts_card,
     read_manifest,
     read_part,

@@ -40,6 +40,7 @@ from kind.io import (
     atomic_dir,
     atomic_file,
     atomic_write_text,
+    check_new_dir,
     read_json,
     sha256_file,
     write_checksums,
@@ -48,7 +49,7 @@ from kind.io import (
 from kind.store import diffusers_dit, dit_official
 from kind.store.load import load_model
 from kind.store.modeldir import MODEL_JSON, is_model_dir, save_model_dir
-from kind.store.parts import check_new_dir, is_parts_dir
+from kind.store.parts import is_parts_dir
 from kind.store.runs import CONFIG_JSON as RUN_CONFIG
 
 NOTICE, KIND_JSON = "NOTICE", "kind_dit.json"

@@ -34,6 +34,7 @@ from kind.io import (
     atomic_dir,
     atomic_save_tensors,
     atomic_write_text,
+    check_new_dir,
     read_json,
     read_tensors,
     sha256_file,
@@ -52,21 +53,6 @@ def tailor_file(group: int) -> str:
 
 def count_tensors(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in tensors.values())
-
-
-def check_new_dir(out: str | Path) -> Path:
-    """`out` as a Path when a new parts or model directory may go there (absent, or an empty
-    directory); refused before anything is written otherwise."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PartsError(f"{out} is a file, not a directory; choose another output directory")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise PartsError(f"{above} is a file, so {out} cannot be made; choose another output "
-                         "directory")  # fmt: skip
-    if out.exists() and any(out.iterdir()):
-        raise PartsError(f"{out} already exists and is not empty; choose another output directory")
-    return out
 
 
 def write_part(directory: Path, name: str, key: str, tensors: dict[str, torch.Tensor]) -> dict:

@@ -37,7 +37,7 @@ import torch
 
 from kind.core.decomposition import MergedDiT, PartsError
 from kind.core.model import DiT, load_state
-from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, write_json
+from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, check_new_dir, write_json
 from kind.store import diffusers_dit
 from kind.store.interop import (
     KIND_JSON,
@@ -48,7 +48,6 @@ from kind.store.interop import (
     scheduler_settings,
 )
 from kind.store.load import load_model
-from kind.store.parts import check_new_dir
 
 BASE = "base"
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
