@@ -172,6 +172,9 @@ def test_runs_that_are_no_kind_transfer_are_refused(parts, run, root, tmp_path):
     (baseline / "run.json").write_text(json.dumps(record))
     with pytest.raises(PartsError, match="'lora' transfer of a dense DiT"):
         graft(parts, baseline, tmp_path / "b")
+    (baseline / "run.json").write_text(json.dumps(record | {"transfer": "kind"}))  # hand-edited
+    with pytest.raises(PartsError, match="transfer record is not a mapping"):
+        graft(parts, baseline, tmp_path / "b")
     with pytest.raises(PartsError, match="not a run directory"):
         graft(parts, parts, tmp_path / "c")
     assert not any((tmp_path / n).exists() for n in "abc")

@@ -329,6 +329,17 @@ def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys, vae_dir):
     err = fails(["import", str(tmp_path / "untied"), "--out", out], capsys)
     assert "block 1's" in err and "one timestep embedder" in err
 
+    for key, value in (("sample_size", "abc"), ("norm_eps", "x")):  # a hand-edited config.json
+        make_reference().save_pretrained(tmp_path / key)
+        config = json.loads((tmp_path / key / "config.json").read_text())
+        (tmp_path / key / "config.json").write_text(json.dumps(config | {key: value}))
+        err = fails(["import", str(tmp_path / key), "--out", out], capsys)
+        assert f"config.json: {key} = {value!r} is not" in err
+    make_reference().save_pretrained(tmp_path / "edited")  # kind-dit's record beside it, edited
+    (tmp_path / "edited" / "kind_dit.json").write_text(json.dumps({"latent": "x"}))
+    err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
+    assert "kind_dit.json: latent must be a mapping" in err
+
     geglu = make_reference()
     geglu.register_to_config(activation_fn="geglu")
     geglu.save_pretrained(tmp_path / "geglu")

@@ -76,6 +76,10 @@ def diffusers_keys(depth: int) -> list[str]:
     return keys + [f"transformer_blocks.{i}.{_LABELS}" for i in range(depth)]
 
 
+_INT_KEYS = ("sample_size", "in_channels", "out_channels", "num_attention_heads",
+             "attention_head_dim", "num_layers", "num_embeds_ada_norm", "patch_size")  # fmt: skip
+
+
 def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config, tensors) of a DiTTransformer2DModel folder; a clear error for anything else."""
     folder = Path(folder)
@@ -85,6 +89,15 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"{folder} holds a diffusers {config['_class_name']}, not a {CLASS_NAME}; give the "
             "DiT transformer folder (a DiTPipeline's transformer/)"
         )
+    for key, value in config.items():  # the shapes read from it below are whole numbers
+        if (
+            key in _INT_KEYS
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int))
+        ):
+            raise ValueError(f"{folder / CONFIG}: {key} = {value!r} is not an integer")
+        if key == "norm_eps" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ValueError(f"{folder / CONFIG}: norm_eps = {value!r} is not a number")
     if (folder / WEIGHTS).is_file():
         return config, read_tensors(folder / WEIGHTS)
     if (folder / INDEX).is_file():  # sharded: the index names the file of every tensor

@@ -175,6 +175,9 @@ def _transfer_record(run_dir: Path) -> dict:
             f"their own. Deploy it on its own with `kind-dit decompose {run_dir} --out PARTS2`, "
             f"or {_FIX_TRANSFER} to add its classes"
         )
+    if not isinstance(record, dict):
+        raise PartsError(f"{run_dir / RUN_JSON}: its transfer record is not a mapping; the file "
+                         "is damaged")  # fmt: skip
     method = str(record.get("method", ""))
     if not method.startswith("kind"):
         raise PartsError(

@@ -344,6 +344,10 @@ def import_dit(
         state, hints, names = diffusers_dit.to_kind(config, tensors, str(folder))
         if (folder / KIND_JSON).is_file():
             saved = read_json(folder / KIND_JSON)
+            wrong = [k for k in ("diffusion", "latent", "sample")
+                     if not isinstance(saved.get(k) or {}, dict)]  # fmt: skip
+            if wrong:
+                raise ValueError(f"{folder / KIND_JSON}: {', '.join(wrong)} must be a mapping")
         else:
             notes.append(
                 f"{TIME_NOTE}; the imported model computes DiT's, for which DiT's own weights "
