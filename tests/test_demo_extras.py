@@ -127,3 +127,17 @@ def test_kindify_and_size_jobs_write_their_report_sections(tmp_path, monkeypatch
     assert "Budgets neither model reaches" in sizes
     assert (tmp_path / "report" / "sizes_digits.png").stat().st_size > 0
     assert "quality against size: KIND truncated vs the dense DiT" in text  # in the verdicts too
+
+
+def test_failed_jobs_end_the_demo_with_an_error_after_the_report(tmp_path, monkeypatch):
+    """A demo whose jobs failed still writes the report of what finished, then ends in an error
+    (the command exits 2), not in a success that hides the failures."""
+    from kind.experiments import demo
+
+    failed = {"pretrain/kind": "RuntimeError: out of memory"}
+    monkeypatch.setattr(demo, "execute", lambda *args: ({}, dict(failed)))
+    with pytest.raises(demo.DemoError, match=r"1 job\(s\) failed \(first: pretrain/kind: Runtime"):
+        demo.run_demo(tmp_path, EXTRAS, jobs=1, device="cpu")
+    report = (tmp_path / "report.md").read_text()
+    assert "Failed jobs" in report and "out of memory" in report
+    assert len(json.loads((tmp_path / "wall_times.json").read_text())["seconds"]) == 1
