@@ -280,6 +280,11 @@ def _out_under_a_file(tmp: Path, made: Path) -> list[str]:
     return ["decompose", str(made / "run"), "--out", str(tmp / "f" / "parts")]
 
 
+def _empty_samples(tmp: Path, made: Path) -> list[str]:
+    (tmp / "samples.npz").write_bytes(b"")  # an interrupted copy, a full disk
+    return ["evaluate", str(tmp / "samples.npz"), "--ref", "mnist:0-1"]
+
+
 def _eval_onto_samples(tmp: Path, made: Path) -> list[str]:
     samples = _copy(made, tmp, "s") / "samples.npz"
     return ["evaluate", str(samples), "--ref", "mnist:0-1", "--out", str(samples), "--overwrite"]
@@ -343,11 +348,15 @@ CASES = [
     ),  # fmt: skip
     Case("evaluate a truncated .npz", _damaged_samples("truncated"), 2, "not a sample .npz"),
     Case("evaluate a corrupted .npz", _damaged_samples("flipped"), 2, "damaged sample .npz"),
+    Case("evaluate an empty .npz", _empty_samples, 2, "not a sample .npz"),
     Case("evaluate float labels", _damaged_samples("float labels"), 2, "integer class ids"),
     Case("evaluate 0-d class_names", _damaged_samples("names"), 2, "1-d array of names"),
     Case("--out inside a file", _out_under_a_file, 2, "is a file, so"),
     Case(
-        "sample --seed past 2^32 - 1", _sample("--seed", "99999999999"), 2, "from 0 to 4294967295"
+        "sample --seed past 2^32 - 1",
+        _sample("--seed", str(2**44 + 1)),
+        2,
+        "from 0 to 17592186044416",
     ),
     Case(
         "evaluate --write-ref --image-size 100000",
@@ -467,3 +476,28 @@ def test_tensorboard_missing_is_refused_before_the_run_is_written(tmp_path, monk
               "--out", str(tmp_path / "r")])  # fmt: skip
     assert e.value.code == 2 and "kind-dit[tensorboard]" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_atomic_dir_fills_the_current_folder_and_refuses_one_filled_meanwhile(
+    tmp_path, monkeypatch
+):
+    """`--out .` in an empty folder works (the temporary directory goes inside it); a folder that
+    someone fills, or creates, while the output is written is left as it is and refused."""
+    from kind.io import OutputDirError, atomic_dir
+
+    monkeypatch.chdir(tmp_path)
+    with atomic_dir(Path(".")) as d:
+        (d / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OutputDirError, match="was filled while"):
+        with atomic_dir(tmp_path / "empty") as d:
+            (d / "manifest.json").write_text("{}")
+            (tmp_path / "empty" / "theirs.txt").write_text("x")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["theirs.txt"]
+    with pytest.raises(OutputDirError, match="appeared while"):
+        with atomic_dir(tmp_path / "new") as d:
+            (d / "manifest.json").write_text("{}")
+            (tmp_path / "new").mkdir()
+    assert not any((tmp_path / "new").iterdir())

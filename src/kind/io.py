@@ -96,24 +96,35 @@ def check_new_dir(out: str | Path) -> Path:
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
-    An empty directory already there (a user's `--out`, perhaps behind a symlink) is kept, with
-    its permissions and the links to it: the finished entries move into it, a rename each."""
-    final = Path(final)
+    An empty directory already there (a user's `--out`, perhaps a mount point or behind a
+    symlink) is kept, with its permissions and the links to it: the temporary directory is made
+    inside it, on its file system, and the finished entries move up into it, a rename each. A
+    directory that appears, or fills, while the output is written is left alone and refused."""
+    final = Path(os.path.abspath(final))  # "." has no name to put a temporary one beside
     if final.is_symlink():
         final = final.resolve()  # the link stays; the output goes where it points
+    in_place = final.is_dir() and not any(final.iterdir())
+    existed = final.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    where = final if in_place else final.parent
+    tmp = Path(tempfile.mkdtemp(dir=where, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         yield tmp
-        if final.is_dir() and not any(final.iterdir()):
+        if in_place:
+            if any(p != tmp for p in final.iterdir()):
+                raise OutputDirError(f"{final} was filled while the output was written; nothing "
+                                     "of it was touched, choose another output directory")  # fmt: skip
             for entry in sorted(tmp.iterdir()):
                 os.replace(entry, final / entry.name)
-        elif final.exists():  # re-saving the same step: move the old one aside, then drop it
+        elif existed:  # re-saving the same step: move the old one aside, then drop it
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             _publish(tmp, final, directory=True)
             shutil.rmtree(old)
+        elif final.exists():
+            raise OutputDirError(f"{final} appeared while the output was written; nothing of it "
+                                 "was touched, choose another output directory")  # fmt: skip
         else:
             _publish(tmp, final, directory=True)
     finally:

@@ -18,6 +18,9 @@ SET_HELP = (
 
 # command-line flag (argparse dest) -> key of the config's train section
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "device", "precision")
+# the largest seed: sample i draws from torch seed seed·1,000,003 + i (kind.core.sampling
+# .sample_seed), which torch takes below 2^64, with room left for the sample index
+SEED_MAX = 2**44
 
 
 def count(low: int = 1, high: int | None = None):
@@ -84,7 +87,7 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument("--batch-size", type=count(), help="global batch size (train.batch_size)")
     p.add_argument("--lr", type=number(open_low=True), help="peak learning rate (train.lr)")
     p.add_argument(
-        "--seed", type=count(0, 2**32 - 1), help="seed for init, batches and noise (train.seed)"
+        "--seed", type=count(0, SEED_MAX), help="seed for init, batches and noise (train.seed)"
     )
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (train.device)")
     p.add_argument(

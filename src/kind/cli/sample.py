@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kind.cli.common import classes, count, number
+from kind.cli.common import SEED_MAX, classes, count, number
 
 NAME = "sample"
 HELP = "draw samples to a PNG grid and an .npz"
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "channels; default: the run's sample.guided_channels, else every channel)",
     )
     p.add_argument(
-        "--seed", type=count(0, 2**32 - 1), default=0, help="seed; same seed, same samples"
+        "--seed", type=count(0, SEED_MAX), default=0, help="seed; same seed, same samples"
     )
     p.add_argument("--batch-size", type=count(), default=256, help="samples per forward batch")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

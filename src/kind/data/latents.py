@@ -305,7 +305,6 @@ def encode_to_store(
             "downsampling": f,
         }
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
-        check_new_dir(out)  # someone may have filled `out` while we encoded
     log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, latent_shape)
     return out
 

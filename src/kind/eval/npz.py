@@ -41,7 +41,7 @@ def open_npz(path: Path, what: str, expected: str, hint: str) -> Iterator[np.lib
         raise FileNotFoundError(f"{what} file not found: {path}")
     try:
         npz = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:  # numpy's allow_pickle hint: no fix
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # not numpy's pickle hint
         raise ValueError(f"{path} is not a {what} .npz (numpy: {e}); pass {hint}") from e
     if not isinstance(npz, np.lib.npyio.NpzFile):
         raise ValueError(f"{path} holds one array, not {expected}")
