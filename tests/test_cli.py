@@ -10,6 +10,8 @@ import torch
 from cli_options import SHORT, TOY, TRANSFER_SHORT, TRANSFER_TOY
 from kind.cli import info
 from kind.cli.main import build_parser, main
+from kind.store.modeldir import save_model_dir
+from kind.store.parts import load_parts
 
 
 def cli(command: str, *paths) -> None:
@@ -78,6 +80,13 @@ def test_sample_refuses_to_overwrite_and_unknown_classes(run, tmp_path, capsys):
     with pytest.raises(SystemExit):  # without --overwrite, even alone it is kept and refused
         main(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path)])
     assert (tmp_path / "samples.eval.json").read_text() == "{}"
+    parts = tmp_path / "parts"
+    main(["decompose", str(run), "--out", str(parts)])
+    model, diffusion, _ = load_parts(parts, [])  # learngenes only: a model holding no class
+    save_model_dir(tmp_path / "none", model, diffusion)
+    with pytest.raises(SystemExit) as e:
+        main(["sample", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "holds no class to sample" in capsys.readouterr().err
 
 
 def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
