@@ -385,6 +385,12 @@ CASES = [
         2,
         "is a directory",
     ),  # fmt: skip
+    Case(
+        "train.seed past 2^44",
+        _train("--set", "train.seed=100000000000000000000"),
+        2,
+        "train.seed = 100000000000000000000 is out of range; allowed: 0 to 17592186044416",
+    ),  # fmt: skip
     Case("--set a whole section", _train("--set", "train=3"), 2, "replaces a whole section"),
     Case(
         "--config a directory",

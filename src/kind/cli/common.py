@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kind.core.seeds import SEED_MAX
+
 if TYPE_CHECKING:
     from kind.training.config import Config
 
@@ -18,9 +20,6 @@ SET_HELP = (
 
 # command-line flag (argparse dest) -> key of the config's train section
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "device", "precision")
-# the largest seed: sample i draws from torch seed seed·1,000,003 + i (kind.core.sampling
-# .sample_seed), which torch takes below 2^64, with room left for the sample index
-SEED_MAX = 2**44
 
 
 def count(low: int = 1, high: int | None = None):

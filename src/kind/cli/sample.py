@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kind.cli.common import SEED_MAX, classes, count, number
+from kind.cli.common import classes, count, number
+from kind.core.seeds import SEED_MAX
 
 NAME = "sample"
 HELP = "draw samples to a PNG grid and an .npz"

@@ -15,10 +15,7 @@ from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.images import to_uint8
-
-
-def sample_seed(seed: int, index: int) -> int:
-    return seed * 1_000_003 + index
+from kind.core.seeds import sample_seed
 
 
 @torch.no_grad()

@@ -32,13 +32,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from kind.core.decomposition import PartsError, resolve_classes
 from kind.core.diffusion import SAMPLERS, Diffusion, DiffusionConfig
 from kind.core.images import image_grid, save_npz
+from kind.core.seeds import SEED_MAX
 from kind.serve.batcher import Batcher, Result
 from kind.serve.cache import TailorCache
 from kind.serve.draw import Settings
 from kind.training.config import SampleConfig
 
 MAX_N = 64  # samples a request
-MAX_SEED = 2**32 - 1
 MAX_CFG = 20.0
 NPZ = "application/x-npz"
 # the model config fields GET /model shows
@@ -53,7 +53,7 @@ class GenerateRequest(BaseModel):
 
     class_name: str = Field(min_length=1, description="a class of the model (GET /model)")
     n: int | None = Field(None, ge=1, le=MAX_N, description="samples")
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="same seed, same samples")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="same seed, same samples")
     steps: int | None = Field(None, ge=1, description="sampling steps")
     cfg_scale: float | None = Field(None, ge=0, le=MAX_CFG, allow_inf_nan=False,
                                     description="classifier-free guidance; 1 = off")  # fmt: skip
@@ -145,7 +145,7 @@ def create_app(
             "defaults": defaults,
             "limits": {
                 "n": [1, MAX_N],
-                "seed": [0, MAX_SEED],
+                "seed": [0, SEED_MAX],
                 "steps": [1, diffusion_config.num_timesteps],
                 "cfg_scale": [0, MAX_CFG],
                 "sampler": list(SAMPLERS),

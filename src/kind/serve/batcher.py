@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kind.core.diffusion import Diffusion
-from kind.core.sampling import sample_seed
+from kind.core.seeds import sample_seed
 from kind.serve.cache import TailorCache
 from kind.serve.draw import Settings, draw
 

@@ -1,7 +1,7 @@
 """One batched sampling run for samples of many classes, whose every sample comes out exactly as
 it would in any other batch.
 
-Per-sample seeds (`kind.core.sampling.sample_seed`) make the *noise* of a sample independent of
+Per-sample seeds (`kind.core.seeds.sample_seed`) make the *noise* of a sample independent of
 its batch. The arithmetic needs two more things on CPU, both measured (torch 2.13, MKL, 1–16
 threads), and both kept here by padding the batch with null-class samples whose results are
 dropped:

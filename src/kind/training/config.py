@@ -17,6 +17,7 @@ import yaml
 
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import ModelConfig
+from kind.core.seeds import SEED_MAX
 from kind.io import atomic_write_text
 
 
@@ -84,6 +85,7 @@ class TrainConfig:
             _count(f"train.{name}", getattr(self, name), 1)
         for name in ("warmup_steps", "sample_every", "seed"):
             _count(f"train.{name}", getattr(self, name), 0)
+        check_range("train.seed", self.seed, self.seed <= SEED_MAX, f"0 to {SEED_MAX}")
         _count("train.micro_batch_size", self.micro_batch_size, 1, optional=True)
         _count("train.threads", self.threads, 1, optional=True)
         _real("train.lr", self.lr, 0, open_low=True)
