@@ -89,15 +89,16 @@ def run(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     targets = [out / "samples.png", out / "samples.npz"]
+    scores = out / "samples.eval.json"  # what `evaluate` writes beside them
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a directory")
-    ours = {p.name for p in targets} | {"samples.eval.json"}
+    ours = {p.name for p in [*targets, scores]}
     if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
         raise ValueError(
             f"{out} holds other files than samples; choose a new or empty --out "
             "(nothing was touched)"
         )
-    if not args.overwrite and any(p.exists() for p in [*targets, out / "samples.eval.json"]):
+    if not args.overwrite and any(p.exists() for p in [*targets, scores]):
         raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     names = classes(args.classes)
@@ -151,8 +152,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         checkpoint=str(Path(args.source).resolve()),
     )
-    stale = out / "samples.eval.json"
-    if stale.exists():  # --overwrite was given (checked above): it scored the samples replaced
-        stale.unlink()
-        print(f"removed {stale}: it scored the samples replaced")
+    if scores.exists():  # --overwrite was given (checked above): it scored the samples replaced
+        scores.unlink()
+        print(f"removed {scores}: it scored the samples replaced")
     print(f"{len(labels)} samples -> {targets[0]}, {targets[1]}")

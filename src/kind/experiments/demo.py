@@ -33,7 +33,7 @@ from kind.experiments.jobs import deploy_task, pretrain_task, size_task, transfe
 from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
 from kind.experiments.scheduler import Job, execute, result_path
-from kind.io import atomic_write_text, read_json
+from kind.io import atomic_write_text, read_json, write_json
 from kind.transfer.registry import get
 
 
@@ -201,7 +201,7 @@ def run_demo(
     walls = read_json(walls_file, "seconds")["seconds"] if walls_file.is_file() else []
     if to_run and not report_only:
         walls.append(time.time() - t0)
-        atomic_write_text(walls_file, json.dumps({"seconds": walls}))
+        write_json(walls_file, {"seconds": walls})
     report = write_report(out, settings, results, failed, invocation_seconds=walls)
     if failed:
         first = next(iter(failed.items()))

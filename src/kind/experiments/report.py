@@ -543,14 +543,10 @@ def write_report(
     out = Path(out)
     sources = list(settings.get("sources", ["digits"]))
     job_seconds = sum(r.job_seconds for r in results.values())
-    n = len(invocation_seconds)
-    wall = (
-        f"Wall time: {sum(invocation_seconds) / 60:.1f} min"
-        + (f" over the {n} invocations that ran jobs" if n > 1 else "")
-        + ". "
-        if n
-        else ""
-    )
+    wall, n = "", len(invocation_seconds)
+    if n:
+        over = f" over the {n} invocations that ran jobs" if n > 1 else ""
+        wall = f"Wall time: {sum(invocation_seconds) / 60:.1f} min{over}. "
     sweep = settings.get("cfg_scales") or []
     md = [
         "# KIND demo report",

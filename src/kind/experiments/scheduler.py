@@ -8,8 +8,9 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -34,6 +35,22 @@ class Job:
 
 def result_path(out: Path, name: str) -> Path:
     return Path(out) / "results" / f"{name.replace('/', '__')}.json"
+
+
+@contextmanager
+def _sparse_worker_progress() -> Iterator[None]:
+    """The workers' progress bars print a line every 10 s at most. tqdm reads TQDM_MININTERVAL
+    when it is imported, before a worker's initializer could run, so the variable is set here for
+    the spawned workers to inherit, only where the user has not set their own, and removed again
+    however the run ends."""
+    ours = "TQDM_MININTERVAL" not in os.environ
+    if ours:
+        os.environ["TQDM_MININTERVAL"] = "10"
+    try:
+        yield
+    finally:
+        if ours:
+            os.environ.pop("TQDM_MININTERVAL", None)
 
 
 def _call(fn: Callable[..., Result], kwargs: dict) -> Result:
@@ -64,41 +81,33 @@ def execute(
         desc="demo",
         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]",
     )
-    # The workers' progress bars print a line every 10 s at most. tqdm reads TQDM_MININTERVAL
-    # when it is imported, before a worker's initializer could run, so the variable is set here
-    # for the spawned workers to inherit, only where the user has not set their own, and it is
-    # removed again however the run ends.
-    own_interval = "TQDM_MININTERVAL" not in os.environ
-    if own_interval:
-        os.environ["TQDM_MININTERVAL"] = "10"
-    try:
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            running = {}
-            while pending or running:
-                for job in list(pending):
-                    if any(d in failed for d in job.deps):
-                        failed[job.name] = f"skipped: {[d for d in job.deps if d in failed]} failed"
-                        pending.remove(job)
-                    elif all(d in done for d in job.deps) and len(running) < workers:
-                        running[pool.submit(_call, job.fn, job.kwargs)] = job
-                        pending.remove(job)
-                bar.set_description("demo: " + ", ".join(sorted(j.name for j in running.values())))
-                finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    job = running.pop(fut)
-                    try:
-                        job.result = fut.result()
-                    except Exception as e:  # one failed job must not take the others down
-                        failed[job.name] = "".join(traceback.format_exception_only(e)).strip()
-                        log.error("job %s failed: %s", job.name, failed[job.name])
-                        continue
-                    atomic_write_text(
-                        result_path(out, job.name), json.dumps(to_dict(job.result), indent=2)
-                    )
-                    done[job.name] = job
-                    bar.update(job.weight)
-    finally:
-        if own_interval:
-            os.environ.pop("TQDM_MININTERVAL", None)
-        bar.close()
+    with (
+        bar,
+        _sparse_worker_progress(),
+        ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool,
+    ):
+        running = {}
+        while pending or running:
+            for job in list(pending):
+                if any(d in failed for d in job.deps):
+                    failed[job.name] = f"skipped: {[d for d in job.deps if d in failed]} failed"
+                    pending.remove(job)
+                elif all(d in done for d in job.deps) and len(running) < workers:
+                    running[pool.submit(_call, job.fn, job.kwargs)] = job
+                    pending.remove(job)
+            bar.set_description("demo: " + ", ".join(sorted(j.name for j in running.values())))
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                try:
+                    job.result = fut.result()
+                except Exception as e:  # one failed job must not take the others down
+                    failed[job.name] = "".join(traceback.format_exception_only(e)).strip()
+                    log.error("job %s failed: %s", job.name, failed[job.name])
+                    continue
+                atomic_write_text(
+                    result_path(out, job.name), json.dumps(to_dict(job.result), indent=2)
+                )
+                done[job.name] = job
+                bar.update(job.weight)
     return {name: job.result for name, job in done.items()}, failed
