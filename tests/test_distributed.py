@@ -84,7 +84,13 @@ def test_sampling_over_two_ranks_gathers_what_one_process_draws(tmp_path):
     for name, cmd in (("one", [sys.executable]), ("two", launch)):
         subprocess.run([*cmd, "-m", "kind.cli", *args, "--out", str(tmp_path / name)],
                        check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
-    one, two = (np.load(tmp_path / n / "samples.npz") for n in ("one", "two"))
+    # one sample over two ranks: the second rank's share is empty and it sends nothing
+    lone = ["--per-class", "1", "--classes", "0", "--out", str(tmp_path / "lone")]
+    subprocess.run([*launch, "-m", "kind.cli", *args, *lone],
+                   check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
+    one, two, lone = (np.load(tmp_path / n / "samples.npz") for n in ("one", "two", "lone"))
     assert one["arr_0"].shape == (12, 28, 28, 1)
     assert np.array_equal(one["arr_0"], two["arr_0"])
     assert np.array_equal(one["labels"], two["labels"])
+    assert np.array_equal(lone["arr_0"], one["arr_0"][:1])  # class 0's first sample, same seed
+    assert lone["labels"].tolist() == [0]

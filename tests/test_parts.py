@@ -69,6 +69,8 @@ def test_same_seed_gives_the_same_samples_from_parts_and_full_model(source, part
     assert torch.equal(
         generate(source, diffusion, [2, 2], **kw), generate(small, diffusion, [2, 2], **kw)
     )
+    with pytest.raises(ValueError, match="label list is empty"):
+        generate(small, diffusion, [], **kw)
 
 
 def test_merged_class_model_matches_the_factored_model(source):

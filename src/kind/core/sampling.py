@@ -39,6 +39,8 @@ def generate(
 
     `first_index` offsets the per-sample seeds, for sampling a slice of a larger set (ranks).
     `decode` maps a latent model's samples to uint8 images (see `kind.data.latents.decoder`)."""
+    if not labels:
+        raise ValueError("nothing to sample: the label list is empty")
     diff = diffusion if isinstance(diffusion, Diffusion) else Diffusion(diffusion)
     cfg, device = model.config, torch.device(device)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
@@ -77,18 +79,21 @@ def generate(
 def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> torch.Tensor | None:
     """`generate` spread over the ranks of a torchrun job (`info`: kind.training.distributed.DistInfo):
     each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
-    None). Per-sample seeds make the result the same as one process drawing everything."""
+    None). Per-sample seeds make the result the same as one process drawing everything. With
+    fewer labels than ranks·share, the last ranks draw nothing and send None."""
     per = -(-len(labels) // info.world)
     start = info.rank * per
-    mine = generate(model, diffusion, labels[start : start + per], first_index=start,
-                    device=info.device, **kwargs)  # fmt: skip
+    share = labels[start : start + per]
+    mine = None
+    if share:
+        mine = generate(model, diffusion, share, first_index=start, device=info.device, **kwargs)
     if info.world == 1:
         return mine
     import torch.distributed as dist
 
     shares = [None] * info.world if info.is_main else None
     dist.gather_object(mine, shares, dst=0)
-    return torch.cat(shares) if info.is_main else None
+    return torch.cat([s for s in shares if s is not None]) if info.is_main else None
 
 
 def _counted(timesteps, bar, n):
