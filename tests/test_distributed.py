@@ -16,20 +16,24 @@ SCRIPT = Path(__file__).with_name("ddp_script.py")
 pytestmark = pytest.mark.slow
 
 
-def _run(out: Path, ranks: int, *extra: str) -> None:
+def _launch(ranks: int, *cmd: str) -> None:
+    """python CMD, or under torchrun with `ranks` gloo ranks; fails the test with its stderr."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
         if ranks > 1
         else [sys.executable]
     )
-    subprocess.run(
-        [*launcher, str(SCRIPT), "--out", str(out), *extra],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=300,
-    )
+    done = subprocess.run([*launcher, *cmd], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _run(out: Path, ranks: int, *extra: str) -> None:
+    _launch(ranks, str(SCRIPT), "--out", str(out), *extra)
+
+
+def _cli(ranks: int, *args: str) -> None:
+    _launch(ranks, "-m", "kind.cli", *args)
 
 
 def _tensors(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -37,10 +41,20 @@ def _tensors(run: Path, step: int) -> dict[str, dict[str, torch.Tensor]]:
     return {part: read_tensors(d / f"{part}.safetensors") for part in ("model", "ema", "optimizer")}
 
 
-def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isolated(tmp_path):
-    _run(tmp_path / "one", 1, "--batch-size", "8")
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """Three steps of the tiny KIND model in one process, batch 8 (the tailors train from the
+    third: DiT's zero-initialised output layer and gates pass no gradient before)."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    _run(run, 1, "--batch-size", "8")
+    return run
+
+
+def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isolated(
+    trained, tmp_path
+):
     _run(tmp_path / "two", 2, "--batch-size", "8")  # 4 per rank
-    a, b = _tensors(tmp_path / "one", 3), _tensors(tmp_path / "two", 3)
+    a, b = _tensors(trained, 3), _tensors(tmp_path / "two", 3)
     for part in a:
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
@@ -74,23 +88,37 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
         assert not torch.equal(before["model"][bank][1], after["model"][bank][1])
 
 
-def test_sampling_over_two_ranks_gathers_what_one_process_draws(tmp_path):
+def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_path):
     import numpy as np
 
-    _run(tmp_path / "run", 1, "--steps", "1")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    args = ["sample", str(tmp_path / "run"), "--per-class", "3", "--steps", "2", "--device", "cpu"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for name, cmd in (("one", [sys.executable]), ("two", launch)):
-        subprocess.run([*cmd, "-m", "kind.cli", *args, "--out", str(tmp_path / name)],
-                       check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
+    args = ["sample", str(trained), "--per-class", "3", "--steps", "2", "--device", "cpu"]
+    for name, ranks in (("one", 1), ("two", 2)):
+        _cli(ranks, *args, "--out", str(tmp_path / name))
     # one sample over two ranks: the second rank's share is empty and it sends nothing
-    lone = ["--per-class", "1", "--classes", "0", "--out", str(tmp_path / "lone")]
-    subprocess.run([*launch, "-m", "kind.cli", *args, *lone],
-                   check=True, env=env, capture_output=True, timeout=300)  # fmt: skip
+    _cli(2, *args, "--per-class", "1", "--classes", "0", "--out", str(tmp_path / "lone"))
     one, two, lone = (np.load(tmp_path / n / "samples.npz") for n in ("one", "two", "lone"))
     assert one["arr_0"].shape == (12, 28, 28, 1)
     assert np.array_equal(one["arr_0"], two["arr_0"])
     assert np.array_equal(one["labels"], two["labels"])
     assert np.array_equal(lone["arr_0"], one["arr_0"][:1])  # class 0's first sample, same seed
     assert lone["labels"].tolist() == [0]
+
+
+def test_kind_transfer_over_two_ranks_matches_one_process(trained, tmp_path):
+    # a KIND transfer trains only tailors and label rows, which the step reduces itself: there
+    # is nothing left for DDP, which refused to wrap the model ("not needed when a module
+    # doesn't have any parameter that requires a gradient")
+    _cli(1, "decompose", str(trained), "--out", str(tmp_path / "parts"))
+    args = ["transfer", str(tmp_path / "parts"), "--data", "mnist:6,7", "--method", "kind",
+            "--steps", "2", "--batch-size", "8", "--set", "train.device=cpu",
+            "--set", "train.checkpoint_every=1", "--set", "sample.steps=1",
+            "--set", "sample.per_class=1"]  # fmt: skip
+    for name, ranks in (("one", 1), ("two", 2)):
+        _cli(ranks, *args, "--out", str(tmp_path / name))
+    a, b = _tensors(tmp_path / "one", 2), _tensors(tmp_path / "two", 2)
+    moved = _tensors(tmp_path / "one", 1)["model"]["tailors.rows"]
+    assert not torch.equal(moved, a["model"]["tailors.rows"])  # the tailors trained
+    for part in a:
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=k)

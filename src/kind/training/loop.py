@@ -140,6 +140,7 @@ class _Run:
     diffusion: Diffusion
     state: TrainState
     net: nn.Module  # the model as called in the step (DDP-wrapped, compiled)
+    ddp: bool  # whether net is DDP-wrapped
     local: int  # samples per rank and step
     micro: int  # samples per forward
 
@@ -222,9 +223,12 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
     distributed.barrier(info)
 
     net: nn.Module = model
-    if world > 1:
-        # the row banks are reduced row by row in the step (only the rows the batch used)
-        banks = {id(p) for p in model.row_banks().values()}
+    # the row banks are reduced row by row in the step (only the rows the batch used); DDP
+    # averages the gradients of the other trained parameters, and is left out where there are
+    # none (a KIND transfer trains only tailors and label rows), which it refuses
+    banks = {id(p) for p in model.row_banks().values()}
+    ddp = world > 1 and any(p.requires_grad and id(p) not in banks for p in model.parameters())
+    if ddp:
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             model, [n for n, p in model.named_parameters() if id(p) in banks]
         )
@@ -233,7 +237,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         )
     if tc.compile:
         net = torch.compile(net)
-    return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, local, micro)
+    return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, ddp, local, micro)
 
 
 def _record_changes(cfg: Config, out: Path, step: int) -> None:
@@ -257,7 +261,7 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     the step itself never waits for the device."""
     cfg, state, info = run.cfg, run.state, run.info
     tc, model, opt, gens, device = cfg.train, state.model, state.optimizer, state.gens, info.device
-    B, local, micro, world = tc.batch_size, run.local, run.micro, info.world
+    B, local, micro = tc.batch_size, run.local, run.micro
     C, H, W = run.data.images.shape[1:]
     # one global batch from the shared generators, then this rank's shard; indices, labels, label
     # dropout and flips on the host (from the data generator), timesteps and noise on the device
@@ -282,7 +286,7 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     for m0 in range(0, local, micro):
         sl = slice(m0, m0 + micro)
         last = m0 + micro >= local
-        sync = nullcontext() if last or world == 1 else run.net.no_sync()
+        sync = run.net.no_sync() if run.ddp and not last else nullcontext()
         route = model.route(labels[sl], blocked=not tc.compile)
         with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = run.diffusion.loss(run.net, x0[sl], y[sl], t[sl], noise[sl], route).mean()
