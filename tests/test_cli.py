@@ -192,6 +192,19 @@ def test_unexpected_errors_print_one_line_and_verbose_shows_the_traceback(monkey
         main(["-v", "info", "x"])
 
 
+def test_one_process_commands_refuse_torchrun(run, tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank would run a one-process command whole, into one --out."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        main(["decompose", str(run), "--out", str(tmp_path / "parts")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "runs as one process, not under torchrun (2 ranks)" in err
+    assert "train, transfer, sample" in err and not (tmp_path / "parts").exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    main(["decompose", str(run), "--out", str(tmp_path / "parts")])
+    assert (tmp_path / "parts").is_dir()
+
+
 def test_a_port_out_of_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["serve", "parts", "--port", "70000"])

@@ -15,7 +15,8 @@ kind-dit export     a dense or merged model -> a diffusers DiT folder
 kind-dit serve      a parts directory over HTTP: learngene once, tailors on demand, mixed batches
 
 Each command is a module of this package with NAME, HELP, DESCRIPTION, add_arguments(parser)
-and run(args); COMMANDS lists them in --help order. Command modules import the library only
+and run(args); COMMANDS lists them in --help order, RANKED those that spread their work over the
+ranks of a torchrun job (the others refuse to run under one). Command modules import the library only
 inside run(), so building the parser (and `kind-dit --help`) stays fast.
 """
 
@@ -57,6 +58,7 @@ COMMANDS = (
     export,
     serve,
 )
+RANKED = (train, transfer, sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
         command.add_arguments(p)
-        p.set_defaults(func=command.run)
+        p.set_defaults(func=command.run, ranked=command in RANKED)
     return parser
 
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     keep_freed_memory()  # every command's CPU work: no page faults to refill the heap
     try:
+        if not args.ranked:
+            _one_process(args.command)
         args.func(args)
     # the library's user errors (an ImportError: an optional extra that is not installed)
     except (ValueError, OSError, RuntimeError, ImportError) as e:
@@ -103,6 +107,19 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         sys.exit(1)
+
+
+def _one_process(command: str) -> None:
+    """Refuse a command that does not spread over ranks when torchrun started several: each rank
+    would do the whole job, and all but one would find its output written by another."""
+    from kind.training.distributed import launched_world
+
+    if (world := launched_world()) > 1:
+        ranked = ", ".join(c.NAME for c in RANKED)
+        raise ValueError(
+            f"kind-dit {command} runs as one process, not under torchrun ({world} ranks); "
+            f"run it without torchrun (only {ranked} spread over ranks)"
+        )
 
 
 if __name__ == "__main__":

@@ -27,9 +27,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_world() -> int:
+    """How many ranks torchrun started (its WORLD_SIZE); 1 for a plain process."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def setup(preference: str = "auto") -> DistInfo:
     """Start (or join) the process group when launched by torchrun; no-op otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world == 1:
         return DistInfo(0, 1, 0, pick_device(preference))
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
