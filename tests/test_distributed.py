@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from kind.io import read_tensors
 
@@ -59,6 +61,11 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=k)
+    # the final grid, drawn in shares over the ranks, is the one process's (to rounding: the
+    # weights agree to fp32 summation order)
+    grids = [np.asarray(Image.open(r / "samples" / "step_0000003.png"), dtype=int)
+             for r in (trained, tmp_path / "two")]  # fmt: skip
+    assert grids[0].shape == grids[1].shape and np.abs(grids[0] - grids[1]).max() <= 2
 
     # a class on one rank only moves on both (the rows are the global batch's): find such a
     # class and step by drawing the loop's global batches again (indices, dropout, flips; seed 0)
@@ -89,8 +96,6 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
 
 
 def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_path):
-    import numpy as np
-
     args = ["sample", str(trained), "--per-class", "3", "--steps", "2", "--device", "cpu"]
     for name, ranks in (("one", 1), ("two", 2)):
         _cli(ranks, *args, "--out", str(tmp_path / name))

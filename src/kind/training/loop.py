@@ -41,7 +41,7 @@ from kind.core.host_memory import keep_freed_memory
 from kind.core.images import save_grid
 from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT
-from kind.core.sampling import generate
+from kind.core.sampling import generate_sharded
 from kind.data.dataset import Dataset, open_dataset
 from kind.data.latents import decoder
 from kind.io import CHECKSUMS, atomic_write_text, read_json, sha256_file
@@ -430,16 +430,15 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
             _check_saveable(run, final=step == tc.steps)  # every rank: they stop together
             if info.is_main and not state.bad_in_row:
                 state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
-        if info.is_main and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+        if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
             write_grid(run, out / "samples" / f"step_{step:07d}.png")
-        distributed.barrier(info)
     bar.close()
     if state.skipped:
         log.warning("%s: %d of %d steps were skipped (non-finite loss or gradient); see the "
                     "skipped column of metrics.csv", out, state.skipped, state.step)  # fmt: skip
     seconds = state.seconds + time.time() - t0
+    write_grid(run, out / "samples" / f"step_{state.step:07d}.png")
     if info.is_main:
-        write_grid(run, out / "samples" / f"step_{state.step:07d}.png")
         with state.ema.applied():
             final = export(state.model) if export else state.model
             extra = {"sample": vars(cfg.sample), "latent": run.data.latent}
@@ -450,20 +449,23 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
 
 
 def write_grid(run: _Run, path: Path) -> None:
-    """A grid with `sample.per_class` EMA samples of every class the model holds, one row each."""
-    model, sc, device, latent = run.state.model, run.cfg.sample, run.info.device, run.data.latent
+    """A grid with `sample.per_class` EMA samples of every class the model holds, one row each.
+    Every rank draws a share (at hundreds of classes one rank alone would keep the others
+    waiting, past NCCL's timeout); rank 0 writes the grid."""
+    model, sc, info, latent = run.state.model, run.cfg.sample, run.info, run.data.latent
     labels = [c for c in model.config.held_classes for _ in range(sc.per_class)]
     with run.state.ema.applied():
-        imgs = generate(
+        imgs = generate_sharded(
             model,
             run.diffusion,
             labels,
+            info,
             seed=0,
             sampler=sc.sampler,
             steps=sc.steps,
             cfg_scale=sc.cfg_scale,
             guided_channels=sc.guided_channels,
-            device=device,
-            decode=decoder(latent, device=device) if latent else None,
+            decode=decoder(latent, device=info.device) if latent else None,
         )
-    save_grid(imgs, sc.per_class, path)
+    if info.is_main:
+        save_grid(imgs, sc.per_class, path)
