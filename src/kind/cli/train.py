@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> None:
 
     cfg = run_config(args)
     result = train(cfg, args.out, resume=args.resume, restart=args.restart)
+    if not result.is_main:  # under torchrun rank 0 reports
+        return
     logging.info("trained %d steps in %.0f s -> %s", result.steps, result.seconds, result.run_dir)
     print(
         f"run: {result.run_dir}  (model: {result.run_dir / 'model'}, samples: "

@@ -122,4 +122,5 @@ def run(args: argparse.Namespace) -> None:
         resume=args.resume,
         restart=args.restart,
     )
-    print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")
+    if result.is_main:  # under torchrun rank 0 reports
+        print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")

@@ -75,6 +75,7 @@ class TrainResult:
     model: nn.Module  # with the EMA weights in place
     steps: int  # the run's step count (earlier calls of a resumed run included)
     seconds: float  # the run's training wall time, across resumes
+    is_main: bool  # whether this process wrote the run (rank 0; under torchrun, one of several)
 
 
 def build_model(cfg: Config, data: Dataset, dense: DiT | None = None) -> DiT:
@@ -445,7 +446,7 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
             save_model_dir(out / "model", final, cfg.diffusion, extra)
     distributed.barrier(info)
     state.ema.copy_to_model()
-    return TrainResult(out, state.model.eval(), state.step, seconds)
+    return TrainResult(out, state.model.eval(), state.step, seconds, info.is_main)
 
 
 def write_grid(run: _Run, path: Path) -> None:
