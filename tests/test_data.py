@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from kind.core.images import to_model_range, to_uint8
+from kind.core.images import GRID_CLASSES, GRID_PER_CLASS, save_grid, to_model_range, to_uint8
 from kind.data.dataset import class_names
 from kind.data.images import (
     BUNDLED,
@@ -447,3 +447,23 @@ def test_bundled_imagenet611_map_and_lists_read_by_name(tmp_path):
     assert len(dataset_classes(dataset)) == 611
     with pytest.raises(DataError, match="merges folders missing"):  # no synset folders here
         load_images(f"{tmp_path / 'train'}%imagenet611:{pretrain[0]}")
+
+
+def test_a_grid_previews_the_first_classes_and_samples_only(tmp_path):
+    """FID-50K's 50 samples of 1,000 classes in full would be a 3-gigapixel PNG."""
+    from PIL import Image
+
+    from kind.cli.sample import DESCRIPTION
+
+    classes, per_class = GRID_CLASSES + 6, GRID_PER_CLASS + 4
+    # image i: one gray level, its class c and its place k in the class: 2 + c + 70 k
+    ids = torch.arange(classes * per_class)
+    levels = (2 + ids // per_class + 70 * (ids % per_class)).clamp(max=255).to(torch.uint8)
+    images = levels[:, None, None, None].expand(-1, 1, 4, 4).contiguous()
+    save_grid(images, per_class, tmp_path / "g.png")
+    grid = torch.from_numpy(np.asarray(Image.open(tmp_path / "g.png")).copy())
+    assert grid.shape == (GRID_CLASSES * 6 + 2, GRID_PER_CLASS * 6 + 2)  # 4 px and 2 px padding
+    cells = grid[2::6, 2::6]  # the top-left pixel of each cell: [rows, columns]
+    c, k = torch.meshgrid(torch.arange(GRID_CLASSES), torch.arange(GRID_PER_CLASS), indexing="ij")
+    assert torch.equal(cells, (2 + c + 70 * k).clamp(max=255).to(torch.uint8))
+    assert f"first {GRID_PER_CLASS} samples of the first {GRID_CLASSES} classes" in DESCRIPTION

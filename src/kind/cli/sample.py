@@ -12,8 +12,9 @@ NAME = "sample"
 HELP = "draw samples to a PNG grid and an .npz"
 DESCRIPTION = (
     "Sample from a run directory, a parts directory or an "
-    "assembled/merged model directory. Writes OUT/samples.png (one row per "
-    "class) and OUT/samples.npz (arr_0 uint8 NxHxWxC, labels, class_names)."
+    "assembled/merged model directory. Writes OUT/samples.npz (arr_0 uint8 NxHxWxC, "
+    "labels, class_names: every sample) and OUT/samples.png, a preview grid with one row per "
+    "class (the first 16 samples of the first 64 classes)."
 )
 
 

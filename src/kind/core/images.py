@@ -38,9 +38,18 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2) -> Image.Image:
     return Image.fromarray(grid[..., 0] if c == 1 else grid)
 
 
-def save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
+# A grid is a preview: at most this many classes (rows) and samples a class (columns). FID-50K's
+# 50 a class of 1,000 classes in full would be a 12,900 x 258,000 pixel PNG.
+GRID_CLASSES, GRID_PER_CLASS = 64, 16
+
+
+def save_grid(images: torch.Tensor, per_class: int, path: Path) -> None:
+    """uint8 [classes · per_class, C, H, W], class after class, as a PNG with a row a class: the
+    first GRID_PER_CLASS samples of the first GRID_CLASSES classes."""
+    rows = images.unflatten(0, (-1, per_class))[:GRID_CLASSES, :GRID_PER_CLASS]
+    # rows: [classes, per_class, C, H, W]
     with atomic_file(path) as tmp:
-        image_grid(images, nrow).save(tmp, format="PNG")
+        image_grid(rows.flatten(0, 1), rows.shape[1]).save(tmp, format="PNG")
 
 
 def save_npz(

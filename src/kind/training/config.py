@@ -109,7 +109,7 @@ class SampleConfig:
     sampler: str = "ddim"
     steps: int = 50
     cfg_scale: float = 1.5
-    per_class: int = 8
+    per_class: int = 8  # samples a class in grids (a grid shows at most 64 classes of 16)
     guided_channels: int | None = None  # guide the first k channels only (DiT: 3); None: all
 
     def __post_init__(self):

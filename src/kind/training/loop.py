@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion
 from kind.core.host_memory import keep_freed_memory
-from kind.core.images import save_grid
+from kind.core.images import GRID_CLASSES, GRID_PER_CLASS, save_grid
 from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT
 from kind.core.sampling import generate_sharded
@@ -450,11 +450,13 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
 
 
 def write_grid(run: _Run, path: Path) -> None:
-    """A grid with `sample.per_class` EMA samples of every class the model holds, one row each.
-    Every rank draws a share (at hundreds of classes one rank alone would keep the others
-    waiting, past NCCL's timeout); rank 0 writes the grid."""
+    """A grid with `sample.per_class` EMA samples of each class the model holds, one row each (at
+    most what a grid shows: GRID_CLASSES rows of GRID_PER_CLASS). Every rank draws a share (at
+    hundreds of classes one rank alone would keep the others waiting, past NCCL's timeout); rank
+    0 writes the grid."""
     model, sc, info, latent = run.state.model, run.cfg.sample, run.info, run.data.latent
-    labels = [c for c in model.config.held_classes for _ in range(sc.per_class)]
+    per_class = min(sc.per_class, GRID_PER_CLASS)
+    labels = [c for c in model.config.held_classes[:GRID_CLASSES] for _ in range(per_class)]
     with run.state.ema.applied():
         imgs = generate_sharded(
             model,
@@ -469,4 +471,4 @@ def write_grid(run: _Run, path: Path) -> None:
             decode=decoder(latent, device=info.device) if latent else None,
         )
     if info.is_main:
-        save_grid(imgs, sc.per_class, path)
+        save_grid(imgs, per_class, path)
