@@ -250,6 +250,23 @@ def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_pat
     assert grid.mode == "RGB" and grid.height > SIZE  # the training grid is decoded too
 
 
+def test_training_on_a_store_whose_vae_is_gone_stops_before_writing(vae_dir, tmp_path, capsys):
+    """Grids decode with the store's VAE (on every rank): a VAE that moved stops the run at its
+    start, not after the training it would throw away at the first grid."""
+    from kind.cli.main import main
+
+    vae, store, run = tmp_path / "vae", tmp_path / "store", tmp_path / "run"
+    shutil.copytree(vae_dir, vae)
+    main(["encode", "--data", "mnist:0", "--vae", str(vae), "--out", str(store),
+          "--image-size", str(SIZE), "--device", "cpu", "--limit-per-class", "2"])  # fmt: skip
+    shutil.rmtree(vae)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--data", str(store), "--size", "tiny/2", "--steps", "1",
+              "--batch-size", "2", "--out", str(run)])  # fmt: skip
+    assert e.value.code == 2 and "--vae PATH" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_transfer_with_match_kind_on_a_latent_store(vae_dir, tmp_path):
     """docs/scale.md step 4 in miniature: a baseline at KIND's budget, trained on a latent store of
     the novel classes (its class names come from the store, no image is decoded)."""

@@ -70,7 +70,7 @@ def generate(
             learn_sigma=cfg.learn_sigma,
             progress=partial(_counted, bar=bar, n=len(chunk)),
         )
-        out.append(decode(x) if decode else to_uint8(x).cpu())
+        out.append((decode(x) if decode else to_uint8(x)).cpu())
     bar.close()
     model.train(was_training)
     return torch.cat(out)
@@ -80,7 +80,10 @@ def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> tor
     """`generate` spread over the ranks of a torchrun job (`info`: kind.training.distributed.DistInfo):
     each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
     None). Per-sample seeds make the result the same as one process drawing everything. With
-    fewer labels than ranks·share, the last ranks draw nothing and send None."""
+    fewer labels than ranks·share, the last ranks draw nothing and send None. The shares are
+    gathered over `info.objects` (a gloo group under NCCL: they stay in host memory)."""
+    if not labels:  # on every rank, before any of them waits for the others
+        raise ValueError("nothing to sample: the label list is empty")
     per = -(-len(labels) // info.world)
     start = info.rank * per
     share = labels[start : start + per]
@@ -91,11 +94,8 @@ def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> tor
         return mine
     import torch.distributed as dist
 
-    # over gloo, so the shares stay in host memory: NCCL would stage every share on rank 0's GPU
-    # (FID-50K at 256 px: ~10 GB beside the model)
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
     shares = [None] * info.world if info.is_main else None
-    dist.gather_object(mine, shares, dst=0, group=group)
+    dist.gather_object(mine, shares, dst=0, group=info.objects)
     return torch.cat([s for s in shares if s is not None]) if info.is_main else None
 
 

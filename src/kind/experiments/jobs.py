@@ -123,8 +123,8 @@ def _evaluate(model, diffusion, ref: str, per_class: int, preset: Preset, device
     result = evaluate_images(images, torch.tensor(labels), model.config.class_names, ref,
                              generation=generation)  # fmt: skip
     if save is not None:
-        show = torch.cat([images[i * per_class : i * per_class + 8] for i in range(len(classes))])
-        save_grid(show, min(8, per_class), save / "samples.png")
+        show = images.unflatten(0, (len(classes), per_class))[:, :8]  # [classes, ≤ 8, C, H, W]
+        save_grid(show.flatten(0, 1), show.shape[1], save / "samples.png")
         save_npz(save / "samples.npz", images, labels, model.config.class_names, **generation)
     return EvalSummary(**{k: result[k] for k in EvalSummary.__dataclass_fields__})
 

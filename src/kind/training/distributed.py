@@ -6,6 +6,7 @@ with NCCL on GPUs and gloo on CPUs; otherwise this is a single process of world 
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -21,6 +22,9 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    # the group Python objects (sample shares) are gathered over: under NCCL a gloo group, so
+    # they stay in host memory; None: the default group (gloo already, or a single process)
+    objects: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -43,7 +47,15 @@ def setup(preference: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local_rank, device)
+    objects = None if dist.get_backend() == "gloo" else _gloo_group()
+    return DistInfo(rank, world, local_rank, device, objects)
+
+
+@functools.cache
+def _gloo_group() -> dist.ProcessGroup:
+    """One gloo group beside NCCL's, made when the job starts (every rank, in the same order), so
+    a network gloo cannot use (see GLOO_SOCKET_IFNAME) fails before any work, not after it."""
+    return dist.new_group(backend="gloo")
 
 
 def all_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

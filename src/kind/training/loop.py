@@ -144,6 +144,7 @@ class _Run:
     ddp: bool  # whether net is DDP-wrapped
     local: int  # samples per rank and step
     micro: int  # samples per forward
+    decode: Callable[[torch.Tensor], torch.Tensor] | None  # latents -> uint8 images, for grids
 
 
 def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: bool,
@@ -200,6 +201,9 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
             "train.tensorboard needs TensorBoard: pip install 'kind-dit[tensorboard]', or unset "
             "train.tensorboard (metrics.csv holds the same scalars)"
         )
+    # grids from a latent store decode with its VAE, on every rank (each draws a share): loaded
+    # here, so a VAE a rank cannot read stops the run before it writes anything
+    decode = decoder(data.latent, device=info.device) if data.latent else None
     model.to(info.device)
     model.grad_checkpointing = tc.grad_checkpointing
     state = TrainState.create(model, tc, info.device)
@@ -207,6 +211,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         out.mkdir(parents=True, exist_ok=True)
         stack.enter_context(run_lock(out))
         claim_run_dir(out, restart)
+    distributed.barrier(info)  # the claim may put back a checkpoint the others resume from
     if resume:
         path = next(usable_checkpoints(out), None)
         if path is None:
@@ -238,7 +243,8 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         )
     if tc.compile:
         net = torch.compile(net)
-    return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, ddp, local, micro)
+    return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, ddp, local, micro,
+                decode)  # fmt: skip
 
 
 def _record_changes(cfg: Config, out: Path, step: int) -> None:
@@ -454,7 +460,7 @@ def write_grid(run: _Run, path: Path) -> None:
     most what a grid shows: GRID_CLASSES rows of GRID_PER_CLASS). Every rank draws a share (at
     hundreds of classes one rank alone would keep the others waiting, past NCCL's timeout); rank
     0 writes the grid."""
-    model, sc, info, latent = run.state.model, run.cfg.sample, run.info, run.data.latent
+    model, sc, info = run.state.model, run.cfg.sample, run.info
     per_class = min(sc.per_class, GRID_PER_CLASS)
     labels = [c for c in model.config.held_classes[:GRID_CLASSES] for _ in range(per_class)]
     with run.state.ema.applied():
@@ -468,7 +474,7 @@ def write_grid(run: _Run, path: Path) -> None:
             steps=sc.steps,
             cfg_scale=sc.cfg_scale,
             guided_channels=sc.guided_channels,
-            decode=decoder(latent, device=info.device) if latent else None,
+            decode=run.decode,
         )
     if info.is_main:
         save_grid(imgs, per_class, path)
