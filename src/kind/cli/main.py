@@ -15,9 +15,9 @@ kind-dit export     a dense or merged model -> a diffusers DiT folder
 kind-dit serve      a parts directory over HTTP: learngene once, tailors on demand, mixed batches
 
 Each command is a module of this package with NAME, HELP, DESCRIPTION, add_arguments(parser)
-and run(args); COMMANDS lists them in --help order, RANKED those that spread their work over the
-ranks of a torchrun job (the others refuse to run under one). Command modules import the library only
-inside run(), so building the parser (and `kind-dit --help`) stays fast.
+and run(args); COMMANDS lists them in --help order, RANKED those that spread their work over
+the ranks of a torchrun job (the others refuse to run under one). Command modules import the
+library only inside run(), so building the parser (and `kind-dit --help`) stays fast.
 """
 
 from __future__ import annotations
