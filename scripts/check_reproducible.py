@@ -32,6 +32,8 @@ hashes: there, run this script on two versions of the code and compare what it p
 why this is a script and not a test. The grouped GEMM (torch's `grouped_mm` for the folded blocks)
 was checked that way: on a later session's machine (an Intel Xeon, 2 cores) the code before it
 (d111746) and after it both gave 135c1dd2…, c671de10…, 35ae4c62… and the dense samples above.
+On an AMD EPYC guest (2 vCPUs, 2026-12-07) all four recorded hashes above matched, for 7dc507d
+and for the multi-rank changes after it (which leave one process's training and sampling alone).
 """
 
 from __future__ import annotations
