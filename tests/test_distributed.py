@@ -109,6 +109,32 @@ def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_pat
     assert lone["labels"].tolist() == [0]
 
 
+SHARES = """
+import sys, torch
+import kind.core.sampling as sampling
+from kind.training.distributed import setup
+
+def fake(model, diffusion, labels, *, first_index, device, **kwargs):  # sample i is filled with i
+    i = torch.arange(first_index, first_index + len(labels), dtype=torch.uint8)
+    return i.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()  # [n, 1, 2, 2]
+
+sampling.generate = fake
+info = setup("cpu")
+for n in (7, 2):  # shares of 3, 3, 1 and of 1, 1, 0 over three ranks
+    out = sampling.generate_sharded(None, None, list(range(n)), info)
+    if info.is_main and not torch.equal(out, fake(None, None, range(n), first_index=0, device="cpu")):
+        sys.exit(f"{n} samples gathered as {out.flatten(1)[:, 0].tolist()}")
+    if not info.is_main and out is not None:
+        sys.exit("only rank 0 returns the samples")
+"""
+
+
+def test_uneven_shares_arrive_in_order_on_rank_zero(tmp_path):
+    script = tmp_path / "shares.py"
+    script.write_text(SHARES)
+    _launch(3, str(script))
+
+
 def test_kind_transfer_over_two_ranks_matches_one_process(trained, tmp_path):
     # a KIND transfer trains only tailors and label rows, which the step reduces itself: there
     # is nothing left for DDP, which refused to wrap the model ("not needed when a module

@@ -80,23 +80,37 @@ def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> tor
     """`generate` spread over the ranks of a torchrun job (`info`: kind.training.distributed.DistInfo):
     each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
     None). Per-sample seeds make the result the same as one process drawing everything. With
-    fewer labels than ranks·share, the last ranks draw nothing and send None. The shares are
-    gathered over `info.objects` (a gloo group under NCCL: they stay in host memory)."""
+    fewer labels than ranks·share, the last ranks draw nothing and send nothing.
+
+    Rank 0 receives each share straight into its rows of the one output tensor, over
+    `info.host` (a gloo group under NCCL, so the shares stay in host memory): the samples are
+    held about once, not pickled, unpickled and concatenated (4x them with `gather_object`;
+    FID-50K at 256 px is 9.8 GB of uint8)."""
     if not labels:  # on every rank, before any of them waits for the others
         raise ValueError("nothing to sample: the label list is empty")
     per = -(-len(labels) // info.world)
-    start = info.rank * per
-    share = labels[start : start + per]
+    starts = range(0, len(labels), per)  # rank r draws labels[starts[r] : starts[r] + per]
+    share = labels[info.rank * per : (info.rank + 1) * per]
     mine = None
     if share:
-        mine = generate(model, diffusion, share, first_index=start, device=info.device, **kwargs)
+        mine = generate(
+            model, diffusion, share, first_index=info.rank * per, device=info.device, **kwargs
+        )
     if info.world == 1:
         return mine
     import torch.distributed as dist
 
-    shares = [None] * info.world if info.is_main else None
-    dist.gather_object(mine, shares, dst=0, group=info.objects)
-    return torch.cat([s for s in shares if s is not None]) if info.is_main else None
+    if not info.is_main:
+        if mine is not None:
+            dist.send(mine.contiguous(), dst=0, group=info.host)
+        return None
+    # rank 0 always draws (its share is the first), so its images give the per-sample shape
+    out = mine.new_empty((len(labels), *mine.shape[1:]))  # [N, C, H, W]
+    out[: len(mine)] = mine
+    del mine
+    for rank, start in enumerate(starts[1:], start=1):
+        dist.recv(out[start : start + per], src=rank, group=info.host)
+    return out
 
 
 def _counted(timesteps, bar, n):

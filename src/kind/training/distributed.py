@@ -22,9 +22,9 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
-    # the group Python objects (sample shares) are gathered over: under NCCL a gloo group, so
-    # they stay in host memory; None: the default group (gloo already, or a single process)
-    objects: dist.ProcessGroup | None = None
+    # the group host tensors (sample shares) travel over: under NCCL a gloo group, so they stay
+    # in host memory; None: the default group (gloo already, or a single process)
+    host: dist.ProcessGroup | None = None
 
     @property
     def is_main(self) -> bool:
@@ -47,8 +47,8 @@ def setup(preference: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    objects = None if dist.get_backend() == "gloo" else _gloo_group()
-    return DistInfo(rank, world, local_rank, device, objects)
+    host = None if dist.get_backend() == "gloo" else _gloo_group()
+    return DistInfo(rank, world, local_rank, device, host)
 
 
 @functools.cache
