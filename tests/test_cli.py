@@ -159,6 +159,37 @@ def test_transfer_refuses_settings_it_would_ignore(run, tmp_path, capsys):
         assert not (tmp_path / "t").exists()
 
 
+def test_auto_resume_serves_a_jobs_first_start_and_its_restarts(run, tmp_path, caplog):
+    """One command line for a job torchrun or a scheduler may start again: the first start trains
+    from nothing, a start after a crash continues from the last checkpoint, to the same weights."""
+    import shutil
+
+    from kind.io import read_tensors
+
+    argv = ["train", "--data", "mnist:0-2", "--size", "tiny", "--steps", "4", "--batch-size", "8",
+            *TOY, "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=4",
+            "--auto-resume", "--out"]  # fmt: skip
+    main([*argv, str(tmp_path / "straight")])
+    shutil.copytree(tmp_path / "straight", tmp_path / "crashed")
+    for gone in ("checkpoints/step_0000003", "checkpoints/step_0000004", "model"):
+        shutil.rmtree(tmp_path / "crashed" / gone)  # as if killed after step 2's checkpoint
+    caplog.set_level("INFO")
+    main([*argv, str(tmp_path / "crashed")])
+    assert "resumed" in caplog.text and "at step 2" in caplog.text
+    for name in ("model", "ema"):
+        a, b = (read_tensors(tmp_path / r / "checkpoints/step_0000004" / f"{name}.safetensors")
+                for r in ("straight", "crashed"))  # fmt: skip
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    rows = (tmp_path / "crashed" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
+    cli("decompose {} --out {}", run, tmp_path / "parts")
+    for _ in range(2):  # a transfer too: started, then started again once finished
+        cli("transfer {} --data mnist:3-4 --auto-resume --out {} " + " ".join(TRANSFER_SHORT),
+            tmp_path / "parts", tmp_path / "t")  # fmt: skip
+    assert (tmp_path / "t" / "model" / "model.json").is_file()
+
+
 def test_wrong_config_key_names_the_known_keys(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "r"), "--set", "train.learning_rate=1"])

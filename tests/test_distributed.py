@@ -153,3 +153,27 @@ def test_kind_transfer_over_two_ranks_matches_one_process(trained, tmp_path):
         assert a[part].keys() == b[part].keys()
         for k in a[part]:
             torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_auto_resume_under_two_ranks_continues_where_the_job_stopped(tmp_path):
+    """torchrun --max-restarts starts every rank again with the same command: each rank reads the
+    run directory before rank 0 writes to it, so all agree to continue."""
+    import shutil
+
+    argv = ["train", "--data", "mnist:0-1", "--size", "tiny", "--steps", "3", "--batch-size", "8",
+            "--device", "cpu", "--set", "train.threads=1", "--set", "train.sample_every=0",
+            "--set", "sample.steps=1", "--set", "sample.per_class=1", "--set",
+            "train.checkpoint_every=1", "--set", "train.keep_checkpoints=3", "--auto-resume",
+            "--out"]  # fmt: skip
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    _cli(2, *argv, str(straight))  # the first start: nothing in --out
+    shutil.copytree(straight, crashed)
+    for gone in ("checkpoints/step_0000003", "model"):
+        shutil.rmtree(crashed / gone)  # as if the job died after step 2's checkpoint
+    kept = (crashed / "checkpoints" / "step_0000002").stat().st_ino
+    _cli(2, *argv, str(crashed))
+    assert (crashed / "checkpoints" / "step_0000002").stat().st_ino == kept  # continued, not redone
+    a, b = _tensors(straight, 3), _tensors(crashed, 3)
+    for part in a:
+        for k in a[part]:
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-6, atol=1e-7)

@@ -131,6 +131,23 @@ def _restart(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "2", "--restart", "--out", str(run)]
 
 
+def _auto(prune: tuple[str, ...] = (), *extra: str) -> Callable[[Path, Path], list[str]]:
+    """--auto-resume into a copy of the finished run with `prune` removed from it."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        run = _copy(made, tmp)
+        for name in prune:
+            shutil.rmtree(run / name)
+        return ["train", *QUICK, "--steps", "3", "--auto-resume", *extra, "--out", str(run)]
+
+    return setup
+
+
+def _auto_resume_a_users_folder(tmp: Path, made: Path) -> list[str]:
+    argv = _restart_a_users_folder(tmp, made)
+    return [a for a in argv if a != "--restart"] + ["--auto-resume"]
+
+
 def _resume_changes(tmp: Path, made: Path) -> list[str]:
     run = _copy(made, tmp)
     return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
@@ -305,6 +322,17 @@ CASES = [
     Case("truncated latest checkpoint", _truncated_checkpoint, 0, "falling back", False),
     Case("resume without a checkpoint", _no_checkpoint, 2, "--restart"),
     Case("--restart a run, stale temporary files", _restart, 0, "removing", False),
+    Case("--auto-resume a run with checkpoints", _auto(), 0, "resumed", False),
+    Case(
+        "--auto-resume before the first checkpoint",
+        _auto(("checkpoints", "model")),
+        0,
+        "before its first checkpoint",
+        False,
+    ),  # fmt: skip
+    Case("--auto-resume a model without checkpoints", _auto(("checkpoints",)), 2, "--restart"),
+    Case("--auto-resume with --restart", _auto((), "--restart"), 2, "pass it alone"),
+    Case("--auto-resume a user's folder", _auto_resume_a_users_folder, 2, "did not make"),
     Case("resume with changed settings", _resume_changes, 0, "train.steps 2 -> 3", False),
     Case("a replace interrupted between its renames", _interrupted_replace, 0, "restoring", False),
     Case("a run written before markers resumes", _before_markers, 0, "resumed", False),

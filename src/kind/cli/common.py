@@ -95,7 +95,7 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument(
         "--out",
         required=True,
-        help="run directory: new or empty (a run already in it needs --resume or --restart)",
+        help="run directory: new or empty (a run already in it needs --resume, --restart or --auto-resume)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
@@ -104,6 +104,12 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
         "--restart",
         action="store_true",
         help="start the run in --out again from nothing (removes that run's own files only)",
+    )
+    p.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint if it has one, else start it "
+        "(for jobs started again as they were: torchrun --max-restarts, a requeued batch job)",
     )
 
 
@@ -130,6 +136,18 @@ def overrides(args: argparse.Namespace) -> dict:
     if getattr(args, "init_from", None):
         ov.setdefault("train", {})["init_from"] = args.init_from
     return ov
+
+
+def settle_resume(args: argparse.Namespace) -> None:
+    """Turn --auto-resume into --resume, --restart or neither, from what --out holds, so the
+    same command line serves a job's first start and every restart."""
+    if not args.auto_resume:
+        return
+    if args.resume or args.restart:
+        raise ValueError("--auto-resume chooses between --resume and starting; pass it alone")
+    from kind.store.runs import auto_resume
+
+    args.resume, args.restart = auto_resume(Path(args.out))
 
 
 def run_config(args: argparse.Namespace) -> Config:

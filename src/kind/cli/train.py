@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kind.cli.common import add_train_options, run_config
+from kind.cli.common import add_train_options, run_config, settle_resume
 
 NAME = "train"
 HELP = "pre-train a KIND or dense DiT"
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> None:
     """Train (or resume) into --out and say where the model and samples went."""
     from kind.training.loop import train
 
+    settle_resume(args)
     cfg = run_config(args)
     result = train(cfg, args.out, resume=args.resume, restart=args.restart)
     if not result.is_main:  # under torchrun rank 0 reports

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 
-from kind.cli.common import add_train_options, count, number, run_config
+from kind.cli.common import add_train_options, count, number, run_config, settle_resume
 
 NAME = "transfer"
 HELP = "train a model for new classes from the learngenes"
@@ -100,6 +100,7 @@ def run(args: argparse.Namespace) -> None:
     from kind.transfer.kind import kind_budget
     from kind.transfer.run import run_transfer
 
+    settle_resume(args)
     cfg = run_config(args)
     fixed = [s for s in ("model", "diffusion") if getattr(cfg, s) != getattr(Config(), s)]
     if fixed and not args.resume:  # (a resumed run's config is its own: run_config checks it)

@@ -51,11 +51,10 @@ from kind.store.parts import (
 )
 from kind.store.runs import (
     CONFIG_JSON,
+    auto_resume,
     checkpoint_dirs,
     checkpoint_step,
     ema_weights,
-    is_owned,
-    is_run_dir,
     start_from_checkpoint,
     usable_checkpoints,
 )
@@ -180,11 +179,11 @@ def _step_flops(model: DiT, diffusion: Diffusion, batch_size: int, device: str) 
 
 
 def _continue(run: Path) -> dict:
-    """How to (re)start `run`: resume from its checkpoint, restart a run of ours that died before
-    its first one, or start fresh; a folder that is not a run of ours is refused by `train`."""
-    if next(usable_checkpoints(run), None) is not None:
-        return {"resume": True}
-    return {"restart": is_owned(run) and is_run_dir(run)}
+    """How to (re)start a job's `run`, by --auto-resume's rule (`auto_resume`): resume from its
+    checkpoint, start again a run of ours that died before its first one, or start fresh; a
+    folder that is not a run of ours is refused by `train`."""
+    resume, restart = auto_resume(run)
+    return {"resume": resume, "restart": restart}
 
 
 # training settings a continued run may change: how long it runs and how it keeps records

@@ -188,6 +188,31 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
         raise RunDirError(f"--restart: {out} holds no kind-dit run to start again")
 
 
+def auto_resume(out: Path) -> tuple[bool, bool]:
+    """(resume, restart) for --auto-resume, from what `out` holds: a run with a checkpoint
+    continues (one that an interrupted replace moved aside counts: the claim puts it back); a
+    run stopped before its first checkpoint starts again, since it holds nothing training made
+    beyond a config, metrics and grids; anything else starts as a new run would. A run with an
+    exported model and no checkpoint (its checkpoints removed by hand) is refused, not restarted.
+    Every rank of a torchrun job decides for itself and all reach the same `resume`: before the
+    barrier that follows rank 0's claim (`kind.training.loop._setup`) rank 0 writes only what
+    leaves a later reader with that answer (a marker, a restart's removals, a checkpoint put
+    back); config and checkpoints come after it."""
+    out = Path(out)
+    if not is_run_dir(out) or not is_owned(out):
+        return False, False  # check_run_dir says what is wrong with a directory not ours
+    if latest_checkpoint(out) is not None or any((out / "checkpoints").glob(".step_*.old")):
+        log.info("continuing the run in %s from its latest checkpoint", out)
+        return True, False
+    if (out / "model").exists():
+        raise RunDirError(
+            f"{out} holds an exported model but no checkpoint to continue from; "
+            "pass --restart to train it again from nothing, or choose another --out"
+        )
+    log.info("the run in %s stopped before its first checkpoint; starting it again", out)
+    return False, True
+
+
 def claim_run_dir(out: Path, restart: bool) -> None:
     """Mark a (locked) run directory ours, empty it of its run files with `restart`, and remove
     temporary files an interrupted write left behind."""
