@@ -2,6 +2,7 @@
 a tiny KIND model on a fixed synthetic data set so runs can be compared tensor by tensor."""
 
 import argparse
+import os
 
 import torch
 
@@ -15,6 +16,7 @@ ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--batch-size", type=int, default=8)
 ap.add_argument("--classes", default="0,1,2,3", help="classes present in the data")
 ap.add_argument("--resume", action="store_true")
+ap.add_argument("--resume-on-rank", type=int, help="resume on this rank only (ranks that disagree)")
 args = ap.parse_args()
 
 present = [int(c) for c in args.classes.split(",")]
@@ -43,6 +45,6 @@ cfg = load_config(
 train(
     cfg,
     args.out,
-    resume=args.resume,
+    resume=args.resume or args.resume_on_rank == int(os.environ.get("RANK", "0")),
     data=Dataset.from_tensors(images, labels, ["0", "1", "2", "3"]),
 )

@@ -143,6 +143,21 @@ def _auto(prune: tuple[str, ...] = (), *extra: str) -> Callable[[Path, Path], li
     return setup
 
 
+def _auto_set_aside(tmp: Path, made: Path) -> list[str]:
+    """Every checkpoint moved aside by a replace killed between its renames: put back, resumed."""
+    argv = _auto(("model",))(tmp, made)
+    for step in (tmp / "run" / "checkpoints").iterdir():
+        step.rename(step.with_name(f".{step.name}.old"))
+    return argv
+
+
+def _auto_unmarked(tmp: Path, made: Path) -> list[str]:
+    """A kind-dit 0.1 run (no marker) without a checkpoint is not started again unasked."""
+    argv = _auto(("checkpoints", "model"))(tmp, made)
+    (tmp / "run" / ".kind-run").unlink()
+    return argv
+
+
 def _auto_resume_a_users_folder(tmp: Path, made: Path) -> list[str]:
     argv = _restart_a_users_folder(tmp, made)
     return [a for a in argv if a != "--restart"] + ["--auto-resume"]
@@ -332,6 +347,9 @@ CASES = [
     ),  # fmt: skip
     Case("--auto-resume a model without checkpoints", _auto(("checkpoints",)), 2, "--restart"),
     Case("--auto-resume with --restart", _auto((), "--restart"), 2, "pass it alone"),
+    Case("--auto-resume with --resume", _auto((), "--resume"), 2, "pass it alone"),
+    Case("--auto-resume, checkpoints set aside", _auto_set_aside, 0, "restoring", False),
+    Case("--auto-resume a 0.1 run without checkpoints", _auto_unmarked, 2, "no checkpoint to"),
     Case("--auto-resume a user's folder", _auto_resume_a_users_folder, 2, "did not make"),
     Case("resume with changed settings", _resume_changes, 0, "train.steps 2 -> 3", False),
     Case("a replace interrupted between its renames", _interrupted_replace, 0, "restoring", False),

@@ -55,6 +55,7 @@ from kind.store.runs import (
     checkpoint_dirs,
     checkpoint_step,
     ema_weights,
+    has_checkpoint,
     start_from_checkpoint,
     usable_checkpoints,
 )
@@ -263,7 +264,7 @@ def pretrain_job(out: str, kind: bool, preset: dict, seed: int, threads: int, de
     cfg = _config(spec, preset, steps or preset.pretrain_steps, seed, device, kind=kind)
     cfg.train.orth_weight = orth_weight
     cfg.train.init_from = init_from
-    if continue_from and next(usable_checkpoints(run), None) is None:
+    if continue_from and not has_checkpoint(run):
         _adopt(Path(continue_from), run, cfg)
     result = train(cfg, run, **_continue(run))
     diffusion = Diffusion(cfg.diffusion)

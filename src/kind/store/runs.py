@@ -174,7 +174,7 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
         )
     if resume and restart:
         raise RunDirError("--resume and --restart exclude each other; pass one")
-    if resume and latest_checkpoint(out) is None:
+    if resume and not has_checkpoint(out):
         raise RunDirError(
             f"--resume: no checkpoint in {out}/checkpoints to resume from"
             + ("; start the run again with --restart" if is_owned(out) else "")
@@ -188,29 +188,43 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
         raise RunDirError(f"--restart: {out} holds no kind-dit run to start again")
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether a run holds a checkpoint to resume from, counting one that an interrupted replace
+    moved aside (`claim_run_dir` puts it back before the resume reads it)."""
+    return latest_checkpoint(out) is not None or any(
+        (Path(out) / "checkpoints").glob(".step_*.old")
+    )
+
+
+def stopped_early(out: Path) -> bool:
+    """A run directory kind-dit marked that holds nothing training made to keep: no checkpoint
+    and no exported model (a run killed before its first checkpoint, or a start left unfinished).
+    Only such a run is started again without --restart."""
+    out = Path(out)
+    return (out / MARKER).is_file() and not has_checkpoint(out) and not (out / "model").exists()
+
+
 def auto_resume(out: Path) -> tuple[bool, bool]:
     """(resume, restart) for --auto-resume, from what `out` holds: a run with a checkpoint
-    continues (one that an interrupted replace moved aside counts: the claim puts it back); a
-    run stopped before its first checkpoint starts again, since it holds nothing training made
-    beyond a config, metrics and grids; anything else starts as a new run would. A run with an
-    exported model and no checkpoint (its checkpoints removed by hand) is refused, not restarted.
-    Every rank of a torchrun job decides for itself and all reach the same `resume`: before the
-    barrier that follows rank 0's claim (`kind.training.loop._setup`) rank 0 writes only what
-    leaves a later reader with that answer (a marker, a restart's removals, a checkpoint put
-    back); config and checkpoints come after it."""
+    continues; a run that `stopped_early` starts again; a directory without a run starts as a
+    new run would (`check_run_dir` refuses one that is not ours). Any other run (an exported
+    model without checkpoints, a kind-dit 0.1 run without one) is refused, never restarted.
+    Under torchrun every rank reads `out` here before the process group starts, so before rank 0
+    writes anything; `kind.training.loop._setup` checks that they agree."""
     out = Path(out)
     if not is_run_dir(out) or not is_owned(out):
-        return False, False  # check_run_dir says what is wrong with a directory not ours
-    if latest_checkpoint(out) is not None or any((out / "checkpoints").glob(".step_*.old")):
+        return False, False
+    if has_checkpoint(out):
         log.info("continuing the run in %s from its latest checkpoint", out)
         return True, False
-    if (out / "model").exists():
-        raise RunDirError(
-            f"{out} holds an exported model but no checkpoint to continue from; "
-            "pass --restart to train it again from nothing, or choose another --out"
-        )
-    log.info("the run in %s stopped before its first checkpoint; starting it again", out)
-    return False, True
+    if stopped_early(out):
+        log.info("the run in %s stopped before its first checkpoint; starting it again", out)
+        return False, True
+    raise RunDirError(
+        f"{out} holds a run with no checkpoint to continue from"
+        + (" but with an exported model" if (out / "model").exists() else "")
+        + "; pass --restart to train it again from nothing, or choose another --out"
+    )
 
 
 def claim_run_dir(out: Path, restart: bool) -> None:
@@ -282,10 +296,10 @@ def start_from_checkpoint(run: Path, source: Path, checkpoint: Path) -> None:
     """Start run directory `run` as run `source` stopped at `checkpoint` (one of its own, checked):
     its marker and config, its metrics up to that step, its record (saying where it continued
     from) and the checkpoint, copied and checked against its checksums, for a resume to take it
-    further. `run` must be absent or a start of our own without a checkpoint (replaced)."""
+    further. `run` must be absent or a run of ours that `stopped_early` (replaced)."""
     run, source = Path(run), Path(source)
     if run.exists():
-        if not is_owned(run) or next(usable_checkpoints(run), None) is not None:
+        if not stopped_early(run):
             raise RunDirError(f"{run} holds a run of its own; it cannot start as {source}")
         shutil.rmtree(run)
     step = checkpoint_step(checkpoint)

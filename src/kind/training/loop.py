@@ -157,6 +157,13 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         torch.set_num_threads(tc.threads)
     if info.device.type == "cpu":  # the step's freed memory stays for the next step
         keep_freed_memory()
+    if info.world > 1:  # --auto-resume decides on each rank (a network filesystem may lag)
+        flag = torch.tensor(float(resume), device=info.device)
+        if distributed.all_min(flag, info) != -distributed.all_min(-flag, info):
+            raise TrainingError(
+                f"the ranks disagree on whether {out} holds a checkpoint to resume from: every "
+                "node must see the same --out (a directory on a filesystem they share)"
+            )
     if info.is_main:  # rank 0 owns the directory; the others follow it after the barrier
         check_run_dir(out, resume, restart)
     B, world = tc.batch_size, info.world
