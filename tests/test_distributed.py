@@ -192,3 +192,39 @@ def test_ranks_that_disagree_on_resuming_stop_before_writing(trained, tmp_path):
                    "--resume-on-rank", "1", ok=False)  # fmt: skip
     assert "the ranks disagree on whether" in done.stderr
     assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def _image_folder(root: Path, broken: str | None = None) -> Path:
+    """Three RGB classes of 7 images (train: 6 a class); `broken` names one file to damage."""
+    rng = np.random.default_rng(0)
+    for name in "abc":
+        (root / name).mkdir(parents=True)
+        for i in range(7):
+            img = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    if broken:
+        (root / broken).write_bytes(b"not a png")
+    return root
+
+
+def test_encoding_over_three_ranks_writes_the_store_one_process_writes(vae_dir, tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    args = ["encode", "--data", str(root), "--vae", str(vae_dir), "--image-size", "16",
+            "--device", "cpu", "--batch-size", "4", "--workers", "0", "--out"]  # fmt: skip
+    _cli(1, *args, str(tmp_path / "one"))
+    _cli(3, *args, str(tmp_path / "three"))  # shares of 6, 6 and 6 images
+    for name in ("latents.npy", "labels.npy"):
+        one, three = (np.load(tmp_path / d / name) for d in ("one", "three"))
+        assert one.shape[0] == 18 and np.array_equal(one, three), name
+    one, three = ((tmp_path / d / "meta.json").read_text() for d in ("one", "three"))
+    assert one == three
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "one", "three"]  # no temporary
+
+
+def test_a_rank_that_fails_to_encode_stops_every_rank_and_leaves_nothing(vae_dir, tmp_path):
+    root = _image_folder(tmp_path / "imgs", broken="c/6.png")  # in the last rank's share
+    done = _launch(2, "-m", "kind.cli", "encode", "--data", str(root), "--vae", str(vae_dir),
+                   "--image-size", "16", "--device", "cpu", "--workers", "0", "--out",
+                   str(tmp_path / "store"), ok=False)  # fmt: skip
+    assert "6.png" in done.stderr and "another rank failed to encode its share" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no store, no temporary

@@ -41,9 +41,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Encode into a new store and say how to train on it."""
+    """Encode into a new store (shared over the ranks under torchrun) and say how to train on it."""
     from kind.data.latents import encode_to_store
+    from kind.training import distributed
 
+    info = distributed.setup(args.device)
     out = encode_to_store(
         args.data,
         args.out,
@@ -51,9 +53,11 @@ def run(args: argparse.Namespace) -> None:
         args.image_size,
         split=args.split,
         batch_size=args.batch_size,
-        device=args.device,
+        device=info.device,
         dtype=args.dtype,
         workers=args.workers,
         limit_per_class=args.limit_per_class,
+        info=info if info.world > 1 else None,
     )
-    print(f"latent store -> {out}  (train on it with --data {out})")
+    if info.is_main:
+        print(f"latent store -> {out}  (train on it with --data {out})")

@@ -58,7 +58,7 @@ COMMANDS = (
     export,
     serve,
 )
-RANKED = (train, transfer, sample)
+RANKED = (train, transfer, sample, encode)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,10 +30,12 @@ Choices, each with its reason:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,32 +207,72 @@ def _read_batches(
 
 
 def _encode_into(
-    latents: np.ndarray,
+    path: Path,
+    rows: range,
     vae: AutoencoderKL,
     items: Sequence[ImageItem],
     image_size: int,
     batch_size: int,
     workers: int,
-    desc: str,
+    bar: tqdm,
 ) -> None:
-    """Fill ``latents`` (float16 [N, 2, C, h, w], memory-mapped) with the encodings of ``items``
-    and of their mirrors, batch by batch, so only a batch of images is ever in memory."""
-    start = 0
-    with tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True) as bar:
-        for batch in _read_batches(items, batch_size, image_size, workers):
+    """Write the encodings of ``items[rows]`` and of their mirrors into those rows of the store's
+    ``latents.npy`` (float16 [N, 2, C, h, w], made at full size), batch by batch, so only a batch
+    of images is ever in memory. Positioned writes of exactly those bytes, not a memory map: the
+    ranks of a torchrun job fill their rows of one file, and a page that two ranks' rows share
+    would be written back whole by each (a shared filesystem across nodes)."""
+    header = np.load(path, mmap_mode="r")
+    offset, row = header.offset, header[0].nbytes
+    del header
+    start = rows.start
+    with open(path, "r+b") as f:
+        for batch in _read_batches(items[rows.start : rows.stop], batch_size, image_size, workers):
             x = torch.from_numpy(batch).permute(0, 3, 1, 2)  # [b, H, W, 3] -> [b, 3, H, W]
             both = torch.cat([x, x.flip(-1)])  # [2b, 3, H, W]: originals, then mirrors
             z = encode(vae, both).unflatten(0, (2, len(x))).transpose(0, 1)  # [b, 2, C, h, w]
-            z16 = z.to(torch.float16)
+            z16 = z.to(torch.float16).contiguous()
             if not torch.isfinite(z16).all():
                 raise LatentError(
                     f"latents of images {start}..{start + len(x) - 1} ({items[start]} ...) are "
                     "not finite in float16; the VAE diverged (try dtype fp32) or the images are "
                     "unusual."
                 )
-            latents[start : start + len(x)] = z16.numpy()
+            f.seek(offset + start * row)
+            f.write(z16.numpy().data)
             start += len(x)
             bar.update(len(x))
+
+
+def _share_of_rank(tmp: Path | None, listing: str, info) -> Path:
+    """Rank 0's temporary store directory on every rank, once rank 0 made it, after checking that
+    every rank lists the same images (a node that sees another folder would scramble the rows)."""
+    import torch.distributed as dist
+
+    sent = [str(tmp) if info.is_main else None, listing]
+    dist.broadcast_object_list(sent, src=0, group=info.host)
+    if sent[1] != listing:
+        raise LatentError(
+            f"rank {info.rank} lists other images than rank 0 for this data spec; every node must "
+            "see the same image folder (a filesystem they share)"
+        )
+    tmp = Path(sent[0])
+    if not (tmp / LATENTS_FILE).is_file():
+        raise LatentError(
+            f"rank {info.rank} cannot see {tmp}, which rank 0 made: every node must see --out's "
+            "parent directory (a filesystem they share)"
+        )
+    return tmp
+
+
+def _all_done(done: bool, info) -> bool:
+    """Whether every rank wrote its share: a collective every rank reaches, failed or not, so a
+    rank's error stops rank 0 too (which then removes the unfinished store) instead of leaving
+    it waiting."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(done)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=info.host)
+    return bool(flag.item())
 
 
 def encode_to_store(
@@ -245,6 +287,7 @@ def encode_to_store(
     dtype: torch.dtype | str = torch.float32,
     workers: int = 4,
     limit_per_class: int | None = None,
+    info=None,
 ) -> Path:
     """Encode the ``split`` of a data spec with the VAE at ``vae_path`` into a new store ``out``.
 
@@ -255,10 +298,14 @@ def encode_to_store(
     ``workers`` threads read images. The store is built in a temporary directory beside ``out``
     and renamed into place at the end, so ``out`` is either complete or absent; an existing
     non-empty ``out`` is refused. ``limit_per_class`` keeps the first images of each class.
-    Returns ``out``.
+    Under torchrun (``info``: kind.training.distributed.DistInfo) each rank encodes a contiguous
+    share of the images into the one store, which every node must see; rank 0 makes and
+    publishes it, and the store is the one a single process writes. Returns ``out``.
     """
     out = Path(out).expanduser().absolute()
-    check_new_dir(out)
+    main = info is None or info.is_main
+    if main:  # rank 0 alone: the others could see its temporary directory in an empty `out`
+        check_new_dir(out)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
     compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -276,14 +323,33 @@ def encode_to_store(
         )
     latent_shape = (int(vae.config.latent_channels), image_size // f, image_size // f)
     n = len(items)
+    rank, world = (info.rank, info.world) if info is not None else (0, 1)
+    per = -(-n // world)
+    rows = range(min(rank * per, n), min((rank + 1) * per, n))  # [N] -> this rank's share
 
-    with atomic_dir(out) as tmp:
-        latents = np.lib.format.open_memmap(
-            tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE, shape=(n, 2, *latent_shape)
-        )
-        _encode_into(latents, vae, items, image_size, batch_size, workers, f"encode {out.name}")
-        latents.flush()
-        del latents  # close the memory map before the directory is renamed
+    with atomic_dir(out) if main else nullcontext() as tmp:
+        if main:  # the file at full size; every rank writes its rows into it
+            np.lib.format.open_memmap(
+                tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE, shape=(n, 2, *latent_shape)
+            ).flush()
+        if world > 1:
+            listing = hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
+            tmp = _share_of_rank(tmp, listing, info)
+        failed = None
+        try:
+            with tqdm(total=len(rows), desc=f"encode {out.name}", unit="img", dynamic_ncols=True,
+                      disable=not main) as bar:  # fmt: skip
+                _encode_into(
+                    tmp / LATENTS_FILE, rows, vae, items, image_size, batch_size, workers, bar
+                )
+        except Exception as e:  # told to the other ranks first, so rank 0 removes the store
+            failed = e
+        if world > 1 and not _all_done(failed is None, info) and failed is None:
+            raise LatentError("another rank failed to encode its share (its error is above)")
+        if failed is not None:
+            raise failed
+        if not main:
+            return out
         np.save(tmp / LABELS_FILE, labels.numpy().astype(np.int64))
         meta = {
             "format": FORMAT,
