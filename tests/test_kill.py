@@ -1,5 +1,6 @@
-"""Fault injection: a training run killed with SIGKILL at random points, and continued each time the
-way the demo does (--resume from a checkpoint, --restart a run that had none), ends with exactly
+"""Fault injection: a training run killed with SIGKILL at random points, and started again each time
+with the same command line (--auto-resume, as torchrun --max-restarts or a requeued job would, and
+the demo's jobs do: continue from a checkpoint, start again a run that had none), ends with exactly
 the weights of an uninterrupted run and leaves no temporary file behind."""
 
 from __future__ import annotations
@@ -24,12 +25,7 @@ TRAIN = ["train", "--data", "mnist:0-1", "--size", "tiny", "--batch-size", "8", 
 
 
 def _command(run: Path) -> list[str]:
-    how = []
-    if any((run / "checkpoints").glob("step_*")):
-        how = ["--resume"]
-    elif (run / "config.json").is_file():
-        how = ["--restart"]
-    return [sys.executable, "-m", "kind.cli", *TRAIN, *how, "--out", str(run)]
+    return [sys.executable, "-m", "kind.cli", *TRAIN, "--auto-resume", "--out", str(run)]
 
 
 def _newest(run: Path) -> int:
