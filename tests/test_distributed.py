@@ -227,5 +227,52 @@ def test_a_rank_that_fails_to_encode_stops_every_rank_and_leaves_nothing(vae_dir
     done = _launch(2, "-m", "kind.cli", "encode", "--data", str(root), "--vae", str(vae_dir),
                    "--image-size", "16", "--device", "cpu", "--workers", "0", "--out",
                    str(tmp_path / "store"), ok=False)  # fmt: skip
-    assert "6.png" in done.stderr and "another rank failed to encode its share" in done.stderr
+    assert "6.png" in done.stderr and "encoding stopped: rank(s) 1 failed" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no store, no temporary
+
+
+FAILING_RANK = """
+import sys
+from pathlib import Path
+from kind.data.latents import encode_to_store
+from kind.training.distributed import setup
+
+info = setup("cpu")
+root, vae, tmp = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+cases = {  # what rank 1 gets wrong, and what it says
+    "listing": ({"spec": root + (":a,b" if info.is_main else ":a,c")}, "lists other images"),
+    "vae": ({"vae_path": vae if info.is_main else tmp / "no-vae"}, "no-vae does not exist"),
+}
+for name, (wrong, phrase) in cases.items():
+    args = {"spec": root, "out": tmp / name / "store", "vae_path": vae, "image_size": 16,
+            "device": "cpu", "workers": 0, "info": info} | wrong
+    try:
+        encode_to_store(**args)
+        sys.exit(f"{name}: no error on rank {info.rank}")
+    except Exception as e:
+        want = "encoding stopped: rank(s) 1 failed" if info.is_main else phrase
+        if want not in str(e):
+            sys.exit(f"{name}: rank {info.rank} said {e!r}, not {want!r}")
+    if info.is_main and (tmp / name).exists() and any((tmp / name).iterdir()):
+        sys.exit(f"{name}: left {list((tmp / name).iterdir())}")
+"""
+
+
+def test_ranks_that_cannot_share_the_store_stop_together_and_leave_nothing(vae_dir, tmp_path):
+    """Rank 1 lists other images than rank 0 (another folder on its node), or cannot load the
+    VAE: both ranks stop, each with its reason, and rank 0 removes what it had made."""
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    _launch(2, str(script), str(_image_folder(tmp_path / "imgs")), str(vae_dir), str(tmp_path))
+
+
+def test_cuda_without_an_index_means_this_ranks_gpu(monkeypatch):
+    """`--device cuda` under torchrun: each rank its LOCAL_RANK's GPU (torch.cuda.set_device
+    refuses a device without an index); an explicit index is kept."""
+    from kind.core.device import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("cuda", 3) == torch.device("cuda", 3)
+    assert pick_device("auto", 2) == torch.device("cuda", 2)
+    assert pick_device("cuda:1", 3) == torch.device("cuda", 1)
+    assert pick_device("cpu", 3) == torch.device("cpu")

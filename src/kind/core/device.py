@@ -19,4 +19,6 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
             f"device {preference!r} asks for CUDA, but no CUDA device is available here; "
             "use cpu (or auto)"
         )
+    if device.type == "cuda" and device.index is None:  # "cuda" under torchrun: this rank's GPU
+        device = torch.device("cuda", local_rank)
     return device

@@ -33,11 +33,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from diffusers import AutoencoderKL
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT = "kind-latents/1"
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x/2.x VAEs (sd-vae-ft-ema, sd-vae-ft-mse)
@@ -241,15 +244,48 @@ def _encode_into(
             f.write(z16.numpy().data)
             start += len(x)
             bar.update(len(x))
+        f.flush()
+        os.fsync(f.fileno())  # on disk before rank 0 renames the store into place
 
 
-def _share_of_rank(tmp: Path | None, listing: str, info) -> Path:
-    """Rank 0's temporary store directory on every rank, once rank 0 made it, after checking that
-    every rank lists the same images (a node that sees another folder would scramble the rows)."""
+def _together(step: Callable[[], T], info) -> T:
+    """``step()`` on every rank of a torchrun job (``info``; None: one process), then one
+    collective that every rank reaches whether its step failed or not: a rank's own error is
+    raised there, every other rank raises one naming the ranks that failed. So no rank waits on
+    one that has gone, and rank 0 unwinds (removing an unfinished store) instead of being killed
+    mid-wait by torchrun."""
+    if info is None:
+        return step()
+    import torch.distributed as dist
+
+    failed, result = None, None
+    try:
+        result = step()
+    except Exception as e:
+        failed = e
+    flags = torch.zeros(info.world)
+    flags[info.rank] = failed is not None
+    dist.all_reduce(flags, group=info.host)  # [world]: 1 where a rank failed
+    if failed is not None:
+        raise failed
+    if flags.any():
+        ranks = ", ".join(str(r) for r in flags.nonzero().flatten().tolist())
+        raise LatentError(f"encoding stopped: rank(s) {ranks} failed (their error is in their log)")
+    return result
+
+
+def _broadcast(tmp: Path | None, listing: str, info) -> list:
+    """[rank 0's temporary store directory, rank 0's image listing digest], on every rank."""
     import torch.distributed as dist
 
     sent = [str(tmp) if info.is_main else None, listing]
     dist.broadcast_object_list(sent, src=0, group=info.host)
+    return sent
+
+
+def _rank_sees(sent: list, listing: str, info) -> Path:
+    """Rank 0's temporary store directory, checked from this rank: the same images listed (a node
+    that sees another folder would scramble the rows) and the directory visible."""
     if sent[1] != listing:
         raise LatentError(
             f"rank {info.rank} lists other images than rank 0 for this data spec; every node must "
@@ -262,17 +298,6 @@ def _share_of_rank(tmp: Path | None, listing: str, info) -> Path:
             "parent directory (a filesystem they share)"
         )
     return tmp
-
-
-def _all_done(done: bool, info) -> bool:
-    """Whether every rank wrote its share: a collective every rank reaches, failed or not, so a
-    rank's error stops rank 0 too (which then removes the unfinished store) instead of leaving
-    it waiting."""
-    import torch.distributed as dist
-
-    flag = torch.tensor([float(done)])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=info.host)
-    return bool(flag.item())
 
 
 def encode_to_store(
@@ -304,50 +329,60 @@ def encode_to_store(
     """
     out = Path(out).expanduser().absolute()
     main = info is None or info.is_main
-    if main:  # rank 0 alone: the others could see its temporary directory in an empty `out`
-        check_new_dir(out)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if compute not in DTYPES.values():
-        raise LatentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-    items, labels, class_names = list_images(spec, split, limit_per_class)
+    world = info.world if info is not None else 1
+
+    def prepare():  # every rank, before anything is written
+        if main:  # rank 0 alone: the others could see its temporary directory in an empty `out`
+            check_new_dir(out)
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if compute not in DTYPES.values():
+            raise LatentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        listed = list_images(spec, split, limit_per_class)
+        on = pick_device(device) if isinstance(device, str) else device
+        vae = load_vae(vae_path, compute).to(on)
+        f = downsampling(vae)
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % f:
+            raise LatentError(
+                f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
+                f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
+            )
+        return listed, vae, f
+
+    (items, labels, class_names), vae, f = _together(prepare, info)
     dataset, _ = parse_spec(spec)
-    device = pick_device(device) if isinstance(device, str) else device
-    vae = load_vae(vae_path, compute).to(device)
-    f = downsampling(vae)
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % f:
-        raise LatentError(
-            f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
-            f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
-        )
     latent_shape = (int(vae.config.latent_channels), image_size // f, image_size // f)
     n = len(items)
-    rank, world = (info.rank, info.world) if info is not None else (0, 1)
     per = -(-n // world)
+    rank = info.rank if info is not None else 0
     rows = range(min(rank * per, n), min((rank + 1) * per, n))  # [N] -> this rank's share
 
-    with atomic_dir(out) if main else nullcontext() as tmp:
-        if main:  # the file at full size; every rank writes its rows into it
+    with ExitStack() as stack:
+
+        def make() -> Path | None:  # rank 0: the store's directory, its file at full size
+            if not main:
+                return None
+            tmp = stack.enter_context(atomic_dir(out))
             np.lib.format.open_memmap(
                 tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE, shape=(n, 2, *latent_shape)
             ).flush()
+            return tmp
+
+        tmp = _together(make, info)
         if world > 1:
             listing = hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
-            tmp = _share_of_rank(tmp, listing, info)
-        failed = None
-        try:
+            sent = _broadcast(tmp, listing, info)
+            tmp = _together(partial(_rank_sees, sent, listing, info), info)
+
+        def fill() -> None:  # every rank its rows
             with tqdm(total=len(rows), desc=f"encode {out.name}", unit="img", dynamic_ncols=True,
                       disable=not main) as bar:  # fmt: skip
                 _encode_into(
                     tmp / LATENTS_FILE, rows, vae, items, image_size, batch_size, workers, bar
                 )
-        except Exception as e:  # told to the other ranks first, so rank 0 removes the store
-            failed = e
-        if world > 1 and not _all_done(failed is None, info) and failed is None:
-            raise LatentError("another rank failed to encode its share (its error is above)")
-        if failed is not None:
-            raise failed
+
+        _together(fill, info)  # every share is on disk before rank 0 publishes the store
         if not main:
             return out
         np.save(tmp / LABELS_FILE, labels.numpy().astype(np.int64))
