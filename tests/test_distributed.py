@@ -112,9 +112,13 @@ def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_pat
 
 
 SHARES = """
-import sys, torch
+import atexit, os, sys, torch
+import torch.distributed as dist
 import kind.core.sampling as sampling
 from kind.training.distributed import setup
+
+# runs after the handler setup registers (last in, first out): the group is gone by then
+atexit.register(lambda: dist.is_initialized() and os._exit(3))
 
 def fake(model, diffusion, labels, *, first_index, device, **kwargs):  # sample i is filled with i
     i = torch.arange(first_index, first_index + len(labels), dtype=torch.uint8)
@@ -131,7 +135,7 @@ for n in (7, 2):  # shares of 3, 3, 1 and of 1, 1, 0 over three ranks
 """
 
 
-def test_uneven_shares_arrive_in_order_on_rank_zero(tmp_path):
+def test_uneven_shares_arrive_in_order_on_rank_zero_and_the_group_ends_at_exit(tmp_path):
     script = tmp_path / "shares.py"
     script.write_text(SHARES)
     _launch(3, str(script))

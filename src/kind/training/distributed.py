@@ -6,6 +6,7 @@ with NCCL on GPUs and gloo on CPUs; otherwise this is a single process of world 
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ def setup(preference: str = "auto") -> DistInfo:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(shutdown)  # the group this process started ends with it
     host = None if dist.get_backend() == "gloo" else _gloo_group()
     return DistInfo(rank, world, local_rank, device, host)
 
@@ -56,6 +58,16 @@ def _gloo_group() -> dist.ProcessGroup:
     """One gloo group beside NCCL's, made when the job starts (every rank, in the same order), so
     a network gloo cannot use (see GLOO_SOCKET_IFNAME) fails before any work, not after it."""
     return dist.new_group(backend="gloo")
+
+
+def shutdown() -> None:
+    """Destroy the process group while the interpreter is still whole. Left to the interpreter's
+    teardown, gloo's worker threads can outlive it and the process dies with SIGABRT
+    ("terminate called without an active exception", pytorch/pytorch#190489), which torchrun
+    reports as a failed rank (and restarts, with --max-restarts) after a run that succeeded."""
+    if dist.is_initialized():
+        _gloo_group.cache_clear()
+        dist.destroy_process_group()
 
 
 def all_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
