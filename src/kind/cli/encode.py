@@ -11,7 +11,8 @@ HELP = "encode images into a latent store with a local VAE"
 DESCRIPTION = (
     "Encode the images of a data spec (and their mirror images) "
     "with a local Stable Diffusion VAE into a memory-mapped latent store; "
-    "train on it with --data STORE."
+    "train on it with --data STORE. Under torchrun each rank encodes a share of the images "
+    "into the one store (every node must see --out's parent directory)."
 )
 
 
