@@ -62,6 +62,7 @@ def test_bench_scale_keeps_the_tailor_tensor_target_at_a_toy_size(tmp_path):
         ("bench_speed.py", ["--size", "DiT-S/4", "--image-size", "30"], "not divisible by patch"),
         ("bench_speed.py", ["--device", "gpu0"], "give cpu, cuda or cuda:N"),
         ("bench_host_memory.py", ["--size", "DiT-Q/4"], "unknown model size"),
+        ("bench_gather.py", ["--ranks", "1"], "--ranks >= 2"),
     ],
 )
 def test_bench_scripts_refuse_bad_input_with_a_usage_error(script, args, says):

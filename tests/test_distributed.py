@@ -269,7 +269,7 @@ def test_ranks_that_cannot_share_the_store_stop_together_and_leave_nothing(vae_d
     VAE: both ranks stop, each with its reason, and rank 0 removes what it had made."""
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK)
-    # each rank's verdict, not torchrun's exit status: in 4 of 22 launches here a rank whose
+    # each rank's verdict, not torchrun's exit status: in 4 of 16 launches here a rank whose
     # steps had raised (and were caught) died with SIGABRT in teardown after its last line, its
     # group destroyed (cause not found; a command whose rank fails exits non-zero anyway)
     done = _launch(2, str(script), str(_image_folder(tmp_path / "imgs")), str(vae_dir),

@@ -95,7 +95,8 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument(
         "--out",
         required=True,
-        help="run directory: new or empty (a run already in it needs --resume, --restart or --auto-resume)",
+        help="run directory: new or empty (a run already in it needs --resume, --restart or "
+        "--auto-resume)",
     )
     p.add_argument(
         "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
