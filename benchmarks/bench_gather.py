@@ -23,10 +23,11 @@ import kind.core.sampling as sampling
 from kind.training.distributed import DistInfo
 
 
-def _fill(model, diffusion, labels, *, first_index, device, **kwargs):
-    """Sample i is filled with i % 251, so rank 0 can check where each share landed."""
+def _fill(model, diffusion, labels, *, indices, device, **kwargs):
+    """A share of labels [s, s + 1, ...] is filled with s % 251, so rank 0 can check where each
+    share landed."""
     n, size = len(labels), _fill.size
-    return torch.full((n, 3, size, size), first_index % 251, dtype=torch.uint8)
+    return torch.full((n, 3, size, size), labels[0] % 251, dtype=torch.uint8)
 
 
 def _rank(rank: int, args: argparse.Namespace, port: int, results) -> None:

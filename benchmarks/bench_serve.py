@@ -41,7 +41,7 @@ from kind.core.decomposition import merge
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.images import to_uint8
 from kind.core.model import DiT, ModelConfig
-from kind.core.sampling import sample_seed
+from kind.core.seeds import sample_seed
 from kind.serve.batcher import Batcher
 from kind.serve.cache import TailorCache
 from kind.serve.draw import Settings
@@ -49,9 +49,14 @@ from kind.store.load import load_model
 from kind.store.parts import assemble, decompose, load_parts
 
 
+def name(c: int) -> str:
+    """Class c's name in the benchmark's model."""
+    return f"c{c}"
+
+
 def build_parts(root: Path, classes: int, size: str) -> Path:
     torch.manual_seed(0)
-    model = DiT(ModelConfig(size=size, class_names=[f"c{i}" for i in range(classes)]))
+    model = DiT(ModelConfig(size=size, class_names=[name(i) for i in range(classes)]))
     return decompose(model.eval(), DiffusionConfig(), root / "parts")
 
 
@@ -87,7 +92,7 @@ def dense_runs(reqs, max_batch: int, grouped: bool) -> list[tuple[int, list[int]
     requests arrive), or (`grouped`) every queued request of a class together."""
     runs: list[tuple[int, list[int]]] = []
     for c, n, s in sorted(reqs, key=lambda r: r[0]) if grouped else reqs:
-        seeds = [sample_seed(s, i) for i in range(n)]
+        seeds = [sample_seed(s, name(c), i) for i in range(n)]
         if runs and runs[-1][0] == c and len(runs[-1][1]) + n <= max_batch:
             runs[-1][1].extend(seeds)
         else:
@@ -170,7 +175,7 @@ def main() -> None:
         cache.acquire(list(range(args.classes)))  # warm: every tailor loaded
         cache.release(list(range(args.classes)))
         full, _, _ = load_parts(parts)
-        merged = [merge(full, f"c{c}") for c in range(args.classes)]
+        merged = [merge(full, name(c)) for c in range(args.classes)]
         uncond = merged[0].uncond
         for m in merged[1:]:
             m.uncond = uncond  # one unconditional network serves every class's guidance

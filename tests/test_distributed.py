@@ -100,12 +100,12 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
 
 def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_path):
     args = ["sample", str(trained), "--per-class", "3", "--steps", "2", "--device", "cpu"]
-    for name, ranks in (("one", 1), ("two", 2)):
-        _cli(ranks, *args, "--out", str(tmp_path / name))
+    for name, ranks in (("one", 1), ("two", 2)):  # 9 samples: class 1's split 2 + 1 over the ranks
+        _cli(ranks, *args, "--classes", "0,1,2", "--out", str(tmp_path / name))
     # one sample over two ranks: the second rank's share is empty and it sends nothing
     _cli(2, *args, "--per-class", "1", "--classes", "0", "--out", str(tmp_path / "lone"))
     one, two, lone = (np.load(tmp_path / n / "samples.npz") for n in ("one", "two", "lone"))
-    assert one["arr_0"].shape == (12, 28, 28, 1)
+    assert one["arr_0"].shape == (9, 28, 28, 1)
     assert np.array_equal(one["arr_0"], two["arr_0"])
     assert np.array_equal(one["labels"], two["labels"])
     assert np.array_equal(lone["arr_0"], one["arr_0"][:1])  # class 0's first sample, same seed
@@ -121,15 +121,15 @@ from kind.training.distributed import setup
 # runs after the handler setup registers (last in, first out): the group is gone by then
 atexit.register(lambda: dist.is_initialized() and os._exit(3))
 
-def fake(model, diffusion, labels, *, first_index, device, **kwargs):  # sample i is filled with i
-    i = torch.arange(first_index, first_index + len(labels), dtype=torch.uint8)
+def fake(model, diffusion, labels, *, indices, device, **kwargs):  # a sample holds its label
+    i = torch.tensor(labels, dtype=torch.uint8)
     return i.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()  # [n, 1, 2, 2]
 
 sampling.generate = fake
 info = setup("cpu")
 for n in (7, 2):  # shares of 3, 3, 1 and of 1, 1, 0 over three ranks
     out = sampling.generate_sharded(None, None, list(range(n)), info)
-    if info.is_main and not torch.equal(out, fake(None, None, range(n), first_index=0, device="cpu")):
+    if info.is_main and not torch.equal(out, fake(None, None, list(range(n)), indices=None, device="cpu")):
         sys.exit(f"{n} samples gathered as {out.flatten(1)[:, 0].tolist()}")
     if not info.is_main and out is not None:
         sys.exit("only rank 0 returns the samples")

@@ -73,6 +73,21 @@ def test_same_seed_gives_the_same_samples_from_parts_and_full_model(source, part
         generate(small, diffusion, [], **kw)
 
 
+def test_a_class_draws_the_same_samples_whatever_else_is_drawn(source, parts):
+    """A sample's noise is seeded by (seed, class, its index among the class's samples), not by
+    its place in the list: class three alone, among other classes, and from a model assembled
+    for it and one other class. (Up to one level of rounding: another batch shape may round
+    the same numbers differently.)"""
+    small, diffusion, _ = load_parts(parts, ["one", "three"])
+    kw = dict(seed=3, steps=3, cfg_scale=2.0, sampler="ddpm")
+    alone = generate(source, diffusion, [3, 3], **kw).int()
+    for model, labels, rows in ((source, [1, 3, 0, 3], [1, 3]), (source, [3, 2, 3], [0, 2]),
+                                (small, [1, 1, 3, 3], [2, 3])):  # fmt: skip
+        drawn = generate(model, diffusion, labels, **kw).int()[rows]
+        assert (drawn - alone).abs().max() <= 1, labels
+    assert (alone[0] - alone[1]).abs().max() > 100  # a class's samples do not share their noise
+
+
 def test_merged_class_model_matches_the_factored_model(source):
     merged = merge(source, "two")
     assert not merged.cond.kind_layers()

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from kind.cli.common import classes, count, number
-from kind.core.seeds import SEED_MAX
+from kind.core.seeds import NULL_CLASS, SEED_MAX
 
 NAME = "sample"
 HELP = "draw samples to a PNG grid and an .npz"
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> None:
     if not info.is_main:
         return
     save_grid(images, args.n, targets[0])
-    class_names = model.config.class_names + (["<null>"] if args.unconditional else [])
+    class_names = model.config.class_names + ([NULL_CLASS] if args.unconditional else [])
     save_npz(
         targets[1],
         images,

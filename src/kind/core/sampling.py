@@ -1,8 +1,9 @@
 """Generating images from a model, on one process or spread over the ranks of a torchrun job.
 
-Each sample draws its noise from its own generator seeded by (seed, index), so the same seed gives
-the same samples whatever the batch size, the number of ranks, or which other classes are drawn
-alongside; that is also what lets an assembled model reproduce the full model's samples.
+Each sample draws its noise from its own generator seeded by (seed, class, its index among that
+class's samples) (`kind.core.seeds`), so the same seed gives the same samples whatever the batch
+size, the number of ranks, or which other classes are drawn alongside; that is also what lets an
+assembled model reproduce the full model's samples.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.images import to_uint8
-from kind.core.seeds import sample_seed
+from kind.core.seeds import NULL_CLASS, class_indices, sample_seed
 
 
 @torch.no_grad()
@@ -31,19 +32,23 @@ def generate(
     guided_channels: int | None = None,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
-    first_index: int = 0,
+    indices: list[int] | None = None,
     progress: bool = False,
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Images uint8 [N, C, H, W] for class ids `labels` (indices into model.config.class_names).
 
-    `first_index` offsets the per-sample seeds, for sampling a slice of a larger set (ranks).
+    `indices[i]`: sample i's index among its class's samples, which seeds its noise (default:
+    its place among the samples of its class in `labels`; a rank drawing a share of a larger
+    list passes the indices of its share in the whole list).
     `decode` maps a latent model's samples to uint8 images (see `kind.data.latents.decoder`)."""
     if not labels:
         raise ValueError("nothing to sample: the label list is empty")
     diff = diffusion if isinstance(diffusion, Diffusion) else Diffusion(diffusion)
     cfg, device = model.config, torch.device(device)
     shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    names = [cfg.class_names[c] if c != model.null_id else NULL_CLASS for c in labels]
+    indices = class_indices(labels) if indices is None else indices
     was_training = model.training
     model.eval()
     out = []
@@ -53,8 +58,8 @@ def generate(
     for start in range(0, len(labels), batch_size):
         chunk = labels[start : start + batch_size]
         gens = [
-            torch.Generator(device).manual_seed(sample_seed(seed, first_index + start + i))
-            for i in range(len(chunk))
+            torch.Generator(device).manual_seed(sample_seed(seed, names[i], indices[i]))
+            for i in range(start, start + len(chunk))
         ]
         y = torch.tensor(chunk, dtype=torch.long, device=device)
         x = diff.sample(
@@ -90,12 +95,11 @@ def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> tor
         raise ValueError("nothing to sample: the label list is empty")
     per = -(-len(labels) // info.world)
     starts = range(0, len(labels), per)  # rank r draws labels[starts[r] : starts[r] + per]
-    share = labels[info.rank * per : (info.rank + 1) * per]
-    mine = None
+    lo, hi = info.rank * per, (info.rank + 1) * per
+    share, mine = labels[lo:hi], None
     if share:
-        mine = generate(
-            model, diffusion, share, first_index=info.rank * per, device=info.device, **kwargs
-        )
+        indices = class_indices(labels)[lo:hi]  # each sample's index in the whole list's class
+        mine = generate(model, diffusion, share, indices=indices, device=info.device, **kwargs)
     if info.world == 1:
         return mine
     import torch.distributed as dist

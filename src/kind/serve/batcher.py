@@ -153,7 +153,8 @@ class Batcher:
         ok = [j for j in batch if j.group not in failed]
         try:
             labels = [self.cache.slot_class(j.class_id) for j in ok for _ in range(j.n)]
-            seeds = [sample_seed(j.seed, i) for j in ok for i in range(j.n)]
+            names = self.cache.full.class_names
+            seeds = [sample_seed(j.seed, names[j.class_id], i) for j in ok for i in range(j.n)]
             settings, model = batch[0].settings, self.cache.model
             images = (
                 draw(model, self.diffusion, labels, seeds, settings, self.decode) if ok else None
