@@ -120,6 +120,26 @@ def test_sfid_statistics_round_trip_on_the_spatial_features(tmp_path, shifted, t
     assert rel(pool_only["fid"], direct["fid"]) < 1e-3
 
 
+def test_a_reference_of_another_resolution_is_refused(tmp_path, shifted, tiny_inception):
+    """Samples at 32x32 against a 28x28 reference file: both would be resized to the network's
+    input and scored, a plausible number that measures the resize; refused, naming the fix. The
+    file's size is its images', else the size it records (a statistics-only copy)."""
+    images, labels, names = shifted
+    images, labels = images[:40], labels[:40]
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz", feature_net=None)
+    with np.load(path, allow_pickle=False) as npz:  # statistics only, its size recorded
+        np.savez(tmp_path / "stats.npz", mu=np.zeros(16), sigma=np.eye(16),
+                 image_size=npz["image_size"])  # fmt: skip
+    same = ev.evaluate_images(images, labels, names, str(path), tiny_inception, is_splits=3)
+    assert same["reference_image_size"] == [28, 28]
+    larger = torch.nn.functional.interpolate(images.float(), size=32).round().to(torch.uint8)
+    for name in ("ref.npz", "stats.npz"):
+        with pytest.raises(
+            ValueError, match=r"samples are 32x32 but .* holds 28x28.*--image-size 32"
+        ):
+            ev.evaluate_images(larger, labels, names, str(tmp_path / name), tiny_inception)
+
+
 def test_frechet_from_spatial_stats_matches_the_features():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(300, 40, generator=g), torch.randn(250, 40, generator=g) * 1.3 + 0.2

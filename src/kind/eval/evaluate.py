@@ -34,6 +34,7 @@ from kind.eval.reference import (
     auto_feature_net_for_stats,
     check_ref_split,
     check_stats_fit,
+    check_stats_size,
     file_reference,
     read_reference_stats,
     reference_file,
@@ -192,6 +193,7 @@ def evaluate_images(
                 "--ref-split, or pass the data spec"
             )
         stats = read_reference_stats(stats_path)
+        check_stats_size(stats, images)
         if isinstance(feature_net, str) and feature_net == "auto":
             feature_net = auto_feature_net_for_stats(stats)
     split = "test" if ref_split is None else ref_split

@@ -130,6 +130,14 @@ class ReferenceStats:
     meta: dict = field(default_factory=dict)  # 0-d entries: spec, split, feature_net, ...
 
     @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(H, W) of the reference images: its images', else the size the file records."""
+        if self.images is not None:
+            return tuple(self.images.shape[-2:])
+        recorded = self.meta.get("image_size")
+        return None if recorded is None else (int(recorded), int(recorded))
+
+    @property
     def count(self) -> int | None:
         """Number of reference images, when the file says (its images, or a recorded count)."""
         if self.images is not None:
@@ -215,6 +223,21 @@ def read_reference_stats(path: str | Path) -> ReferenceStats:
         images=images,
         class_names=name_list(path, names),
         meta=meta,
+    )
+
+
+def check_stats_size(stats: ReferenceStats, samples: torch.Tensor) -> None:
+    """Refuse a reference of another resolution than the samples [N, C, H, W] (when the file
+    says its size): both sets are resized to the feature network's input, so FID between two
+    resolutions measures the resize as much as the model, and looks plausible while it does."""
+    size, (h, w) = stats.image_size, samples.shape[-2:]
+    if size is None or size == (h, w):
+        return
+    raise ValueError(
+        f"the samples are {h}x{w} but the reference {stats.path} holds {size[0]}x{size[1]} "
+        "images, and a score across resolutions measures the resize as much as the model; "
+        f"write a reference at the samples' size (kind-dit evaluate --write-ref OUT.npz --ref "
+        f"SPEC --image-size {h}), or draw the samples at {size[0]}x{size[1]}"
     )
 
 
@@ -305,6 +328,7 @@ def spec_reference(
     record = {
         "reference": ref.strip(),
         "reference_type": "data spec",
+        "reference_image_size": [image_size, image_size],  # loaded at the samples' size
         "reference_dataset": dataset,
         "reference_split": split,
         "reference_sha256": None,
@@ -357,6 +381,7 @@ def file_reference(stats: ReferenceStats, net: FeatureNet) -> Reference:
     record = {
         "reference": str(stats.path),
         "reference_type": "statistics file",
+        "reference_image_size": None if stats.image_size is None else list(stats.image_size),
         "reference_dataset": stats.meta.get("dataset"),
         "reference_split": stats.meta.get("split"),
         "reference_sha256": stats.sha256,
@@ -417,8 +442,10 @@ def write_adm_reference(
         if spatial is not None:
             stats.update(mu_s=spatial[0].numpy(), sigma_s=spatial[1].numpy())
     meta = {"spec": ref.spec, "dataset": ref.dataset, "split": split,
-            "tool": f"kind-dit {tool_version()}", **stats}  # fmt: skip
+            "image_size": ref.images.shape[-1], "tool": f"kind-dit {tool_version()}",
+            **stats}  # fmt: skip
     save_npz(path, ref.images, ref.labels.tolist(), ref.class_names, **meta)
-    log.info("wrote %d %s images of %s%s to %s", len(ref.labels), split, spec,
-             f" with {stats['feature_net']} statistics" if stats else "", path)  # fmt: skip
+    log.info("wrote %d %s images of %s at %dx%d%s to %s", len(ref.labels), split, spec,
+             *ref.images.shape[-2:], f" with {stats['feature_net']} statistics" if stats else "",
+             path)  # fmt: skip
     return path
