@@ -553,3 +553,29 @@ def test_atomic_dir_fills_the_current_folder_and_refuses_one_filled_meanwhile(
             (d / "manifest.json").write_text("{}")
             (tmp_path / "new").mkdir()
     assert not any((tmp_path / "new").iterdir())
+
+
+def test_an_out_filled_while_the_output_is_computed_is_refused_and_kept(
+    made, tmp_path, monkeypatch
+):
+    """`--out` passes the start's check, then fills (the user, or a second command given the same
+    `--out`) while the model is loaded and assembled: refused at the end, their file kept, where
+    the output used to replace the folder and delete it. A checkpoint saved again is replaced."""
+    import kind.store.parts as parts_module
+    from kind.io import OutputDirError, atomic_dir
+
+    out, load = tmp_path / "asm", parts_module.load_parts
+
+    def load_while_they_write(*args, **kwargs):
+        out.mkdir()
+        (out / "theirs.txt").write_text("precious")
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(parts_module, "load_parts", load_while_they_write)
+    with pytest.raises(OutputDirError, match="made or filled while the output was computed"):
+        parts_module.assemble(made / "parts", ["0"], out)
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert (out / "theirs.txt").read_text() == "precious"
+    with atomic_dir(out, replace=True) as d:  # what a checkpoint saved again asks for
+        (d / "model.json").write_text("{}")
+    assert sorted(p.name for p in out.iterdir()) == ["model.json"]

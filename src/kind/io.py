@@ -94,17 +94,27 @@ def check_new_dir(out: str | Path) -> Path:
 
 
 @contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
+def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it becomes `final` in one rename.
     An empty directory already there (a user's `--out`, perhaps a mount point or behind a
     symlink) is kept, with its permissions and the links to it: the temporary directory is made
-    inside it, on its file system, and the finished entries move up into it, a rename each. A
-    directory that appears, or fills, while the output is written is left alone and refused."""
+    inside it, on its file system, and the finished entries move up into it, a rename each.
+
+    `replace`: a `final` that is there and not empty is replaced (a checkpoint, or a run's
+    model, saved again). Otherwise it is left alone and refused, as is a directory that appears,
+    or fills, while the output is written: callers check their `--out` when they start
+    (`check_new_dir`), and a directory filled since, by the user or by another command given
+    the same `--out`, holds someone's files."""
     final = Path(os.path.abspath(final))  # "." has no name to put a temporary one beside
     if final.is_symlink():
         final = final.resolve()  # the link stays; the output goes where it points
     in_place = final.is_dir() and not any(final.iterdir())
-    existed = final.exists()
+    existed = final.exists() and not in_place
+    if existed and not replace:
+        raise OutputDirError(
+            f"{final} is no longer a new or empty directory (it was made or filled while the "
+            "output was computed); nothing of it was touched, choose another output directory"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     where = final if in_place else final.parent
     tmp = Path(tempfile.mkdtemp(dir=where, prefix=f".{final.name}.", suffix=".tmp"))
@@ -116,7 +126,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
                                      "of it was touched, choose another output directory")  # fmt: skip
             for entry in sorted(tmp.iterdir()):
                 os.replace(entry, final / entry.name)
-        elif existed:  # re-saving the same step: move the old one aside, then drop it
+        elif existed:  # `replace`: move the old one aside, then drop it
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)

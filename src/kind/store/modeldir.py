@@ -45,14 +45,16 @@ def save_model_dir(
     extra: dict | None = None,
     state: dict[str, torch.Tensor] | None = None,
     made: dict | None = None,
+    replace: bool = False,
 ) -> None:
     """Write `model.json` (architecture + diffusion config + `extra`), `model.safetensors`
     (`state`, default the model's own) and the model card as one directory, atomically. `made`:
     how the model was made, for its card (`kind.store.card.model_card`); default, for a run's
-    `model/`, what the run's config.json and run.json record."""
+    `model/`, what the run's config.json and run.json record. `replace`: a model already at
+    `path` is replaced (a run's `model/`, when a continued run ends again)."""
     path = Path(path)
     made = run_provenance(path) if made is None else made
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, replace=replace) as tmp:
         meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
         atomic_write_text(tmp / MODEL_JSON, json.dumps(meta, indent=2))
         atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())

@@ -456,7 +456,7 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
         with state.ema.applied():
             final = export(state.model) if export else state.model
             extra = {"sample": vars(cfg.sample), "latent": run.data.latent}
-            save_model_dir(out / "model", final, cfg.diffusion, extra)
+            save_model_dir(out / "model", final, cfg.diffusion, extra, replace=True)
     distributed.barrier(info)
     state.ema.copy_to_model()
     return TrainResult(out, state.model.eval(), state.step, seconds, info.is_main)

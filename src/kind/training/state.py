@@ -69,7 +69,7 @@ class TrainState:
     def save(self, run_dir: Path, keep: int, seconds: float) -> Path:
         """Write checkpoint `step_NNNNNNN` atomically, then drop all but the `keep` newest."""
         path = checkpoint_dir(run_dir, self.step)
-        with atomic_dir(path) as d:
+        with atomic_dir(path, replace=True) as d:  # a resumed run saves its first step again
             atomic_save_tensors(d / "model.safetensors", self.model.state_dict())
             shadow, counts = self.ema.state()
             atomic_save_tensors(d / "ema.safetensors", shadow)
