@@ -297,8 +297,9 @@ def test_inception_path_reports_sfid_and_inception_score(tmp_path):
 
     real = load_images("mnist:0-1", "train")
     result = ev.evaluate_images(real.images[:60], real.labels[:60], real.class_names,
-                                "mnist:0-1", net, is_splits=3)  # fmt: skip
+                                "mnist:0-1", net)  # fmt: skip
     assert result["sfid"] > 0 and 1.0 <= result["inception_score"] <= 12.0
+    assert result["inception_score_split_size"] == 5000 and result["inception_score_std"] == 0
     assert result["class_accuracy"] is None and "does not classify" in result["class_accuracy_note"]
 
 

@@ -141,6 +141,22 @@ def test_inception_score_of_one_confident_class_is_one():
     assert metrics.inception_score(probs, splits=1, from_logits=False)[0] == pytest.approx(1.0)
 
 
+def test_inception_score_in_chunks_of_a_size_as_adms_evaluator():
+    """ADM scores each 5000 samples and averages (the last chunk shorter): at 10,000 samples that
+    is the mean of the two halves' scores, not one score of all (the score grows with the chunk,
+    so near-equal splits agree with ADM only at 50k)."""
+    logits = 4 * torch.randn(250, 30, generator=torch.Generator().manual_seed(0))
+    halves = [metrics.inception_score(h, splits=1)[0] for h in (logits[:100], logits[100:200])]
+    last = metrics.inception_score(logits[200:], splits=1)[0]
+    mean, std = metrics.inception_score(logits, split_size=100)
+    parts = torch.tensor([*halves, last], dtype=torch.float64)
+    assert mean == pytest.approx(float(parts.mean()), rel=1e-12)
+    assert std == pytest.approx(float(parts.std(unbiased=False)), rel=1e-9)
+    assert mean > metrics.inception_score(logits, splits=5)[0]  # 50-sample chunks score lower
+    with pytest.raises(ValueError, match="split_size"):
+        metrics.inception_score(logits, split_size=0)
+
+
 def test_inception_score_rejects_bad_splits():
     with pytest.raises(ValueError, match="splits"):
         metrics.inception_score(torch.zeros(4, 3), splits=5)

@@ -108,14 +108,13 @@ def test_sfid_statistics_round_trip_on_the_spatial_features(tmp_path, shifted, t
         np.savez(tmp_path / "adm.npz", **{k: npz[k] for k in ("mu", "sigma", "mu_s", "sigma_s")})
         np.savez(tmp_path / "pool_only.npz", mu=npz["mu"], sigma=npz["sigma"])
 
-    direct = ev.evaluate_images(images, labels, names, "mnist:0-1", net, is_splits=3)
+    direct = ev.evaluate_images(images, labels, names, "mnist:0-1", net)
     for name in ("ref.npz", "adm.npz"):
-        result = ev.evaluate_images(images, labels, names, str(tmp_path / name), net, is_splits=3)
+        result = ev.evaluate_images(images, labels, names, str(tmp_path / name), net)
         assert direct["sfid"] > 0 and rel(result["sfid"], direct["sfid"]) < 1e-3, name
         assert rel(result["fid"], direct["fid"]) < 1e-3, name
         assert result["inception_score"] == direct["inception_score"]
-    pool_only = ev.evaluate_images(images, labels, names, str(tmp_path / "pool_only.npz"), net,
-                                   is_splits=3)  # fmt: skip
+    pool_only = ev.evaluate_images(images, labels, names, str(tmp_path / "pool_only.npz"), net)
     assert pool_only["sfid"] is None and "no spatial statistics" in pool_only["sfid_note"]
     assert rel(pool_only["fid"], direct["fid"]) < 1e-3
 
@@ -130,7 +129,7 @@ def test_a_reference_of_another_resolution_is_refused(tmp_path, shifted, tiny_in
     with np.load(path, allow_pickle=False) as npz:  # statistics only, its size recorded
         np.savez(tmp_path / "stats.npz", mu=np.zeros(16), sigma=np.eye(16),
                  image_size=npz["image_size"])  # fmt: skip
-    same = ev.evaluate_images(images, labels, names, str(path), tiny_inception, is_splits=3)
+    same = ev.evaluate_images(images, labels, names, str(path), tiny_inception)
     assert same["reference_image_size"] == [28, 28]
     larger = torch.nn.functional.interpolate(images.float(), size=32).round().to(torch.uint8)
     for name in ("ref.npz", "stats.npz"):

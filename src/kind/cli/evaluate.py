@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(torch-fidelity's weights-inception-2015-12-05-6726825d.pth); or set KIND_INCEPTION_WEIGHTS",
     )
     p.add_argument("--k", type=count(), default=3, help="k of the k-NN precision/recall")
+    p.add_argument(
+        "--is-split-size",
+        type=count(),
+        help="Inception Score: the mean over chunks of this many samples (default: 5000, as "
+        "ADM's evaluator)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing result (or --write-ref) file"
@@ -105,7 +111,7 @@ def _write_reference(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     """Score, write the full result as JSON, and print the headline metrics on one line."""
     from kind.core.device import pick_device
-    from kind.eval.evaluate import evaluate, write_result
+    from kind.eval.evaluate import IS_SPLIT_SIZE, evaluate, write_result
 
     if args.write_ref is not None:
         _write_reference(args)
@@ -133,6 +139,7 @@ def run(args: argparse.Namespace) -> None:
         inception_weights=args.inception_weights,
         device=args.device,
         ref_split=args.ref_split,
+        is_split_size=args.is_split_size or IS_SPLIT_SIZE,
     )
     write_result(result, out)
     print("  ".join(f"{k} {result[k]:.4g}" for k in _SHOWN if result.get(k) is not None))

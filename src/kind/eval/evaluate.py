@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 _SAMPLE_ARRAYS = ("arr_0", "labels", "class_names")
 FID_SAMPLES = 50_000  # the field's convention: FID-50K (ADM, DiT) against the reference batch
+IS_SPLIT_SIZE = 5_000  # ADM's evaluator: the Inception Score of each 5000 samples, averaged
 
 
 @dataclass
@@ -169,7 +170,7 @@ def evaluate_images(
     k: int = 3,
     inception_weights: str | Path | None = None,
     device: str = "cpu",
-    is_splits: int = 10,
+    is_split_size: int = IS_SPLIT_SIZE,
     generation: dict | None = None,
     samples_path: str | None = None,
     ref_split: str | None = None,
@@ -250,7 +251,7 @@ def evaluate_images(
     if feats.spatial is None:
         notes["sfid"] = f"feature network {net.name} has no spatial features (sFID needs Inception)"
     else:
-        is_mean, is_std = metrics.inception_score(feats.logits, splits=min(is_splits, n))
+        is_mean, is_std = metrics.inception_score(feats.logits, split_size=is_split_size)
         if reference.spatial is not None:
             spatial = metrics.feature_statistics(feats.spatial)
             sfid = metrics.frechet_distance_from_stats(*spatial, *reference.spatial)
@@ -287,6 +288,7 @@ def evaluate_images(
         "sfid_note": notes.get("sfid"),
         "inception_score": is_mean,
         "inception_score_std": is_std,
+        "inception_score_split_size": is_split_size if is_mean is not None else None,
         "warnings": warnings,
         "generation": {key: (generation or {})[key] for key in sorted(generation or {})},
         "seconds": round(time.perf_counter() - t0, 3),
@@ -304,7 +306,7 @@ def evaluate(
     k: int = 3,
     inception_weights: str | Path | None = None,
     device: str = "cpu",
-    is_splits: int = 10,
+    is_split_size: int = IS_SPLIT_SIZE,
     ref_split: str | None = None,
 ) -> dict:
     """Evaluate a sample ``.npz`` against ``ref``: a data spec (its ``ref_split``: "test" by
@@ -326,7 +328,7 @@ def evaluate(
         k=k,
         inception_weights=inception_weights,
         device=device,
-        is_splits=is_splits,
+        is_split_size=is_split_size,
         generation=samples.generation,
         samples_path=samples.path,
         ref_split=ref_split,

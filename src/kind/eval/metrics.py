@@ -152,18 +152,23 @@ def precision_recall(
 
 
 def inception_score(
-    scores: ArrayLike, splits: int = 10, from_logits: bool = True
+    scores: ArrayLike, splits: int = 10, from_logits: bool = True, split_size: int | None = None
 ) -> tuple[float, float]:
-    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``: mean and std over ``splits`` chunks.
+    """Inception Score ``exp(E_x KL(p(y|x) || p(y)))``: mean and std over chunks of the samples.
 
     Reference: Salimans et al. 2016, "Improved Techniques for Training GANs". Chunks are
-    contiguous and near-equal in size, as in the reference code; with ADM's 50k samples and its
-    5000-sample chunks use ``splits=10``. ``scores`` is ``[N, C]`` logits (``from_logits``) or
-    probabilities. It is 1 for uniform predictions and C for confident ones spread evenly over C
-    classes.
+    contiguous: ``splits`` near-equal ones, as in the reference code, or, with ``split_size``,
+    consecutive chunks of that many samples (the last one shorter), as ADM's evaluator takes
+    them (5000): the score of a chunk grows with its size, so the two agree only at 50k samples.
+    ``scores`` is ``[N, C]`` logits (``from_logits``) or probabilities. It is 1 for uniform
+    predictions and C for confident ones spread evenly over C classes.
     """
     s = _as_float64(scores)
     _check_2d("scores", s, min_rows=1)
+    if split_size is not None:
+        if split_size < 1:
+            raise ValueError(f"split_size must be at least 1, got {split_size}")
+        splits = -(-s.shape[0] // split_size)
     if not 1 <= splits <= s.shape[0]:
         raise ValueError(f"splits must be in [1, {s.shape[0]}], got {splits}")
     if from_logits:
@@ -173,7 +178,8 @@ def inception_score(
             raise ValueError("probabilities must be non-negative (pass from_logits=True?)")
         log_p = torch.log(s / s.sum(dim=1, keepdim=True))  # [N, C]; log(0) = -inf, handled below
     values = []
-    for chunk in torch.tensor_split(log_p, splits):
+    chunks = log_p.split(split_size) if split_size is not None else log_p.tensor_split(splits)
+    for chunk in chunks:
         p = chunk.exp()  # [n, C]
         log_py = torch.log(p.mean(dim=0, keepdim=True))  # [1, C]
         # xlogy-style: terms with p = 0 contribute 0, never NaN.
