@@ -467,3 +467,18 @@ def test_a_grid_previews_the_first_classes_and_samples_only(tmp_path):
     c, k = torch.meshgrid(torch.arange(GRID_CLASSES), torch.arange(GRID_PER_CLASS), indexing="ij")
     assert torch.equal(cells, (2 + c + 70 * k).clamp(max=255).to(torch.uint8))
     assert f"first {GRID_PER_CLASS} samples of the first {GRID_CLASSES} classes" in DESCRIPTION
+
+
+def test_sixteen_bit_greyscale_scans_keep_their_grey_levels(tmp_path):
+    """A 16-bit PNG (MRI slices, microscopy) maps 0..65535 onto 0..255, where Pillow's convert
+    clipped it white; floating-point pixels, which have no known range, are refused by name."""
+    ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # [32, 32]
+    (tmp_path / "scans" / "mri").mkdir(parents=True)
+    Image.fromarray(ramp).save(tmp_path / "scans" / "mri" / "a.png")
+    data = load_images(str(tmp_path / "scans"), "train", image_size=32, channels=1)
+    got = data.images[0, 0].numpy().astype(int)  # [32, 32]
+    assert np.abs(got - np.round(ramp / 257)).max() <= 1 and got[0, 0] == 0 and got[0, -1] == 255
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "scans" / "mri" / "b.tiff")
+    (tmp_path / "scans" / "mri" / "b.tiff").rename(tmp_path / "scans" / "mri" / "b.png")
+    with pytest.raises(DataError, match=r"b\.png .*floating-point pixels"):
+        load_images(str(tmp_path / "scans"), "train", image_size=32, channels=1)

@@ -470,9 +470,24 @@ def _class_files(folder: Path) -> list[Path]:
     return files
 
 
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (scans such as MRI, microscopy: Pillow's modes "I;16…", or "I" for 16-bit
+    PNGs) as 8-bit, 0..65535 onto 0..255; Pillow's `convert` clips it at 255 instead, a white
+    image. Pixels outside that range, and floating-point ones, have no range to map from: a
+    ValueError saying what to convert the file to."""
+    if image.mode == "F":
+        raise ValueError("floating-point pixels have no known range; save it as 8- or 16-bit")
+    if not image.mode.startswith("I"):
+        return image
+    pixels = np.asarray(image)  # [H, W] uint16 or int32
+    if pixels.min() < 0 or pixels.max() > 65535:
+        raise ValueError("32-bit pixels outside 0..65535; save it as 8- or 16-bit")
+    return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L")
+
+
 def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     """A Pillow image -> uint8 [size, size, channels], centre-cropped to square and resized."""
-    image = image.convert("RGB" if channels == 3 else "L")
+    image = _eight_bit(image).convert("RGB" if channels == 3 else "L")
     w, h = image.size
     if w != h:
         s = min(w, h)
