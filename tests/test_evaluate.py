@@ -140,6 +140,7 @@ def test_sample_classes_unknown_to_the_network_give_null_accuracy_with_a_reason(
         result["class_accuracy"] is None
         and "not classes of feature network" in (result["class_accuracy_note"])
     )
+    assert "mnist:0-1 has classes the samples lack: ['1']" in result["warnings"][0]
 
 
 def test_npz_without_arr_0_is_refused(tmp_path):
@@ -160,6 +161,22 @@ def test_sample_class_not_in_reference_is_refused(tmp_path, random_net):
     npz = write_samples(tmp_path / "s.npz", noise_images(8, 4), [0, 1] * 4, ["0", "7"])
     with pytest.raises(ValueError, match=r"sample classes \['7'\] are not in reference"):
         ev.evaluate(npz, "mnist:0-1", feature_net=random_net)
+
+
+def test_unconditional_samples_score_against_the_whole_reference(tmp_path, random_net):
+    """`kind-dit sample --unconditional` labels its samples with the null class, which no
+    reference holds: they are scored unlabelled (FID as any unlabelled set), and a set that
+    mixes them with conditional samples is refused."""
+    images = noise_images(8, 4)
+    unlabelled = ev.evaluate_images(images, None, None, "mnist:0-1", random_net)
+    npz = write_samples(tmp_path / "u.npz", images, [2] * 8, ["0", "1", "<null>"])
+    result = ev.evaluate(npz, "mnist:0-1", feature_net=random_net)
+    assert result["fid"] == pytest.approx(unlabelled["fid"], rel=1e-6)
+    assert result["class_accuracy"] is None
+    assert result["samples_per_class"] is None
+    mixed = write_samples(tmp_path / "m.npz", images, [0, 2] * 4, ["0", "1", "<null>"])
+    with pytest.raises(ValueError, match="4 of the 8 samples are unconditional"):
+        ev.evaluate(mixed, "mnist:0-1", feature_net=random_net)
 
 
 def test_wrong_image_shape_for_the_bundled_net_is_refused(tmp_path):

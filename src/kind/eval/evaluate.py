@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kind.core.seeds import NULL_CLASS
 from kind.data.dataset import class_names as spec_classes
 from kind.eval import metrics
 from kind.eval.features import FeatureNet, fits, resolve_feature_net
@@ -134,6 +135,21 @@ def _check_sample_shape(images: torch.Tensor, net: FeatureNet) -> None:
         )
 
 
+def _conditional(labels: torch.Tensor, class_names: list[str]) -> torch.Tensor | None:
+    """`labels`, or None for unconditional samples (`kind-dit sample --unconditional` labels
+    them with the null class): they are scored against the whole reference, with no class of
+    their own to check. A set mixing both is refused, as its FID would mix two models."""
+    null = torch.tensor([name == NULL_CLASS for name in class_names])[labels]  # [N]
+    if not null.any():
+        return labels
+    if not null.all():
+        raise ValueError(
+            f"{int(null.sum())} of the {len(labels)} samples are unconditional ({NULL_CLASS}) "
+            "and the rest are not; score the two sets apart"
+        )
+    return None
+
+
 def _class_accuracy(
     net: FeatureNet,
     logits: torch.Tensor,
@@ -215,9 +231,11 @@ def evaluate_images(
                 f"labels must index class_names ({len(class_names)} names), got values "
                 f"{labels.unique().tolist()}"
             )
+        labels = _conditional(labels, class_names)
 
     ref_name = ref.strip() if stats is None else str(stats.path)
     ref_classes = spec_classes(ref) if stats is None else stats.class_names
+    coverage: list[str] = []  # the reference's classes the samples lack, for the warnings
     if labels is not None and ref_classes is not None:
         used = [class_names[int(i)] for i in labels.unique()]
         missing = [c for c in used if c not in ref_classes]
@@ -227,8 +245,9 @@ def evaluate_images(
                 f"{', '.join(ref_classes)}); evaluate against a reference that includes them"
             )
         if set(ref_classes) - set(used):
-            log.warning("reference %s has classes the samples lack: %s (FID will count it)",
-                        ref_name, sorted(set(ref_classes) - set(used)))  # fmt: skip
+            lacking = sorted(set(ref_classes) - set(used))
+            coverage.append(f"reference {ref_name} has classes the samples lack: {lacking} "
+                            "(FID counts the difference)")  # fmt: skip
 
     if stats is not None:
         probe = net.extract(images[:2])  # the network's feature widths, before the long part
@@ -259,7 +278,7 @@ def evaluate_images(
     for metric in ("precision_recall", "sfid"):
         if metric in notes and (metric != "sfid" or feats.spatial is not None):
             log.info("%s not computed: %s", metric.replace("_", " and "), notes[metric])
-    warnings = _small_set_warnings(n, reference.count, spaces)
+    warnings = coverage + _small_set_warnings(n, reference.count, spaces)
     for warning in warnings:
         log.warning("%s", warning)
 
