@@ -193,9 +193,8 @@ def test_small_sets_are_recorded_as_warnings(shifted, caplog):
     images, labels, names = shifted
     with caplog.at_level(logging.WARNING, logger="kind.eval.evaluate"):
         small = ev.evaluate_images(images[:40], labels[:40], names, "mnist:0-1 ")
-    lack, warning = small[
-        "warnings"
-    ]  # 40 samples < 128 dimensions; the 200 reference images are not
+    # 40 samples < 128 dimensions; the 200 reference images are not
+    lack, warning = small["warnings"]
     assert "has classes the samples lack: ['1']" in lack  # the first 40 are all zeros
     assert "sample set" in warning and "40 samples" in warning and "200 reference" in warning
     assert "128 dimensions" in warning and "50,000" in warning
