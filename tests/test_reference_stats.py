@@ -174,6 +174,10 @@ def test_statistics_of_another_network_are_refused(tmp_path, shifted):
         ({"mu": np.zeros(128), "sigma": np.zeros((128, 64))}, r"sigma float64 \(128, 64\)"),
         ({"mu": np.full(128, np.nan), "sigma": np.eye(128)}, "NaN"),
         ({"images": np.zeros((4, 28, 28, 1), np.uint8)}, "neither statistics.*keys: images"),
+        (
+            {"mu": np.array([0, "a"], dtype=object), "sigma": np.eye(2)},
+            "bad.npz holds an array of Python objects",
+        ),
     ],
 )
 def test_malformed_statistics_files_are_refused(tmp_path, shifted, arrays, match):
@@ -181,6 +185,13 @@ def test_malformed_statistics_files_are_refused(tmp_path, shifted, arrays, match
     images, labels, names = shifted
     with pytest.raises(ValueError, match=match):
         ev.evaluate_images(images, labels, names, str(tmp_path / "bad.npz"), feature_net="mnist")
+
+
+def test_a_reference_smaller_than_k_plus_one_is_named_with_the_fix(tmp_path, shifted):
+    images, labels, names = shifted
+    np.savez(tmp_path / "two.npz", arr_0=np.zeros((2, 28, 28, 1), np.uint8))
+    with pytest.raises(ValueError, match=r"two\.npz holds 2 images.*k \+ 1 = 4.*smaller --k"):
+        ev.evaluate_images(images, None, None, str(tmp_path / "two.npz"), feature_net="mnist")
 
 
 def test_missing_npz_reference_is_a_missing_file_not_a_data_spec(tmp_path, shifted):

@@ -262,6 +262,12 @@ def evaluate_images(
     notes = dict(reference.notes)
     precision = recall = None
     if reference.features is not None:
+        if reference.features.pool.shape[0] < k + 1:
+            raise ValueError(
+                f"the reference {ref_name} holds {reference.features.pool.shape[0]} images, and "
+                f"precision and recall need k + 1 = {k + 1}; give a larger reference (--ref-split "
+                "all for a data spec's every image) or a smaller --k"
+            )
         precision, recall = metrics.precision_recall(reference.features.pool, feats.pool, k=k)
     acc, per_class, reason = _class_accuracy(net, feats.logits, labels, class_names)
 

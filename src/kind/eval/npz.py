@@ -50,6 +50,13 @@ def open_npz(path: Path, what: str, expected: str, hint: str) -> Iterator[np.lib
             yield npz
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise ValueError(f"{path} is a damaged {what} .npz ({e}); pass {hint}") from e
+        except ValueError as e:
+            if "allow_pickle" not in str(e):  # ours, or a layout check: already says what
+                raise
+            raise ValueError(
+                f"{path} holds an array of Python objects, which loading would unpickle (code "
+                f"from the file) and kind-dit never does; save numeric arrays and pass {hint}"
+            ) from e
 
 
 def scalars(npz: np.lib.npyio.NpzFile, arrays: tuple[str, ...]) -> dict:
