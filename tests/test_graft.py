@@ -115,6 +115,20 @@ def test_grafted_manifest_names_every_class_and_verifies(parts, run, grafted):
     assert model.config.class_names == ["0", "1", "6", "7"]
 
 
+def test_grafting_onto_the_parts_of_an_assembled_model(parts, run, grafted, tmp_path):
+    """Parts decomposed from a model assembled for class "1" hold that class alone; grafted, they
+    hold it and the run's classes, each computing what the fully grafted parts compute."""
+    main(["assemble", str(parts), "--classes", "1", "--out", str(tmp_path / "one")])
+    main(["decompose", str(tmp_path / "one"), "--out", str(tmp_path / "p1")])
+    model, _, _ = load_parts(graft(tmp_path / "p1", run, tmp_path / "g"))
+    assert [model.config.class_names[c] for c in model.config.held_classes] == ["1", "6", "7"]
+    full, _, _ = load_parts(grafted, ["1", "6", "7"])
+    x, t = _batch(4)
+    y = torch.tensor([1, 2, 3, 4])
+    with torch.no_grad():
+        assert torch.equal(model(x, t, y), full(x, t, y))
+
+
 def test_a_run_with_tailor_groups_grafts(parts, root, tmp_path):
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"8": "round", "9": "round"}))

@@ -206,6 +206,23 @@ def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):
     assert "cc-by-nc-4.0" in (tmp_path / "m" / "NOTICE").read_text()
 
 
+def test_licence_files_survive_import_export_import(tmp_path):
+    """Export carries an import's licence copies (`source-LICENSE`, ...); importing the export
+    copies them again, as `source-source-LICENSE`: the licence text is never lost on the way."""
+    pipe = tmp_path / "pipe"
+    make_reference().save_pretrained(pipe / "transformer")
+    (pipe / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# DiT\n")
+    (pipe / "LICENSE").write_text("Attribution-NonCommercial 4.0 International\n")
+    main(["import", str(pipe), "--out", str(tmp_path / "m")])
+    main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "d")])
+    main(["import", str(tmp_path / "d"), "--out", str(tmp_path / "back")])
+    back = tmp_path / "back"
+    assert (back / "source-source-LICENSE").read_text() == (pipe / "LICENSE").read_text()
+    assert (back / "source-source-README.md").read_text() == (pipe / "README.md").read_text()
+    assert "source-source-LICENSE" in (back / "NOTICE").read_text()
+    assert load_model(back)[2]["imported"]["license"] == "cc-by-nc-4.0"
+
+
 def test_diffusers_folder_with_diffusers_norm_eps_imports_with_a_note(tmp_path, capsys):
     make_reference(norm_eps=1e-5).save_pretrained(tmp_path / "ref")
     main(["import", str(tmp_path / "ref"), "--out", str(tmp_path / "m")])
@@ -263,6 +280,24 @@ def test_export_of_a_merged_model_writes_class_and_null_networks(tmp_path, kind_
     for a, b in ((ours_cond, theirs_cond), (ours_null, theirs_null), (full, theirs_cond)):
         assert (a - b).norm() / b.norm() < 1e-5
     assert json.loads((tmp_path / "d" / "kind_dit.json").read_text())["merged"] == "2"
+
+
+def test_the_null_network_of_a_merged_export_imports_with_the_models_settings(tmp_path, kind_model):
+    """`unconditional/` imports on its own with the model's diffusion (kind-dit's v-prediction and
+    cosine schedule here, not DiT's ε and linear), sampling settings and licence copies."""
+    merged = merge(kind_model, "2")
+    save_model_dir(
+        tmp_path / "m", merged, DiffusionConfig(), {"merged": "2", "sample": {"steps": 7}}
+    )
+    (tmp_path / "m" / "source-LICENSE").write_text("the source's licence\n")
+    main(["export", str(tmp_path / "m"), "--out", str(tmp_path / "d")])
+    main(["import", str(tmp_path / "d" / "unconditional"), "--out", str(tmp_path / "null")])
+    null, diffusion, meta = load_model(tmp_path / "null")
+    assert diffusion == DiffusionConfig() and diffusion.prediction == "v"
+    assert meta["sample"] == {"steps": 7} and null.config.class_names == []
+    for k, v in merged.uncond.state_dict().items():
+        assert torch.equal(null.state_dict()[k], v), k
+    assert (tmp_path / "null" / "source-source-LICENSE").read_text() == "the source's licence\n"
 
 
 def test_export_refuses_a_kind_model_and_a_foreign_mlp_ratio(tmp_path, capsys, kind_model):

@@ -185,3 +185,82 @@ def test_carried_tailors_start_from_the_source(parts, source):
     own, src = model.part_state(), source.part_state()
     assert torch.equal(own["blocks.1.mlp.fc2.tailors.1.V"], src["blocks.1.mlp.fc2.tailors.1.V"])
     assert not torch.equal(own["y_embedder.rows.1"], src["y_embedder.rows.1"])
+
+
+def test_parts_of_an_assembled_model_hold_exactly_its_classes(source, parts, tmp_path):
+    """Decomposing an assembled model gives parts of its classes alone: they assemble (every
+    class they hold, by default) to the assembled model bit for bit, with its tailor files'
+    bytes, and refuse the classes it dropped by name."""
+    small, diffusion, _ = load_parts(parts, ["one", "three"])
+    sub = decompose(small, diffusion, tmp_path / "sub")
+    again, _, manifest = load_parts(sub)
+    assert again.config.held_classes == [1, 3]
+    x, t, y = _batch([1, 3, 4, 3])
+    assert torch.equal(again(x, t, y), small(x, t, y))
+    for g in ("1", "3"):
+        assert (
+            manifest["tailors"][g]["sha256"]
+            == json.loads((parts / "manifest.json").read_text())["tailors"][g]["sha256"]
+        )
+    with pytest.raises(PartsError, match=r"unknown class.*'zero'.*holds \['one', 'three'\]"):
+        load_parts(sub, ["zero"])
+
+
+def _edit_manifest(parts, tmp_path, edit):
+    """A copy of `parts` whose manifest `edit` (a function of the parsed manifest) changed."""
+    copy = shutil.copytree(parts, tmp_path / "copy")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_class_whose_tailor_the_parts_lack_is_refused_by_name(parts, tmp_path):
+    """Parts an older kind-dit decomposed from an assembled model list every class in their
+    model config but hold only some tailors: the others are refused by name, the held ones load."""
+
+    def drop_zero(manifest):
+        del manifest["tailors"]["0"]
+        manifest["classes"] = manifest["classes"][1:]
+
+    copy = _edit_manifest(parts, tmp_path, drop_zero)
+    with pytest.raises(PartsError, match=r"no tailor for 'zero'; .*\['one', 'two', 'three'\]"):
+        load_parts(copy)
+    load_parts(copy, ["one", "two"])
+
+
+def _set(path, value):
+    """A manifest edit setting the value at `path` (keys)."""
+
+    def edit(manifest):
+        *head, last = path
+        for key in head:
+            manifest = manifest[key]
+        manifest[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, problem",
+    [
+        (
+            _set(["model", "class_to_group"], [0, 1, 2, 7]),
+            "class 3 as 'three' in group 3, its model",
+        ),
+        (
+            _set(["model", "class_names"], ["zero", "one", "two", "one"]),
+            r"\['one'\] more than once",
+        ),
+        (_set(["model", "class_to_group"], [0, 1, 2]), "one group for each of 4 classes"),
+        (_set(["model", "depth"], 3), "unknown model config keys"),
+        (_set(["tailors", "1", "sha256"], None), "tailor 1 entry lacks a valid sha256"),
+        (_set(["learngene", "file"], "../learngene.safetensors"), "not a file of the directory"),
+        (_set(["tailors", "x"], {}), "tailor x entry lacks a valid file"),
+        (_set(["classes"], [{"id": 9}]), "class id 9, not one class"),
+    ],
+)
+def test_a_damaged_manifest_is_refused_naming_the_problem(parts, tmp_path, edit, problem):
+    copy = _edit_manifest(parts, tmp_path, edit)
+    with pytest.raises(PartsError, match=f"manifest.json: .*{problem}.*the file is damaged"):
+        load_parts(copy, ["three"])

@@ -118,13 +118,14 @@ def graft(parts_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Pa
     offset, k = max(pcfg.tau, default=-1) + 1, pcfg.num_classes
     tau = pcfg.tau + [offset + g for g in rcfg.tau]
     identity = pcfg.class_to_group is None and rcfg.class_to_group is None
+    new_tailors = {offset + g: _renumbered(t, offset, k) for g, t in run_tailors.items()}
     config = replace(
         pcfg,
         class_names=pcfg.class_names + rcfg.class_names,
         class_to_group=None if identity else tau,
-        groups=None,
+        # parts of an assembled model hold only its groups: the grafted ones hold those and the new
+        groups=None if pcfg.groups is None else pcfg.groups + sorted(new_tailors),
     )
-    new_tailors = {offset + g: _renumbered(t, offset, k) for g, t in run_tailors.items()}
     new_classes = [
         {"id": k + c, "name": name, "group": tau[k + c]} for c, name in enumerate(rcfg.class_names)
     ]

@@ -73,7 +73,10 @@ TIME_NOTE = (
     "diffusers' DiTTransformer2DModel computes its timestep features with frequencies "
     "10000^(-i/127) (downscale_freq_shift=1, not a setting), DiT and kind-dit with 10000^(-i/128)"
 )
-_LICENCE_FILE = re.compile(r"(licen[cs]e|notice|copying)", re.IGNORECASE)
+# licence files and model cards; `source-` prefixed: the copies an earlier import carried (and
+# export carries on), so the licence text survives import -> export -> import
+_LICENCE_FILE = re.compile(r"(source-)*(licen[cs]e|notice|copying)", re.IGNORECASE)
+_MODEL_CARD = re.compile(r"(source-)*README\.md")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _ROWS = re.compile(r"x_embedder\.(weight|bias)|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.(weight|bias)")
 _COLS = re.compile(r"blocks\.\d+\.(attn\.[qkv]|mlp\.fc1)\.weight|final_layer\.linear\.weight")
@@ -267,9 +270,11 @@ def _licence_files(src: Path, folder: Path) -> tuple[list[Path], str | None]:
         [folder, src, folder.parent if folder.name == "transformer" else folder]
     ):
         for path in sorted(directory.iterdir()):
-            if path.is_file() and (_LICENCE_FILE.match(path.name) or path.name == "README.md"):
+            if path.is_file() and (
+                _LICENCE_FILE.match(path.name) or _MODEL_CARD.fullmatch(path.name)
+            ):
                 files.append(path)
-                if path.name == "README.md":
+                if _MODEL_CARD.fullmatch(path.name):
                     licence = licence or _front_matter_license(path)
     return list(dict.fromkeys(files)), licence
 
@@ -538,11 +543,31 @@ def export_diffusers(source: str | Path, out: str | Path) -> tuple[Path, list[st
         "license": (meta.get("imported") or {}).get("license"),
         "notes": notes,
     }
+    infos = {out: info}
+    if isinstance(model, MergedDiT):
+        infos[out / UNCONDITIONAL] = _unconditional_info(info, out)
     with atomic_dir(out) as tmp:
-        for path, config, state in folders:
-            diffusers_dit.write_folder(tmp / path.relative_to(out), config, state)
-        write_json(tmp / KIND_JSON, info)
-        for path in carried:
-            with atomic_file(tmp / path.name) as part:
-                shutil.copyfile(path, part)
+        for path, config, state in folders:  # each folder complete: it imports on its own
+            folder = tmp / path.relative_to(out)
+            diffusers_dit.write_folder(folder, config, state)
+            write_json(folder / KIND_JSON, infos[path])
+            for carry in carried:
+                with atomic_file(folder / carry.name) as part:
+                    shutil.copyfile(carry, part)
     return out, notes
+
+
+def _unconditional_info(info: dict, out: Path) -> dict:
+    """`kind_dit.json` of a merged model's null network (`out/unconditional`): the model's
+    diffusion, sampling, latent space and licence, so that importing the folder alone gets them
+    rather than DiT's defaults; no class (its null class is 0)."""
+    return info | {
+        "class_names": [],
+        "null_class": 0,
+        "merged": "null",
+        "notes": [
+            info["notes"][0],  # the note on diffusers' timestep features
+            f"the unconditional network of the merged model in {out} (its class network), "
+            "for the null class when guiding",
+        ],
+    }

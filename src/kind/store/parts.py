@@ -82,7 +82,7 @@ def decompose(
             files[key] = write_part(tmp, name, key, tensors)
         manifest = {
             "format": FORMAT,
-            "model": replace(cfg, groups=None).to_dict(),
+            "model": cfg.to_dict(),  # an assembled model's `groups`: the parts hold only those
             "diffusion": vars(diffusion),
             "classes": [
                 {"id": c, "name": cfg.class_names[c], "group": cfg.tau[c]} for c in cfg.held_classes
@@ -133,15 +133,96 @@ def read_manifest(parts: str | Path) -> dict:
             f"{parts / MANIFEST} has format {manifest.get('format')!r}; this version "
             f"of kind-dit reads {FORMAT}"
         )
+    problem = manifest_problem(manifest)
+    if problem:
+        raise PartsError(
+            f"{parts / MANIFEST}: {problem}; the file is damaged (decompose the run again, or "
+            "restore the parts directory from a copy)"
+        )
+    return manifest
+
+
+_ENTRY = {"file": str, "params": int, "bytes": int, "sha256": str}
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What is wrong with the structure of a parts manifest, or None. Checked when it is read, so a
+    damaged or hand-edited manifest is one clear error rather than a KeyError deep in a command,
+    or (duplicate class names, a class listed under another group) a silently wrong tailor."""
     missing = [
         k for k in ("model", "diffusion", "learngene", "tailors", "classes") if k not in manifest
     ]
     if missing:
-        raise PartsError(
-            f"{parts / MANIFEST} has no {', '.join(missing)}; the file is damaged (decompose the "
-            "run again, or restore the parts directory from a copy)"
+        return f"it has no {', '.join(missing)}"
+    try:
+        config = ModelConfig.from_dict(manifest["model"])
+        DiffusionConfig.from_dict(manifest["diffusion"])
+    except (TypeError, ValueError) as e:
+        return f"its model or diffusion config is invalid ({e})"
+    tailors = manifest["tailors"]
+    if not isinstance(tailors, dict):
+        return "its tailors are not a mapping of group -> part file"
+    entries = [("learngene", manifest["learngene"])] + [
+        (f"tailor {g}", e) for g, e in tailors.items()
+    ]
+    return (
+        _config_problem(config)
+        or next(filter(None, (_entry_problem(what, e) for what, e in entries)), None)
+        or _classes_problem(manifest["classes"], config, tailors)
+    )
+
+
+def _config_problem(config: ModelConfig) -> str | None:
+    """A model config a parts directory cannot serve: class names that are not unique strings
+    (a name picks the tailor), or a τ that does not map every class to a group number."""
+    names = config.class_names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return "its model's class_names are not a list of names"
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        return f"its model names class(es) {repeated[:5]} more than once"
+    tau = config.tau
+    if not isinstance(tau, list) or len(tau) != len(names):
+        return (
+            f"its model's class_to_group does not give one group for each of {len(names)} classes"
         )
-    return manifest
+    groups = config.groups if config.groups is not None else []
+    if not all(isinstance(g, int) and g >= 0 for g in [*tau, *groups]):
+        return "its model's class_to_group or groups hold something other than group numbers"
+    return None
+
+
+def _entry_problem(what: str, entry: object) -> str | None:
+    """What is wrong with one part file's manifest entry (`_ENTRY`'s fields, a plain file name)."""
+    if not isinstance(entry, dict):
+        return f"its {what} entry is not a mapping"
+    bad = [k for k, kind in _ENTRY.items() if not isinstance(entry.get(k), kind)]
+    if bad:
+        return f"its {what} entry lacks a valid {', '.join(bad)}"
+    if Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
+        return f"its {what} entry names the file {entry['file']!r}, not a file of the directory"
+    return None
+
+
+def _classes_problem(classes: object, config: ModelConfig, tailors: dict) -> str | None:
+    """Whether the manifest's class list agrees with its model config: each class once, under its
+    model name and τ group; and each tailor entry under a group number, listing class ids."""
+    if not isinstance(classes, list) or not all(isinstance(c, dict) for c in classes):
+        return "its classes are not a list of {id, name, group}"
+    ids = [c.get("id") for c in classes]
+    for c in classes:
+        i = c.get("id")
+        if not isinstance(i, int) or not 0 <= i < config.num_classes or ids.count(i) > 1:
+            return f"its classes list class id {i!r}, not one class of its model's {config.num_classes}"
+        if c.get("name") != config.class_names[i] or c.get("group") != config.tau[i]:
+            return (
+                f"its classes list class {i} as {c.get('name')!r} in group {c.get('group')!r}, "
+                f"its model as {config.class_names[i]!r} in group {config.tau[i]}"
+            )
+    for g, entry in tailors.items():
+        if not str(g).isdigit() or not isinstance(entry.get("classes"), list):
+            return f"its tailor entry {g!r} is not a group number with a list of classes"
+    return None
 
 
 def read_part(parts: Path, entry: dict, key: str) -> dict[str, torch.Tensor]:
@@ -185,12 +266,30 @@ def load_parts(
     ids = resolve_classes(full, classes)
     groups = sorted({full.tau[c] for c in ids})
     groups += [] if full.null_group is None else [full.null_group]  # guidance needs it always
+    check_held(parts, manifest, full, ids)
     model = DiT(replace(full, groups=groups))
     state = read_part(parts, manifest["learngene"], "learngene")
     for g in groups:
         state |= read_part(parts, manifest["tailors"][str(g)], str(g))
     load_state(model, state, parts)
     return model.eval(), DiffusionConfig.from_dict(manifest["diffusion"]), manifest
+
+
+def check_held(parts: Path, manifest: dict, config: ModelConfig, ids: list[int]) -> None:
+    """Refuse classes (ids) whose tailor group has no part file in the manifest, naming them and
+    the classes the parts do hold: e.g. parts an older kind-dit decomposed from an assembled
+    model, whose manifest listed every class but held only the assembled ones' tailors."""
+    tailors = manifest["tailors"]
+    missing = [repr(config.class_names[c]) for c in ids if str(config.tau[c]) not in tailors]
+    null = config.null_group
+    if null is not None and str(null) not in tailors:
+        missing.append("the null class (its tailor, for guidance)")
+    if missing:
+        held = [config.class_names[c] for c in config.held_classes if str(config.tau[c]) in tailors]
+        raise PartsError(
+            f"{parts} holds no tailor for {', '.join(missing)}; it holds the classes {held}: "
+            f"give --classes {','.join(held)}, or decompose a model that holds the others"
+        )
 
 
 def load_learngene(model: DiT, parts: str | Path) -> dict[str, torch.Tensor]:
