@@ -1,7 +1,10 @@
 """`kind-dit serve`: a real uvicorn server on a free localhost port, real HTTP. Mixed requests for
 three classes share one batched forward and return exactly what `kind-dit sample` draws; the tailor
 cache evicts under a tiny budget and reloads to the same images; a tailor file damaged on disk is
-refused at load while the server keeps serving; the JSON endpoints and the page answer."""
+refused at load while the server keeps serving, and any failure to load one tailor fails only its
+requests and pins no slot; a failed batch and a body that is not a JSON object get JSON errors that
+say what to do; a client that leaves while queued is not computed for; `--vae` reaches the decoder;
+tailor rank 0 with a null tailor serves; the JSON endpoints and the page answer."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import json
 import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
@@ -57,10 +61,11 @@ def url(parts):
         yield url
 
 
-def post(url, body, accept=None):
-    """(status, headers, body bytes) of POST /generate."""
-    headers = {"Content-Type": "application/json"} | ({"Accept": accept} if accept else {})
-    request = urllib.request.Request(url + "/generate", json.dumps(body).encode(), headers)
+def post(url, body, accept=None, content_type="application/json"):
+    """(status, headers, body bytes) of POST /generate; `body` as JSON, or bytes sent as they are."""
+    headers = {"Content-Type": content_type} | ({"Accept": accept} if accept else {})
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/generate", data, headers)
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
             return r.status, r.headers, r.read()
@@ -133,6 +138,20 @@ def test_unknown_class_and_out_of_range_fields_are_4xx_that_name_the_problem(url
     assert status == 422 and "1..1000" in json.loads(body)["detail"]
 
 
+def test_a_body_that_is_not_a_json_object_gets_a_message_that_says_how_to_send_one(url):
+    sent = b'{"class_name": "one"}'
+    status, _, body = post(url, sent, content_type="text/plain")
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "not read as JSON (Content-Type: text/plain)" in detail
+    assert "Content-Type: application/json" in detail
+    status, _, body = post(url, b'{"class_name": one}')
+    detail = json.loads(body)["detail"]
+    assert status == 422 and detail.startswith("the body is not valid JSON (Expecting value at")
+    assert 'a JSON object like {"class_name"' in detail
+    status, _, body = post(url, [1])
+    assert status == 422 and json.loads(body)["detail"].startswith("the body must be a JSON object")
+
+
 def test_cache_evicts_under_a_tiny_budget_and_a_reloaded_tailor_draws_the_same(url, parts):
     slot = json.loads(get(url, "/cache")[1])["slot_bytes"]
     with serving(parts, cache_bytes=int(1.5 * slot), max_wait_ms=10) as small:
@@ -175,6 +194,93 @@ def test_a_tailor_file_damaged_after_start_is_refused_and_the_server_keeps_servi
         assert json.loads(get(url, "/health")[1])["status"] == "ok"
 
 
+def together(url, *asks):
+    """Send the POST /generate bodies `asks` at once; their answers, in order."""
+    answers = [None] * len(asks)
+
+    def ask(i):
+        answers[i] = post(url, asks[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return answers
+
+
+def test_a_tailor_missing_from_the_manifest_fails_its_requests_only_and_pins_nothing(
+    parts, tmp_path
+):
+    copy = shutil.copytree(parts, tmp_path / "parts")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["tailors"]["2"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    ask = {"n": 1, **SETTINGS, "format": "npz"}
+    with serving(copy, cache_tailors=2, max_wait_ms=300) as url:
+        one, two = together(url, ask | {"class_name": "one"}, ask | {"class_name": "two"})
+        assert one[0] == 200 and one[1]["X-Kind-Batch-Classes"] == "1"  # two's batch-mate
+        detail = json.loads(two[2])["detail"]
+        assert two[0] == 500 and "['two']" in detail and "lists no tailor file" in detail
+        assert not any(t["in_use"] for t in json.loads(get(url, "/cache")[1])["loaded"])
+        # both slots free again: two other classes load and run together
+        answers = together(url, ask | {"class_name": "zero"}, ask | {"class_name": "three"})
+        assert [a[0] for a in answers] == [200, 200]
+        assert answers[0][1]["X-Kind-Batch"] == answers[1][1]["X-Kind-Batch"]
+
+
+def test_an_unexpected_error_loading_a_tailor_is_its_groups_and_frees_the_slot(parts, monkeypatch):
+    cache = TailorCache(parts, capacity=1)
+
+    def out_of_memory(*args):
+        raise RuntimeError("CUDA OOM")
+
+    monkeypatch.setattr(cache, "_write", out_of_memory)
+    failed = cache.acquire([1])
+    assert list(failed) == [1] and "['one']" in str(failed[1])
+    assert "RuntimeError: CUDA OOM" in str(failed[1])
+    monkeypatch.undo()
+    assert cache.acquire([2]) == {}  # the one slot was not lost
+    assert [t["classes"] for t in cache.stats()["loaded"]] == [["two"]]
+
+
+def test_a_failed_batch_is_a_json_500_that_names_the_cause_and_the_server_goes_on(url, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("a bug in the forward")
+
+    monkeypatch.setattr("kind.serve.batcher.draw", broken)
+    status, headers, body = post(url, {"class_name": "one", "n": 1, **SETTINGS})
+    assert status == 500 and headers.get_content_type() == "application/json"
+    assert json.loads(body)["detail"].startswith(
+        "the batch failed: RuntimeError: a bug in the forward"
+    )
+    monkeypatch.undo()
+    assert post(url, {"class_name": "one", "n": 1, **SETTINGS})[0] == 200
+
+
+def health(url) -> dict:
+    return json.loads(get(url, "/health")[1])
+
+
+def test_a_request_whose_client_disconnects_while_queued_is_not_computed(parts):
+    # its batch would start after 5 s; a request of max_batch samples starts one at once
+    with serving(parts, max_wait_ms=5000, max_batch=2) as url:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"class_name": "two", "n": 1, **SETTINGS}).encode()
+        with socket.create_connection((host, int(port))) as client:
+            client.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                           b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            time.sleep(0.05)  # and the client gives up
+        waited = 0.0
+        while health(url)["queued"] and waited < 4:  # the server sees the disconnect
+            time.sleep(0.02)
+            waited += 0.02
+        assert health(url)["queued"] == 0
+        status, headers, _ = post(url, {"class_name": "one", "n": 2, **SETTINGS})
+        assert status == 200 and headers["X-Kind-Batch"] == "1"  # the first batch: its own
+        assert headers["X-Kind-Batch-Samples"] == "2" and health(url)["samples"] == 2
+
+
 def test_health_model_cache_page_and_png(url):
     kind, body = get(url, "/health")
     assert kind == "application/json" and json.loads(body)["status"] == "ok"
@@ -206,3 +312,37 @@ def test_cli_errors_are_one_line(parts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"cannot listen on 127.0.0.1:{port}" in err
     assert "Traceback" not in err
+
+
+def test_vae_option_decodes_a_latent_models_samples_with_that_vae(
+    parts, tmp_path, vae_dir, monkeypatch, capsys
+):
+    copy = shutil.copytree(parts, tmp_path / "parts")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["latent"] = {"vae": str(tmp_path / "gone")}  # trained where the VAE was elsewhere
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as e:
+        main(["serve", str(copy), "--port", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "gone does not exist" in err and "--vae PATH" in err
+    served = []
+
+    def serve(app, sock):
+        served.append(app)
+        sock.close()
+
+    monkeypatch.setattr("kind.serve.server.run", serve)
+    main(["serve", str(copy), "--port", "0", "--vae", str(vae_dir)])
+    decode = served[0].state.batcher.decode
+    assert decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 8, 8)  # the tiny VAE's upsampling
+
+
+def test_parts_of_tailor_rank_0_with_a_null_tailor_serve_what_kind_dit_sample_draws(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(ModelConfig(class_names=NAMES, rank_tailor=0, null_tailor=True))
+    parts = decompose(model.eval(), DiffusionConfig(), tmp_path / "parts")
+    with serving(parts, max_wait_ms=10) as url:
+        status, _, body = post(url, {"class_name": "one", "n": 2, "seed": 3, **SETTINGS},
+                               accept="application/x-npz")  # fmt: skip
+    assert status == 200
+    assert np.array_equal(images(body), sample_cli(parts, tmp_path / "cli", "one", 2, 3))

@@ -18,7 +18,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Where to listen, how big the tailor cache is, how requests batch."""
+    """Where to listen, how big the tailor cache is, how requests batch, which VAE decodes."""
     p.add_argument("parts", help="parts directory (kind-dit decompose)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument(
@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how long a request waits for others to share its batch (default 50)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument(
+        "--vae",
+        help="VAE directory to decode a latent model's samples (default: the one recorded when "
+        "the model was trained)",
+    )
     p.add_argument(
         "--threads",
         type=count(),
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         device=pick_device(args.device),
+        vae=args.vae,
     )
     cache = app.state.cache
     host, port = sock.getsockname()[:2]

@@ -15,9 +15,13 @@ batch requests while a worker thread runs torch; uvicorn serves it with nothing 
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import logging
 import tempfile
 import time
+from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -38,9 +42,12 @@ from kind.serve.cache import TailorCache
 from kind.serve.draw import Settings
 from kind.training.config import SampleConfig
 
+log = logging.getLogger(__name__)
+
 MAX_N = 64  # samples a request
 MAX_CFG = 20.0
 NPZ = "application/x-npz"
+EXAMPLE = 'a JSON object like {"class_name": "3", "n": 4}'  # what POST /generate takes
 # the model config fields GET /model shows
 SUMMARY = ("size", "image_size", "in_channels", "rank_learngene", "rank_tailor", "null_tailor",
            "decompose_adaln", "learn_sigma")  # fmt: skip
@@ -84,19 +91,21 @@ def create_app(
     max_batch: int = 64,
     max_wait_ms: float = 50.0,
     device: torch.device | str = "cpu",
+    vae: str | Path | None = None,
 ) -> FastAPI:
     """The app serving the parts directory `parts`; loads (and verifies) the learngene now, the
     tailors on demand into a cache of `cache_tailors` slots or of `cache_bytes` (default: room
-    for every tailor)."""
+    for every tailor). A latent model's samples decode with the VAE in `vae` (default: the one
+    the parts record, which another machine may not have), as `kind-dit sample --vae` does."""
     cache = TailorCache(parts, cache_tailors, cache_bytes, device)
     manifest, full = cache.manifest, cache.full
     diffusion_config = DiffusionConfig.from_dict(manifest["diffusion"])
     defaults = sample_defaults(manifest)
     decode = None
-    if manifest.get("latent"):
+    if manifest.get("latent") or vae:
         from kind.data.latents import decoder
 
-        decode = decoder(manifest["latent"], None, cache.device)
+        decode = decoder(manifest.get("latent") or {}, vae, cache.device)
     batcher = Batcher(cache, Diffusion(diffusion_config), max_batch, max_wait_ms, decode)
     started = time.time()
 
@@ -112,12 +121,8 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         """One message naming each bad field and what it got, not pydantic's nested list."""
-        problems = []
-        for e in exc.errors():
-            where = ".".join(str(p) for p in e["loc"] if p != "body") or "body"
-            got = e.get("input")
-            shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
-            problems.append(f"{where}: {e['msg']}{shown}")
+        content_type = request.headers.get("content-type")
+        problems = [_body_problem(e, content_type) or _field_problem(e) for e in exc.errors()]
         return JSONResponse(status_code=422, content={"detail": "; ".join(problems)})
 
     @app.get("/", response_class=HTMLResponse)
@@ -185,9 +190,17 @@ def create_app(
             guided_channels=defaults["guided_channels"],
         )
         try:
-            result = await batcher.submit(class_id, n, body.seed, settings)
+            result = await _unless_disconnected(
+                request, batcher.submit(class_id, n, body.seed, settings)
+            )
         except PartsError as e:  # a damaged or missing tailor file: the server's data, not you
             raise HTTPException(500, str(e)) from None
+        except Exception as e:  # the batch failed (the batcher logged the traceback)
+            raise HTTPException(
+                500, f"the batch failed: {type(e).__name__}: {e} (the server log has the details)"
+            ) from None
+        if result is None:  # nobody is left to answer; uvicorn drops what we send
+            return Response(status_code=499)
         wants_npz = body.format == "npz" or (
             body.format is None and NPZ in request.headers.get("accept", "")
         )
@@ -205,6 +218,60 @@ def create_app(
         return Response(grid.getvalue(), media_type="image/png", headers=headers)
 
     return app
+
+
+def _field_problem(error: dict) -> str:
+    """`field: what is wrong (got what it got)` for one pydantic error."""
+    where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
+    got = error.get("input")
+    shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
+    return f"{where}: {error['msg']}{shown}"
+
+
+def _body_problem(error: dict, content_type: str | None) -> str | None:
+    """What is wrong with the body as a whole and how to send it, or None for one field's error:
+    FastAPI reports a body that is not JSON (or not read as JSON) in pydantic's words, with a
+    character offset where a field's name would be, and no fix."""
+    kind, loc, got = error["type"], error["loc"], error.get("input")
+    if kind == "json_invalid":  # loc: ("body", offset of the mistake)
+        reason = error.get("ctx", {}).get("error", "JSON decode error")
+        return f"the body is not valid JSON ({reason} at char {loc[-1]}); send {EXAMPLE}"
+    if loc != ("body",):
+        return None
+    if kind == "missing":
+        return f"the body is empty; send {EXAMPLE}"
+    if isinstance(got, bytes):  # FastAPI parses JSON only when the Content-Type says so
+        return (
+            f"the body was not read as JSON (Content-Type: {content_type or 'none'}); "
+            "send it with the header Content-Type: application/json"
+        )
+    if kind == "model_attributes_type":
+        return f"the body must be a JSON object (got {json.dumps(got)[:60]}); send {EXAMPLE}"
+    return None
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Result]) -> Result | None:
+    """`work`'s result, or None if the client disconnects first: then `work` is cancelled, so a
+    request still queued is dropped rather than computed for nobody (`Batcher.submit`)."""
+    job = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+    if not job.done() or job.cancelled():
+        log.info("a client disconnected before its images were drawn; dropped its request")
+        return None
+    return job.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects: the body is read, so the next ASGI message the
+    server sends the app is `http.disconnect` (it comes only then, or never)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _npz(result: Result, class_id: int, seed: int, settings: Settings, names: list[str]) -> bytes:

@@ -50,7 +50,8 @@ class Job:
 
 class Batcher:
     """Queue + one worker; `submit` returns a request's `Result` or raises what failed it (a
-    `PartsError` when its tailor file cannot be loaded)."""
+    `PartsError` when its tailor file cannot be loaded). Cancelling `submit` (its client went
+    away) drops the request unless its batch is already running."""
 
     def __init__(
         self,
@@ -64,6 +65,7 @@ class Batcher:
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._pending: list[Job] = []  # taken from the queue, not yet run, oldest first
+        self._waiting: set[Job] = set()  # submitted, not yet in a batch, client still there
         self._task: asyncio.Task | None = None
         self.batches = self.samples = 0
 
@@ -80,21 +82,26 @@ class Batcher:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize() + len(self._pending)
+        """Requests waiting for a batch; one whose client went away no longer counts, though
+        the worker drops it only when it next looks."""
+        return len(self._waiting)
 
     async def submit(self, class_id: int, n: int, seed: int, settings: Settings) -> Result:
         future = asyncio.get_running_loop().create_future()
         job = Job(class_id, self.cache.group_of(class_id), n, seed, settings, future)
+        self._waiting.add(job)
+        future.add_done_callback(lambda _: self._waiting.discard(job))
         self._queue.put_nowait(job)
         return await future
 
     async def _work(self) -> None:
         while True:
+            self._drain()
             if not self._pending:
                 self._pending.append(await self._queue.get())
-            self._drain()
+                continue  # drain again: that request's client may already have gone
             deadline = self._pending[0].arrived + self.max_wait
-            while sum(j.n for j in self._select()) < self.max_batch:
+            while self._pending and sum(j.n for j in self._select()) < self.max_batch:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -103,17 +110,25 @@ class Batcher:
                 except TimeoutError:
                     break
                 self._drain()
+            self._drain()
             batch = self._select()
             taken = {id(j) for j in batch}
             self._pending = [j for j in self._pending if id(j) not in taken]
+            self._waiting.difference_update(batch)
             await self._run(batch)
 
     def _drain(self) -> None:
+        """Move the queue into `_pending`, dropping requests whose client went away (`submit`
+        cancelled): nobody would get their images, and they would hold others' batch room."""
         while not self._queue.empty():
             self._pending.append(self._queue.get_nowait())
+        self._pending = [j for j in self._pending if not j.future.done()]
 
     def _select(self) -> list[Job]:
-        """The next batch: the oldest request and the queued ones that may join it."""
+        """The next batch: the oldest request and the queued ones that may join it (none when
+        nothing is pending)."""
+        if not self._pending:
+            return []
         first = self._pending[0]
         batch, samples, groups = [], 0, set()
         for job in self._pending:
@@ -126,8 +141,7 @@ class Batcher:
         return batch
 
     async def _run(self, batch: list[Job]) -> None:
-        batch = [j for j in batch if not j.future.done()]  # a client that went away
-        if not batch:
+        if not batch:  # every request pending was cancelled
             return
         self.batches += 1
         number = self.batches

@@ -26,7 +26,7 @@ import torch
 
 from kind.core.decomposition import PartsError
 from kind.core.model import SIZES, DiT, ModelConfig, parse_size
-from kind.store.parts import load_learngene, read_manifest, read_part
+from kind.store.parts import MANIFEST, load_learngene, read_manifest, read_part
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class TailorCache:
             if model.tailors is not None:  # None: tailor rank 0, label rows only
                 model.tailors.rows.zero_()
         load_learngene(model, self.parts)
-        if self.full.null_group is not None:
+        if self.full.null_group is not None and model.tailors is not None:  # rank 0: holds nothing
             g = self.full.null_group
             state = read_part(self.parts, self.manifest["tailors"][str(g)], str(g))
             with torch.no_grad():
@@ -146,8 +146,9 @@ class TailorCache:
 
     def acquire(self, groups: list[int]) -> dict[int, PartsError]:
         """Pin a slot for each of `groups` (at most `capacity`), loading the tailors not in the
-        cache; returns the groups whose file could not be loaded, with the error (those get no
-        slot and need no release)."""
+        cache; returns the groups that could not be loaded, with the error (those get no slot and
+        need no release). Any failure, a damaged file or a bug or an out-of-memory error alike,
+        is that group's alone: its batch-mates still run and no slot stays pinned or lost."""
         if len(set(groups)) > self.capacity:
             raise ValueError(
                 f"{len(set(groups))} groups in one batch; the cache holds {self.capacity}"
@@ -156,9 +157,22 @@ class TailorCache:
         for g in groups:
             try:
                 self._pin(g)
-            except PartsError as e:
-                failed[g] = e
+            except Exception as e:
+                failed[g] = self._load_error(g, e)
         return failed
+
+    def _load_error(self, group: int, error: Exception) -> PartsError:
+        """The error a group's requests get when its tailor fails to load (it names the classes
+        and the cause), counted and logged; an unexpected exception is logged with its traceback."""
+        names = [self.classes[c]["name"] for c in self.classes_of[group]]
+        expected = isinstance(error, PartsError | ValueError | OSError)
+        cause = str(error) if expected else f"{type(error).__name__}: {error}"
+        message = f"the tailor of class(es) {names} could not be loaded: {cause}"
+        with self._lock:
+            self.counters.load_errors += 1
+            self.counters.last_error = message
+        log.error(message, exc_info=None if expected else error)
+        return PartsError(message)
 
     def release(self, groups: list[int]) -> None:
         with self._lock:
@@ -178,30 +192,30 @@ class TailorCache:
         row, labels = self._read(group)  # outside the lock: disk and sha256
         with self._lock:
             slot = self._free_slot()
-            self._write(slot, row, labels)
+            try:
+                self._write(slot, row, labels)
+            except BaseException:
+                self._free.append(slot)  # a slot half written holds nothing: free again
+                raise
             self._slot_of[group] = slot
             self._pins[slot], self._hits[slot] = 1, 0
 
     def _read(self, group: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         """A group's bank row [N] and its classes' label rows [hidden] from its tailor file,
-        checked against the manifest; the error names the file and the classes."""
+        checked against the manifest; PartsError naming what is missing."""
         start = time.perf_counter()
+        entry = self.manifest["tailors"].get(str(group))
+        if entry is None:
+            raise PartsError(
+                f"{self.parts / MANIFEST} lists no tailor file for group {group}; the parts "
+                "directory is incomplete: write it again with kind-dit decompose"
+            )
+        state = read_part(self.parts, entry, str(group))
         try:
-            state = read_part(self.parts, self.manifest["tailors"][str(group)], str(group))
-            try:
-                bank = self.model.tailors is not None
-                row = self.model.tailor_row(state, group) if bank else None
-                labels = [state[f"y_embedder.rows.{c}"] for c in self.classes_of[group]]
-            except KeyError as e:
-                raise PartsError(f"the file lacks {e.args[0]!r}") from None
-        except (PartsError, ValueError, OSError) as e:
-            names = [self.classes[c]["name"] for c in self.classes_of[group]]
-            message = f"the tailor of class(es) {names} could not be loaded: {e}"
-            with self._lock:
-                self.counters.load_errors += 1
-                self.counters.last_error = message
-            log.error(message)
-            raise PartsError(message) from e
+            row = self.model.tailor_row(state, group) if self.model.tailors is not None else None
+            labels = [state[f"y_embedder.rows.{c}"] for c in self.classes_of[group]]
+        except KeyError as e:
+            raise PartsError(f"{entry['file']} lacks {e.args[0]!r}") from None
         took = time.perf_counter() - start
         with self._lock:
             self.counters.load_seconds += took
