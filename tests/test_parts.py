@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from kind.core.decomposition import PartsError, merge, split_state
+from kind.core.decomposition import PartsError, merge, resolve_classes, split_state
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig
 from kind.core.sampling import generate
@@ -61,6 +61,19 @@ def test_assembled_model_refuses_other_classes(parts):
         small(x, t, torch.tensor([0]))
     with pytest.raises(PartsError, match="unknown class.*'seven'"):
         load_parts(parts, ["seven"])
+
+
+def test_a_class_by_its_id_when_no_class_name_is_a_number(parts):
+    """ImageNet's `--classes 207`, and the way to pick a name with a comma in it; a model whose
+    names are numbers (MNIST's) reads a number as a name only."""
+    small, _, _ = load_parts(parts, ["3", "one"])  # NAMES: zero .. three
+    assert small.config.held_classes == [1, 3]
+    with pytest.raises(PartsError, match=r"unknown class.*'7'.*\(or their class ids\)"):
+        load_parts(parts, ["7"])
+    digits = DiT(ModelConfig(class_names=["5", "6", "7"], rank_tailor=2))
+    assert resolve_classes(digits.config, ["7"]) == [2]
+    with pytest.raises(PartsError, match=r"unknown class.*'0'.*holds \['5', '6', '7'\]$"):
+        resolve_classes(digits.config, ["0"])
 
 
 def test_same_seed_gives_the_same_samples_from_parts_and_full_model(source, parts):

@@ -21,7 +21,10 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The parts, which classes to keep, and whether to fold one into dense weights."""
     p.add_argument("parts", help="parts directory")
-    p.add_argument("--classes", help="comma-separated class names (default: all)")
+    p.add_argument(
+        "--classes",
+        help="comma-separated class names, or class ids where no name is a number (default: all)",
+    )
     p.add_argument(
         "--merge", metavar="CLASS|null", help="fold one class (or null) into dense weights"
     )

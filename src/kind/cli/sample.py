@@ -21,7 +21,11 @@ DESCRIPTION = (
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """What to sample from, which classes, and how (sampler, steps, guidance, seed)."""
     p.add_argument("source", help="run, parts or model directory")
-    p.add_argument("--classes", help="comma-separated class names (default: every class held)")
+    p.add_argument(
+        "--classes",
+        help="comma-separated class names, or class ids where no name is a number (ImageNet: "
+        "207; default: every class held)",
+    )
     p.add_argument(
         "--unconditional",
         action="store_true",

@@ -49,13 +49,23 @@ def split_state(model: DiT) -> tuple[dict[str, torch.Tensor], dict[int, dict[str
 
 
 def resolve_classes(config: ModelConfig, names: list[str] | None) -> list[int]:
-    """Class ids for class names (None: every class the model holds); clear error for unknown ones."""
+    """Class ids for class names (None: every class the model holds); clear error for unknown ones.
+
+    A number names a class by its id (ImageNet's 207) when no class name is a number (MNIST's
+    "7" is a name): the way to pick a class whose name holds a comma ("tench, Tinca tinca"),
+    which a comma-separated `--classes` cannot spell."""
     if names is None:
         return list(config.held_classes)
     held = {config.class_names[c]: c for c in config.held_classes}
+    by_id = not any(name.isdigit() for name in config.class_names)
+    if by_id:
+        held |= {str(c): c for c in config.held_classes}
     unknown = [n for n in names if n not in held]
     if unknown:
-        raise PartsError(f"unknown class(es) {unknown}; this model holds {list(held)}")
+        shown = [config.class_names[c] for c in config.held_classes]
+        more = f" ... ({len(shown)} in all)" if len(shown) > 20 else ""
+        ids = " (or their class ids)" if by_id else ""
+        raise PartsError(f"unknown class(es) {unknown}; this model holds {shown[:20]}{more}{ids}")
     return [held[n] for n in names]
 
 
