@@ -579,3 +579,19 @@ def test_an_out_filled_while_the_output_is_computed_is_refused_and_kept(
     with atomic_dir(out, replace=True) as d:  # what a checkpoint saved again asks for
         (d / "model.json").write_text("{}")
     assert sorted(p.name for p in out.iterdir()) == ["model.json"]
+
+
+def test_an_out_holding_only_an_interrupted_commands_leftover_says_so(tmp_path):
+    """A command killed while it wrote into the user's empty `--out` leaves its hidden temporary
+    directory there; the retry names it and how to remove it, where `ls` showed an empty folder
+    said to be "not empty"."""
+    from kind.io import OutputDirError, check_new_dir
+
+    out = tmp_path / "eo"
+    (out / ".eo.ypdzr9id.tmp").mkdir(parents=True)
+    (out / ".eo.ypdzr9id.tmp" / "config.json").write_text("{}")
+    with pytest.raises(OutputDirError, match=r"interrupted kind-dit command \(\.eo\.ypdzr9id\.tmp"):
+        check_new_dir(out)
+    (out / "theirs.txt").write_text("x")
+    with pytest.raises(OutputDirError, match="already exists and is not empty"):
+        check_new_dir(out)

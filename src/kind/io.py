@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -86,6 +87,14 @@ def check_new_dir(out: str | Path) -> Path:
             f"{above} is a file, so {out} cannot be made; choose another output directory"
         )
     if out.exists() and any(out.iterdir()):
+        name = Path(os.path.abspath(out)).name
+        entries = [p.name for p in out.iterdir()]
+        if all(re.fullmatch(rf"\.{re.escape(name)}\..+\.tmp", e) for e in entries):
+            raise OutputDirError(
+                f"{out} holds only the unfinished output of an interrupted kind-dit command "
+                f"({', '.join(entries)}: hidden, `ls -a` shows it); remove it (rm -r "
+                f"{out / entries[0]}) and run again, or choose another output directory"
+            )
         raise OutputDirError(
             f"{out} already exists and is not empty; choose another output directory (nothing "
             "was touched)"

@@ -91,7 +91,7 @@ BUNDLED_LISTS = {  # @name -> class list file under kind/assets
     "imagenet611-pretrain": "imagenet611/pretrain.txt",
     "imagenet611-novel": "imagenet611/novel.txt",
 }
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 SPLITS = ("train", "test")
 TEST_EVERY = 5  # index % TEST_EVERY == TEST_EVERY - 1 within a class -> test
 FOLDER_IMAGE_SIZE, FOLDER_CHANNELS = 32, 3
