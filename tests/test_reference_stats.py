@@ -194,6 +194,19 @@ def test_a_reference_smaller_than_k_plus_one_is_named_with_the_fix(tmp_path, shi
         ev.evaluate_images(images, None, None, str(tmp_path / "two.npz"), feature_net="mnist")
 
 
+def test_a_latent_store_as_reference_names_the_image_spec_it_came_from(tmp_path, shifted):
+    from kind.data.latents import FORMAT, META_FILE
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / META_FILE).write_text(json.dumps({"format": FORMAT, "spec": "mnist:0-1"}))
+    images, labels, names = shifted
+    with pytest.raises(ValueError, match=r"store is a latent store .*encoded from \(mnist:0-1\)"):
+        ev.evaluate_images(images, labels, names, str(store), feature_net="mnist")
+    with pytest.raises(ValueError, match="is a latent store"):
+        reference.write_adm_reference(str(store), tmp_path / "ref.npz")
+
+
 def test_missing_npz_reference_is_a_missing_file_not_a_data_spec(tmp_path, shifted):
     images, labels, names = shifted
     with pytest.raises(FileNotFoundError, match="reference statistics file not found"):

@@ -229,6 +229,31 @@ def test_a_tailor_missing_from_the_manifest_fails_its_requests_only_and_pins_not
         assert answers[0][1]["X-Kind-Batch"] == answers[1][1]["X-Kind-Batch"]
 
 
+def test_a_manifest_without_the_first_groups_tailor_still_starts(parts, tmp_path):
+    """The slot size comes from a tailor the manifest lists; the missing one fails alone."""
+    copy = shutil.copytree(parts, tmp_path / "parts")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["tailors"]["0"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    cache = TailorCache(copy, capacity=1)
+    assert cache.slot_bytes == TailorCache(parts, capacity=1).slot_bytes
+    assert list(cache.acquire([0])) == [0] and cache.acquire([1]) == {}
+
+
+def test_parts_swapped_under_the_server_are_named_with_a_restart(parts, tmp_path):
+    """A parts directory replaced by another decomposition while the server runs: a tailor not
+    yet loaded fails its sha256 against the manifest read at start; the error says why and to
+    restart, not to copy the file again."""
+    copy = shutil.copytree(parts, tmp_path / "parts")
+    cache = TailorCache(copy, capacity=1)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / manifest["tailors"]["2"]["file"]).write_bytes(b"another model's tailor")
+    assert "copy it again" in str(cache.acquire([2])[2])  # the manifest is the one served
+    manifest["tailors"]["2"]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert "changed since the server started" in str(cache.acquire([2])[2])
+
+
 def test_an_unexpected_error_loading_a_tailor_is_its_groups_and_frees_the_slot(parts, monkeypatch):
     cache = TailorCache(parts, capacity=1)
 

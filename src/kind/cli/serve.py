@@ -33,7 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     size.add_argument("--cache-tailors", type=count(), help="tailors the cache holds, instead")
     p.add_argument(
-        "--max-batch", type=count(), default=64, help="samples per batched forward (default 64)"
+        "--max-batch",
+        type=count(),
+        default=64,
+        help="requested samples per batched forward (default 64); the forward pads them "
+        "with null samples so each class computes as it would alone, more when many classes "
+        "share it",
     )
     p.add_argument(
         "--max-wait-ms",

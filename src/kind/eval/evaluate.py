@@ -33,6 +33,7 @@ from kind.eval.features import FeatureNet, fits, resolve_feature_net
 from kind.eval.npz import name_list, nchw, open_npz, scalars, tool_version
 from kind.eval.reference import (
     auto_feature_net_for_stats,
+    check_image_spec,
     check_ref_split,
     check_stats_fit,
     check_stats_size,
@@ -213,6 +214,8 @@ def evaluate_images(
         check_stats_size(stats, images)
         if isinstance(feature_net, str) and feature_net == "auto":
             feature_net = auto_feature_net_for_stats(stats)
+    else:
+        check_image_spec(ref)
     split = "test" if ref_split is None else ref_split
     check_ref_split(split)
     net = resolve_feature_net(feature_net, ref, inception_weights, device)

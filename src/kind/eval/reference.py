@@ -29,6 +29,7 @@ import torch
 
 from kind.core.images import save_npz
 from kind.data.images import ImageSet, load_images, parse_spec
+from kind.data.latents import META_FILE, is_store
 from kind.eval import metrics
 from kind.eval.features import (
     FeatureNet,
@@ -38,7 +39,7 @@ from kind.eval.features import (
     resolve_feature_net,
 )
 from kind.eval.npz import name_list, nchw, open_npz, scalars, tool_version
-from kind.io import sha256_file
+from kind.io import read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,17 @@ _REFERENCE_KINDS = (
     "an ADM reference batch (mu, sigma, mu_s, sigma_s, arr_0), a clean-fid statistics file "
     "(mu, sigma) or one written by `kind-dit evaluate --write-ref`"
 )
+
+
+def check_image_spec(ref: str) -> None:
+    """Refuse a latent store as a reference: FID compares images, and a store holds latents
+    (which reading it as an image folder would call a folder without images)."""
+    if is_store(ref):
+        spec = read_json(Path(ref).expanduser() / META_FILE).get("spec", "the images' spec")
+        raise ValueError(
+            f"{ref} is a latent store (kind-dit encode), and a reference must be images: pass "
+            f"the spec it was encoded from ({spec}), or a reference .npz"
+        )
 
 
 def check_ref_split(split: str) -> None:
@@ -422,6 +434,7 @@ def write_adm_reference(
     path = Path(path)
     if reference_file(spec) is not None:
         raise ValueError(f"{spec} is already a statistics file; write a reference from a data spec")
+    check_image_spec(spec)
     check_ref_split(split)
     if path.exists() and not overwrite:
         raise FileExistsError(

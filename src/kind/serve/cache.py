@@ -26,6 +26,7 @@ import torch
 
 from kind.core.decomposition import PartsError
 from kind.core.model import SIZES, DiT, ModelConfig, parse_size
+from kind.io import sha256_file
 from kind.store.parts import MANIFEST, load_learngene, read_manifest, read_part
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class TailorCache:
     ):
         self.parts = Path(parts)
         self.manifest = read_manifest(self.parts)
+        self.manifest_sha256 = sha256_file(self.parts / MANIFEST)  # to tell a swapped directory
         self.full = ModelConfig.from_dict(self.manifest["model"])
         self.classes = {c["id"]: c for c in self.manifest["classes"]}  # id -> {id, name, group}
         groups = sorted({c["group"] for c in self.classes.values()})
@@ -97,10 +99,13 @@ class TailorCache:
         """Bytes one slot takes in memory: a bank row (a group's factors in every gated layer)
         plus `per_group` label rows, in fp32. From the manifest: a tailor file's parameters are
         its factors plus its classes' label rows."""
-        if not groups:
+        listed = [
+            g for g in groups if str(g) in self.manifest["tailors"]
+        ]  # a damaged one may lack some
+        if not listed:
             raise PartsError(f"{self.parts} holds no class tailors: there is nothing to serve")
         hidden = SIZES[parse_size(self.full.size)[0]][1]
-        g = groups[0]
+        g = listed[0]
         row = self.manifest["tailors"][str(g)]["params"] - len(self.classes_of[g]) * hidden
         return (row + self.per_group * hidden) * torch.empty((), dtype=torch.float32).element_size()
 
@@ -210,7 +215,16 @@ class TailorCache:
                 f"{self.parts / MANIFEST} lists no tailor file for group {group}; the parts "
                 "directory is incomplete: write it again with kind-dit decompose"
             )
-        state = read_part(self.parts, entry, str(group))
+        try:
+            state = read_part(self.parts, entry, str(group))
+        except PartsError as e:
+            manifest = self.parts / MANIFEST
+            if not manifest.is_file() or sha256_file(manifest) != self.manifest_sha256:
+                raise PartsError(
+                    f"{self.parts} changed since the server started (its manifest differs), so "
+                    "its tailors no longer fit the learngene served; restart kind-dit serve"
+                ) from e
+            raise
         try:
             row = self.model.tailor_row(state, group) if self.model.tailors is not None else None
             labels = [state[f"y_embedder.rows.{c}"] for c in self.classes_of[group]]
