@@ -12,6 +12,7 @@ from kind.cli import info
 from kind.cli.main import build_parser, main
 from kind.store.modeldir import save_model_dir
 from kind.store.parts import load_parts
+from kind.transfer.kind import kind_budget
 
 
 def cli(command: str, *paths) -> None:
@@ -110,14 +111,22 @@ def test_transfer_with_kind_and_a_matched_baseline_then_evaluate(run, tmp_path, 
     parts, dense = tmp_path / "parts", tmp_path / "dense"
     short = TRANSFER_SHORT
     main(["decompose", str(run), "--out", str(parts)])
-    main(["transfer", str(parts), "--data", "mnist:6,7", "--out", str(tmp_path / "kind"), *short])
+    main(["transfer", str(parts), "--data", "mnist:6,7", "--null-tailor", "--out",
+          str(tmp_path / "kind"), *short])  # fmt: skip
     main(["train", "--model", "dense", "--data", "mnist:0-2", "--out", str(dense), *SHORT])
-    main(["transfer", str(dense), "--method", "lora", "--match-kind", str(parts), "--data",
-          "mnist:6,7", "--out", str(tmp_path / "lora"), *short])  # fmt: skip
+    # matched to the KIND run as it ran: its null tailor is a third tailor the parts' defaults
+    # leave out, which a baseline (no --null-tailor) cannot be told
+    main(["transfer", str(dense), "--method", "lora", "--match-kind", str(tmp_path / "kind"),
+          "--data", "mnist:6,7", "--out", str(tmp_path / "lora"), *short])  # fmt: skip
     kind_meta = json.loads((tmp_path / "kind" / "run.json").read_text())["transfer"]
     lora_meta = json.loads((tmp_path / "lora" / "run.json").read_text())["transfer"]
-    assert lora_meta["budget"] == kind_meta["trainable_params"]
+    assert lora_meta["budget"] == kind_meta["trainable_params"] > kind_budget(parts, ["6", "7"])
     assert abs(lora_meta["trainable_params"] - lora_meta["budget"]) < 0.1 * lora_meta["budget"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # a KIND run to other classes is no budget for these
+        main(["transfer", str(dense), "--method", "lora", "--match-kind", str(tmp_path / "kind"),
+              "--data", "mnist:6", "--out", str(tmp_path / "lora6"), *short])  # fmt: skip
+    assert "transferred to the classes ['6', '7']" in capsys.readouterr().err
     main(["sample", str(tmp_path / "lora"), "--n", "4", "--steps", "2", "--out",
           str(tmp_path / "s")])  # fmt: skip
     capsys.readouterr()
@@ -157,6 +166,26 @@ def test_transfer_refuses_settings_it_would_ignore(run, tmp_path, capsys):
                   *TRANSFER_SHORT, *extra])  # fmt: skip
         assert e.value.code == 2 and phrase in capsys.readouterr().err
         assert not (tmp_path / "t").exists()
+
+
+def test_transfer_takes_its_data_from_the_config_and_resumes_with_its_tailor_rank(
+    run, tmp_path, capsys
+):
+    """configs/domain-shift/*.yaml name the data and their commands give no --data; a transfer
+    with --rank-tailor (saved as 4.0) resumes (it failed: "expects a int, got 4.0")."""
+    parts, cfg = tmp_path / "parts", tmp_path / "target.yaml"
+    main(["decompose", str(run), "--out", str(parts)])
+    cfg.write_text("data: mnist:6,7\n")
+    args = ["transfer", str(parts), "--config", str(cfg), "--rank-tailor", "2",
+            "--out", str(tmp_path / "t"), *TRANSFER_SHORT]  # fmt: skip
+    main(args)
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["data"] == "mnist:6,7"
+    main([*args, "--steps", "3", "--resume"])
+    assert "(3 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # neither --data nor a config that sets it
+        main(["transfer", str(parts), "--out", str(tmp_path / "u"), *TRANSFER_SHORT])
+    assert e.value.code == 2 and "give the target classes: --data" in capsys.readouterr().err
+    assert not (tmp_path / "u").exists()
 
 
 def test_auto_resume_serves_a_jobs_first_start_and_its_restarts(run, tmp_path, caplog):

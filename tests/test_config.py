@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from kind.core.diffusion import DiffusionConfig
+from kind.core.gated import resolve_rank
 from kind.training.config import load_config, parse_overrides
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
@@ -46,6 +47,16 @@ def test_wrong_type_is_refused():
 
 def test_ints_widen_to_floats():
     assert load_config(overrides={"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_a_tailor_rank_given_as_a_float_or_a_fraction_saves_and_resumes():
+    """`transfer --rank-tailor 4` saves 4.0, which the resume reads back as its base; a fraction
+    of min(in, out) is a rank too (both were refused as "expects a int")."""
+    for rank in (4.0, 0.25, 2):
+        saved = load_config(overrides={"model": {"rank_tailor": rank}}).to_dict()
+        assert load_config(base=saved).model.rank_tailor == rank
+    with pytest.raises(ValueError, match="asks for 2.5 components; give a whole count"):
+        resolve_rank(2.5, 64, 32)
 
 
 def test_missing_config_file(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from pathlib import Path
 
 from kind.cli.common import add_train_options, count, number, run_config, settle_resume
 
@@ -55,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="parts directory of a KIND model (methods kind, kind-tailors) "
         "or run/model directory of a dense DiT (the baselines)",
     )
-    add_train_options(p, data_required=True)
+    add_train_options(p)
     p.add_argument(
         "--method",
         default="kind",
@@ -70,8 +71,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--match-kind",
-        metavar="PARTS",
-        help="set --budget to what a KIND transfer from PARTS to the same classes trains",
+        metavar="PARTS|RUN",
+        help="set --budget to what a KIND transfer to the same classes trains: the KIND transfer "
+        "run RUN (as it ran: with --null-tailor, --rank-tailor or a group file), or one from "
+        "PARTS with the defaults",
     )
     p.add_argument(
         "--train-learngenes",
@@ -97,10 +100,14 @@ def run(args: argparse.Namespace) -> None:
     """Transfer into --out; --match-kind first sizes the budget from a KIND transfer's."""
     from kind.data.dataset import class_names
     from kind.training.config import Config
-    from kind.transfer.kind import kind_budget
     from kind.transfer.run import run_transfer
 
     settle_resume(args)
+    if args.data is None and not args.resume and not _config_sets_data(args.config):
+        raise ValueError(
+            "give the target classes: --data SPEC, or a --config that sets data (a transfer "
+            "has no default data)"
+        )
     cfg = run_config(args)
     fixed = [s for s in ("model", "diffusion") if getattr(cfg, s) != getattr(Config(), s)]
     if fixed and not args.resume:  # (a resumed run's config is its own: run_config checks it)
@@ -110,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
         )
     budget = args.budget
     if args.match_kind:
-        budget = kind_budget(args.match_kind, class_names(cfg.data))
+        budget = _matched_budget(Path(args.match_kind), class_names(cfg.data))
     result = run_transfer(
         args.source,
         cfg,
@@ -125,3 +132,39 @@ def run(args: argparse.Namespace) -> None:
     )
     if result.is_main:  # under torchrun rank 0 reports
         print(f"run: {result.run_dir}  ({result.steps} steps in {result.seconds:.0f} s)")
+
+
+def _config_sets_data(path: str | None) -> bool:
+    """Whether the config file at `path` names the data (configs/domain-shift/*.yaml do)."""
+    from kind.training.config import load_config
+
+    unset = "<none given>"
+    return path is not None and load_config(path, base={"data": unset}).data != unset
+
+
+def _matched_budget(kind: Path, classes: list[str]) -> int:
+    """The trainable parameters of the KIND transfer `kind` (a run) to `classes`, or of one
+    from `kind` (parts) with the defaults: the source's tailor rank, no null tailor, a group a
+    class. A run's own count is what a baseline must match when the KIND run used options a
+    baseline cannot take (a null tailor adds a tailor: twice the budget for one class)."""
+    from kind.data.dataset import class_names
+    from kind.io import read_json
+    from kind.store.runs import CONFIG_JSON, RUN_JSON, is_run_dir
+    from kind.transfer.kind import kind_budget
+    from kind.transfer.registry import get
+
+    if not is_run_dir(kind):
+        return kind_budget(kind, classes)
+    record = read_json(kind / RUN_JSON).get("transfer") or {}
+    if "trainable_params" not in record or not get(record.get("method", "")).is_kind:
+        raise ValueError(
+            f"--match-kind {kind} is not a KIND transfer run; give one, or the parts it "
+            "transferred from"
+        )
+    theirs = class_names(read_json(kind / CONFIG_JSON, "data")["data"])
+    if theirs != classes:
+        raise ValueError(
+            f"--match-kind {kind} transferred to the classes {theirs}, this transfer to "
+            f"{classes}; match a KIND run to the same classes"
+        )
+    return int(record["trainable_params"])

@@ -75,7 +75,7 @@ class ModelConfig:
         None  # tailor groups held; None = all (an assembled model holds fewer)
     )
     rank_learngene: float = 0.5  # components, or fraction (< 1) of min(in, out)
-    rank_tailor: float = 8
+    rank_tailor: float = 8.0
     # per-layer learngene ranks that differ from rank_learngene (layer name -> components), as a
     # budget assembly (`kind.store.parts.assemble`, max_params) leaves them; None: none differ
     learngene_ranks: dict[str, int] | None = None
