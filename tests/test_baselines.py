@@ -4,12 +4,17 @@ and a real training run whose exported model loads back as a plain DiT."""
 import pytest
 import torch
 
+from cli_options import TRANSFER_SHORT
+from kind.cli.main import main
+from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, count_params
 from kind.data.dataset import Dataset
-from kind.store.modeldir import load_model_dir
+from kind.store.modeldir import load_model_dir, save_model_dir
 from kind.training.config import load_config
 from kind.training.loop import train
 from kind.transfer.baselines import RECIPES, adapt, export, size_for_budget, target_shapes
+from kind.transfer.registry import METHODS
+from kind.transfer.run import prepare
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -214,3 +219,45 @@ def test_lora_run_writes_a_plain_model_that_loads_back(source, tmp_path):
     batch = _batch(MIXED)
     with torch.no_grad():
         assert _rel(loaded(*batch), result.model(*batch)) <= 1e-5
+
+
+BASELINES = [m.name for m in METHODS.values() if not m.is_kind]
+UNSIZED = [m.name for m in METHODS.values() if not m.is_kind and not m.budgeted]
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_train_learngenes_is_refused_for_a_baseline(method, tmp_path):
+    with pytest.raises(ValueError, match=f"--train-learngenes .*baseline '{method}' has none"):
+        prepare(tmp_path / "dense", NEW, method, train_learngenes=True)
+
+
+def test_a_budget_is_recorded_only_where_it_sized_the_adapter(source, tmp_path):
+    save_model_dir(tmp_path / "dense", source, DiffusionConfig())
+    assert prepare(tmp_path / "dense", NEW, "lora", budget=KIND_BUDGET).meta["budget"] == (
+        KIND_BUDGET
+    )
+    assert "budget" not in prepare(tmp_path / "dense", NEW, "full", budget=KIND_BUDGET).meta
+
+
+def _transfer_refused(tmp_path, capsys, *options):
+    """The error line of a `kind-dit transfer` refused with `options`, before it wrote anything."""
+    out = tmp_path / "t"
+    with pytest.raises(SystemExit) as e:
+        main(["transfer", str(tmp_path / "dense"), "--data", "mnist:6", "--out", str(out),
+              *TRANSFER_SHORT, *options])  # fmt: skip
+    assert e.value.code == 2 and not out.exists()
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", UNSIZED)
+def test_a_budget_for_a_baseline_it_does_not_size_is_refused(method, tmp_path, capsys):
+    for option in (["--budget", "1000"], ["--match-kind", str(tmp_path / "parts")]):
+        err = _transfer_refused(tmp_path, capsys, "--method", method, *option)
+        assert f"{option[0]} sizes the adapter of methods lora, pissa, oft" in err, err
+        assert f"--method {method} trains" in err
+
+
+def test_budget_and_match_kind_together_are_refused(tmp_path, capsys):
+    err = _transfer_refused(tmp_path, capsys, "--method", "lora", "--budget", "1000",
+                            "--match-kind", str(tmp_path / "parts"))  # fmt: skip
+    assert "--budget 1000 and --match-kind" in err and "pass one of them" in err, err

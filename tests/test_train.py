@@ -1,6 +1,9 @@
 """The training loop: gate isolation of updates (docs/KIND.md invariant 2), exact resume, refusals."""
 
+import functools
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import torch
 from kind.data.dataset import Dataset
 from kind.io import read_json, read_tensors
 from kind.store.modeldir import load_model_dir
-from kind.store.runs import RunDirError
+from kind.store.runs import RUN_FILES, RunDirError, claim_run_dir, has_checkpoint, is_run_dir
 from kind.training.config import load_config
 from kind.training.loop import TrainingError, train
 
@@ -300,3 +303,88 @@ def test_a_run_started_by_kind_dit_0_1_resumes_where_it_stopped(tmp_path):
     )
     train(_cfg(4, weight_decay=0.05), tmp_path / "old", resume=True, data=data)
     _assert_same_checkpoint(tmp_path / "straight", tmp_path / "old", 4)
+
+
+def test_a_resume_applies_a_changed_weight_decay(tmp_path):
+    data = _data([0, 1, 2, 3])
+    train(_cfg(2), tmp_path / "same", data=data)
+    shutil.copytree(tmp_path / "same", tmp_path / "decayed")
+    train(_cfg(4), tmp_path / "same", resume=True, data=data)
+    train(_cfg(4, weight_decay=0.5), tmp_path / "decayed", resume=True, data=data)
+    groups = _checkpoint(tmp_path / "decayed", 4)[3]["param_groups"]
+    assert groups and all(g["weight_decay"] == 0.5 for g in groups)
+    same, decayed = _checkpoint(tmp_path / "same", 4)[0], _checkpoint(tmp_path / "decayed", 4)[0]
+    assert any(not torch.equal(same[k], decayed[k]) for k in same)  # the decay really applied
+
+
+def _unchanged(run):
+    """What a refused resume must leave as it was: the run's records and its checkpoints."""
+    files = ("config.json", "run.json", "metrics.csv")
+    return [(run / f).read_bytes() for f in files], sorted(
+        p.name for p in (run / "checkpoints").iterdir()
+    )
+
+
+def test_a_resume_that_changes_the_seed_is_refused(tmp_path):
+    data = _data([0, 1])
+    train(_cfg(2), tmp_path / "r", data=data)
+    before = _unchanged(tmp_path / "r")
+    with pytest.raises(TrainingError, match=r"cannot change train.seed \(0 -> 5\).*without --seed"):
+        train(_cfg(4, seed=5), tmp_path / "r", resume=True, data=data)
+    assert _unchanged(tmp_path / "r") == before
+
+
+def test_a_resume_with_an_edited_group_file_is_refused(tmp_path):
+    groups = tmp_path / "groups.yaml"
+    groups.write_text("'0': round\n'1': straight\n'2': round\n'3': straight\n")
+    cfg = _cfg(2)
+    cfg.group_file = str(groups)
+    data = _data([0, 1, 2, 3])
+    train(cfg, tmp_path / "r", data=data)
+    before = _unchanged(tmp_path / "r")
+    groups.write_text("'0': round\n'1': round\n'2': straight\n'3': straight\n")
+    cfg = _cfg(4)
+    cfg.group_file = str(groups)
+    trained = r"\{'0': 0, '1': 1, '2': 0, '3': 1\}"
+    now = r"\{'0': 0, '1': 0, '2': 1, '3': 1\}"
+    with pytest.raises(TrainingError, match=f"trained with {trained}.*now gives {now}"):
+        train(cfg, tmp_path / "r", resume=True, data=data)
+    assert _unchanged(tmp_path / "r") == before
+
+
+class _Killed(Exception):
+    """Stands for a SIGKILL in the middle of a --restart's removals."""
+
+
+def _restart_killed_after(run, removals, monkeypatch):
+    """A --restart's clearing of `run`, killed after its first `removals` removals; returns what
+    it removed."""
+    done = []
+
+    def remove(path, *args, original, **kwargs):
+        if len(done) == removals:
+            raise _Killed
+        done.append(path)
+        return original(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(shutil, "rmtree", functools.partial(remove, original=shutil.rmtree))
+        m.setattr(Path, "unlink", functools.partialmethod(remove, original=Path.unlink))
+        with pytest.raises(_Killed):
+            claim_run_dir(run, restart=True)
+    return done
+
+
+def test_a_restart_killed_half_way_never_leaves_old_checkpoints_in_a_new_looking_directory(
+    tmp_path, monkeypatch
+):
+    run = tmp_path / "run"
+    train(_cfg(4), run, data=_data([0, 1]))  # checkpoints at steps 2 and 4
+    present = [n for n in RUN_FILES if (run / n).exists()]
+    assert "checkpoints" in present and "config.json" in present
+    for removals in range(1, len(present)):  # killed after each removal but the last
+        left = tmp_path / f"killed_{removals}"
+        shutil.copytree(run, left)
+        done = _restart_killed_after(left, removals, monkeypatch)
+        # a directory without config.json is started as a new run: it must hold no checkpoint
+        assert is_run_dir(left) or not has_checkpoint(left), done

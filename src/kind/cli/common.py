@@ -68,7 +68,7 @@ def classes(text: str | None, option: str = "--classes") -> list[str] | None:
     return names
 
 
-def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -> None:
+def add_train_options(p: argparse.ArgumentParser) -> None:
     """The options every training command takes, so `train` and `transfer` read alike."""
     p.add_argument(
         "--config",
@@ -78,7 +78,6 @@ def add_train_options(p: argparse.ArgumentParser, data_required: bool = False) -
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument(
         "--data",
-        required=data_required,
         help="data spec: mnist:0-5, mnist:6,7,8,9, animals, path/to/folder[:cat,dog], or a latent "
         "store (kind-dit encode)",
     )
@@ -151,14 +150,32 @@ def settle_resume(args: argparse.Namespace) -> None:
     args.resume, args.restart = auto_resume(Path(args.out))
 
 
+def _refuse_unused_budget(args: argparse.Namespace) -> None:
+    """A transfer's budget options where they would be accepted and then ignored, refused before
+    anything is read: --budget with --match-kind (the run would take one and drop the other),
+    and either for a baseline that no budget sizes. (`train` has neither option.)"""
+    budget, match = getattr(args, "budget", None), getattr(args, "match_kind", None)
+    if budget is not None and match:
+        raise ValueError(
+            f"--budget {budget} and --match-kind {match} each set the budget; pass one of them"
+        )
+    if budget is not None or match:
+        from kind.transfer.registry import check_budget
+
+        check_budget(args.method, "--budget" if budget is not None else "--match-kind")
+
+
 def run_config(args: argparse.Namespace) -> Config:
     """The run's config: on --resume the saved one with overrides, else defaults + file + flags.
+    Every training command's options pass through here first, so options the run would ignore
+    are refused here (`_refuse_unused_budget`).
 
     A resumed run may change how it trains, never what it is: model, diffusion and data are fixed.
     """
     from kind.io import read_json
     from kind.training.config import load_config
 
+    _refuse_unused_budget(args)
     saved = Path(args.out) / "config.json"
     if args.resume and saved.is_file():
         base = read_json(saved)

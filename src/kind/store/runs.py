@@ -73,9 +73,15 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tup
 
 
 def load_optimizer(
-    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, groups: list
+    optimizer: torch.optim.Optimizer,
+    names: list[str],
+    tensors: dict,
+    groups: list,
+    keep: tuple[str, ...] = (),
 ) -> None:
-    """The inverse of `optimizer_tensors`, into an optimiser over the same named parameters."""
+    """The inverse of `optimizer_tensors`, into an optimiser over the same named parameters.
+    The hyper-parameters named in `keep` stay as the optimiser was built (from the resumed run's
+    config, which may change them); the others come from the checkpoint."""
     sd = optimizer.state_dict()
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict] = {}
@@ -85,7 +91,7 @@ def load_optimizer(
             raise ValueError(f"checkpoint has optimiser state for unknown parameter {name!r}")
         state.setdefault(index[name], {})[k] = value
     for g, saved in zip(sd["param_groups"], groups, strict=True):
-        g.update(saved)
+        g.update({k: v for k, v in saved.items() if k not in keep})
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
@@ -136,8 +142,11 @@ def run_provenance(path: Path) -> dict:
 # ---- owning a run directory -----------------------------------------------------------------
 
 MARKER, LOCK = ".kind-run", ".kind-run.lock"
-# what a run writes: all that --restart may remove
-RUN_FILES = (CONFIG_JSON, RUN_JSON, "metrics.csv", "checkpoints", "model", "samples", "tensorboard")
+# what a run writes: all that --restart may remove, in the order it removes them. Checkpoints
+# first, config.json last: a restart killed half-way leaves a run without checkpoints (which
+# --restart starts again) or no run and no checkpoint, never a directory that looks new while
+# old checkpoints in it, of later steps, would outrank the new run's (and a resume take them).
+RUN_FILES = ("checkpoints", "model", "samples", "tensorboard", "metrics.csv", RUN_JSON, CONFIG_JSON)
 
 
 class RunDirError(ValueError):
@@ -151,7 +160,7 @@ def is_owned(path: Path) -> bool:
     path = Path(path)
     if (path / MARKER).is_file():
         return True
-    if not is_run_dir(path) or not any((path / n).exists() for n in RUN_FILES[1:]):
+    if not is_run_dir(path) or not any((path / n).exists() for n in RUN_FILES if n != CONFIG_JSON):
         return False
     try:
         read_json(path / CONFIG_JSON, "model", "diffusion", "train")

@@ -40,7 +40,7 @@ from kind.core.diffusion import Diffusion
 from kind.core.host_memory import keep_freed_memory
 from kind.core.images import GRID_CLASSES, GRID_PER_CLASS, save_grid
 from kind.core.kindify import KindifyError, kindify
-from kind.core.model import DiT
+from kind.core.model import DiT, ModelConfig
 from kind.core.sampling import generate_sharded
 from kind.data.dataset import Dataset, open_dataset
 from kind.data.latents import decoder
@@ -196,6 +196,8 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         raise TrainingError(
             f"model classes {model.config.class_names} differ from the data's {data.class_names}"
         )
+    if resume:
+        _check_resume(cfg, out, model)
     cfg = replace(cfg, model=model.config)
     guided, channels = cfg.sample.guided_channels, model.config.in_channels
     if guided is not None and guided > channels:  # else found only when the run exports
@@ -252,6 +254,34 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         net = torch.compile(net)
     return _Run(cfg, out, info, data, Diffusion(cfg.diffusion), state, net, ddp, local, micro,
                 decode)  # fmt: skip
+
+
+def _check_resume(cfg: Config, out: Path, model: DiT) -> None:
+    """Refuse, before anything is written, a resume that changes what its checkpoint fixes: the
+    seed (the run continues the random streams the checkpoint saved, so a new seed would be
+    recorded and change nothing) and the tailor group of each class (a changed or edited
+    group_file would hand the tailors trained for some classes to others)."""
+    if not (out / CONFIG_JSON).is_file():
+        return
+    saved = read_json(out / CONFIG_JSON, "model", "train")
+    seed = saved["train"].get("seed")
+    if seed is not None and seed != cfg.train.seed:
+        raise TrainingError(
+            f"--resume cannot change train.seed ({seed} -> {cfg.train.seed}): the run continues "
+            f"the random streams its checkpoint saved in {out}, so a new seed would change "
+            "nothing; resume without --seed, or start a new run with it (--restart or another "
+            "--out)"
+        )
+    before = ModelConfig.from_dict(saved["model"])
+    then = dict(zip(before.class_names, before.tau, strict=True))
+    now = dict(zip(model.config.class_names, model.config.tau, strict=True))
+    if then != now:
+        source = f"group_file {cfg.group_file}" if cfg.group_file else "no group_file"
+        raise TrainingError(
+            f"--resume cannot change which tailor group each class uses: the run in {out} was "
+            f"trained with {then} (class: group), but {source} now gives {now}; resume with the "
+            "group file the run started with, or start a new run (--restart or another --out)"
+        )
 
 
 def _record_changes(cfg: Config, out: Path, step: int) -> None:

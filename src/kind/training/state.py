@@ -30,6 +30,10 @@ from kind.training.config import TrainConfig
 from kind.training.ema import EMA
 from kind.training.optim import MaskedAdamW, masked_adamw
 
+# the optimiser settings a run's config sets (`TrainState.create`): a resume that changes them
+# applies them, rather than the checkpoint's (lr is set again every step anyway)
+CONFIGURED = ("lr", "weight_decay")
+
 
 @dataclass
 class TrainState:
@@ -100,7 +104,7 @@ class TrainState:
         if "y_embedder.table" in self.ema.shadow and "y_embedder.table" not in ema:
             ema, counts, optim, groups = self._from_per_group(ema, counts, optim, groups)
         self.ema.load(ema, counts)
-        load_optimizer(self.optimizer, self.names, optim, groups)
+        load_optimizer(self.optimizer, self.names, optim, groups, keep=CONFIGURED)
         self._restore_rng(read_tensors(path / "rng.safetensors"))
         if state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])

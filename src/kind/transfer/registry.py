@@ -41,6 +41,7 @@ class Method:
     summary: str  # what it trains, for --help
     start: Callable[..., Start]  # (source, class_names, *, class_to_group, train_learngenes,
     #                               budget, rank_tailor, null_tailor, seed) -> Start
+    budgeted: bool = False  # whether a budget sizes what it trains (--budget, --match-kind)
 
     @property
     def is_kind(self) -> bool:
@@ -76,14 +77,20 @@ def _start_kind(source, class_names, *, carry_tailors: bool = False, unfrozen: b
     return Start(model, diffusion, meta, None)
 
 
-def _start_baseline(name: str, source, class_names, *, class_to_group=None,
+def _start_baseline(name: str, budgeted: bool, source, class_names, *, class_to_group=None,
                     train_learngenes=False, budget=None, rank_tailor=None, null_tailor=False,
                     seed=0) -> Start:  # fmt: skip
-    """The dense run or model `source` adapted by baseline `name`."""
+    """The dense run or model `source` adapted by baseline `name`; its record holds the budget
+    only where the budget sized the adapter (`budgeted`)."""
     if null_tailor or rank_tailor is not None:
         raise ValueError(
             f"--null-tailor and --rank-tailor shape KIND's tailors; baseline {name!r} has none "
             "(a baseline adapts its whole unconditional network already)"
+        )
+    if train_learngenes:
+        raise ValueError(
+            f"--train-learngenes trains a KIND transfer's learngenes; baseline {name!r} has none "
+            "(what it trains is fixed by the method: --method full trains every parameter)"
         )
     dense, diffusion, _ = load_model(Path(source))
     if dense.config.kind:
@@ -93,12 +100,13 @@ def _start_baseline(name: str, source, class_names, *, class_to_group=None,
             "--method kind from their parts directory)"
         )
     adapted = baselines.adapt(name, dense, class_names, budget=budget, seed=seed)
-    return Start(adapted.model, diffusion, {"detail": adapted.detail, "budget": budget},
-                 adapted.export)  # fmt: skip
+    meta = {"detail": adapted.detail} | ({"budget": budget} if budgeted else {})
+    return Start(adapted.model, diffusion, meta, adapted.export)
 
 
-def _baseline(name: str, label: str, summary: str) -> Method:
-    return Method(name, "baseline", label, summary, partial(_start_baseline, name))
+def _baseline(name: str, label: str, summary: str, budgeted: bool = False) -> Method:
+    return Method(name, "baseline", label, summary, partial(_start_baseline, name, budgeted),
+                  budgeted)  # fmt: skip
 
 
 METHODS: dict[str, Method] = {
@@ -114,9 +122,9 @@ METHODS: dict[str, Method] = {
         Method("kind-unfrozen", "kind", "KIND, learngenes trained too (ablation)",
                "learngenes trained too (ablation)", partial(_start_kind, unfrozen=True)),
         _baseline("full", "full fine-tuning", "every parameter"),
-        _baseline("lora", "LoRA", "LoRA (peft), rank matched to --budget"),
-        _baseline("pissa", "PiSSA", "PiSSA (peft), rank matched to --budget"),
-        _baseline("oft", "OFT", "OFT (peft), block size matched to --budget"),
+        _baseline("lora", "LoRA", "LoRA (peft), rank matched to --budget", budgeted=True),
+        _baseline("pissa", "PiSSA", "PiSSA (peft), rank matched to --budget", budgeted=True),
+        _baseline("oft", "OFT", "OFT (peft), block size matched to --budget", budgeted=True),
         _baseline("svdiff", "SVDiff", "spectral shifts"),
         _baseline("difffit", "DiffFit", "biases and branch scales"),
         _baseline("heurlg", "Heur-LG", "heuristic learngene: inherited embedders and first half"),
@@ -130,6 +138,20 @@ def get(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown transfer method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def check_budget(name: str, option: str) -> None:
+    """Refuse a budget (given with `option`) for a baseline it would not size: what such a method
+    trains is fixed by the architecture, so the run would record a budget it ignored. (A KIND
+    method's own refusal comes when it starts: its message names --rank-tailor.)"""
+    method = get(name)
+    if not method.is_kind and not method.budgeted:
+        sized = ", ".join(m.name for m in METHODS.values() if m.budgeted)
+        raise ValueError(
+            f"{option} sizes the adapter of methods {sized}; --method {name} trains what its "
+            f"architecture fixes ({method.summary}), so the budget would be ignored: leave "
+            f"{option} out, or choose one of those methods"
+        )
 
 
 def help_text() -> str:
