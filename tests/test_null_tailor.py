@@ -117,7 +117,7 @@ def test_kind_sigma_trains_the_learngene_singular_values_only(parts):
     assert n_sigma - n_plain == sum(layer.rank_learngene for _, layer in new.kind_layers())
 
 
-def test_a_step_without_the_null_class_leaves_the_null_tailor_unchanged(parts, tmp_path):
+def test_a_step_without_the_null_class_leaves_the_null_tailor_unchanged(parts, tmp_path, caplog):
     """Invariant 2 for the null tailor: it is updated only by null-class (label-dropout) samples."""
     g = torch.Generator().manual_seed(0)
     images = torch.rand(8, 1, 28, 28, generator=g) * 2 - 1
@@ -132,6 +132,7 @@ def test_a_step_without_the_null_class_leaves_the_null_tailor_unchanged(parts, t
         start = model.part_state()
         train(cfg, tmp_path / f"d{dropout}", model=model, data=data)
         trained[dropout] = (start, model.part_state())
+    assert caplog.text.count("train.class_dropout is 0: it stays as initialised") == 1
     start, end = trained[0.0]
     null = [k for k in end if ".tailors.2." in k]
     assert null and all(torch.equal(start[k], end[k]) for k in null)

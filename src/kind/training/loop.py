@@ -196,6 +196,12 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         raise TrainingError(
             f"model classes {model.config.class_names} differ from the data's {data.class_names}"
         )
+    if model.config.null_group is not None and tc.class_dropout == 0:  # a warning: invariant
+        log.warning(  # tests step without null samples on purpose
+            "the null class's tailor trains on the samples label dropout makes unconditional, "
+            "and train.class_dropout is 0: it stays as initialised, and guidance uses it; set "
+            "train.class_dropout above 0 (default 0.1), or drop --null-tailor"
+        )
     if resume:
         _check_resume(cfg, out, model)
     cfg = replace(cfg, model=model.config)
