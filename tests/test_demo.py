@@ -3,10 +3,12 @@ second invocation continues instead of redoing finished jobs."""
 
 import json
 import os
+import shutil
+from dataclasses import asdict, replace
 
 import pytest
 
-from kind.experiments.demo import run_demo
+from kind.experiments.demo import _changed, run_demo
 from kind.experiments.presets import Preset
 from kind.experiments.scheduler import Job, execute
 
@@ -49,6 +51,24 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert {p: p.stat().st_mtime for p in (tmp_path / "results").iterdir()} == before
     assert json.loads((tmp_path / "wall_times.json").read_text())["seconds"] == walls  # ran nothing
     assert f"Wall time: {walls[0] / 60:.1f} min. " in again.read_text()
+
+    # continued with other settings: refused, its settings kept; `report_only` reports what ran
+    settings = (tmp_path / "settings.json").read_bytes()
+    with pytest.raises(ValueError, match=r"other settings \(transfer_steps 2 \(asked: 3\)\)"):
+        run_demo(tmp_path, replace(TOY, transfer_steps=3), jobs=2, device="cpu")
+    text = run_demo(tmp_path, replace(TOY, transfer_steps=3), jobs=1, report_only=True).read_text()
+    assert (tmp_path / "settings.json").read_bytes() == settings
+    assert "transfer 2 steps of batch 8" in text and "2 job(s) side by side" in text
+    assert _changed(json.loads(settings), "custom", json.loads(json.dumps(asdict(
+        replace(TOY, seeds=(0, 1), methods=("kind", "lora", "pissa"), kindify_steps=5))))) == []  # fmt: skip
+
+    # copied (or reported from another folder): the report shows the copy's own sample grids
+    copy = shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "_copy"))
+    (tmp_path / "pretrain" / "kind" / "eval" / "samples.png").write_bytes(b"the original's")
+    run_demo(copy, TOY, jobs=2, device="cpu", report_only=True)
+    assert (copy / "report" / "digits_pretrain_kind.png").read_bytes() == (
+        copy / "pretrain" / "kind" / "eval" / "samples.png"
+    ).read_bytes()
 
 
 def _report_progress_interval() -> None:

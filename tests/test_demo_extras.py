@@ -141,3 +141,33 @@ def test_failed_jobs_end_the_demo_with_an_error_after_the_report(tmp_path, monke
     report = (tmp_path / "report.md").read_text()
     assert "Failed jobs" in report and "out of memory" in report
     assert len(json.loads((tmp_path / "wall_times.json").read_text())["seconds"]) == 1
+
+
+def _demo_help() -> str:
+    """`demo --help` on one line (the test sets COLUMNS so argparse wraps no word)."""
+    import argparse
+
+    from kind.cli import demo as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return " ".join(parser.format_help().split())
+
+
+def test_demo_help_says_what_each_preset_and_methods_run(monkeypatch):
+    """The help is read from the presets: the paper preset's methods, who gets its three seeds,
+    and that --methods leaves the budget curves and KIND-ify's KIND transfers alone."""
+    from kind.cli.demo import DURATION, describe
+
+    monkeypatch.setenv("COLUMNS", "10000")
+    text = _demo_help()
+    assert set(DURATION) == set(PRESETS)
+    assert ("paper: sources digits, wide; kind, lora with seeds 0, 1, 2; kind-sigma, kind-tailors, "
+            "pissa with seed 0; kind also with a null tailor;") in text  # fmt: skip
+    assert "budget curves of kind, lora at 0.25x, 4x KIND's budget" in text
+    assert "quick and default: source digits; kind, kind-tailors, lora, full with seed 0." in text
+    assert ("It does not change the budget curves (paper: kind, lora) nor the KIND-ify "
+            "comparison's KIND transfers") in text  # fmt: skip
+    assert "(paper: kind, lora) get them, the others its first seed" in text
+    custom = Preset(methods=("kind", "oft"), seeds=(3, 4), seeded_methods=("oft",))
+    assert describe(custom).startswith("source digits; oft with seeds 3, 4; kind with seed 3")

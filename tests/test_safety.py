@@ -255,6 +255,25 @@ def _demo_into_user_dir(tmp: Path, made: Path) -> list[str]:
     return ["demo", "--preset", "quick", "--out", str(tmp / "mine")]
 
 
+def _demo_into_user_settings(tmp: Path, made: Path) -> list[str]:
+    """A user's folder that happens to hold a settings.json naming a preset."""
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "notes.txt").write_text("x")
+    (tmp / "mine" / "settings.json").write_text('{"preset": "default", "theme": "dark"}')
+    return ["demo", "--preset", "quick", "--out", str(tmp / "mine"), "--report-only"]
+
+
+def _ablations_into_user_dir(tmp: Path, made: Path) -> Callable[[], None]:
+    """Ablations beside a (report-only) demo, into a user's folder holding an ablations.md."""
+    from kind.experiments.ablations import run_ablations
+    from kind.experiments.demo import run_demo
+
+    run_demo(tmp / "demo", "quick", device="cpu", report_only=True)
+    (tmp / "mine").mkdir()
+    (tmp / "mine" / "ablations.md").write_text("my own notes")
+    return lambda: run_ablations(tmp / "demo", tmp / "mine")
+
+
 def _sample_into_user_dir(tmp: Path, made: Path) -> list[str]:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "photo.png").write_bytes(b"x")
@@ -329,6 +348,10 @@ CASES = [
     Case("two runs in one --out", _locked, 2, "is being written by"),
     Case("demo never deletes a user's folder", _demo_user_folder, 2, "did not make"),
     Case("demo --out with user files", _demo_into_user_dir, 2, "not a kind-dit demo"),
+    Case(
+        "demo --out with a user's settings.json", _demo_into_user_settings, 2, "not a kind-dit demo"
+    ),
+    Case("ablations --out with user files", _ablations_into_user_dir, 2, "not the ablations of"),
     Case("continue a run into a user's folder", _continue_into("user"), 2, "of its own"),
     Case("continue a run into another run", _continue_into("run"), 2, "of its own"),
     Case("sample --out with user files", _sample_into_user_dir, 2, "other files than samples"),

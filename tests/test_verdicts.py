@@ -16,6 +16,8 @@ from kind.experiments.verdicts import (
     UNRESOLVED,
     all_verdicts,
     best_fid,
+    compare,
+    draw_compare,
     paired_interval,
 )
 
@@ -84,6 +86,36 @@ def test_one_seed_is_unresolved_however_large_the_gap():
     assert _verdict(verdicts, "kind vs PEFT").verdict == UNRESOLVED
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "a, b, shown",
+    [
+        ({0: NAN, 1: 2.0, 2: 3.0}, {0: 5.0, 1: 6.0, 2: 7.0}, "seed 0: nan vs 5.00"),
+        ({0: 1.0, 1: 2.0, 2: INF}, {0: 5.0, 1: 6.0, 2: 7.0}, "seed 2: inf vs 7.00"),
+        ({0: 1.0, 1: 2.0, 2: 3.0}, {0: 5.0, 1: INF, 2: 7.0}, "seed 1: 2.00 vs inf"),
+        ({0: INF, 1: 2.0, 2: 3.0}, {0: INF, 1: 6.0, 2: 7.0}, "seed 0: inf vs inf"),
+    ],
+)
+def test_a_non_finite_fid_is_unresolved_and_says_so(a, b, shown):
+    """A diverged run's FID (NaN, inf) has no interval: unresolved, naming the seed, no crash."""
+    assert paired_interval(a, b) is None
+    assert compare(a, b) == (UNRESOLVED, f"non-finite FID ({shown}), a diverged run: no interval "
+                                         "to compute")  # fmt: skip
+    outcome, evidence = draw_compare(list(a.values()), list(b.values()))
+    assert outcome == UNRESOLVED and f"non-finite FID ({shown.replace('seed', 'draw')})" in evidence
+
+
+def test_a_diverged_kind_run_leaves_the_claim_unresolved():
+    v = _verdict(all_verdicts(_results(kind=[INF, 11, 12], lora=[20, 21.5, 22]), ["digits"]),
+                 "kind (")  # fmt: skip
+    assert (
+        v.verdict == UNRESOLVED
+        and "vs lora: unresolved, non-finite FID (seed 0: inf vs" in v.evidence
+    )
+
+
 def test_negative_transfer_of_source_tailors():
     worse = _results(kind=[10, 11, 12], lora=[10, 11, 12], tailors=[15, 17, 16])
     assert _verdict(all_verdicts(worse, ["digits"]), "kind-tailors").verdict == SUPPORTED
@@ -125,3 +157,11 @@ def test_sources_are_kept_apart():
         r.source = "wide"
     verdicts = all_verdicts(wide, ["digits", "wide"])
     assert {v.source for v in verdicts} == {"wide"}
+
+
+def test_a_table_cell_over_a_diverged_run_lists_its_values():
+    """The report's mean ± std of a cell with a NaN FID lists the values (it crashed)."""
+    from kind.experiments.report import _stat
+
+    assert _stat([1.0, float("nan"), 2.0], ".2f") == "1.00, nan, 2.00"
+    assert _stat([1.0, 2.0], ".2f") == "1.50 ± 0.71"

@@ -12,12 +12,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from kind.experiments.demo import saved_settings
 from kind.experiments.jobs import deploy_task, pretrain_task, transfer_task
-from kind.experiments.presets import PRESETS, SOURCES, Preset
+from kind.experiments.presets import SOURCES, Preset, saved_preset
 from kind.experiments.report import count_label, md_table
 from kind.experiments.results import RunResult
 from kind.experiments.scheduler import Job, execute, result_path
-from kind.io import atomic_write_text
+from kind.io import atomic_write_text, read_json, write_json
 
 TASKS = {t.name: t.spec for t in SOURCES["digits"].tasks}  # the demo's tasks it ablates
 VARIANTS = ("kind", "kind-r2", "kind-r32", "kind-orth", "kind-steps{long}", "full",
@@ -90,13 +91,36 @@ def plan(demo: Path, out: Path, preset: Preset, orth_weight: float) -> list[Job]
     return todo
 
 
+MARKER = "ablations.json"  # which demo and weight an ablations folder belongs to
+
+
+def _claim(out: Path, demo: Path, orth_weight: float) -> None:
+    """Make `out` the ablations folder of `demo`: new or empty, or these ablations started
+    before; a folder holding anything else is a user's, refused before anything is written."""
+    mine = {"demo": str(demo.resolve()), "orth_weight": orth_weight}
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        try:
+            theirs = read_json(out / MARKER) if (out / MARKER).is_file() else None
+        except ValueError:
+            theirs = None
+        if theirs != mine:
+            raise ValueError(
+                f"{out} holds files that are not the ablations of {demo} with orthogonality "
+                f"weight {orth_weight}; choose a new or empty --out (nothing was touched)"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / MARKER, mine)
+
+
 def run_ablations(demo: Path, out: Path, jobs: int = 2, orth_weight: float = 1e-4) -> Path:
-    """Run (or continue) the ablations beside the finished demo `demo`; returns ablations.md."""
+    """Run (or continue) the ablations beside the finished demo `demo`, with the settings it ran
+    with; returns ablations.md."""
     demo, out = Path(demo), Path(out)
-    settings = json.loads((demo / "settings.json").read_text())
-    if settings["preset"] not in PRESETS:
-        raise ValueError(f"{demo} ran a custom preset; ablations run beside a named one")
-    preset = PRESETS[settings["preset"]]
+    settings = saved_settings(demo)
+    if settings is None:
+        raise ValueError(f"{demo} holds no kind-dit demo; run `kind-dit demo --out {demo}` first")
+    preset = saved_preset(settings)
+    _claim(out, demo, orth_weight)
     results, failed = execute(plan(demo, out, preset, orth_weight), out, jobs)
     base: dict[str, RunResult] = {}
     for task in TASKS:

@@ -32,6 +32,7 @@ from kind.core.device import pick_device
 from kind.experiments.jobs import deploy_task, pretrain_task, size_task, transfer_task
 from kind.experiments.presets import PRESETS, SOURCES, Preset
 from kind.experiments.report import write_report
+from kind.experiments.results import RunResult
 from kind.experiments.scheduler import Job, execute, result_path
 from kind.io import atomic_write_text, read_json, write_json
 from kind.transfer.registry import get
@@ -141,6 +142,53 @@ def extras(out: Path, preset: Preset, common: dict) -> list[Job]:
     return jobs
 
 
+SETTINGS = "settings.json"
+# what kind-dit writes into a demo's settings.json besides the preset's fields
+_RECORDED = ("preset", "jobs", "threads_per_job", "device", "size", "lr", "pretrain_steps")
+# preset fields that may grow when a demo is continued: more of them adds jobs beside the
+# finished ones (more seeds or methods, a comparison turned on) without changing what those ran
+_ADDS_JOBS = ("sources", "methods", "seeds", "seeded_methods", "null_methods", "budget_scales",
+              "budget_methods", "size_fractions", "kindify_steps")  # fmt: skip
+
+
+def saved_settings(out: Path) -> dict | None:
+    """The settings of the demo in `out`; None for a new or empty folder. A folder that holds
+    anything else is a user's and is refused: its settings.json must be one a demo wrote."""
+    if not out.exists():
+        return None
+    if out.is_dir() and not any(out.iterdir()):
+        return None
+    try:
+        settings = read_json(out / SETTINGS) if (out / SETTINGS).is_file() else {}
+    except ValueError:
+        settings = {}
+    if not all(k in settings for k in _RECORDED):
+        raise ValueError(
+            f"{out} holds files that are not a kind-dit demo; choose a new or empty --out "
+            "(nothing was touched)"
+        )
+    return settings
+
+
+def _changed(saved: dict, preset_name: str, asked: dict) -> list[str]:
+    """How the asked preset differs from the one a demo ran with, field by field, leaving out
+    what only adds jobs (`_ADDS_JOBS`) and fields this version added since (absent from the
+    saved settings): a continued demo must not mix jobs of two settings in one report."""
+    changed = (
+        []
+        if saved["preset"] == preset_name
+        else [f"preset {saved['preset']} (asked: {preset_name})"]
+    )
+    for key, value in asked.items():
+        old = saved.get(key, value)
+        grows = key in _ADDS_JOBS and (
+            not old or (isinstance(old, list) and all(v in value for v in old))
+        )
+        if old != value and not grows:
+            changed.append(f"{key} {old} (asked: {value})")
+    return changed
+
+
 class DemoError(RuntimeError):
     """Jobs of the demo failed; the report of those that finished was written."""
 
@@ -173,28 +221,31 @@ def run_demo(
     on_cpu = torch.device(device).type == "cpu"
     workers = jobs or (max(1, min(4, os.cpu_count() or 1)) if on_cpu else 1)
     threads = max(1, (os.cpu_count() or 1) // workers) if on_cpu else 1
-    saved = out / "settings.json"
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not saved.is_file())):
-        raise ValueError(
-            f"{out} holds files that are not a kind-dit demo; choose a new or empty --out "
-            "(nothing was touched)"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "preset": preset_name,
-        **asdict(preset),
-        "jobs": workers,
-        "threads_per_job": threads,
-        "device": device,
-    }
-    if saved.is_file() and read_json(saved, "preset")["preset"] != preset_name:
-        raise ValueError(f"{out} holds a demo with another preset; choose another --out")
-    atomic_write_text(saved, json.dumps(settings, indent=2))
+    saved = saved_settings(out)
+    asked = json.loads(json.dumps(asdict(preset)))  # tuples as the JSON lists saved
+    if saved is not None:
+        changed = _changed(saved, preset_name, asked)
+        if changed and not report_only:
+            raise ValueError(
+                f"{out} holds a demo run with other settings ({'; '.join(changed)}): its jobs "
+                "and the new ones would share one report; continue it with the settings it "
+                "was started with, or choose another --out"
+            )
+    if report_only and saved is not None:  # run nothing, and report what the jobs ran with
+        settings = asked | saved
+    else:
+        settings = {"preset": preset_name, **asked, "jobs": workers, "threads_per_job": threads,
+                    "device": device}  # fmt: skip
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
 
     jobs_planned = plan(out, preset, threads, device)
     to_run = [j for j in jobs_planned if not result_path(out, j.name).is_file()]
     t0 = time.time()
     results, failed = execute(jobs_planned, out, workers, report_only)
+    results = {
+        n: r.moved_to(out / n) if isinstance(r, RunResult) else r for n, r in results.items()
+    }
     # One wall time per invocation that ran jobs, kept beside the results: an invocation that
     # only continues a finished demo (or writes the report) leaves the earlier figures standing.
     walls_file = out / "wall_times.json"

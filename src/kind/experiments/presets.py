@@ -3,7 +3,7 @@ named presets of sizes, steps, methods, seeds, guidance scales and budgets."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,14 @@ class Preset:
     # sample draws (seeds) of each evaluation the two comparisons above rest on: a one-seed run's
     # comparison can only be set against the sampling noise of its evaluation
     noise_draws: int = 3
+
+
+def saved_preset(settings: dict) -> Preset:
+    """The preset a demo ran with, from its settings.json: lists back to tuples, the fields this
+    version added since at their defaults."""
+    known = {f.name for f in fields(Preset)}
+    return Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()
+                     if k in known})  # fmt: skip
 
 
 PRESETS = {

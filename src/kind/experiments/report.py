@@ -8,6 +8,7 @@ traces back to a result file; the verdicts come from `kind.experiments.verdicts`
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 from collections import defaultdict
@@ -37,6 +38,8 @@ def _stat(values: list[float | None], fmt: str) -> str:
         return "–"
     if len(values) == 1:
         return format(values[0], fmt)
+    if not all(math.isfinite(v) for v in values):  # a diverged run: no mean ± std to give
+        return ", ".join(format(v, fmt) for v in values)
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 

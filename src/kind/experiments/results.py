@@ -4,7 +4,8 @@ later invocations (a resumed demo, `--report-only`, the ablations)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass
@@ -88,6 +89,13 @@ class RunResult:
         """The method with its options: 'kind', 'kind+null', 'lora@x4', 'kind+null@x0.25'."""
         scale = "" if self.budget_scale == 1 else f"@x{self.budget_scale:g}"
         return f"{self.method}{'+null' if self.null_tailor else ''}{scale}"
+
+    def moved_to(self, run: Path) -> RunResult:
+        """This result with its paths under `run`, where its run now is: the job wrote them as
+        its `--out` was typed, relative to where the demo was started, and a demo is continued
+        or reported from other folders, or copied."""
+        grid = run / Path(self.grid).relative_to(self.run)
+        return replace(self, run=str(run), grid=str(grid))
 
     @classmethod
     def from_dict(cls, d: dict) -> RunResult:

@@ -49,14 +49,23 @@ class Verdict:
 
 
 def paired_interval(a: dict[int, float], b: dict[int, float]) -> Interval | None:
-    """The 95% t-interval of mean(a[s] - b[s]) over the seeds s both have; None under 2 pairs."""
+    """The 95% t-interval of mean(a[s] - b[s]) over the seeds s both have; None under 2 pairs, or
+    when a difference is not finite (a diverged run's inf or NaN FID), which has no interval."""
     seeds = sorted(a.keys() & b.keys())
-    if len(seeds) < 2:
-        return None
     diffs = [a[s] - b[s] for s in seeds]
+    if len(seeds) < 2 or not all(math.isfinite(d) for d in diffs):
+        return None
     mean, n = statistics.mean(diffs), len(diffs)
     half = _T975[min(n - 1, len(_T975)) - 1] * statistics.stdev(diffs) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, n)
+
+
+def non_finite(a: dict[int, float], b: dict[int, float], label: str = "seed") -> str:
+    """The shared keys whose difference a - b is not finite, as "seed 0: nan vs 5.00"; "" when
+    there are none. A diverged run's FID (inf, NaN) says neither by how much nor, with NaN, which
+    way, so a comparison over it is unresolved, and says why, rather than computed."""
+    bad = [k for k in sorted(a.keys() & b.keys()) if not math.isfinite(a[k] - b[k])]
+    return ", ".join(f"{label} {k}: {a[k]:.2f} vs {b[k]:.2f}" for k in bad)
 
 
 def best_fid(run: RunResult) -> float:
@@ -75,6 +84,8 @@ def score_by_seed(runs: list[RunResult], source: str, task: str, variant: str) -
 
 def compare(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
     """("better" | "worse" | "unresolved", evidence) for a against b, lower FID being better."""
+    if bad := non_finite(a, b):
+        return UNRESOLVED, f"non-finite FID ({bad}), a diverged run: no interval to compute"
     interval = paired_interval(a, b)
     if interval is None:
         shared = sorted(a.keys() & b.keys())
@@ -180,8 +191,10 @@ def draw_compare(a: list[float], b: list[float]) -> tuple[str, str]:
     """("better" | "worse" | WITHIN_NOISE | UNRESOLVED, evidence) for FIDs `a` against `b` over
     paired sample draws (draw i of both sampled with the same seed): the 95% t-interval of the
     mean difference, which holds the evaluation's sampling noise only (one training seed)."""
-    interval = paired_interval(dict(enumerate(a)), dict(enumerate(b)))
     head = f"FID {statistics.mean(a):.2f} vs {statistics.mean(b):.2f}"
+    if bad := non_finite(dict(enumerate(a)), dict(enumerate(b)), "draw"):
+        return UNRESOLVED, f"{head}; non-finite FID ({bad}): no interval to compute"
+    interval = paired_interval(dict(enumerate(a)), dict(enumerate(b)))
     if interval is None:
         return UNRESOLVED, f"{head}; fewer than 2 sample draws"
     evidence = f"{head}, ΔFID {str(interval).replace('(n=', '(draws n=')}"
