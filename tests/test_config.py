@@ -6,7 +6,7 @@ import pytest
 
 from kind.core.diffusion import DiffusionConfig
 from kind.core.gated import resolve_rank
-from kind.training.config import load_config, parse_overrides
+from kind.training.config import load_config, parse_overrides, read_group_file
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 CONFIGS = [p for p in CONFIGS if "groups" not in p.name]
@@ -67,3 +67,10 @@ def test_missing_config_file(tmp_path):
 def test_exponent_without_a_dot_in_a_yaml_file(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 1e-4\n")
     assert load_config(tmp_path / "c.yaml").train.lr == 1e-4
+
+
+def test_a_group_file_that_is_not_a_path_or_not_there_is_named(tmp_path):
+    with pytest.raises(ValueError, match="group_file = 5 is out of range"):
+        load_config(overrides={"group_file": 5})
+    with pytest.raises(FileNotFoundError, match="group_file .*nope.yaml does not exist"):
+        read_group_file(str(tmp_path / "nope.yaml"), ["a"])

@@ -147,6 +147,9 @@ class Config:
     def __post_init__(self):
         check_range("data", self.data, isinstance(self.data, str) and bool(self.data.strip()),
                     "a data spec such as mnist:0-5, a folder or a latent store")  # fmt: skip
+        check_range("group_file", self.group_file, self.group_file is None or (
+            isinstance(self.group_file, str) and bool(self.group_file.strip())),
+            "the path of a YAML/JSON file {class name: group}")  # fmt: skip
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,6 +254,10 @@ def save_config(cfg: Config, path: Path) -> None:
 def read_group_file(path: str, class_names: list[str]) -> list[int]:
     """τ from a YAML/JSON mapping {class name: group name or id}; groups are numbered in order of
     first appearance along class_names. Every class must be mapped."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"group_file {path} does not exist; give a YAML/JSON file {{class name: group}}"
+        )
     mapping = _read_yaml(Path(path))
     if not isinstance(mapping, dict):
         raise ValueError(f"group file {path} must map class names to groups")
