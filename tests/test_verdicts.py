@@ -165,3 +165,15 @@ def test_a_table_cell_over_a_diverged_run_lists_its_values():
 
     assert _stat([1.0, float("nan"), 2.0], ".2f") == "1.00, nan, 2.00"
     assert _stat([1.0, 2.0], ".2f") == "1.50 ± 0.71"
+
+
+def test_fid_at_accuracy_says_above_for_a_sweep_that_never_comes_down_to_it():
+    """The report's 'FID @ acc.' cell: interpolated where the mean sweep brackets the target,
+    'above' where every scale's accuracy is higher (it showed "–", hiding the best methods)."""
+    from kind.experiments.report import _fid_at_accuracy, _matched_cell
+
+    crosses = [(1.0, 10.0, 0.2), (2.0, 14.0, 0.4)]
+    assert _matched_cell(crosses, 0.3, _fid_at_accuracy(crosses, 0.3)) == "12.0"
+    above = [(1.0, 9.0, 0.35), (2.0, 11.0, 0.5)]
+    assert _matched_cell(above, 0.3, _fid_at_accuracy(above, 0.3)) == "above"
+    assert _matched_cell([(1.0, 9.0, None)], 0.3, None) == "–"

@@ -53,9 +53,17 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _copy_grid(src: str, out: Path, name: str) -> str:
+    """The run's sample grid copied beside the report; where the run is gone (a demo's results
+    and report kept without its runs, as in docs/), the copy an earlier report made."""
     target = out / "report" / f"{name}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, target)
+    if Path(src).is_file():
+        shutil.copyfile(src, target)
+    elif not target.is_file():
+        raise FileNotFoundError(
+            f"the sample grid {src} is gone and no earlier report copied it; run the job again "
+            "(remove its results file) or restore the run"
+        )
     return f"report/{name}.png"
 
 
@@ -119,6 +127,14 @@ def _fid_at_accuracy(sweep: list[tuple[float, float, float | None]], target: flo
             return f0 + w * (f1 - f0)
     reached = [f for _, f, a in sweep if a is not None and abs(a - target) < 1e-12]
     return reached[0] if reached else None
+
+
+def _matched_cell(sweep: list, target: float | None, matched: float | None) -> str:
+    """The 'FID @ acc.' cell: the interpolated FID, or why there is none."""
+    if matched is not None:
+        return f"{matched:.1f}"
+    accs = [a for _, _, a in sweep if a is not None]
+    return "above" if target is not None and accs and min(accs) > target else "–"
 
 
 def _pretrain_section(src: Source, results: dict[str, Result], out: Path, n: str) -> list[str]:
@@ -195,7 +211,7 @@ def _transfer_table(by_variant: dict[str, list[RunResult]], cfg_scale: float) ->
             "–" if best is None else f"{best[0]:g}",
             _stat([best_fid(r) for r in runs], ".1f"),
             "–" if best is None or best[2] is None else f"{best[2]:.3f}",
-            "–" if matched is None else f"{matched:.1f}",
+            _matched_cell(sweep, target, matched),
             _stat([r.train_seconds / 60 for r in runs], ".1f"), str(len(runs)),
         ])  # fmt: skip
     header = ["method", "trainable", "deployed", f"FID @ {cfg_scale:g}", f"acc. @ {cfg_scale:g}",
@@ -208,7 +224,9 @@ def _transfer_table(by_variant: dict[str, list[RunResult]], cfg_scale: float) ->
         return [md_table(header, rows), ""]
     note = ("Best FID: each seed's FID at its best guidance scale (mean ± std over seeds); "
             "'best-FID scale' and 'acc. there' are from the mean sweep. 'FID @ acc.' interpolates "
-            "each method's mean sweep at the highest class accuracy every method reaches.")  # fmt: skip
+            "each method's mean sweep at the highest class accuracy every method reaches; "
+            "'above' where a method's sweep stays above that accuracy at every scale, so no "
+            "swept scale brackets it.")  # fmt: skip
     return [md_table(header, rows), "", note, ""]
 
 
