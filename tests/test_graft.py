@@ -199,7 +199,7 @@ def test_a_null_tailor_or_another_tailor_rank_is_refused(parts, root, tmp_path):
     with pytest.raises(PartsError, match=r"null class a tailor of its own \(--null-tailor\)"):
         graft(parts, null, tmp_path / "a")
     rank = _transfer(parts, root / "rank", "mnist:8", "--rank-tailor", "1")
-    with pytest.raises(PartsError, match=r"rank_tailor \(run 1.0, parts 2\).*--rank-tailor"):
+    with pytest.raises(PartsError, match=r"rank_tailor \(run 1.0, parts 2.0\).*--rank-tailor"):
         graft(parts, rank, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
