@@ -55,8 +55,9 @@ def test_a_tailor_rank_given_as_a_float_or_a_fraction_saves_and_resumes():
     for rank in (4.0, 0.25, 2):
         saved = load_config(overrides={"model": {"rank_tailor": rank}}).to_dict()
         assert load_config(base=saved).model.rank_tailor == rank
-    with pytest.raises(ValueError, match="asks for 2.5 components; give a whole count"):
-        resolve_rank(2.5, 64, 32)
+    with pytest.raises(ValueError, match=r"model.rank_tailor = 2.5 is out of range.*whole count"):
+        load_config(overrides={"model": {"rank_tailor": 2.5}})
+    assert resolve_rank(2.5, 64, 32) == 2  # a model an older version saved with 2.5 still loads
 
 
 def test_missing_config_file(tmp_path):

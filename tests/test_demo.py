@@ -56,11 +56,16 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     settings = (tmp_path / "settings.json").read_bytes()
     with pytest.raises(ValueError, match=r"other settings \(transfer_steps 2 \(asked: 3\)\)"):
         run_demo(tmp_path, replace(TOY, transfer_steps=3), jobs=2, device="cpu")
-    text = run_demo(tmp_path, replace(TOY, transfer_steps=3), jobs=1, report_only=True).read_text()
+    asked = replace(TOY, transfer_steps=3, methods=("kind",))  # reported as it ran: both methods
+    text = run_demo(tmp_path, asked, jobs=1, report_only=True).read_text()
+    assert "\n| LoRA | " in text  # its row in the transfer tables
     assert (tmp_path / "settings.json").read_bytes() == settings
     assert "transfer 2 steps of batch 8" in text and "2 job(s) side by side" in text
     assert _changed(json.loads(settings), "custom", json.loads(json.dumps(asdict(
         replace(TOY, seeds=(0, 1), methods=("kind", "lora", "pissa"), kindify_steps=5))))) == []  # fmt: skip
+    paper_like = json.loads(settings) | {"preset": "paper", "seeded_methods": ["kind", "lora"]}
+    assert _changed(paper_like, "quick", json.loads(json.dumps(asdict(TOY)))) == [
+        "preset paper (asked: quick)", "seeded_methods ['kind', 'lora'] (asked: None)"]  # fmt: skip
 
     # copied (or reported from another folder): the report shows the copy's own sample grids
     copy = shutil.copytree(tmp_path, tmp_path.with_name(tmp_path.name + "_copy"))

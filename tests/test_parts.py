@@ -112,6 +112,7 @@ def test_merged_class_model_matches_the_factored_model(source):
     assert _rel(merged(x, t, torch.full((3,), merged.null_id)), source(x, t, null)) <= 1e-5
     uncond = merge(source, None)
     assert _rel(uncond(x, t, torch.full((3,), uncond.null_id)), source(x, t, null)) <= 1e-5
+    assert merge(source, "2").config.class_names == ["two"]  # by its id: named by its name
 
 
 def test_merged_model_directory_round_trip(parts, source, tmp_path):

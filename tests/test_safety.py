@@ -615,6 +615,28 @@ def test_an_out_holding_only_an_interrupted_commands_leftover_says_so(tmp_path):
     (out / ".eo.ypdzr9id.tmp" / "config.json").write_text("{}")
     with pytest.raises(OutputDirError, match=r"interrupted kind-dit command \(\.eo\.ypdzr9id\.tmp"):
         check_new_dir(out)
+    (tmp_path / "link").symlink_to(out)  # the temporary directory is named after the target
+    with pytest.raises(OutputDirError, match="interrupted kind-dit command"):
+        check_new_dir(tmp_path / "link")
     (out / "theirs.txt").write_text("x")
     with pytest.raises(OutputDirError, match="already exists and is not empty"):
         check_new_dir(out)
+
+
+def test_ablations_continue_a_folder_an_earlier_version_started(tmp_path):
+    """A folder without the ablations' marker is theirs when it holds only what the ablations
+    write (results/, their job folders and logs); a user's ablations.md alone is not."""
+    from kind.experiments.ablations import MARKER, _claim
+    from kind.experiments.scheduler import Job
+
+    jobs = [Job("deploy-orth", print, {}, 1.0), Job("novel/kind-orth", print, {}, 1.0)]
+    out = tmp_path / "abl"
+    for folder in ("results", "deploy-orth", "novel"):
+        (out / folder).mkdir(parents=True)
+    (out / "deploy-orth.log").write_text("")
+    _claim(out, tmp_path / "demo", 1e-4, jobs)
+    assert (out / MARKER).is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "ablations.md").write_text("my own notes")
+    with pytest.raises(ValueError, match="not the ablations of"):
+        _claim(tmp_path / "mine", tmp_path / "demo", 1e-4, jobs)

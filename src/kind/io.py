@@ -87,7 +87,7 @@ def check_new_dir(out: str | Path) -> Path:
             f"{above} is a file, so {out} cannot be made; choose another output directory"
         )
     if out.exists() and any(out.iterdir()):
-        name = Path(os.path.abspath(out)).name
+        name = (out.resolve() if out.is_symlink() else Path(os.path.abspath(out))).name
         entries = [p.name for p in out.iterdir()]
         if all(re.fullmatch(rf"\.{re.escape(name)}\..+\.tmp", e) for e in entries):
             raise OutputDirError(

@@ -99,10 +99,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Transfer into --out; --match-kind first sizes the budget from a KIND transfer's."""
     from kind.data.dataset import class_names
-    from kind.training.config import Config
+    from kind.training.config import Config, check_rank
     from kind.transfer.run import run_transfer
 
     settle_resume(args)
+    if args.rank_tailor is not None:
+        check_rank("--rank-tailor", args.rank_tailor)
     if args.data is None and not args.resume and not _config_sets_data(args.config):
         raise ValueError(
             "give the target classes: --data SPEC, or a --config that sets data (a transfer "

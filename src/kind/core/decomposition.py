@@ -131,8 +131,8 @@ def merge(model: DiT, class_name: str | None) -> DiT | MergedDiT:
     dense = dict(kind=False, class_to_group=None, groups=None, null_tailor=False)
     if class_name is None:
         return _fold(model, None, replace(model.config, class_names=[], **dense))
-    (c,) = resolve_classes(model.config, [class_name])
-    dense_cfg = replace(model.config, class_names=[class_name], **dense)
+    (c,) = resolve_classes(model.config, [class_name])  # a name, or an id
+    dense_cfg = replace(model.config, class_names=[model.config.class_names[c]], **dense)
     merged = MergedDiT(dense_cfg)
     merged.cond.load_state_dict(_fold(model, c, dense_cfg).state_dict())
     merged.uncond.load_state_dict(_fold(model, None, merged.uncond.config).state_dict())

@@ -53,7 +53,8 @@ Bundled sets ship in the package as ``assets/{mnist,animals,glyphs}.npz`` (28x28
 nothing is ever downloaded. ``glyphs`` holds the capital letters A..X drawn from matplotlib's
 DejaVu fonts with random face, weight, size and affine jitter.
 An image folder holds one sub-directory per class (class order = sorted directory names) with
-image files directly inside (png, jpg, jpeg, bmp, webp, gif, any case; hidden files skipped).
+image files directly inside (png, jpg, jpeg, bmp, webp, gif, tif, tiff, any case; hidden files
+skipped; 16-bit greyscale scaled to 8 bits).
 Folder images are decoded eagerly by ``load_images``: these are small sets. Large ones (ImageNet)
 are streamed instead: ``list_images`` names the images of a split without reading them and
 ``read_image`` reads one, which is how ``kind.latents`` encodes a set batch by batch.

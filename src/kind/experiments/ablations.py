@@ -94,16 +94,25 @@ def plan(demo: Path, out: Path, preset: Preset, orth_weight: float) -> list[Job]
 MARKER = "ablations.json"  # which demo and weight an ablations folder belongs to
 
 
-def _claim(out: Path, demo: Path, orth_weight: float) -> None:
+def _claim(out: Path, demo: Path, orth_weight: float, jobs: list[Job]) -> None:
     """Make `out` the ablations folder of `demo`: new or empty, or these ablations started
-    before; a folder holding anything else is a user's, refused before anything is written."""
+    before (its marker says so, or, from a version without it, it holds only what `jobs`
+    write); a folder holding anything else is a user's, refused before anything is written."""
     mine = {"demo": str(demo.resolve()), "orth_weight": orth_weight}
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         try:
             theirs = read_json(out / MARKER) if (out / MARKER).is_file() else None
         except ValueError:
             theirs = None
-        if theirs != mine:
+        ours = {"results", "ablations.md"} | {j.name.split("/")[0] for j in jobs}
+        earlier = (
+            theirs is None
+            and (out / "results").is_dir()
+            and all(
+                e.name in ours or (e.suffix == ".log" and e.stem in ours) for e in out.iterdir()
+            )
+        )
+        if theirs != mine and not earlier:
             raise ValueError(
                 f"{out} holds files that are not the ablations of {demo} with orthogonality "
                 f"weight {orth_weight}; choose a new or empty --out (nothing was touched)"
@@ -120,8 +129,9 @@ def run_ablations(demo: Path, out: Path, jobs: int = 2, orth_weight: float = 1e-
     if settings is None:
         raise ValueError(f"{demo} holds no kind-dit demo; run `kind-dit demo --out {demo}` first")
     preset = saved_preset(settings)
-    _claim(out, demo, orth_weight)
-    results, failed = execute(plan(demo, out, preset, orth_weight), out, jobs)
+    todo = plan(demo, out, preset, orth_weight)
+    _claim(out, demo, orth_weight, todo)
+    results, failed = execute(todo, out, jobs)
     base: dict[str, RunResult] = {}
     for task in TASKS:
         for method in ("kind", "full", "lora", "pissa"):

@@ -30,7 +30,7 @@ import torch
 
 from kind.core.device import pick_device
 from kind.experiments.jobs import deploy_task, pretrain_task, size_task, transfer_task
-from kind.experiments.presets import PRESETS, SOURCES, Preset
+from kind.experiments.presets import PRESETS, SOURCES, Preset, saved_preset
 from kind.experiments.report import write_report
 from kind.experiments.results import RunResult
 from kind.experiments.scheduler import Job, execute, result_path
@@ -174,16 +174,15 @@ def _changed(saved: dict, preset_name: str, asked: dict) -> list[str]:
     """How the asked preset differs from the one a demo ran with, field by field, leaving out
     what only adds jobs (`_ADDS_JOBS`) and fields this version added since (absent from the
     saved settings): a continued demo must not mix jobs of two settings in one report."""
-    changed = (
-        []
-        if saved["preset"] == preset_name
-        else [f"preset {saved['preset']} (asked: {preset_name})"]
-    )
+    changed = []
+    if preset_name != "custom" and saved["preset"] != preset_name:  # custom: by its fields
+        changed.append(f"preset {saved['preset']} (asked: {preset_name})")
     for key, value in asked.items():
         old = saved.get(key, value)
         grows = key in _ADDS_JOBS and (
-            not old or (isinstance(old, list) and all(v in value for v in old))
-        )
+            not old or (isinstance(old, list) and isinstance(value, list)
+                        and all(v in value for v in old))
+        )  # fmt: skip
         if old != value and not grows:
             changed.append(f"{key} {old} (asked: {value})")
     return changed
@@ -231,8 +230,8 @@ def run_demo(
                 "and the new ones would share one report; continue it with the settings it "
                 "was started with, or choose another --out"
             )
-    if report_only and saved is not None:  # run nothing, and report what the jobs ran with
-        settings = asked | saved
+    if report_only and saved is not None:  # run nothing: report the jobs as they ran
+        settings, preset = asked | saved, saved_preset(saved)
     else:
         settings = {"preset": preset_name, **asked, "jobs": workers, "threads_per_job": threads,
                     "device": device}  # fmt: skip

@@ -517,7 +517,7 @@ def assemble(
     made["how"] = f"assembled by `kind-dit assemble` from the parts `{extra['source']}`"
     if merge_class is not None or merge_null:
         merged = merge(model, None if merge_null else merge_class)
-        extra["merged"] = "null" if merge_null else merge_class
+        extra["merged"] = "null" if merge_null else merged.config.class_names[0]
         save_model_dir(out, merged, diffusion, extra, made=made)
     else:
         save_model_dir(out, model, diffusion, extra, made=made)

@@ -27,6 +27,13 @@ def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"{key} = {value!r} is out of range; allowed: {allowed}")
 
 
+def check_rank(key: str, rank: float) -> None:
+    """A rank is a whole count of components (≥ 1) or a fraction of min(in, out) (< 1): 2.5 is
+    neither (the layers would silently take 2)."""
+    check_range(key, rank, rank < 1 or rank == int(rank),
+                "a whole count (>= 1) or a fraction of min(in, out) (< 1)")  # fmt: skip
+
+
 def _count(key: str, value: Any, low: int, optional: bool = False) -> None:
     ok = (optional and value is None) or (
         isinstance(value, int) and not isinstance(value, bool) and value >= low
@@ -147,6 +154,7 @@ class Config:
     def __post_init__(self):
         check_range("data", self.data, isinstance(self.data, str) and bool(self.data.strip()),
                     "a data spec such as mnist:0-5, a folder or a latent store")  # fmt: skip
+        check_rank("model.rank_tailor", self.model.rank_tailor)
         check_range("group_file", self.group_file, self.group_file is None or (
             isinstance(self.group_file, str) and bool(self.group_file.strip())),
             "the path of a YAML/JSON file {class name: group}")  # fmt: skip
