@@ -374,6 +374,10 @@ def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys, vae_dir):
     (tmp_path / "edited" / "kind_dit.json").write_text(json.dumps({"latent": "x"}))
     err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
     assert "kind_dit.json: latent must be a mapping" in err
+    classes = make_reference().config.num_embeds_ada_norm  # its record's names, one repeated
+    (tmp_path / "edited" / "kind_dit.json").write_text(json.dumps({"class_names": ["a"] * classes}))
+    err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
+    assert "class names ['a'] appear more than once" in err
 
     geglu = make_reference()
     geglu.register_to_config(activation_fn="geglu")

@@ -204,6 +204,9 @@ def dense_config(
             f"{len(names)} class names for a model with {num_classes} classes; give one name a "
             "line, in label order"
         )
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # a name picks a class: a repeated one would always pick its first
+        raise ValueError(f"{what}: class names {repeated[:5]} appear more than once")
     return ModelConfig(
         size=f"{base}/{patch}",
         kind=False,
