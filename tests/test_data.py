@@ -281,6 +281,13 @@ def folder(tmp_path) -> Path:
     return root
 
 
+def test_images_beside_the_class_folders_are_named_in_a_warning(folder, caplog):
+    _write(folder / "stray.png", (20, 20), 10, mode="L")
+    assert dataset_classes(str(folder)) == ["bird", "cat", "dog"]
+    dataset_classes(str(folder))
+    assert caplog.text.count("1 image(s) beside its class sub-folders") == 1  # once a folder
+
+
 def test_folder_classes_counts_and_defaults(folder):
     assert dataset_classes(str(folder)) == ["bird", "cat", "dog"]
     train, test = load_images(str(folder)), load_images(str(folder), "test")

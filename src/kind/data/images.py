@@ -410,6 +410,9 @@ def _folder_classes(dataset: str) -> list[str]:
     root = Path(root)
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if classes:
+        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        if loose:
+            _warn_loose(str(root), len(loose))
         return classes
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
         return [root.name]  # a class-less folder: one class
@@ -418,6 +421,12 @@ def _folder_classes(dataset: str) -> list[str]:
         f"{root}/<class>/<image>.png (one sub-folder per class) or images directly inside it "
         "(one class)."
     )
+
+
+@functools.cache  # once a folder: its classes are listed many times a run
+def _warn_loose(root: str, count: int) -> None:
+    log.warning("image folder %s has %d image(s) beside its class sub-folders; they belong to "
+                "no class and are not read (move them into a class folder)", root, count)  # fmt: skip
 
 
 def _class_folders(dataset: str, name: str) -> list[Path]:
