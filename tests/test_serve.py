@@ -360,6 +360,9 @@ def test_vae_option_decodes_a_latent_models_samples_with_that_vae(
     main(["serve", str(copy), "--port", "0", "--vae", str(vae_dir)])
     decode = served[0].state.batcher.decode
     assert decode(torch.zeros(1, 4, 4, 4)).shape == (1, 3, 8, 8)  # the tiny VAE's upsampling
+    with pytest.raises(SystemExit) as e:  # a pixel-space model: no VAE decodes its images
+        main(["serve", str(parts), "--port", "0", "--vae", str(vae_dir)])
+    assert e.value.code == 2 and "pixel-space model" in capsys.readouterr().err
 
 
 def test_parts_of_tailor_rank_0_with_a_null_tailor_serve_what_kind_dit_sample_draws(tmp_path):

@@ -179,6 +179,11 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> t
 def decoder(latent: dict, vae_path: str | Path | None = None, device: str | torch.device = "cpu"):
     """A function latents -> uint8 images for a model trained on a store; `latent` is the entry a
     run records (its "vae" path), `vae_path` overrides it (the VAE moved to another machine)."""
+    if not latent and vae_path is not None:
+        raise ValueError(
+            f"--vae {vae_path}: this model records no latent space; it is a pixel-space model, "
+            "whose samples are images already: drop --vae"
+        )
     vae = load_vae(vae_path or latent.get("vae")).to(device)
     return lambda z: decode(vae, z)
 
