@@ -71,6 +71,13 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict
         )
 
 
+def _target(out: Path) -> Path:
+    """Where an output directory's files go: `out` made absolute ("." has no name to put a
+    temporary directory beside), or where it points when it is a link (the link stays)."""
+    out = Path(os.path.abspath(out))
+    return out.resolve() if out.is_symlink() else out
+
+
 class OutputDirError(ValueError):
     """An output directory that may not be written as asked; nothing in it was touched."""
 
@@ -87,7 +94,7 @@ def check_new_dir(out: str | Path) -> Path:
             f"{above} is a file, so {out} cannot be made; choose another output directory"
         )
     if out.exists() and any(out.iterdir()):
-        name = (out.resolve() if out.is_symlink() else Path(os.path.abspath(out))).name
+        name = _target(out).name
         entries = [p.name for p in out.iterdir()]
         if all(re.fullmatch(rf"\.{re.escape(name)}\..+\.tmp", e) for e in entries):
             raise OutputDirError(
@@ -114,9 +121,7 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     or fills, while the output is written: callers check their `--out` when they start
     (`check_new_dir`), and a directory filled since, by the user or by another command given
     the same `--out`, holds someone's files."""
-    final = Path(os.path.abspath(final))  # "." has no name to put a temporary one beside
-    if final.is_symlink():
-        final = final.resolve()  # the link stays; the output goes where it points
+    final = _target(final)
     in_place = final.is_dir() and not any(final.iterdir())
     existed = final.exists() and not in_place
     if existed and not replace:

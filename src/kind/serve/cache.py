@@ -99,9 +99,8 @@ class TailorCache:
         """Bytes one slot takes in memory: a bank row (a group's factors in every gated layer)
         plus `per_group` label rows, in fp32. From the manifest: a tailor file's parameters are
         its factors plus its classes' label rows."""
-        listed = [
-            g for g in groups if str(g) in self.manifest["tailors"]
-        ]  # a damaged one may lack some
+        # a damaged manifest may lack some groups' entries: size the slot from one it lists
+        listed = [g for g in groups if str(g) in self.manifest["tailors"]]
         if not listed:
             raise PartsError(f"{self.parts} holds no class tailors: there is nothing to serve")
         hidden = SIZES[parse_size(self.full.size)[0]][1]
