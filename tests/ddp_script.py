@@ -15,6 +15,7 @@ ap.add_argument("--out", required=True)
 ap.add_argument("--steps", type=int, default=3)
 ap.add_argument("--batch-size", type=int, default=8)
 ap.add_argument("--classes", default="0,1,2,3", help="classes present in the data")
+ap.add_argument("--class-dropout", type=float, default=0.0)
 ap.add_argument("--resume", action="store_true")
 ap.add_argument("--resume-on-rank", type=int, help="resume on this rank only (ranks that disagree)")
 args = ap.parse_args()
@@ -35,7 +36,7 @@ cfg = load_config(
             "keep_checkpoints": 10,
             "warmup_steps": 1,
             "weight_decay": 0.1,
-            "class_dropout": 0.0,
+            "class_dropout": args.class_dropout,
             "threads": 1,
             "device": "cpu",
         },

@@ -90,6 +90,18 @@ def test_sample_refuses_to_overwrite_and_unknown_classes(run, tmp_path, capsys):
     assert e.value.code == 2 and "holds no class to sample" in capsys.readouterr().err
 
 
+def test_sample_refuses_bad_guidance_options_before_sampling(run, tmp_path, capsys):
+    for argv, message in (
+        (["--guided-channels", "2"], "give at most 1"),  # a 1-channel model
+        (["--unconditional", "--classes", "0"], "drop --classes"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["sample", str(run), "--n", "1", "--out", str(tmp_path / "x"), *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "sampling" not in err
+    assert not (tmp_path / "x").exists()
+
+
 def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
     parts = tmp_path / "parts"
     main(["decompose", str(run), "--out", str(parts)])

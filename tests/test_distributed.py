@@ -98,6 +98,26 @@ def test_two_ranks_match_one_process_with_twice_the_batch_and_keep_tailors_isola
         assert not torch.equal(before["model"][bank][1], after["model"][bank][1])
 
 
+def test_a_rank_whose_share_is_all_null_samples_still_reduces_with_the_others(tmp_path):
+    """One sample a rank and label dropout 0.5: in some steps a rank's only sample is the null
+    class, which reads no tailor, so it has no tailor gradient; it must still take part in the
+    reduction of the batch's rows (else the ranks' collectives mismatch and the run dies)."""
+    g, null_shard = torch.Generator().manual_seed(0), False
+    for _ in range(4):  # the loop's global batches (indices, dropout, flips; seed 0)
+        torch.randint(32, (2,), generator=g)
+        drop = torch.rand(2, generator=g) < 0.5
+        torch.rand(2, generator=g)
+        null_shard |= bool(drop.any() and not drop.all())  # one rank all null, one not
+    assert null_shard, "no step of this seed has the case; change the steps"
+    common = ("--batch-size", "2", "--steps", "4", "--class-dropout", "0.5")
+    _run(tmp_path / "one", 1, *common)
+    _run(tmp_path / "two", 2, *common)
+    a, b = _tensors(tmp_path / "one", 4), _tensors(tmp_path / "two", 4)
+    for part in a:  # one sample a rank: AdamW's normalised step amplifies the fp32 rounding of
+        for k in a[part]:  # gradients that nearly cancel to ~1e-5 (batch 8 above: 1e-6)
+            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=2e-5, msg=k)
+
+
 def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_path):
     args = ["sample", str(trained), "--per-class", "3", "--steps", "2", "--device", "cpu"]
     for name, ranks in (("one", 1), ("two", 2)):  # 9 samples: class 1's split 2 + 1 over the ranks

@@ -181,9 +181,12 @@ def test_nan_loss_stops_with_a_message_naming_the_steps_and_saves_nothing(tmp_pa
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """With the orthogonality penalty on: it weighs each present tailor once a step, however
+    the batch is split (a micro-batch holds some of the batch's groups)."""
     data = _data([0, 1, 2, 3])
-    train(_cfg(2, class_dropout=0.0), tmp_path / "big", data=data)
-    train(_cfg(2, class_dropout=0.0, micro_batch_size=2), tmp_path / "micro", data=data)
+    train(_cfg(2, class_dropout=0.0, orth_weight=1.0), tmp_path / "big", data=data)
+    train(_cfg(2, class_dropout=0.0, orth_weight=1.0, micro_batch_size=2), tmp_path / "micro",
+          data=data)  # fmt: skip
     a = _checkpoint(tmp_path / "big", 2)[0]
     b = _checkpoint(tmp_path / "micro", 2)[0]
     for k in a:

@@ -106,6 +106,11 @@ def run(args: argparse.Namespace) -> None:
     if not args.overwrite and any(p.exists() for p in [*targets, scores]):
         raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
+    if args.unconditional and args.classes:
+        raise ValueError(
+            "--unconditional samples the null class (the learngene-only model), not classes; "
+            "drop --classes, or drop --unconditional"
+        )
     names = classes(args.classes)
     model, diffusion, meta = load_model(Path(args.source), names)
     defaults = SampleConfig.saved(meta.get("sample"))
@@ -113,6 +118,12 @@ def run(args: argparse.Namespace) -> None:
     steps = args.steps if args.steps is not None else defaults.steps
     cfg_scale = args.cfg_scale if args.cfg_scale is not None else defaults.cfg_scale
     guided = args.guided_channels or defaults.guided_channels
+    channels = model.config.in_channels
+    if guided is not None and guided > channels:  # before the first step, not during it
+        raise ValueError(
+            f"--guided-channels {guided}: this model's samples have {channels} channel(s); "
+            f"give at most {channels}, or leave it out to guide every channel"
+        )
     model.to(info.device)
     if args.compile:  # sampling hands a compiled model the static route (kind.core.diffusion)
         import torch
@@ -153,7 +164,7 @@ def run(args: argparse.Namespace) -> None:
         sampler=sampler,
         steps=steps,
         cfg_scale=cfg_scale,
-        guided_channels=guided or model.config.in_channels,
+        guided_channels=guided or channels,
         seed=args.seed,
         checkpoint=str(Path(args.source).resolve()),
     )

@@ -340,11 +340,13 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
         route = model.route(labels[sl], blocked=not tc.compile)
         with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = run.diffusion.loss(run.net, x0[sl], y[sl], t[sl], noise[sl], route).mean()
-            if tc.orth_weight and model.config.kind:
-                present = model.present_rows(labels[sl]).get("tailors")
-                present = present.to(device, non_blocking=True) if present is not None else None
-                loss = loss + tc.orth_weight * model.orthogonality_penalty(present)
             scaled = loss * (micro / local)
+            if last and tc.orth_weight and model.config.kind:
+                # once a step, over the tailors of the global batch, alike on every rank: its
+                # weight does not depend on how the batch is split into micro-batches or ranks
+                present = rows.get("tailors")
+                present = present.to(device, non_blocking=True) if present is not None else None
+                scaled = scaled + tc.orth_weight * model.orthogonality_penalty(present)
             state.scaler.scale(scaled).backward()
         loss_sum += scaled.detach()
     keep_rows(model.row_banks(), rows, lambda grad: distributed.all_mean(grad, info))

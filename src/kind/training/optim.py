@@ -55,12 +55,22 @@ def keep_rows(
 ) -> None:
     """Reduce each bank's gradient to its rows of the global batch `rows` (a sparse gradient),
     passed through `reduce` on the way (the mean over DDP ranks): after backward, before the
-    gradient is clipped and applied."""
+    gradient is clipped and applied.
+
+    Whether a bank takes part is decided from what every rank shares (the global rows, whether
+    the bank trains), never from this rank's own gradient: a rank whose share of the batch reads
+    none of the rows (every sample of it the null class) has none, and skipping the reduction
+    there would pair mismatched collectives across ranks. It reduces zeros instead."""
     for key, bank in banks.items():
-        if bank.grad is not None:
-            r = rows[key].to(bank.device, non_blocking=True)
-            grad = reduce(rows_of_grad(bank.grad, r))  # [P, N]
-            bank.grad = as_row_grad(bank, r, grad) if r.numel() else None
+        r = rows[key].to(bank.device, non_blocking=True)
+        if not bank.requires_grad or not r.numel():
+            bank.grad = None
+            continue
+        if bank.grad is None:  # [P, N]: this rank's samples read none of the rows
+            local = bank.new_zeros(r.numel(), *bank.shape[1:])
+        else:
+            local = rows_of_grad(bank.grad, r)  # [P, N]
+        bank.grad = as_row_grad(bank, r, reduce(local))
 
 
 class MaskedAdamW(torch.optim.Optimizer):
