@@ -91,6 +91,35 @@ def test_unknown_class_is_refused_with_the_class_names():
         model(x, t, torch.tensor([0]))
 
 
+def test_a_model_without_tailors_still_refuses_classes_it_does_not_hold():
+    x, t, _ = _batch([0])
+    with pytest.raises(ValueError, match=r"\['a'\] are not in this model, which holds \[\]"):
+        _model(groups=[])(x, t, torch.tensor([0]))  # learngenes only: the null class alone
+    with pytest.raises(ValueError, match=r"\['7'\] are not in this model"):
+        _model(kind=False)(x, t, torch.tensor([7]))  # an id past the dense model's classes
+
+
+def test_null_tailor_groups_must_hold_the_null_group():
+    with pytest.raises(ValueError, match="leaves out group 4, the null class's tailor"):
+        _model(null_tailor=True, groups=[0, 1])
+
+
+@pytest.mark.parametrize("kind", [True, False])
+def test_a_model_cast_to_bf16_runs(kind):
+    model = _model(kind=kind).to(torch.bfloat16)
+    x, t, y = _batch([0, 2, 4])
+    out = model(x.to(torch.bfloat16), t, y)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_orthogonality_penalty_is_fp32_under_autocast():
+    model = _model()
+    rows = torch.tensor([0, 2])
+    plain = model.orthogonality_penalty(rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model.orthogonality_penalty(rows), plain)
+
+
 def test_adaln_can_be_decomposed_as_learngene_only():
     model = _model(decompose_adaln=True)
     layer = model.blocks[0].adaLN_modulation[-1]

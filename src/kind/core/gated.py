@@ -284,7 +284,10 @@ class KindLinear(nn.Module):
         U, S, V = self.unpack(route.factors[self.bank_slot])  # [P, out, r], [P, r], [P, in, r]
         if route.slot is not None:
             U, S, V = U[route.slot], S[route.slot], V[route.slot]  # [B, out, r], [B, r], [B, in, r]
-        S = S * route.gate[:, None].to(S.dtype)  # the null class without a tailor: zero
+        # the null class without a tailor reads some group's row: zeroed, not multiplied by 0,
+        # so not even a non-finite tailor of that group reaches it (0 * inf is NaN; invariant 1)
+        keep = route.gate[:, None, None] > 0  # [B, 1, 1]
+        U, S, V = torch.where(keep, U, 0), torch.where(keep[:, 0], S, 0), torch.where(keep, V, 0)
         x3 = x.reshape(x.shape[0], -1, self.in_features)  # [B, T, in]
         y3 = y.reshape(x.shape[0], -1, self.out_features)  # [B, T, out]
         xv = torch.bmm(x3, V.to(x3.dtype)) * S[:, None].to(x3.dtype)  # [B, T, r]

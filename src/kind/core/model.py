@@ -156,7 +156,8 @@ class TimestepEmbedder(nn.Module):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / half)
         args = t.float()[:, None] * freqs[None]  # [B, half]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))  # [B, hidden]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [B, freq_dim], fp32
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # [B, hidden]: a model cast to bf16 too
 
 
 class LabelEmbedder(nn.Module):
@@ -267,6 +268,12 @@ class DiT(nn.Module):
         self.null_id = cfg.num_classes
         self.grid = cfg.image_size // self.patch
         groups = cfg.held_groups
+        if cfg.null_group is not None and cfg.null_group not in groups:
+            raise ValueError(
+                f"model.groups {groups} leaves out group {cfg.null_group}, the null class's "
+                "tailor (model.null_tailor is on): without it the unconditional model would run "
+                "learngene-only, unlike the model the groups came from; add the group"
+            )
         rank_tailor = cfg.rank_tailor if groups else 0
 
         def linear(i: int, o: int) -> nn.Module:
@@ -399,7 +406,8 @@ class DiT(nn.Module):
     ) -> torch.Tensor:
         """`route`: from `self.route(y)`, built once per batch by the caller; without one the
         model builds it (eager: blocked, reading y on the host; compiled: static)."""
-        if route is None and self.tailors is not None:
+        if route is None and (self.tailors is not None or y.device.type == "cpu"):
+            # a model without tailors has no route, but its host labels are checked all the same
             route = self.route(y, blocked=not torch.compiler.is_compiling())
         order = None
         if route is not None:
@@ -432,10 +440,14 @@ class DiT(nn.Module):
         chunks = (
             self.tailors.gather(rows) if rows is not None and self.tailors is not None else None
         )
-        terms = [
-            m.orthogonality_penalty(chunks[m.bank_slot] if chunks and m.rank_tailor else None)
-            for _, m in self.kind_layers()
-        ]
+        device = self.pos_embed.device.type
+        # in fp32 under autocast too: bf16's step near 1 (2^-7) is coarser than the drift from
+        # orthonormal columns the penalty is there to remove
+        with torch.autocast(device, enabled=False):
+            terms = [
+                m.orthogonality_penalty(chunks[m.bank_slot] if chunks and m.rank_tailor else None)
+                for _, m in self.kind_layers()
+            ]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def orthogonality_error(self) -> float:
