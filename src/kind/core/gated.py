@@ -454,8 +454,9 @@ class TailorBank(nn.Module):
         n = len(self.groups)
         for layer in layers:  # once per model, not per step
             U, S, V = layer.unpack(chunks[layer.bank_slot])  # views into the bank
-            basis_u = torch.linalg.qr(layer.U.double())[0]  # [out, r_G]; U may have drifted
-            basis_v = torch.linalg.qr(layer.V.double())[0]  # from orthonormal after training
+            # on the host, as the random directions are (one stream, whatever the device)
+            basis_u = torch.linalg.qr(layer.U.double().cpu())[0]  # [out, r_G]; U may have
+            basis_v = torch.linalg.qr(layer.V.double().cpu())[0]  # drifted after training
             U.copy_(_orthonormal(n, layer.out_features, layer.rank_tailor, basis_u))
             V.copy_(_orthonormal(n, layer.in_features, layer.rank_tailor, basis_v))
             S.fill_(self.sigma)
