@@ -11,9 +11,11 @@ unpatchify, learned-σ channels) is diffusers' own code. Models are random and s
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import math
+import pathlib
 
 import pytest
 import torch
@@ -194,6 +196,7 @@ def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):
     ref.save_pretrained(pipe / "transformer")
     (pipe / "README.md").write_text("---\nlicense: cc-by-nc-4.0\n---\n# DiT\n")
     (pipe / "LICENSE").write_text("Attribution-NonCommercial 4.0 International\n")
+    (pipe / "license_weights.safetensors").write_bytes(b"not a licence")
     main(["import", str(pipe), "--out", str(tmp_path / "m")])
     out = capsys.readouterr().out
     assert "10000^(-i/127)" in out  # the note on diffusers' timestep frequencies
@@ -203,7 +206,48 @@ def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):
     assert meta["imported"]["license"] == "cc-by-nc-4.0"
     assert (tmp_path / "m" / "source-LICENSE").read_text().startswith("Attribution")
     assert (tmp_path / "m" / "source-README.md").is_file()
+    assert not (tmp_path / "m" / "source-license_weights.safetensors").exists()
     assert "cc-by-nc-4.0" in (tmp_path / "m" / "NOTICE").read_text()
+
+
+def test_diffusers_first_dit_folder_imports(tmp_path, capsys):
+    """diffusers first saved DiT as a `Transformer2DModel` with norm_type ada_norm_zero (as
+    facebook/DiT-XL-2-256 on the Hub still is), with keys DiT has no use for; diffusers reads it
+    as a DiTTransformer2DModel, and so does kind-dit. Another Transformer2DModel is refused."""
+    ref = make_reference(seed=5)
+    folder = tmp_path / "pipe" / "transformer"
+    ref.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    legacy = {k: v for k, v in config.items() if k != "norm_eps"} | {
+        "_class_name": "Transformer2DModel", "_diffusers_version": "0.12.0.dev0",
+        "cross_attention_dim": None, "num_vector_embeds": None, "only_cross_attention": False,
+        "use_linear_projection": False}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(legacy))
+    main(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "m")])
+    assert "eps 1e-05" in capsys.readouterr().out  # no norm_eps then: diffusers' default
+    assert_same(load_model(tmp_path / "m")[0], with_dit_time(ref))
+
+    (folder / "config.json").write_text(json.dumps(legacy | {"norm_type": "layer_norm"}))
+    err = fails(["import", str(folder), "--out", str(tmp_path / "other")], capsys)
+    assert "Transformer2DModel with norm_type 'layer_norm', not a DiT" in err
+
+
+def test_dit_training_checkpoint_imports_its_ema_weights(tmp_path, capsys):
+    """DiT's train.py saves {"model", "ema", "opt", "args": argparse.Namespace}; the EMA weights
+    are the model (as DiT's find_model takes them). Other objects are refused in our words."""
+    ref = make_reference()
+    ema = official_state(ref)
+    ckpt = {"model": {k: torch.zeros_like(v) for k, v in ema.items()}, "ema": ema, "opt": {},
+            "args": argparse.Namespace(model="DiT-XL/2", image_size=256)}  # fmt: skip
+    torch.save(ckpt, tmp_path / "0400000.pt")
+    main(["import", str(tmp_path / "0400000.pt"), "--out", str(tmp_path / "m")])
+    assert_same(load_model(tmp_path / "m")[0], with_dit_time(ref))
+
+    torch.save(ckpt | {"args": pathlib.PurePosixPath("x")}, tmp_path / "other.pt")
+    err = fails(["import", str(tmp_path / "other.pt"), "--out", str(tmp_path / "o")], capsys)
+    assert "other.pt holds objects other than tensors" in err and "PurePosixPath" in err
+    assert "torch.save(model.state_dict()" in err
+    assert "weights_only=False" not in err and "\x1b" not in err and err.count("\n") == 1
 
 
 def test_licence_files_survive_import_export_import(tmp_path):
@@ -412,6 +456,54 @@ def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys, vae_dir):
     err = fails(["import", str(tmp_path / "pixel.pt"), "--out", out, "--vae", str(vae_dir)],
                 capsys)  # fmt: skip
     assert "pixel-space model (3 input channels)" in err and "without --vae" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_import_reads_null_settings_as_diffusers_defaults(tmp_path, capsys):
+    """null in config.json, which no diffusers model is built with, reads as a setting left out:
+    diffusers' default, said in a note; a default that does not fit the weights is refused."""
+    make_reference().save_pretrained(tmp_path / "good")  # sample_size 8, num_layers 4, ...
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+    (tmp_path / "good" / "config.json").write_text(json.dumps(config | {"sample_size": None}))
+    main(["import", str(tmp_path / "good"), "--out", str(tmp_path / "m")])
+    assert "gives no sample_size; read as diffusers' defaults (32)" in capsys.readouterr().out
+    assert load_model(tmp_path / "m")[0].config.image_size == 32
+    for key, expected in (("attention_head_dim", "4 heads of 72 channels"),
+                          ("num_layers", "num_layers = 28 (diffusers' default where it gives "
+                                         "none), the weights hold 4 blocks")):  # fmt: skip
+        (tmp_path / "good" / "config.json").write_text(json.dumps(config | {key: None}))
+        err = fails(["import", str(tmp_path / "good"), "--out", str(tmp_path / key)], capsys)
+        assert expected in err
+    (tmp_path / "good" / "config.json").write_text(json.dumps(config | {"sample_size": 0}))
+    err = fails(["import", str(tmp_path / "good"), "--out", str(tmp_path / "zero")], capsys)
+    assert "input size 0 is not a positive multiple of patch 2" in err
+
+
+def test_import_refuses_malformed_indexes_and_tensors(tmp_path, capsys):
+    out = str(tmp_path / "m")
+    folder = tmp_path / "sharded"
+    make_reference().save_pretrained(folder)
+    (folder / "diffusion_pytorch_model.safetensors").rename(folder / "a.safetensors")
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    for weight_map, expected in (
+        (["a.safetensors"], "weight_map is a JSON list, not an object"),
+        ({"pos_embed.proj.weight": "../a.safetensors"}, "names '../a.safetensors', not the name"),
+    ):  # a damaged index; a file outside the folder
+        index.write_text(json.dumps({"weight_map": weight_map}))
+        assert expected in fails(["import", str(folder), "--out", out], capsys)
+
+    state = official_state(make_reference())  # 0-d tensors where shapes are read
+    for key, expected in (("blocks.0.attn.qkv.bias", "[channels] (a bias)"),
+                          ("x_embedder.proj.weight", "[hidden, channels, patch, patch]"),
+                          ("blocks.0.mlp.fc1.weight", "[rows, columns]"),
+                          ("final_layer.linear.weight", "[rows, columns]")):  # fmt: skip
+        torch.save(state | {key: torch.tensor(1.0)}, tmp_path / "0d.pt")
+        err = fails(["import", str(tmp_path / "0d.pt"), "--out", out], capsys)
+        assert f"0d.pt: {key} has shape (), expected {expected}" in err
+
+    torch.save({f"module.{k}": v for k, v in state.items()}, tmp_path / "ddp.pt")
+    err = fails(["import", str(tmp_path / "ddp.pt"), "--out", out], capsys)
+    assert "every name starts with module. or _orig_mod." in err
     assert not (tmp_path / "m").exists()
 
 

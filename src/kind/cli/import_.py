@@ -8,12 +8,14 @@ NAME = "import"
 HELP = "turn public DiT weights into a kind-dit model directory"
 DESCRIPTION = (
     "SRC is an official DiT checkpoint (a facebookresearch/DiT .pt state dict such as "
-    "DiT-XL-2-256x256.pt, read with torch.load(weights_only=True)) or a diffusers "
-    "DiTTransformer2DModel folder (config.json + diffusion_pytorch_model.safetensors, or a "
-    "DiTPipeline folder with transformer/). Size, input size, channels, learned sigma and class "
-    "count come from the weights; the result is a dense model directory with DiT's diffusion "
-    "(epsilon prediction, linear schedule, 1,000 steps) and the weights' licence note (NOTICE; "
-    "the official DiT weights are CC BY-NC 4.0). Outputs equal DiT's to fp32 rounding."
+    "DiT-XL-2-256x256.pt, or a checkpoint of its train.py, whose EMA weights are taken; read "
+    "with torch.load(weights_only=True)) or a diffusers DiTTransformer2DModel folder "
+    "(config.json + diffusion_pytorch_model.safetensors, or a DiTPipeline folder with "
+    "transformer/; older diffusers' DiT folders, saved as Transformer2DModel, too). Size, "
+    "input size, channels, learned sigma and class count come from the weights; the result is a "
+    "dense model directory with DiT's diffusion (epsilon prediction, linear schedule, 1,000 "
+    "steps) and the weights' licence note (NOTICE; the official DiT weights are CC BY-NC 4.0). "
+    "Outputs equal DiT's to fp32 rounding."
 )
 
 

@@ -7,23 +7,27 @@ MLP, `norm1.linear` the block's adaLN modulation, `proj_out_1`/`proj_out_2` the 
 block carries its own copy of the timestep MLP and the label table (`norm1.emb`; diffusers'
 conversion of DiT copies the one DiT has into every block; the final layer reads block 0's), so
 reading a folder checks that the copies agree and writing one repeats them. Weights are read from
-safetensors only (never a pickle). Which kind-dit size a folder is, and how the position
-embedding's layout is reconciled, is `kind.store.interop`'s job.
+safetensors only (never a pickle). diffusers first saved DiT (0.12 on) as a `Transformer2DModel`
+with `norm_type` "ada_norm_zero", as facebook/DiT-XL-2-256 on the Hub still is; diffusers now reads
+that as a DiTTransformer2DModel, the same tensors, and so does kind-dit. Which kind-dit size a
+folder is, and how the position embedding's layout is reconciled, is `kind.store.interop`'s job.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from kind.io import atomic_save_tensors, atomic_write_text, read_json, read_tensors
-from kind.store.dit_official import check_names
+from kind.store.dit_official import block_count, check_dims, check_names
 
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
 CLASS_NAME = "DiTTransformer2DModel"
+LEGACY_CLASS = "Transformer2DModel"  # diffusers' first DiT class, with norm_type "ada_norm_zero"
 DIT_EPS = 1e-6  # DiT's LayerNorm eps everywhere; diffusers uses `norm_eps` before the MLP
 
 # diffusers name -> kind-dit name, within a block and at the top
@@ -46,6 +50,7 @@ _TOP = {
     "proj_out_2": "final_layer.linear",
 }
 _LABELS = "norm1.emb.class_embedder.embedding_table.weight"
+_BLOCKS = re.compile(r"transformer_blocks\.(\d+)\.")
 _WB = ("weight", "bias")
 
 # config values kind-dit's DiT (DiT's architecture) has no other setting for
@@ -78,17 +83,49 @@ def diffusers_keys(depth: int) -> list[str]:
 
 _INT_KEYS = ("sample_size", "in_channels", "out_channels", "num_attention_heads",
              "attention_head_dim", "num_layers", "num_embeds_ada_norm", "patch_size")  # fmt: skip
+# diffusers' DiTTransformer2DModel defaults for the settings kind-dit reads: what diffusers builds
+# where config.json gives none. A null one (no model diffusers can build) is read as left out; not
+# so out_channels and num_embeds_ada_norm, whose null means in_channels and no classes
+_DEFAULTS = {"sample_size": 32, "in_channels": 4, "num_attention_heads": 16,
+            "attention_head_dim": 72, "num_layers": 28, "norm_eps": 1e-5}  # fmt: skip
+
+
+def _shard_names(index: Path, folder: Path) -> list[str]:
+    """The weight files a sharded folder's index names: plain file names in `folder` (a path
+    elsewhere would read a file the folder does not hold)."""
+    weight_map = read_json(index, "weight_map")["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ValueError(
+            f"{index}: weight_map is a JSON {type(weight_map).__name__}, not an object of tensor "
+            "name -> file name; the file is damaged"
+        )
+    for name in weight_map.values():
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name:
+            raise ValueError(
+                f"{index}: weight_map names {name!r}, not the name of a file in {folder}; the "
+                "file is damaged or was not written by diffusers"
+            )
+    return sorted(set(weight_map.values()))
 
 
 def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of a DiTTransformer2DModel folder; a clear error for anything else."""
+    """(config, tensors) of a DiTTransformer2DModel folder (or of diffusers' older DiT
+    Transformer2DModel); a clear error for anything else."""
     folder = Path(folder)
     config = read_json(folder / CONFIG)
-    if config.get("_class_name", CLASS_NAME) != CLASS_NAME:
+    name = config.get("_class_name", CLASS_NAME)
+    if name == LEGACY_CLASS and config.get("norm_type") != "ada_norm_zero":
         raise ValueError(
-            f"{folder} holds a diffusers {config['_class_name']}, not a {CLASS_NAME}; give the "
-            "DiT transformer folder (a DiTPipeline's transformer/)"
+            f"{folder} holds a diffusers {LEGACY_CLASS} with norm_type "
+            f"{config.get('norm_type')!r}, not a DiT (whose norm_type is 'ada_norm_zero'); give "
+            "the DiT transformer folder (a DiTPipeline's transformer/)"
         )
+    if name not in (CLASS_NAME, LEGACY_CLASS):
+        raise ValueError(
+            f"{folder} holds a diffusers {name}, not a {CLASS_NAME}; give the DiT transformer "
+            "folder (a DiTPipeline's transformer/)"
+        )
+    config = {k: v for k, v in config.items() if v is not None or k not in _DEFAULTS}
     for key, value in config.items():  # the shapes read from it below are whole numbers
         if (
             key in _INT_KEYS
@@ -101,9 +138,8 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if (folder / WEIGHTS).is_file():
         return config, read_tensors(folder / WEIGHTS)
     if (folder / INDEX).is_file():  # sharded: the index names the file of every tensor
-        shards = sorted(set(read_json(folder / INDEX, "weight_map")["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in _shard_names(folder / INDEX, folder):
             state |= read_tensors(folder / shard)
         return config, state
     pickled = sorted(p.name for p in folder.glob("diffusion_pytorch_model*.bin"))
@@ -118,7 +154,7 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def check_config(config: dict, folder: Path) -> list[str]:
     """Refuse settings kind-dit's DiT cannot compute; notes on the ones it computes as DiT does
-    rather than as diffusers does."""
+    rather than as diffusers does, and on those config.json leaves to diffusers' defaults."""
     bad = [
         f"{k} = {config[k]!r} (DiT: {v!r})"
         for k, v in _FIXED.items()
@@ -132,7 +168,13 @@ def check_config(config: dict, folder: Path) -> list[str]:
             + "; ".join(bad)
         )
     notes = []
-    eps = config.get("norm_eps", 1e-5)
+    unstated = [k for k in _DEFAULTS if k not in config and k != "norm_eps"]
+    if unstated:  # the one below says what the missing norm_eps means
+        notes.append(
+            f"{folder}/{CONFIG} gives no {', '.join(unstated)}; read as diffusers' defaults "
+            f"({', '.join(str(_DEFAULTS[k]) for k in unstated)})"
+        )
+    eps = config.get("norm_eps", _DEFAULTS["norm_eps"])
     if eps != DIT_EPS:
         notes.append(
             f"diffusers normalises before each MLP with eps {eps:g} (norm_eps); kind-dit, like "
@@ -147,11 +189,18 @@ def to_kind(
     """(kind-dit dense tensors, hints, kind name -> diffusers name) of a folder's tensors.
 
     hints: `image_size`, `in_channels`, `out_channels`, `heads`, `head_dim` and `num_classes` as
-    the config states them."""
-    depth = config.get("num_layers", 28)
-    if not isinstance(depth, int) or depth < 1:
+    the config states them (diffusers' defaults where it does not)."""
+    depth = config.get("num_layers", _DEFAULTS["num_layers"])
+    if depth < 1:
         raise ValueError(f"{what}: num_layers = {depth!r}; a DiT has at least one block")
+    found = block_count(state, _BLOCKS)
+    if found and found != depth:  # said here rather than as a list of missing or unknown blocks
+        raise ValueError(
+            f"{what}: config.json says num_layers = {depth} (diffusers' default where it gives "
+            f"none), the weights hold {found} blocks"
+        )
     check_names(state, diffusers_keys(depth), what)
+    check_dims(state, "pos_embed.proj.weight", what)
     out: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     for w in _WB:
@@ -186,13 +235,14 @@ def to_kind(
     label_name = f"transformer_blocks.0.{_LABELS}"
     out["y_embedder.table"], names["y_embedder.table"] = table[:-1], f"{label_name} (class rows)"
     out["y_embedder.null"], names["y_embedder.null"] = table[-1], f"{label_name} (last row: null)"
+    settings = _DEFAULTS | config
     hints = {
-        "image_size": config.get("sample_size", 32),
-        "in_channels": config.get("in_channels", 4),
-        "out_channels": config.get("out_channels") or config.get("in_channels", 4),
-        "heads": config.get("num_attention_heads", 16),
-        "head_dim": config.get("attention_head_dim", 72),
-        "num_classes": config.get("num_embeds_ada_norm"),
+        "image_size": settings["sample_size"],
+        "in_channels": settings["in_channels"],
+        "out_channels": settings.get("out_channels") or settings["in_channels"],
+        "heads": settings["num_attention_heads"],
+        "head_dim": settings["attention_head_dim"],
+        "num_classes": settings.get("num_embeds_ada_norm"),
     }
     return out, hints, names
 

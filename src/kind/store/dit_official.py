@@ -2,7 +2,9 @@
 tensor names.
 
 A DiT `.pt` file is a state dict, read only with `torch.load(weights_only=True)` (tensors and
-plain containers; nothing is unpickled that could run code). Its names are those of DiT's modules:
+plain containers; nothing is unpickled that could run code), or a checkpoint of DiT's `train.py`
+({"model", "ema", "opt", "args"}, its `args` an `argparse.Namespace`, a plain record that
+is let through), whose "ema" entry is the model. Its names are those of DiT's modules:
 `x_embedder.proj`, `t_embedder.mlp.{0,2}`, `y_embedder.embedding_table` (one row per class, then
 the null class), `pos_embed` (the fixed 2-D sine-cosine table), and per block a fused
 `attn.qkv` ([3·hidden, hidden]: the q, k and v rows stacked in that order), `attn.proj`,
@@ -15,6 +17,7 @@ kind-dit size that is, and how the position embedding's layout is reconciled, is
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 from pathlib import Path
@@ -62,12 +65,21 @@ def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     `find_model` takes it); a clear error for anything else."""
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # train.py's "args"
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and weights-only errors come in many types
+        # torch's message says which class the safe load refused, then advises an unsafe load
+        held = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if held:
+            raise ValueError(
+                f"{path} holds objects other than tensors (a {held.group(1)}), which a safe "
+                "load refuses; save the model's state dict instead (torch.save(model.state_dict(), "
+                "PATH)) or use safetensors"
+            ) from None
         raise ValueError(
-            f"{path} is not a PyTorch checkpoint that loads with weights_only=True ({e}); "
-            "give an official DiT .pt state dict (e.g. DiT-XL-2-256x256.pt) or a diffusers "
-            "DiTTransformer2DModel folder"
+            f"{path} is not a PyTorch checkpoint of tensors (not a file torch.save wrote, or "
+            "damaged); give an official DiT .pt state dict (e.g. DiT-XL-2-256x256.pt) or a "
+            "diffusers DiTTransformer2DModel folder"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         obj = obj["ema"]
@@ -88,6 +100,10 @@ def _list(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+# the prefixes a wrapper puts before every name: DistributedDataParallel's, torch.compile's
+_WRAPPED = ("module.", "_orig_mod.")
+
+
 def check_names(state: dict[str, torch.Tensor], expected: list[str], what: str) -> None:
     """Refuse a state dict whose names are not exactly `expected`, naming the difference."""
     missing = [k for k in expected if k not in state]
@@ -98,7 +114,28 @@ def check_names(state: dict[str, torch.Tensor], expected: list[str], what: str) 
             for label, keys in (("missing", missing), ("unknown", unknown))
             if keys
         )
-        raise ValueError(f"{what} does not hold a DiT's tensors ({detail})")
+        hint = (
+            "; every name starts with module. or _orig_mod.: the state dict of a "
+            "DistributedDataParallel or torch.compile wrapper; save the wrapped model's "
+            "(model.module or model._orig_mod) state_dict() instead"
+            if state and all(k.startswith(_WRAPPED) for k in state)
+            else ""
+        )
+        raise ValueError(f"{what} does not hold a DiT's tensors ({detail}){hint}")
+
+
+_SHAPES = {1: "[channels] (a bias)", 2: "[rows, columns] (a matrix)",
+           4: "[hidden, channels, patch, patch] (the patch embedding's kernel)"}  # fmt: skip
+
+
+def check_dims(state: dict[str, torch.Tensor], kernel: str, what: str) -> None:
+    """Refuse a tensor with the wrong number of dimensions before any shape is read from it:
+    biases are vectors, `kernel` (the patch embedding's weight) a 4-d convolution kernel,
+    every other weight a matrix. Other names (DiT's `pos_embed`) are checked where read."""
+    for key, t in state.items():
+        dims = 1 if key.endswith(".bias") else 4 if key == kernel else 2
+        if key.endswith((".bias", ".weight")) and t.dim() != dims:
+            raise ValueError(f"{what}: {key} has shape {tuple(t.shape)}, expected {_SHAPES[dims]}")
 
 
 def block_count(state: dict[str, torch.Tensor], pattern: re.Pattern = _BLOCK) -> int:
@@ -116,6 +153,7 @@ def to_kind(
     `pos_embed` ([tokens, hidden], the checkpoint's own table, for the caller to check)."""
     depth = block_count(state)
     check_names(state, official_keys(depth), what)
+    check_dims(state, "x_embedder.proj.weight", what)
     out: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
 
@@ -139,7 +177,7 @@ def to_kind(
             for n in _BLOCK_SAME:
                 put(f"{b}{n}.{w}", f"{b}{n}.{w}", state[f"{b}{n}.{w}"])
     table = state["y_embedder.embedding_table.weight"]
-    if table.dim() != 2 or table.shape[0] < 2:
+    if table.shape[0] < 2:
         raise ValueError(
             f"{what}: y_embedder.embedding_table.weight is not a [classes + 1, hidden] table "
             "with at least one class row before the null class's"

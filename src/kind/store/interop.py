@@ -73,9 +73,12 @@ TIME_NOTE = (
     "diffusers' DiTTransformer2DModel computes its timestep features with frequencies "
     "10000^(-i/127) (downscale_freq_shift=1, not a setting), DiT and kind-dit with 10000^(-i/128)"
 )
-# licence files and model cards; `source-` prefixed: the copies an earlier import carried (and
-# export carries on), so the licence text survives import -> export -> import
-_LICENCE_FILE = re.compile(r"(source-)*(licen[cs]e|notice|copying)", re.IGNORECASE)
+# licence files (LICENSE, LICENCE.md, LICENSE-MIT, COPYING, NOTICE.txt, ...: text, not a weights
+# file that happens to start so) and model cards; `source-` prefixed: the copies an earlier import
+# carried (and export carries on), so the licence text survives import -> export -> import
+_LICENCE_FILE = re.compile(
+    r"(source-)*(licen[cs]e|notice|copying)([-_][a-z0-9]+)?(\.(txt|md|rst))?", re.IGNORECASE
+)
 _MODEL_CARD = re.compile(r"(source-)*README\.md")
 _BLOCK = re.compile(r"blocks\.(\d+)\.")
 _ROWS = re.compile(r"x_embedder\.(weight|bias)|blocks\.\d+\.(attn\.proj|mlp\.fc2)\.(weight|bias)")
@@ -151,8 +154,8 @@ def dense_config(
 ) -> ModelConfig:
     """The dense kind-dit ModelConfig of DiT tensors in kind-dit's names; a clear error for an
     architecture kind-dit cannot build."""
-    w = state["x_embedder.weight"]
-    if w.dim() != 4 or w.shape[2] != w.shape[3]:
+    w = state["x_embedder.weight"]  # a 4-d kernel, as the format modules checked
+    if w.shape[2] != w.shape[3]:
         raise ValueError(
             f"{what}: the patch embedding has shape {tuple(w.shape)}, not square patches"
         )
@@ -161,8 +164,8 @@ def dense_config(
     heads = hints.get("heads")
     if heads is not None and heads * hints["head_dim"] != hidden:
         raise ValueError(
-            f"{what}: config.json says {heads} heads of {hints['head_dim']} channels, the "
-            f"weights are {hidden} wide"
+            f"{what}: config.json says {heads} heads of {hints['head_dim']} channels (diffusers' "
+            f"defaults where it gives none), the weights are {hidden} wide"
         )
     bases = [b for b, (d, h, n) in SIZES.items()
              if (d, h) == (depth, hidden) and heads in (None, n)]  # fmt: skip
@@ -179,8 +182,10 @@ def dense_config(
             f"{', '.join(map(str, PATCHES[base]))}"
         )
     image_size = int(hints["image_size"])
-    if image_size % patch:
-        raise ValueError(f"{what}: input size {image_size} is not a multiple of patch {patch}")
+    if image_size < 1 or image_size % patch:
+        raise ValueError(
+            f"{what}: input size {image_size} is not a positive multiple of patch {patch}"
+        )
     out_rows = state["final_layer.linear.weight"].shape[0]
     out_channels = out_rows // (patch * patch)
     if out_rows % (patch * patch) or out_channels not in (in_channels, 2 * in_channels):
@@ -195,7 +200,10 @@ def dense_config(
     for key, value in (("in_channels", in_channels), ("out_channels", out_channels),
                        ("num_classes", num_classes)):  # fmt: skip
         if hints.get(key) not in (None, value):
-            raise ValueError(f"{what}: config.json says {key} = {hints[key]}, the weights {value}")
+            raise ValueError(
+                f"{what}: config.json says {key} = {hints[key]} (diffusers' default where it "
+                f"gives none), the weights {value}"
+            )
     names = class_names if class_names is not None else [str(c) for c in range(num_classes)]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ValueError(f"{what}: class_names must be a list of names, got {names!r}"[:300])
@@ -274,7 +282,7 @@ def _licence_files(src: Path, folder: Path) -> tuple[list[Path], str | None]:
     ):
         for path in sorted(directory.iterdir()):
             if path.is_file() and (
-                _LICENCE_FILE.match(path.name) or _MODEL_CARD.fullmatch(path.name)
+                _LICENCE_FILE.fullmatch(path.name) or _MODEL_CARD.fullmatch(path.name)
             ):
                 files.append(path)
                 if _MODEL_CARD.fullmatch(path.name):
