@@ -288,6 +288,21 @@ def test_images_beside_the_class_folders_are_named_in_a_warning(folder, caplog):
     assert caplog.text.count("1 image(s) beside its class sub-folders") == 1  # once a folder
 
 
+def test_a_users_meta_json_does_not_make_an_image_folder_a_store(folder):
+    """A user's own meta.json, not UTF-8 (one program's notes): the folder is images, as before."""
+    from kind.data.dataset import open_dataset
+
+    (folder / "meta.json").write_text('{"source": "my camera"}', encoding="utf-16")
+    assert open_dataset(str(folder)).class_names == ["bird", "cat", "dog"]
+
+
+def test_a_vae_for_pixel_data_is_refused():
+    from kind.data.dataset import open_dataset
+
+    with pytest.raises(DataError, match="mnist:0 is pixel data.*unset vae"):
+        open_dataset("mnist:0", vae="some/vae")
+
+
 def test_folder_classes_counts_and_defaults(folder):
     assert dataset_classes(str(folder)) == ["bird", "cat", "dog"]
     train, test = load_images(str(folder)), load_images(str(folder), "test")

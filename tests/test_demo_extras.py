@@ -171,3 +171,16 @@ def test_demo_help_says_what_each_preset_and_methods_run(monkeypatch):
     assert "(paper: kind, lora) get them, the others its first seed" in text
     custom = Preset(methods=("kind", "oft"), seeds=(3, 4), seeded_methods=("oft",))
     assert describe(custom).startswith("source digits; oft with seeds 3, 4; kind with seed 3")
+
+
+def test_each_preset_has_a_folder_of_its_own_by_default(monkeypatch, capsys):
+    """`make demo DEMO_ARGS="--preset quick"` then `make demo`: two folders, not a refusal to
+    continue the quick demo with the default settings."""
+    import kind.experiments.demo as demo
+    from kind.cli.main import main
+
+    outs = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, preset, **kw: outs.append(str(out)) or out)
+    for argv in (["--preset", "quick"], [], ["--preset", "paper", "--out", "mine"]):
+        main(["demo", *argv])
+    assert outs == ["runs/demo-quick", "runs/demo", "mine"]

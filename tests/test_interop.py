@@ -173,21 +173,31 @@ def test_official_checkpoint_imports_to_dits_outputs(tmp_path, capsys):
     assert (diffusion.prediction, diffusion.schedule, diffusion.num_timesteps) == (
         "eps", "linear", 1000)  # fmt: skip
     assert meta["imported"]["license"] == "CC-BY-NC-4.0"
-    assert meta["latent"] == {"vae": None, "image_size": 64}
+    assert meta["latent"] == {"vae": None, "image_size": 64, "scaling_factor": 0.18215,
+                              "shift_factor": 0.0, "latent_channels": 4, "downsampling": 8}  # fmt: skip
     notice = (tmp_path / "m" / "NOTICE").read_text()
     assert "CC BY-NC 4.0" in notice and meta["imported"]["sha256"] in notice
     assert "NOTICE" in json.loads((tmp_path / "m" / "checksums.json").read_text())["sha256"]
 
 
-def test_official_checkpoint_with_class_names_and_a_vae(tmp_path, vae_dir):
+def test_official_checkpoint_with_class_names_and_a_vae(tmp_path, vae_dir, capsys):
+    """DiT's weights work on the SD VAE's latents: a VAE of another latent space is refused."""
+    from diffusers import AutoencoderKL
+
     torch.save(official_state(make_reference()), tmp_path / "dit.pt")
     names = [f"class {i}" for i in range(CLASSES)]
     (tmp_path / "names.txt").write_text("# one a line\n" + "\n".join(names) + "\n\n")
-    main(["import", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "m"),
-          "--class-names", str(tmp_path / "names.txt"), "--vae", str(vae_dir)])  # fmt: skip
+    args = ["import", str(tmp_path / "dit.pt"), "--out", str(tmp_path / "m"), "--class-names",
+            str(tmp_path / "names.txt"), "--vae"]  # fmt: skip
+    assert "downsampling 2, not 8" in fails([*args, str(vae_dir)], capsys)  # the tests' x2 VAE
+    sd_like = tmp_path / "sd-like"  # four down blocks: x8, as the SD VAE
+    AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8,) * 4,
+                  layers_per_block=1, norm_num_groups=8).save_pretrained(sd_like)  # fmt: skip
+    main([*args, str(sd_like)])
     model, _, meta = load_model(tmp_path / "m")
     assert model.config.class_names == names
-    assert meta["latent"]["vae"] == str(vae_dir.resolve())
+    assert meta["latent"]["vae"] == str(sd_like.resolve()) and meta["latent"]["downsampling"] == 8
 
 
 def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):

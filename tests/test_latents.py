@@ -13,19 +13,20 @@ import pytest
 import torch
 from PIL import Image
 
+from kind.data.dataset import open_dataset
 from kind.data.images import BundledImage, DataError, list_images, load_images, read_image
 from kind.data.latents import (
-    FORMAT,
     LatentError,
     LatentStore,
     decode,
+    decoder,
     encode,
     encode_to_store,
-    is_store,
     load_vae,
     scaling_factor,
 )
-from kind.io import OutputDirError
+from kind.data.store_format import FORMAT, is_store
+from kind.io import OutputDirError, sha256_file, verify_checksums
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +51,14 @@ def _folder(root: Path) -> Path:
                 root / name / f"{i}.png"
             )
     return root
+
+
+def _vae_copy(path: Path, vae_dir: Path, **change) -> Path:
+    """A copy of the tiny VAE whose config.json has the keys `change` changed."""
+    shutil.copytree(vae_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | change))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +145,9 @@ def test_folder_store_layout_and_meta(folder_store, vae_dir):
         0.18215
     )
     assert meta["dtype"] == "float16" and meta["posterior"] == "mean"
+    assert (meta["shift_factor"], meta["latent_channels"], meta["downsampling"]) == (0.0, 4, 2)
+    assert meta["vae_config_sha256"] == sha256_file(vae_dir / "config.json")
+    assert verify_checksums(out)  # every file of the store, latents.npy included
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
 
 
@@ -199,6 +211,26 @@ def test_existing_output_is_refused_but_an_empty_dir_is_filled(tmp_path, vae_dir
     assert len(LatentStore(tmp_path / "empty")) == 1
 
 
+@pytest.mark.parametrize("inside", ["imgs/latents", "imgs/a/z", "vae/store"])
+def test_a_store_inside_the_images_or_the_vae_is_refused(tmp_path, vae_dir, inside):
+    """--out inside the folder being encoded would become one of its classes."""
+    root = _folder(tmp_path / "imgs")
+    vae = shutil.copytree(vae_dir, tmp_path / "vae")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(
+        OutputDirError, match=r"inside the (image folder|VAE) .*nothing was written"
+    ):
+        encode_cpu(str(root), tmp_path / inside, vae, SIZE, workers=0)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_interrupted_encode_is_named_not_removed(tmp_path, vae_dir, caplog):
+    left = tmp_path / ".store.x1y2.tmp"  # what atomic_dir leaves when encoding is killed
+    left.mkdir()
+    encode_cpu("mnist:0", tmp_path / "store", vae_dir, SIZE, limit_per_class=1, workers=0)
+    assert f"rm -r {left}" in caplog.text and left.is_dir()
+
+
 def test_image_size_must_fit_the_vae(tmp_path, vae_dir):
     with pytest.raises(LatentError, match="multiple of the VAE's downsampling factor 2"):
         encode_cpu("mnist:0", tmp_path / "odd", vae_dir, 15, limit_per_class=1)
@@ -211,24 +243,121 @@ def test_image_size_must_fit_the_vae(tmp_path, vae_dir):
         ("format", "kind-latents/1"),
         ("count", "damaged or incomplete"),
         ("labels", "outside 0..1"),
+        ("binary", r"meta\.json is not valid JSON .*re-encode"),
+        ("no-vae", r"meta\.json has no 'vae'"),
+        ("shape", r"meta\.json has a malformed latent_shape \['4', 'x', 8\]"),
     ],
 )
 def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
+    """Stores written before checksums (none here): each damage is named by what it breaks."""
     out = Path(shutil.copytree(folder_store[1], tmp_path / "copy"))
+    (out / "checksums.json").unlink()
     meta = json.loads((out / "meta.json").read_text())
     if damage == "no-meta":
         (out / "meta.json").unlink()
     elif damage == "labels":
         np.save(out / "labels.npy", np.full(9, 5, dtype=np.int64))
+    elif damage == "binary":
+        (out / "meta.json").write_bytes(b'\xff{"format"')
     else:
-        meta["format" if damage == "format" else "count"] = "x/0" if damage == "format" else 10
+        changes = {"format": {"format": "x/0"}, "count": {"count": 10},
+                   "shape": {"latent_shape": ["4", "x", 8]}}  # fmt: skip
+        meta |= changes.get(damage, {})
+        if damage == "no-vae":
+            del meta["vae"]
         (out / "meta.json").write_text(json.dumps(meta))
+    assert is_store(out) == (damage != "no-meta")  # a damaged store is still named a store
     with pytest.raises(LatentError, match=needle):
         LatentStore(out)
 
 
-def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_path):
-    """encode -> train a few steps on the store -> sample through the CLI -> decoded images."""
+def _flip_a_latent_bit(out: Path, append: bytes = b"") -> None:
+    data = bytearray((out / "latents.npy").read_bytes())
+    data[200] ^= 0x01
+    (out / "latents.npy").write_bytes(bytes(data) + append)
+
+
+DAMAGES = {
+    # swapped, each still in range: only the checksum tells
+    "labels": lambda out: np.save(out / "labels.npy", np.load(out / "labels.npy")[::-1].copy()),
+    "meta": lambda out: (out / "meta.json").write_text(
+        json.dumps(json.loads((out / "meta.json").read_text()) | {"class_names": ["b", "a"]})
+    ),
+    "latents": _flip_a_latent_bit,
+    "appended": lambda out: _flip_a_latent_bit(out, b"xx"),
+}
+
+
+@pytest.mark.parametrize(
+    ("damage", "large", "needle"),
+    [
+        ("labels", False, r"labels\.npy does not match its sha256"),
+        ("meta", False, r"meta\.json does not match its sha256"),
+        ("latents", False, r"latents\.npy does not match its sha256"),
+        ("appended", True, r"latents\.npy has 9346 bytes, not the 9344 its header says"),
+        ("latents", True, None),  # unseen: a large latents.npy is checked by its size alone
+    ],
+)
+def test_a_store_is_verified_against_its_checksums(
+    tmp_path, folder_store, monkeypatch, damage, large, needle
+):
+    out = Path(shutil.copytree(folder_store[1], tmp_path / "copy"))
+    DAMAGES[damage](out)
+    if large:
+        monkeypatch.setattr("kind.data.latents.FULL_CHECK_BYTES", 0)
+    if needle is None:
+        assert len(LatentStore(out)) == 9
+        return
+    with pytest.raises(LatentError, match=needle):
+        LatentStore(out)
+    (out / "checksums.json").unlink()  # a store written before checksums opens unverified
+    if damage != "appended":
+        assert len(LatentStore(out)) == 9
+
+
+def test_a_store_in_a_combined_spec_or_a_selection_is_named(folder_store):
+    _, out = folder_store
+    for spec in (f"{out}:a", f"{out} + mnist:0"):
+        with pytest.raises(DataError, match="is a latent store, which a data spec uses whole"):
+            open_dataset(spec)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"scaling_factor": 1.0}, "scaling_factor 1.0, not 0.18215"),
+        ({"latent_channels": 8}, "latent_channels 8, not 4"),
+        ({"block_out_channels": [8, 16, 16]}, "downsampling 4, not 2"),
+    ],
+)
+def test_a_vae_of_another_latent_space_is_refused(tmp_path, folder_store, vae_dir, change, needle):
+    """Opening a store with another VAE, or sampling a model trained on it with one, is refused
+    before the VAE is loaded, naming the value that differs."""
+    other = _vae_copy(tmp_path / "other", vae_dir, **change)
+    store = str(folder_store[1])
+    with pytest.raises(LatentError, match=f"is not the VAE latent store .*{needle}"):
+        open_dataset(store, vae=str(other))
+    latent = open_dataset(store).latent
+    with pytest.raises(LatentError, match=f"is not the VAE this model's .*{needle}.*--vae"):
+        decoder(latent, other)
+
+
+def test_a_copy_of_the_vae_is_recorded_absolute_and_old_records_are_not_checked(
+    tmp_path, folder_store, vae_dir, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    _vae_copy(tmp_path / "copy", vae_dir, _name_or_path="elsewhere")  # same space, other file
+    latent = open_dataset(str(folder_store[1]), vae="copy").latent
+    assert latent["vae"] == str(tmp_path.resolve() / "copy")
+    assert latent["scaling_factor"] == pytest.approx(0.18215) and latent["latent_channels"] == 4
+    assert "but config.json differs" in caplog.text  # a warning, not an error
+    other = _vae_copy(tmp_path / "other", vae_dir, scaling_factor=1.0)
+    assert decoder({"vae": str(other)})(torch.zeros(1, 4, 8, 8)).shape == (1, 3, SIZE, SIZE)
+
+
+def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_path, capsys):
+    """encode -> train a few steps on the store -> sample through the CLI -> decoded images;
+    resuming on a store of another VAE's latents is refused."""
     from kind.cli.main import main
     from kind.store.load import load_model
 
@@ -248,6 +377,16 @@ def test_latent_diffusion_end_to_end_encode_train_sample_decode(vae_dir, tmp_pat
     assert images.shape == (4, SIZE, SIZE, 3) and images.dtype == np.uint8
     grid = Image.open(run / "samples" / "step_0000002.png")
     assert grid.mode == "RGB" and grid.height > SIZE  # the training grid is decoded too
+    shutil.rmtree(store)  # the store encoded again in its place, with another VAE
+    other = _vae_copy(tmp_path / "other", vae_dir, scaling_factor=1.0)
+    main(["encode", "--data", "mnist:0-1", "--vae", str(other), "--out", str(store),
+          "--image-size", str(SIZE), "--device", "cpu", "--limit-per-class", "6"])  # fmt: skip
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--resume", "--steps", "3", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--resume: latent store" in err and "scaling_factor 1.0" in err
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
 
 def test_training_on_a_store_whose_vae_is_gone_stops_before_writing(vae_dir, tmp_path, capsys):
@@ -267,9 +406,10 @@ def test_training_on_a_store_whose_vae_is_gone_stops_before_writing(vae_dir, tmp
     assert not run.exists()
 
 
-def test_transfer_with_match_kind_on_a_latent_store(vae_dir, tmp_path):
+def test_transfer_with_match_kind_on_a_latent_store(vae_dir, tmp_path, capsys):
     """docs/scale.md step 4 in miniature: a baseline at KIND's budget, trained on a latent store of
-    the novel classes (its class names come from the store, no image is decoded)."""
+    the novel classes (its class names come from the store, no image is decoded); a store encoded
+    with a VAE of another latent space than the source's is refused."""
     from kind.cli.main import main
     from kind.io import read_json
     from kind.transfer.kind import kind_budget
@@ -301,3 +441,12 @@ def test_transfer_with_match_kind_on_a_latent_store(vae_dir, tmp_path):
     assert meta["transfer"]["budget"] == kind_budget(tmp_path / "parts", ["2", "3", "4"])
     assert meta["latent"]["store"] == str(novel)
     assert read_json(tmp_path / "lora" / "config.json")["model"]["class_names"] == ["2", "3", "4"]
+    other, elsewhere = _vae_copy(tmp_path / "other", vae_dir, scaling_factor=1.0), tmp_path / "o"
+    main(["encode", "--data", "mnist:2-4", "--vae", str(other), "--out", str(elsewhere),
+          "--image-size", str(SIZE), "--device", "cpu", "--limit-per-class", "1"])  # fmt: skip
+    for source, method in ((tmp_path / "parts", "kind"), (tmp_path / "dense", "lora")):
+        with pytest.raises(SystemExit) as e:  # refused before it trains or writes anything
+            main(["transfer", str(source), "--method", method, "--data", str(elsewhere),
+                  *quick[2:], "--out", str(tmp_path / "mixed")])  # fmt: skip
+        assert e.value.code == 2 and not (tmp_path / "mixed").exists()
+        assert "scaling_factor 1.0, not 0.18215" in capsys.readouterr().err

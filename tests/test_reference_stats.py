@@ -195,7 +195,7 @@ def test_a_reference_smaller_than_k_plus_one_is_named_with_the_fix(tmp_path, shi
 
 
 def test_a_latent_store_as_reference_names_the_image_spec_it_came_from(tmp_path, shifted):
-    from kind.data.latents import FORMAT, META_FILE
+    from kind.data.store_format import FORMAT, META_FILE
 
     store = tmp_path / "store"
     store.mkdir()

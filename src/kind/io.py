@@ -8,13 +8,14 @@ the previous file whole. This module imports nothing from kind, so every layer m
 from __future__ import annotations
 
 import functools
+import glob
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,6 +108,14 @@ def check_new_dir(out: str | Path) -> Path:
             "was touched)"
         )
     return out
+
+
+def leftovers(out: str | Path) -> list[Path]:
+    """The hidden temporary entries (`.NAME.*.tmp`) beside `out` that `atomic_dir(out)` or
+    `atomic_file(out)` makes: an interrupted command leaves them behind, invisible to `ls`,
+    and a running one is writing them, so a caller can name them but must not remove them."""
+    final = _target(Path(out))
+    return sorted(final.parent.glob(f".{glob.escape(final.name)}.*.tmp"))
 
 
 @contextmanager
@@ -210,10 +219,11 @@ def write_checksums(directory: Path) -> None:
     write_json(directory / CHECKSUMS, {"sha256": sums})
 
 
-def verify_checksums(directory: Path) -> bool:
+def verify_checksums(directory: Path, unhashed: Collection[str] = ()) -> bool:
     """Check every file listed in `directory`/checksums.json; raise ValueError naming the first
     file that is missing or differs. Returns False for a directory written before checksums were
-    recorded (nothing to check), True when all match."""
+    recorded (nothing to check), True when all match. Files named in `unhashed` are only checked
+    to be there: a file too large to hash on every read, which the caller checks otherwise."""
     directory = Path(directory)
     if not (directory / CHECKSUMS).is_file():
         return False
@@ -221,7 +231,7 @@ def verify_checksums(directory: Path) -> bool:
         path = directory / name
         if not path.is_file():
             raise ValueError(f"{path} is missing; {directory} is incomplete (copy it again)")
-        if sha256_file(path) != digest:
+        if name not in unhashed and sha256_file(path) != digest:
             raise ValueError(
                 f"{path} does not match its sha256 in {CHECKSUMS}: the file was modified or "
                 "damaged on disk (a bit flip, a partial copy); restore it from a copy"

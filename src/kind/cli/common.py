@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 SET_HELP = (
     "override a config value, e.g. --set train.lr=3e-4 (repeatable; sections: model, "
-    "diffusion, train, sample, and the top-level keys data and group_file)"
+    "diffusion, train, sample, and the top-level keys data, group_file and vae: the VAE "
+    "of a latent store, where it is not at the path the store records)"
 )
 
 # command-line flag (argparse dest) -> key of the config's train section
@@ -72,8 +73,8 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     """The options every training command takes, so `train` and `transfer` read alike."""
     p.add_argument(
         "--config",
-        help="YAML/JSON config file (sections model, diffusion, train, "
-        "sample); command-line options override it",
+        help="YAML/JSON config file (sections model, diffusion, train, sample; top-level "
+        "keys data, group_file, vae); command-line options override it",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument(

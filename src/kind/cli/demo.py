@@ -89,7 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="default",
         help=_preset_help(),
     )
-    p.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    p.add_argument(
+        "--out",
+        help="output directory (default runs/demo; runs/demo-PRESET for another preset, so "
+        "that a preset tried first does not stand in the way of another)",
+    )
     p.add_argument(
         "--jobs",
         type=count(),
@@ -111,8 +115,9 @@ def run(args: argparse.Namespace) -> None:
     """Run (or continue) the demo and say where its report is."""
     from kind.experiments.demo import run_demo
 
+    default = "runs/demo" if args.preset == "default" else f"runs/demo-{args.preset}"
     report = run_demo(
-        args.out,
+        args.out or default,
         args.preset,
         jobs=args.jobs,
         device=args.device,

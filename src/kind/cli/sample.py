@@ -131,7 +131,10 @@ def run(args: argparse.Namespace) -> None:
         model = torch.compile(model)
     ids = [model.null_id] if args.unconditional else resolve_classes(model.config, names)
     if not ids:
-        raise ValueError(f"{args.source} holds no class to sample; assemble one with --classes")
+        raise ValueError(
+            f"{args.source} holds no class to sample: sample its unconditional model with "
+            "--unconditional, or assemble a model with classes (assemble --classes)"
+        )
     labels = [c for c in ids for _ in range(args.n)]
     decode = None
     if meta.get("latent") or args.vae:

@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The source, the shared training options, and what only a transfer chooses."""
     p.add_argument(
         "source",
-        help="parts directory of a KIND model (methods kind, kind-tailors) "
+        help="parts directory of a KIND model (the KIND methods: kind, kind-sigma, "
+        "kind-tailors, kind-unfrozen) "
         "or run/model directory of a dense DiT (the baselines)",
     )
     add_train_options(p)

@@ -16,7 +16,8 @@ import torch
 
 from kind.core.images import to_model_range
 from kind.data.images import DataError, dataset_classes, load_images, parse_spec
-from kind.data.latents import META_FILE, LatentStore, is_store
+from kind.data.latents import LatentStore, check_space, vae_space
+from kind.data.store_format import META_FILE, is_store
 from kind.io import read_json
 
 
@@ -63,27 +64,43 @@ def open_dataset(
     """The `split` of a data spec (bundled set, image folder, `@file` lists) as images in [-1, 1],
     or a latent store as it was encoded. `image_size`/`channels` are what the model expects (None:
     the data's own); a store cannot be resized, so a mismatch is an error. `vae` overrides the VAE
-    a store records (the VAE moved to another machine)."""
-    if is_store(spec):
-        store = LatentStore(spec)
-        if store.meta.get("split", split) != split:
+    a store records (the VAE moved to another machine); it must have the store's latent space,
+    and pixel data, which no VAE decodes, refuses it."""
+    if not is_store(spec):
+        if vae is not None:
             raise DataError(
-                f"latent store {spec} holds the {store.meta['split']} split, not {split}; "
-                f"encode the {split} split with `kind-dit encode --split {split}`"
+                f"vae {vae} is set, but {spec} is pixel data, not a latent store: only latents "
+                "decode with a VAE; unset vae (drop --set vae=...)"
             )
-        if image_size not in (None, store.shape[-1]) or channels not in (None, store.shape[1]):
-            raise DataError(
-                f"latent store {spec} holds {store.shape[1:]} latents; the model "
-                f"expects {channels}x{image_size}x{image_size}"
-            )
-        latent = {
-            "vae": vae or store.meta["vae"],
-            "image_size": store.meta["image_size"],
-            "store": str(store.path),
-        }
-        return Dataset(store, store.labels, store.class_names, latent)
-    data = load_images(spec, split, image_size=image_size, channels=channels)
-    return Dataset(InMemoryImages(to_model_range(data.images)), data.labels, data.class_names)
+        data = load_images(spec, split, image_size=image_size, channels=channels)
+        return Dataset(InMemoryImages(to_model_range(data.images)), data.labels, data.class_names)
+    store = LatentStore(spec)
+    if store.meta.get("split", split) != split:
+        raise DataError(
+            f"latent store {spec} holds the {store.meta['split']} split, not {split}; "
+            f"encode the {split} split with `kind-dit encode --split {split}`"
+        )
+    if image_size not in (None, store.shape[-1]) or channels not in (None, store.shape[1]):
+        raise DataError(
+            f"latent store {spec} holds {store.shape[1:]} latents; the model "
+            f"expects {channels}x{image_size}x{image_size}"
+        )
+    if vae is not None:
+        vae = str(Path(vae).expanduser().resolve())
+        check_space(
+            store.space,
+            vae_space(vae),
+            f"vae {vae} is not the VAE latent store {spec} was encoded with ({store.meta['vae']})",
+            "set vae to that VAE (a copy of it), or encode the images with this one "
+            f"(kind-dit encode --vae {vae})",
+        )
+    latent = {
+        "vae": vae or store.meta["vae"],
+        "image_size": store.meta["image_size"],
+        "store": str(store.path),
+        **store.space,
+    }
+    return Dataset(store, store.labels, store.class_names, latent)
 
 
 def class_names(spec: str) -> list[str]:

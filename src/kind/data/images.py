@@ -83,6 +83,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from kind.data.store_format import is_store
+
 log = logging.getLogger(__name__)
 
 BUNDLED: tuple[str, ...] = ("mnist", "animals", "glyphs")
@@ -289,6 +291,13 @@ def parse_parts(spec: str) -> list[tuple[str, list[str]]]:
     return resolved
 
 
+def spec_folders(spec: str) -> list[Path]:
+    """The image folders a data spec reads (none for bundled sets), so that a command writing
+    its output can refuse to write inside the data it reads."""
+    return [Path(dataset.partition(MAP_SEP)[0]) for dataset, _ in parse_parts(spec)
+            if dataset not in BUNDLED]  # fmt: skip
+
+
 def _parse_whole(spec: str) -> tuple[str, list[str] | None]:
     """parse_spec of a spec that ``split_spec`` left whole. If it fails and some of its pieces
     between ``+`` name datasets, a combined spec was meant: the error names the other pieces."""
@@ -416,6 +425,13 @@ def _folder_classes(dataset: str) -> list[str]:
         return classes
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
         return [root.name]  # a class-less folder: one class
+    if is_store(root):  # reached only inside a spec: a store alone never comes here
+        raise DataError(
+            f"{root} is a latent store, which a data spec uses whole and alone (--data {root}): "
+            "it cannot be part of a combined spec ('a + b'), have classes selected (':a,b') or "
+            "be encoded again. For some of its classes, encode them from their images into a "
+            "store of their own: kind-dit encode --data IMAGES:a,b --out NEW_STORE."
+        )
     raise DataError(
         f"image folder {root} has no class sub-folders and no images; expected "
         f"{root}/<class>/<image>.png (one sub-folder per class) or images directly inside it "

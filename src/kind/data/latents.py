@@ -8,9 +8,11 @@ and lets every rank read the same file.
 
 A store is a directory::
 
-    latents.npy   float16 [N, 2, C, h, w]; [:, 0] the image, [:, 1] its horizontal mirror
-    labels.npy    int64 [N], index into class_names
-    meta.json     format "kind-latents/1", class names, spec, split, sizes, VAE, scaling factor
+    latents.npy     float16 [N, 2, C, h, w]; [:, 0] the image, [:, 1] its horizontal mirror
+    labels.npy      int64 [N], index into class_names
+    meta.json       format "kind-latents/1", class names, spec, split, sizes, the VAE's path and
+                    latent space (SPACE_KEYS, the sha256 of its config.json)
+    checksums.json  sha256 of the three (stores made before it existed open unverified)
 
 Choices, each with its reason:
 
@@ -34,7 +36,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from functools import partial
@@ -47,8 +49,26 @@ from tqdm.auto import tqdm
 
 from kind.core.device import pick_device
 from kind.core.images import to_uint8
-from kind.data.images import DataError, ImageItem, list_images, parse_spec, read_image
-from kind.io import atomic_dir, atomic_write_text, check_new_dir
+from kind.data.images import (
+    DataError,
+    ImageItem,
+    list_images,
+    parse_spec,
+    read_image,
+    spec_folders,
+)
+from kind.data.store_format import FORMAT, LABELS_FILE, LATENTS_FILE, META_FILE
+from kind.io import (
+    OutputDirError,
+    atomic_dir,
+    atomic_write_text,
+    check_new_dir,
+    leftovers,
+    read_json,
+    sha256_file,
+    verify_checksums,
+    write_checksums,
+)
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -56,9 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-FORMAT = "kind-latents/1"
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x/2.x VAEs (sd-vae-ft-ema, sd-vae-ft-mse)
-LATENTS_FILE, LABELS_FILE, META_FILE = "latents.npy", "labels.npy", "meta.json"
 STORE_DTYPE = np.float16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GET_VAE = (
@@ -100,6 +118,11 @@ def load_vae(path: str | Path | None, dtype: torch.dtype = torch.float32) -> Aut
 def vae_root(path: str | Path | None) -> Path:
     """The folder of the AutoencoderKL that `load_vae` would load from `path`, checked without
     loading it (a model directory records the VAE its samples decode with)."""
+    return _vae_config(path)[0]
+
+
+def _vae_config(path: str | Path | None) -> tuple[Path, dict]:
+    """(`vae_root(path)`, its parsed config.json), or a LatentError saying what is wrong."""
     if path is None or not str(path).strip():
         raise LatentError(f"no VAE directory given; {GET_VAE}.")
     root = Path(path).expanduser()
@@ -108,13 +131,13 @@ def vae_root(path: str | Path | None) -> Path:
         raise LatentError(f"VAE directory {root} {what}; {GET_VAE}.")
     if not (root / "config.json").is_file() and (root / "vae" / "config.json").is_file():
         root = root / "vae"  # a whole Stable Diffusion pipeline directory
-    config = root / "config.json"
-    if not config.is_file():
+    if not (root / "config.json").is_file():
         raise LatentError(f"{root} is not a VAE directory (no config.json); {GET_VAE}.")
     try:
-        class_name = json.loads(config.read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise LatentError(f"{config} is not a readable JSON config ({err}); {GET_VAE}.") from err
+        config = read_json(root / "config.json")
+    except (OSError, ValueError) as err:
+        raise LatentError(f"{err}; {GET_VAE}.") from err  # err names the file
+    class_name = config.get("_class_name")
     if class_name != "AutoencoderKL":
         raise LatentError(
             f"{root} holds a {class_name or 'non-diffusers'} model, not an AutoencoderKL VAE; "
@@ -125,24 +148,81 @@ def vae_root(path: str | Path | None) -> Path:
             f"{root} has no diffusion_pytorch_model.safetensors (only safetensors weights are "
             f"loaded); {GET_VAE}."
         )
-    return root
+    return root, config
+
+
+# What fixes the meaning of a latent: z = (mean - shift_factor) * scaling_factor, with
+# latent_channels channels, one cell per `downsampling` pixels along a side. Latents made with
+# one VAE and decoded with a VAE that differs in any of these decode to wrong images, silently.
+SPACE_KEYS = ("scaling_factor", "shift_factor", "latent_channels", "downsampling")
+CONFIG_SHA = "vae_config_sha256"
+
+
+def latent_space(config: Mapping) -> dict:
+    """The SPACE_KEYS values of a VAE config (a loaded VAE's ``config`` or its config.json),
+    with diffusers' defaults where a key is absent: scaling 0.18215 and shift 0 (SD 1.x/2.x
+    VAEs have neither key), 4 channels, and 2 pixels a cell per down block after the first."""
+    scale, shift = config.get("scaling_factor"), config.get("shift_factor")
+    return {
+        "scaling_factor": DEFAULT_SCALING_FACTOR if scale is None else float(scale),
+        "shift_factor": 0.0 if shift is None else float(shift),
+        "latent_channels": int(config.get("latent_channels", 4)),
+        "downsampling": 2 ** (len(config.get("block_out_channels", (64,))) - 1),
+    }
+
+
+def vae_space(path: str | Path) -> dict:
+    """The latent space of the VAE at `path`, read from its config.json without loading the
+    weights: `latent_space`, plus the sha256 of the config file, which tells two VAE builds
+    apart where the values agree."""
+    root, config = _vae_config(path)
+    try:
+        space = latent_space(config)
+    except (TypeError, ValueError) as err:
+        raise LatentError(
+            f"{root / 'config.json'} has a malformed scaling_factor, shift_factor, "
+            f"latent_channels or block_out_channels ({err}); {GET_VAE}."
+        ) from err
+    return space | {CONFIG_SHA: sha256_file(root / "config.json")}
+
+
+def check_space(recorded: Mapping, found: Mapping, mismatch: str, fix: str) -> None:
+    """Refuse the latent space `found` where its SPACE_KEYS differ from those `recorded` (a
+    store's meta, a model's ``latent`` record); a key either lacks is not compared, so stores and
+    models from before it was recorded stay usable. ``mismatch`` names the two VAEs, ``fix``
+    says what to do. Another config.json with the same values only warns: sd-vae-ft-ema and
+    sd-vae-ft-mse decode each other's latents (DiT samples with either), and a VAE re-saved by
+    another diffusers version has another config file."""
+    differ = [k for k in SPACE_KEYS if k in recorded and k in found and recorded[k] != found[k]]
+    if differ:
+        values = ", ".join(f"{k} {found[k]!r}, not {recorded[k]!r}" for k in differ)
+        raise LatentError(
+            f"{mismatch}: {values}; latents made with one VAE decode wrong with the other; {fix}"
+        )
+    digests = (recorded.get(CONFIG_SHA), found.get(CONFIG_SHA))
+    if None not in digests and digests[0] != digests[1] and digests not in _WARNED:
+        _WARNED.add(digests)  # once: a run checks its VAE where it opens the data and decodes
+        log.warning("%s, or another build of it: the latent space is the same, but config.json "
+                    "differs; if the two are different VAEs (not, say, sd-vae-ft-ema and -mse), "
+                    "samples decode wrong", mismatch)  # fmt: skip
+
+
+_WARNED: set[tuple[str, str]] = set()  # (recorded, found) config digests warned about
 
 
 def scaling_factor(vae: AutoencoderKL) -> float:
     """The VAE config's ``scaling_factor``, 0.18215 (SD 1.x/2.x) where the config has none."""
-    value = getattr(vae.config, "scaling_factor", None)
-    return float(value) if value is not None else DEFAULT_SCALING_FACTOR
+    return latent_space(vae.config)["scaling_factor"]
 
 
 def _shift_factor(vae: AutoencoderKL) -> float:
     """The config's ``shift_factor`` (SD3/FLUX VAEs), 0 for SD 1.x/2.x VAEs, which have none."""
-    value = getattr(vae.config, "shift_factor", None)
-    return float(value) if value is not None else 0.0
+    return latent_space(vae.config)["shift_factor"]
 
 
 def downsampling(vae: AutoencoderKL) -> int:
     """Pixels per latent cell along a side: 2 per down block after the first (8 for SD VAEs)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return latent_space(vae.config)["downsampling"]
 
 
 def _vae_place(vae: AutoencoderKL) -> tuple[torch.device, torch.dtype]:
@@ -178,13 +258,21 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> t
 
 def decoder(latent: dict, vae_path: str | Path | None = None, device: str | torch.device = "cpu"):
     """A function latents -> uint8 images for a model trained on a store; `latent` is the entry a
-    run records (its "vae" path), `vae_path` overrides it (the VAE moved to another machine)."""
+    run records (its "vae" path and latent space), `vae_path` overrides it (the VAE moved to
+    another machine). A VAE of another latent space is refused before it is loaded."""
     if not latent and vae_path is not None:
         raise ValueError(
             f"--vae {vae_path}: this model records no latent space; it is a pixel-space model, "
             "whose samples are images already: drop --vae"
         )
-    vae = load_vae(vae_path or latent.get("vae")).to(device)
+    path, made_with = vae_path or latent.get("vae"), latent.get("vae") or "not recorded"
+    check_space(
+        latent,
+        vae_space(path),
+        f"VAE {path} is not the VAE this model's latents were made with ({made_with})",
+        "decode with that VAE (--vae DIR, a copy of it)",
+    )
+    vae = load_vae(path).to(device)
     return lambda z: decode(vae, z)
 
 
@@ -305,6 +393,28 @@ def _rank_sees(sent: list, listing: str, info) -> Path:
     return tmp
 
 
+def _check_out_apart(out: Path, spec: str, vae: Path) -> None:
+    """Refuse an ``out`` inside an image folder the spec reads (the store would become one of
+    its class folders, changing the user's data set) or inside the VAE's directory."""
+    where = Path(os.path.realpath(out))
+    for what, folder in [("image folder", f) for f in spec_folders(spec)] + [("VAE", vae)]:
+        folder = Path(os.path.realpath(folder))
+        if where == folder or folder in where.parents:
+            raise OutputDirError(
+                f"{out} is inside the {what} {folder} that encoding reads: a store there would "
+                f"change it; choose an output directory outside {folder} (nothing was written)"
+            )
+
+
+def _warn_leftovers(out: Path) -> None:
+    """Name what an interrupted encode into ``out`` left beside it (hidden, a store's size),
+    without removing it: another encode into ``out`` may be writing it now."""
+    for left in leftovers(out):
+        log.warning("%s is the unfinished store of an interrupted encode into %s (hidden: `ls -a` "
+                    "shows it); unless another encode into %s is running, remove it: rm -r %s",
+                    left, out, out, left)  # fmt: skip
+
+
 def encode_to_store(
     spec: str,
     out: str | Path,
@@ -346,18 +456,24 @@ def encode_to_store(
             raise LatentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
         listed = list_images(spec, split, limit_per_class)
         on = pick_device(device) if isinstance(device, str) else device
+        space = vae_space(vae_path)
         vae = load_vae(vae_path, compute).to(on)
-        f = downsampling(vae)
+        f = space["downsampling"]
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % f:
             raise LatentError(
                 f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
                 f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
             )
-        return listed, vae, f
+        if main:
+            _check_out_apart(out, spec, Path(vae_path).expanduser())
+        return listed, vae, space
 
-    (items, labels, class_names), vae, f = _together(prepare, info)
+    if main:
+        _warn_leftovers(out)
+    (items, labels, class_names), vae, space = _together(prepare, info)
+    f = space["downsampling"]
     dataset, _ = parse_spec(spec)
-    latent_shape = (int(vae.config.latent_channels), image_size // f, image_size // f)
+    latent_shape = (space["latent_channels"], image_size // f, image_size // f)
     n = len(items)
     per = -(-n // world)
     rank = info.rank if info is not None else 0
@@ -406,11 +522,10 @@ def encode_to_store(
             "flips": "latents[:, 1] encodes the horizontally mirrored image",
             "posterior": "mean",
             "vae": str(Path(vae_path).expanduser().resolve()),
-            "scaling_factor": scaling_factor(vae),
-            "shift_factor": _shift_factor(vae),
-            "downsampling": f,
+            **space,
         }
         atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+        write_checksums(tmp)  # hashes latents.npy once here; LatentStore says when it reads it
     log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, latent_shape)
     return out
 
@@ -418,51 +533,69 @@ def encode_to_store(
 # ---------------------------------------------------------------- reading a store
 
 
-def is_store(path: str | Path) -> bool:
-    """Whether ``path`` is a latent store directory (its meta.json carries this format's tag), so a
-    data spec can name a store or an image folder alike."""
-    meta = Path(path).expanduser() / META_FILE
-    try:
-        return meta.is_file() and json.loads(meta.read_text()).get("format") == FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+FULL_CHECK_BYTES = 1 << 30  # latents.npy up to this size is hashed on every open (about 1 s)
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 class LatentStore:
     """A latent store opened read-only and memory-mapped, with the training loop's data interface
     (``len``, ``shape``, ``get``; see ``kind.train.InMemoryImages``): ``get`` reads only the
-    rows a batch needs, so a 21 GB ImageNet store costs no RAM beyond the page cache."""
+    rows a batch needs, so a 21 GB ImageNet store costs no RAM beyond the page cache.
+
+    Opening verifies the store against the checksums.json that encoding wrote: meta.json and
+    labels.npy by sha256 (small), latents.npy by sha256 up to FULL_CHECK_BYTES and above that by
+    its size only. Hashing costs about a second a GB on every open by every rank, so an ImageNet
+    store (21 GB) would cost each run and rank half a minute; its size still catches the common
+    damage, a partial copy. Its bit flips are caught by checking it in full, once, by hand:
+    ``python -c "from kind.io import verify_checksums; verify_checksums('STORE')"``. A store
+    written before checksums were recorded opens unverified."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
-        if not (self.path / META_FILE).is_file():
+        meta_file = self.path / META_FILE
+        if not meta_file.is_file():
             raise LatentError(
                 f"{self.path} is not a latent store (no {META_FILE}); make one with "
                 "kind.data.latents.encode_to_store (`kind-dit encode`)."
             )
+        latents_file = self.path / LATENTS_FILE
+        large = latents_file.is_file() and latents_file.stat().st_size > FULL_CHECK_BYTES
         try:
-            meta = json.loads((self.path / META_FILE).read_text())
-        except json.JSONDecodeError as err:
-            raise LatentError(f"{self.path / META_FILE} is not valid JSON ({err}).") from err
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else None
+            verify_checksums(self.path, unhashed=(LATENTS_FILE,) if large else ())
+        except (OSError, ValueError) as err:
+            raise LatentError(f"{err}, or re-encode it.") from err
+        try:
+            meta = read_json(meta_file)
+        except (OSError, ValueError) as err:
+            raise LatentError(f"{err}: re-encode the store.") from err
+        if meta.get("format") != FORMAT:
             raise LatentError(
-                f"{self.path / META_FILE} has format {found!r}, not {FORMAT!r}; re-encode "
+                f"{meta_file} has format {meta.get('format')!r}, not {FORMAT!r}; re-encode "
                 "the data with this version of kind."
             )
-        missing = [k for k in ("count", "class_names", "latent_shape") if k not in meta]
-        if missing:
-            raise LatentError(f"{self.path / META_FILE} lacks {missing}; the store is damaged.")
-        self.meta: dict = meta
+        self.meta: dict = self._checked(meta)
         self.class_names: list[str] = [str(c) for c in meta["class_names"]]
         self._latents = self._load(LATENTS_FILE, mmap=True)  # [N, 2, C, h, w]
         labels = self._load(LABELS_FILE, mmap=False)  # [N]
-        n, shape = int(meta["count"]), tuple(int(s) for s in meta["latent_shape"])
+        n, shape = meta["count"], tuple(meta["latent_shape"])
         if self._latents.shape != (n, 2, *shape) or self._latents.dtype.kind != "f":
             raise LatentError(
-                f"{self.path / LATENTS_FILE} holds {self._latents.dtype} "
+                f"{latents_file} holds {self._latents.dtype} "
                 f"{self._latents.shape}, but {META_FILE} says float {(n, 2, *shape)}; the "
                 "store is damaged or incomplete: re-encode it."
+            )
+        size = self._latents.offset + self._latents.nbytes
+        if latents_file.stat().st_size != size:  # a partial copy: all a large one is checked by
+            raise LatentError(
+                f"{latents_file} has {latents_file.stat().st_size} bytes, not the {size} its "
+                "header says; the store is damaged: restore it from a copy, or re-encode it."
             )
         if labels.shape != (n,) or labels.dtype.kind not in "iu":
             raise LatentError(
@@ -476,6 +609,39 @@ class LatentStore:
             )
         self.labels = torch.from_numpy(labels.astype(np.int64))  # int64 [N]
         self.shape: tuple[int, int, int, int] = (n, *shape)  # (N, C, h, w)
+        # the VAE's latent space the store was encoded in (latent_channels: older stores lack it)
+        self.space = {k: meta[k] for k in (*SPACE_KEYS, CONFIG_SHA) if k in meta}
+        self.space.setdefault("latent_channels", shape[0])
+
+    def _checked(self, meta: dict) -> dict:
+        """``meta`` when every key reading a store needs is there and well-formed, else a
+        LatentError naming the key (a store written by hand, or its meta.json edited)."""
+        needed = ("count", "class_names", "latent_shape", "image_size", "vae")
+        missing = [k for k in needed if k not in meta]
+        if missing:
+            raise LatentError(
+                f"{self.path / META_FILE} has no {', '.join(map(repr, missing))}; the store is "
+                "damaged: re-encode it."
+            )
+        shape = meta["latent_shape"]
+        ok = {
+            "count": _is_int(meta["count"], 0),
+            "class_names": isinstance(meta["class_names"], list),
+            "latent_shape": isinstance(shape, list)
+            and len(shape) == 3
+            and all(_is_int(s, 1) for s in shape),
+            "image_size": _is_int(meta["image_size"], 1),
+            "vae": isinstance(meta["vae"], str),
+            **{k: _is_number(meta[k]) for k in ("scaling_factor", "shift_factor") if k in meta},
+            **{k: _is_int(meta[k], 1) for k in ("latent_channels", "downsampling") if k in meta},
+        }
+        bad = [f"{k} {meta[k]!r}" for k, good in ok.items() if not good]
+        if bad:
+            raise LatentError(
+                f"{self.path / META_FILE} has a malformed {', '.join(bad)}; the store is "
+                "damaged: re-encode it."
+            )
+        return meta
 
     def _load(self, name: str, mmap: bool) -> np.ndarray:
         try:

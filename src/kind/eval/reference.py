@@ -29,7 +29,7 @@ import torch
 
 from kind.core.images import save_npz
 from kind.data.images import ImageSet, load_images, parse_spec
-from kind.data.latents import META_FILE, is_store
+from kind.data.store_format import META_FILE, is_store
 from kind.eval import metrics
 from kind.eval.features import (
     FeatureNet,

@@ -35,7 +35,7 @@ import torch
 from kind.core.decomposition import MergedDiT
 from kind.core.diffusion import PREDICTIONS, SCHEDULES, DiffusionConfig
 from kind.core.model import PATCHES, SIZES, DiT, ModelConfig, load_state, parse_size
-from kind.data.latents import vae_root
+from kind.data.latents import DEFAULT_SCALING_FACTOR, check_space, vae_root, vae_space
 from kind.io import (
     atomic_dir,
     atomic_file,
@@ -407,17 +407,28 @@ def import_dit(
     load_state(model, state, src)
     diffusion = DiffusionConfig.from_dict(saved.get("diffusion") or DIT_DIFFUSION)
     latent = saved.get("latent")
-    if not saved and config.in_channels == 4:
-        latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR}
+    if not saved and config.in_channels == 4:  # DiT's: the SD VAE's latents (either fine-tune)
+        latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR,
+                  "scaling_factor": DEFAULT_SCALING_FACTOR, "shift_factor": 0.0,
+                  "latent_channels": 4, "downsampling": SD_VAE_FACTOR}  # fmt: skip
     if vae is not None:
         if not latent and config.in_channels in (1, 3):
             raise ValueError(
                 f"{what} is a pixel-space model ({config.in_channels} input channels), whose "
                 "samples no VAE decodes; import it without --vae"
             )
-        latent = (latent or {"image_size": config.image_size * SD_VAE_FACTOR}) | {
-            "vae": str(vae.resolve())
-        }
+        space = vae_space(vae)
+        check_space(
+            latent or {},
+            space,
+            f"--vae {vae} is not a VAE of the latent space {what} was trained in",
+            "import with that VAE (DiT's: sd-vae-ft-ema or sd-vae-ft-mse), or without --vae",
+        )
+        latent = (
+            (latent or {"image_size": config.image_size * SD_VAE_FACTOR})
+            | space
+            | {"vae": str(vae.resolve())}
+        )
     if latent and not latent.get("vae"):
         notes.append("a latent model: sample it with `kind-dit sample OUT --vae VAE_DIR`")
     extra = {

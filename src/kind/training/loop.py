@@ -43,7 +43,7 @@ from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT, ModelConfig
 from kind.core.sampling import generate_sharded
 from kind.data.dataset import Dataset, open_dataset
-from kind.data.latents import decoder
+from kind.data.latents import check_space, decoder
 from kind.io import CHECKSUMS, atomic_write_text, read_json, sha256_file
 from kind.store.load import load_model
 from kind.store.modeldir import MODEL_WEIGHTS, is_model_dir, save_model_dir
@@ -203,7 +203,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
             "train.class_dropout above 0 (default 0.1), or drop --null-tailor"
         )
     if resume:
-        _check_resume(cfg, out, model)
+        _check_resume(cfg, out, model, data)
     cfg = replace(cfg, model=model.config)
     guided, channels = cfg.sample.guided_channels, model.config.in_channels
     if guided is not None and guided > channels:  # else found only when the run exports
@@ -262,13 +262,24 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
                 decode)  # fmt: skip
 
 
-def _check_resume(cfg: Config, out: Path, model: DiT) -> None:
+def _check_resume(cfg: Config, out: Path, model: DiT, data: Dataset) -> None:
     """Refuse, before anything is written, a resume that changes what its checkpoint fixes: the
     seed (the run continues the random streams the checkpoint saved, so a new seed would be
-    recorded and change nothing) and the tailor group of each class (a changed or edited
-    group_file would hand the tailors trained for some classes to others)."""
+    recorded and change nothing), the tailor group of each class (a changed or edited
+    group_file would hand the tailors trained for some classes to others) and the VAE latent
+    space of its data (the model would go on learning latents that mean something else)."""
     if not (out / CONFIG_JSON).is_file():
         return
+    before = read_json(out / RUN_JSON).get("latent") if (out / RUN_JSON).is_file() else None
+    if before and data.latent:
+        check_space(
+            before,
+            data.latent,
+            f"--resume: latent store {cfg.data} was encoded with another VAE "
+            f"({data.latent['vae']}) than the run in {out} trained on ({before.get('vae')})",
+            "resume on the store the run started with, or start a new run (--restart or another "
+            "--out)",
+        )
     saved = read_json(out / CONFIG_JSON, "model", "train")
     seed = saved["train"].get("seed")
     if seed is not None and seed != cfg.train.seed:

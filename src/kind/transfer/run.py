@@ -9,6 +9,7 @@ from pathlib import Path
 
 from kind.core.model import ModelConfig, count_params
 from kind.data.dataset import open_dataset
+from kind.data.latents import check_space
 from kind.store.load import load_model
 from kind.store.parts import read_manifest
 from kind.training.config import Config, read_group_file
@@ -16,11 +17,14 @@ from kind.training.loop import TrainResult, train
 from kind.transfer.registry import Start, get
 
 
-def source_config(source: str | Path, method: str) -> ModelConfig:
-    """The architecture a transfer starts from (parts directory for KIND, dense run otherwise)."""
+def read_source(source: str | Path, method: str) -> tuple[ModelConfig, dict | None]:
+    """The architecture a transfer starts from (parts directory for KIND, dense run otherwise),
+    and the latent space it was trained in (its `latent` record; None: pixels)."""
     if get(method).is_kind:
-        return ModelConfig.from_dict(read_manifest(source)["model"])
-    return load_model(Path(source))[0].config
+        manifest = read_manifest(source)
+        return ModelConfig.from_dict(manifest["model"]), manifest.get("latent")
+    model, _, meta = load_model(Path(source))
+    return model.config, meta.get("latent")
 
 
 def prepare(
@@ -69,8 +73,16 @@ def run_transfer(
 
     The data is converted to the source model's image size and channels. On `resume`, the same
     initial model is rebuilt from `source` and the run's latest checkpoint is loaded over it."""
-    arch = source_config(source, method)
+    arch, latent = read_source(source, method)
     data = open_dataset(cfg.data, "train", arch.image_size, arch.in_channels, vae=cfg.vae)
+    if latent and data.latent:  # the transferred model decodes the new classes with one VAE
+        check_space(
+            latent,
+            data.latent,
+            f"latent store {cfg.data} was encoded with another VAE ({data.latent['vae']}) than "
+            f"source {source} was trained with ({latent.get('vae') or 'not recorded'})",
+            "encode the new classes with the source's VAE (kind-dit encode --vae DIR)",
+        )
     tau = read_group_file(cfg.group_file, data.class_names) if cfg.group_file else None
     start = prepare(
         source,
