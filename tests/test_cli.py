@@ -117,6 +117,13 @@ def test_decompose_assemble_and_sample_from_parts(run, tmp_path, capsys):
         outs[src] = np.load(tmp_path / f"s_{src}" / "samples.npz")["arr_0"].astype(int)
     assert np.array_equal(outs["run"], outs["parts"]) and np.array_equal(outs["run"], outs["one"])
     assert np.abs(outs["run"] - outs["merged"]).max() <= 2  # fp32 rounding of the folded weights
+    for src in ("run", "parts"):  # from parts: the learngenes alone, no tailor assembled
+        cli("sample {} --unconditional --n 2 --steps 2 --out {}", run if src == "run" else parts,
+            tmp_path / f"u_{src}")  # fmt: skip
+    a, b = (np.load(tmp_path / f"u_{s}" / "samples.npz") for s in ("run", "parts"))
+    assert (
+        np.array_equal(a["arr_0"], b["arr_0"]) and str(b["class_names"][b["labels"][0]]) == "<null>"
+    )
 
 
 def test_transfer_with_kind_and_a_matched_baseline_then_evaluate(run, tmp_path, capsys):

@@ -16,6 +16,7 @@ import copy
 import json
 import math
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -200,7 +201,7 @@ def test_official_checkpoint_with_class_names_and_a_vae(tmp_path, vae_dir, capsy
     assert meta["latent"]["vae"] == str(sd_like.resolve()) and meta["latent"]["downsampling"] == 8
 
 
-def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):
+def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys, vae_dir):
     ref = make_reference(seed=3)
     pipe = tmp_path / "pipe"  # a DiTPipeline folder: the transformer in transformer/
     ref.save_pretrained(pipe / "transformer")
@@ -218,6 +219,18 @@ def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys):
     assert (tmp_path / "m" / "source-README.md").is_file()
     assert not (tmp_path / "m" / "source-license_weights.safetensors").exists()
     assert "cc-by-nc-4.0" in (tmp_path / "m" / "NOTICE").read_text()
+    # a diffusers DiT may have been trained on any VAE's latents: none is assumed, the one
+    # given is recorded with its latent space and sets the image size (x2 here)
+    assert meta["latent"] == {"vae": None, "image_size": 8 * 8}
+    main(["import", str(pipe), "--out", str(tmp_path / "v"), "--vae", str(vae_dir)])
+    latent = load_model(tmp_path / "v")[2]["latent"]
+    assert latent["image_size"] == 8 * 2 and latent["downsampling"] == 2
+    wide = tmp_path / "wide-vae"  # a VAE of 8-channel latents (its config is what is read)
+    shutil.copytree(vae_dir, wide)
+    config = json.loads((wide / "config.json").read_text())
+    (wide / "config.json").write_text(json.dumps(config | {"latent_channels": 8}))
+    err = fails(["import", str(pipe), "--out", str(tmp_path / "w"), "--vae", str(wide)], capsys)
+    assert "makes 8-channel latents" in err and "takes 4 channels" in err
 
 
 def test_diffusers_first_dit_folder_imports(tmp_path, capsys):

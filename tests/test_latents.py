@@ -285,6 +285,7 @@ DAMAGES = {
     ),
     "latents": _flip_a_latent_bit,
     "appended": lambda out: _flip_a_latent_bit(out, b"xx"),
+    "checksums": lambda out: (out / "checksums.json").write_text('{"sha256": ["x"]}'),
 }
 
 
@@ -296,6 +297,7 @@ DAMAGES = {
         ("latents", False, r"latents\.npy does not match its sha256"),
         ("appended", True, r"latents\.npy has 9346 bytes, not the 9344 its header says"),
         ("latents", True, None),  # unseen: a large latents.npy is checked by its size alone
+        ("checksums", False, r"sha256 is not an object .* restore it from a copy, or re-encode"),
     ],
 )
 def test_a_store_is_verified_against_its_checksums(

@@ -227,7 +227,13 @@ def verify_checksums(directory: Path, unhashed: Collection[str] = ()) -> bool:
     directory = Path(directory)
     if not (directory / CHECKSUMS).is_file():
         return False
-    for name, digest in read_json(directory / CHECKSUMS, "sha256")["sha256"].items():
+    sums = read_json(directory / CHECKSUMS, "sha256")["sha256"]
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise ValueError(
+            f"{directory / CHECKSUMS}: sha256 is not an object of file name -> digest; the file "
+            "is damaged (copy the directory again)"
+        )
+    for name, digest in sums.items():
         path = directory / name
         if not path.is_file():
             raise ValueError(f"{path} is missing; {directory} is incomplete (copy it again)")

@@ -108,10 +108,10 @@ def run(args: argparse.Namespace) -> None:
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     if args.unconditional and args.classes:
         raise ValueError(
-            "--unconditional samples the null class (the learngene-only model), not classes; "
+            "--unconditional samples the unconditional model (the null class), not classes; "
             "drop --classes, or drop --unconditional"
         )
-    names = classes(args.classes)
+    names = [] if args.unconditional else classes(args.classes)  # parts: no tailor to assemble
     model, diffusion, meta = load_model(Path(args.source), names)
     defaults = SampleConfig.saved(meta.get("sample"))
     sampler = args.sampler or defaults.sampler

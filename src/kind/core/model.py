@@ -266,6 +266,7 @@ class DiT(nn.Module):
             )
         self.out_channels = cfg.in_channels * (2 if cfg.learn_sigma else 1)
         self.null_id = cfg.num_classes
+        self.held_ids = frozenset(cfg.held_classes) | {self.null_id}  # what check_classes allows
         self.grid = cfg.image_size // self.patch
         groups = cfg.held_groups
         if cfg.null_group is not None and cfg.null_group not in groups:
@@ -352,8 +353,7 @@ class DiT(nn.Module):
     def check_classes(self, y: torch.Tensor) -> None:
         """A clear error for a class id this model does not hold (reads y on the host)."""
         present = set(y.tolist())
-        held = set(self.config.held_classes) | {self.null_id}
-        missing = sorted(present - held)
+        missing = sorted(present - self.held_ids)
         if missing:
             names = self.config.class_names
             bad = [names[c] if 0 <= c < len(names) else str(c) for c in missing]

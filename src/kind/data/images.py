@@ -425,7 +425,7 @@ def _folder_classes(dataset: str) -> list[str]:
         return classes
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
         return [root.name]  # a class-less folder: one class
-    if is_store(root):  # reached only inside a spec: a store alone never comes here
+    if is_store(root):  # a store in a spec, or given to encode (a store alone opens as one)
         raise DataError(
             f"{root} is a latent store, which a data spec uses whole and alone (--data {root}): "
             "it cannot be part of a combined spec ('a + b'), have classes selected (':a,b') or "

@@ -393,11 +393,12 @@ def _rank_sees(sent: list, listing: str, info) -> Path:
     return tmp
 
 
-def _check_out_apart(out: Path, spec: str, vae: Path) -> None:
+def _check_out_apart(out: Path, spec: str, vae: str | Path | None) -> None:
     """Refuse an ``out`` inside an image folder the spec reads (the store would become one of
     its class folders, changing the user's data set) or inside the VAE's directory."""
     where = Path(os.path.realpath(out))
-    for what, folder in [("image folder", f) for f in spec_folders(spec)] + [("VAE", vae)]:
+    vaes = [("VAE", Path(vae).expanduser())] if vae else []
+    for what, folder in [("image folder", f) for f in spec_folders(spec)] + vaes:
         folder = Path(os.path.realpath(folder))
         if where == folder or folder in where.parents:
             raise OutputDirError(
@@ -449,6 +450,7 @@ def encode_to_store(
     def prepare():  # every rank, before anything is written
         if main:  # rank 0 alone: the others could see its temporary directory in an empty `out`
             check_new_dir(out)
+            _check_out_apart(out, spec, vae_path)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
         compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -464,8 +466,6 @@ def encode_to_store(
                 f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
                 f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
             )
-        if main:
-            _check_out_apart(out, spec, Path(vae_path).expanduser())
         return listed, vae, space
 
     if main:
@@ -554,8 +554,10 @@ class LatentStore:
     its size only. Hashing costs about a second a GB on every open by every rank, so an ImageNet
     store (21 GB) would cost each run and rank half a minute; its size still catches the common
     damage, a partial copy. Its bit flips are caught by checking it in full, once, by hand:
-    ``python -c "from kind.io import verify_checksums; verify_checksums('STORE')"``. A store
-    written before checksums were recorded opens unverified."""
+    ``python -c "from kind.io import verify_checksums; print(verify_checksums('STORE'))"``
+    prints True when every file matches, False for a store without checksums.json, and raises
+    naming the first file that differs. A store written before checksums were recorded opens
+    unverified."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path).expanduser()
@@ -570,7 +572,10 @@ class LatentStore:
         try:
             verify_checksums(self.path, unhashed=(LATENTS_FILE,) if large else ())
         except (OSError, ValueError) as err:
-            raise LatentError(f"{err}, or re-encode it.") from err
+            raise LatentError(
+                f"{err}. Latent store {self.path} cannot be used as it is: restore it from a "
+                "copy, or re-encode it"
+            ) from err
         try:
             meta = read_json(meta_file)
         except (OSError, ValueError) as err:

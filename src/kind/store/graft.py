@@ -32,7 +32,7 @@ import torch
 
 from kind.core.decomposition import PartsError, split_state
 from kind.core.model import ModelConfig
-from kind.data.latents import check_space
+from kind.data.latents import CONFIG_SHA, check_space
 from kind.io import (
     atomic_dir,
     atomic_file,
@@ -261,15 +261,17 @@ def _check_architecture(
             f"on {'latents ' + str(ours) if ours else 'pixels'}: their samples decode "
             f"differently; {_FIX_TRANSFER} on data of PARTS's kind"
         )
-    if ours:
-        check_space(
-            ours,
-            theirs,
-            f"{run}'s latents were made with another VAE ({theirs.get('vae')}) than {parts}'s "
-            f"({ours.get('vae')})",
-            f"{_FIX_TRANSFER} on data encoded with PARTS's VAE",
-        )
-    if ours and ours.get("vae") != theirs.get("vae"):  # the same latent space, or unrecorded
+    if not ours:
+        return
+    check_space(  # refuses another latent space; warns where the VAE's config.json differs
+        ours,
+        theirs,
+        f"{run}'s latents were made with another VAE ({theirs.get('vae')}) than {parts}'s "
+        f"({ours.get('vae')})",
+        f"{_FIX_TRANSFER} on data encoded with PARTS's VAE",
+    )
+    unrecorded = CONFIG_SHA not in ours or CONFIG_SHA not in theirs  # older runs: the path only
+    if unrecorded and ours.get("vae") != theirs.get("vae"):
         log.warning(
             "%s's latents were made with VAE %s, %s's with %s; the grafted parts decode every "
             "class with %s (if these are two different VAEs, the run's classes will not decode "

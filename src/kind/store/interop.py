@@ -407,10 +407,11 @@ def import_dit(
     load_state(model, state, src)
     diffusion = DiffusionConfig.from_dict(saved.get("diffusion") or DIT_DIFFUSION)
     latent = saved.get("latent")
-    if not saved and config.in_channels == 4:  # DiT's: the SD VAE's latents (either fine-tune)
-        latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR,
-                  "scaling_factor": DEFAULT_SCALING_FACTOR, "shift_factor": 0.0,
-                  "latent_channels": 4, "downsampling": SD_VAE_FACTOR}  # fmt: skip
+    if not saved and config.in_channels == 4:  # a latent DiT, on latents 8x smaller than images
+        latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR}
+        if source["format"] == "dit-official":  # DiT's own: the SD VAE's (either fine-tune)
+            latent |= {"scaling_factor": DEFAULT_SCALING_FACTOR, "shift_factor": 0.0,
+                       "latent_channels": 4, "downsampling": SD_VAE_FACTOR}  # fmt: skip
     if vae is not None:
         if not latent and config.in_channels in (1, 3):
             raise ValueError(
@@ -418,17 +419,20 @@ def import_dit(
                 "samples no VAE decodes; import it without --vae"
             )
         space = vae_space(vae)
+        if space["latent_channels"] != config.in_channels:
+            raise ValueError(
+                f"--vae {vae} makes {space['latent_channels']}-channel latents, {what} takes "
+                f"{config.in_channels} channels; import with the VAE it was trained with, or "
+                "without --vae"
+            )
         check_space(
             latent or {},
             space,
             f"--vae {vae} is not a VAE of the latent space {what} was trained in",
             "import with that VAE (DiT's: sd-vae-ft-ema or sd-vae-ft-mse), or without --vae",
         )
-        latent = (
-            (latent or {"image_size": config.image_size * SD_VAE_FACTOR})
-            | space
-            | {"vae": str(vae.resolve())}
-        )
+        image_size = config.image_size * space["downsampling"]
+        latent = (latent or {}) | space | {"vae": str(vae.resolve()), "image_size": image_size}
     if latent and not latent.get("vae"):
         notes.append("a latent model: sample it with `kind-dit sample OUT --vae VAE_DIR`")
     extra = {
