@@ -100,8 +100,9 @@ def check_new_dir(out: str | Path) -> Path:
         if all(re.fullmatch(rf"\.{re.escape(name)}\..+\.tmp", e) for e in entries):
             raise OutputDirError(
                 f"{out} holds only the unfinished output of an interrupted kind-dit command "
-                f"({', '.join(entries)}: hidden, `ls -a` shows it); remove it (rm -r "
-                f"{out / entries[0]}) and run again, or choose another output directory"
+                f"({', '.join(entries)}: hidden, `ls -a` shows it); unless a command writing "
+                f"into {out} is still running, remove it (rm -r {out / entries[0]}) and run "
+                "again, or choose another output directory"
             )
         raise OutputDirError(
             f"{out} already exists and is not empty; choose another output directory (nothing "
