@@ -491,15 +491,24 @@ def test_a_grid_previews_the_first_classes_and_samples_only(tmp_path):
     assert f"first {GRID_PER_CLASS} samples of the first {GRID_CLASSES} classes" in DESCRIPTION
 
 
-def test_sixteen_bit_greyscale_scans_keep_their_grey_levels(tmp_path):
+def test_sixteen_bit_greyscale_scans_keep_their_grey_levels(tmp_path, caplog):
     """A 16-bit PNG (MRI slices, microscopy) maps 0..65535 onto 0..255, where Pillow's convert
-    clipped it white; floating-point pixels, which have no known range, are refused by name."""
+    clipped it white; 12-bit scans in 16-bit files, nearly black so, are warned about;
+    floating-point pixels, which have no known range, are refused by name."""
     ramp = np.tile(np.linspace(0, 65535, 32).astype(np.uint16), (32, 1))  # [32, 32]
     (tmp_path / "scans" / "mri").mkdir(parents=True)
     Image.fromarray(ramp).save(tmp_path / "scans" / "mri" / "a.png")
     data = load_images(str(tmp_path / "scans"), "train", image_size=32, channels=1)
     got = data.images[0, 0].numpy().astype(int)  # [32, 32]
     assert np.abs(got - np.round(ramp / 257)).max() <= 1 and got[0, 0] == 0 and got[0, -1] == 255
+    assert "nearly black" not in caplog.text
+    from kind.data.images import _warn_narrow
+
+    _warn_narrow.cache_clear()  # once a process: not yet in this one, whatever ran before
+    (tmp_path / "twelve" / "mri").mkdir(parents=True)
+    Image.fromarray(ramp // 16).save(tmp_path / "twelve" / "mri" / "a.png")  # 0..4095
+    load_images(str(tmp_path / "twelve"), "train", image_size=32, channels=1)
+    assert "12-bit scans saved in 16-bit files?" in caplog.text
     Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "scans" / "mri" / "b.tiff")
     with pytest.raises(DataError, match=r"b\.tiff .*floating-point pixels"):  # TIFFs are read too
         load_images(str(tmp_path / "scans"), "train", image_size=32, channels=1)

@@ -508,7 +508,16 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     pixels = np.asarray(image)  # [H, W] uint16 or int32
     if pixels.min() < 0 or pixels.max() > 65535:
         raise ValueError("32-bit pixels outside 0..65535; save it as 8- or 16-bit")
+    if pixels.max() < 4096:
+        _warn_narrow()
     return Image.fromarray(np.round(pixels / 257).astype(np.uint8), "L")
+
+
+@functools.cache  # once a process: a data set of such scans holds thousands
+def _warn_narrow() -> None:
+    log.warning("16-bit images with values only below 4096 (12-bit scans saved in 16-bit files?) "
+                "map onto 0..16 of 255, nearly black: rescale them to the 16-bit range, or to "
+                "8-bit, before training on them")  # fmt: skip
 
 
 def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
