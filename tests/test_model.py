@@ -1,5 +1,7 @@
 """The DiT, dense and KIND: shapes, the size registry, the class gate at model level."""
 
+import re
+
 import pytest
 import torch
 
@@ -159,3 +161,21 @@ def test_dit_sizes_match_the_paper():
     )
     n = sum(p.numel() for p in dense.parameters())
     assert 32e6 < n < 34e6
+
+
+@pytest.mark.parametrize(
+    ("saved", "needle"),
+    [
+        ({"class_names": [1, 2]}, "'class_names' is [1, 2], not a list[str]"),
+        ({"class_names": None}, "'class_names' is None, not a list[str]"),
+        ({"image_size": "28"}, "'image_size' is '28', not a int | None"),
+        ({"kind": 1}, "'kind' is 1, not a bool"),
+        ({"learngene_ranks": {"blocks.0.attn.q": "a"}}, "not a dict[str, int] | None"),
+    ],
+)
+def test_a_damaged_saved_config_names_its_key(saved, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        ModelConfig.from_dict({"class_names": NAMES} | saved)
+    assert ModelConfig.from_dict({"class_names": NAMES, "rank_tailor": 2}).rank_tailor == 2
+    with pytest.raises(ValueError, match="gives no image_size; a model needs both"):
+        DiT(ModelConfig(class_names=NAMES, image_size=None))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -124,11 +126,50 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """A config as saved (model.json, a parts manifest, a checkpoint): every value of the
+        type its field declares, so a damaged or hand-edited file is a ValueError naming the key,
+        not a TypeError deep in the model."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the model config is a {type(d).__name__}, not an object")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        hints = typing.get_type_hints(cls)
+        for key, value in d.items():
+            if not _is_a(value, hints[key]):
+                kind = hints[key]
+                name = (
+                    kind.__name__
+                    if isinstance(kind, type)
+                    else str(kind).replace("NoneType", "None")
+                )
+                raise ValueError(
+                    f"model config key {key!r} is {value!r:.100}, not a {name}; the file is "
+                    "damaged or was edited by hand"
+                )
         return cls(**d)
+
+
+def _is_a(value, kind) -> bool:
+    """Whether a JSON value is of the annotated type `kind` (str, bool, int, float, X | None,
+    list[X], dict[K, V]): the types a ModelConfig's fields take (an int is a float too)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            _is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items()
+        )
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:
@@ -253,6 +294,14 @@ class DiT(nn.Module):
         self.config = cfg = config
         base, self.patch = parse_size(cfg.size)
         depth, hidden, heads = SIZES[base]
+        unset = [k for k in ("image_size", "in_channels") if getattr(cfg, k) is None]
+        if unset:  # a run config leaves them to the data; a model needs them
+            raise ValueError(f"model config gives no {' or '.join(unset)}; a model needs both")
+        if cfg.image_size < 1 or cfg.in_channels < 1:
+            raise ValueError(
+                f"model config has image_size {cfg.image_size}, in_channels {cfg.in_channels}; "
+                "both must be positive"
+            )
         if cfg.image_size % self.patch:
             fits = [f"{base}/{p}" for p in PATCHES[base] if cfg.image_size % p == 0]
             raise ValueError(
