@@ -272,6 +272,9 @@ def _set(path, value):
         (_set(["learngene", "file"], "../learngene.safetensors"), "not a file of the directory"),
         (_set(["tailors", "x"], {}), "tailor x entry lacks a valid file"),
         (_set(["classes"], [{"id": 9}]), "class id 9, not one class"),
+        (_set(["latent"], "x"), "latent is 'x', not a JSON object"),
+        (_set(["grafted"], {}), r"grafted is \{\}, not a JSON array"),
+        (_set(["model", "class_names"], [0, 1, 2, 3]), "'class_names' is .*not a list.str."),
     ],
 )
 def test_a_damaged_manifest_is_refused_naming_the_problem(parts, tmp_path, edit, problem):

@@ -249,6 +249,16 @@ def _sample(*extra: str) -> Callable[[Path, Path], list[str]]:
     return lambda tmp, made: ["sample", str(made / "run"), *extra, "--out", str(tmp / "s")]
 
 
+def _config_file(text: bytes) -> Callable[[Path, Path], list[str]]:
+    """`train --config` of a file holding `text`."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        (tmp / "c.yaml").write_bytes(text)
+        return _train("--config", str(tmp / "c.yaml"))(tmp, made)
+
+    return setup
+
+
 def _demo_into_user_dir(tmp: Path, made: Path) -> list[str]:
     (tmp / "mine").mkdir()
     (tmp / "mine" / "thesis.tex").write_text("x")
@@ -492,6 +502,25 @@ CASES = [
         2,
         "unknown device 'bogus'",
     ),  # fmt: skip
+    Case("sample --device xpu", _sample("--device", "xpu"), 2, "unknown device 'xpu'"),
+    Case(
+        "train.threads past any machine",
+        _train("--set", "train.threads=100000"),
+        2,
+        "an integer from 1 to 1024",
+    ),  # fmt: skip
+    Case(
+        "a config key that is a number",
+        _config_file(b"train:\n  1: 2\n"),
+        2,
+        "config key 1 in train is not a name",
+    ),  # fmt: skip
+    Case(
+        "a binary config file",
+        _config_file(b"\xff\xfe\x00"),
+        2,
+        "is not a YAML/JSON text file (UnicodeDecodeError)",
+    ),  # fmt: skip
 ]
 
 
@@ -640,3 +669,16 @@ def test_ablations_continue_a_folder_an_earlier_version_started(tmp_path):
     (tmp_path / "mine" / "ablations.md").write_text("my own notes")
     with pytest.raises(ValueError, match="not the ablations of"):
         _claim(tmp_path / "mine", tmp_path / "demo", 1e-4, jobs)
+
+
+def test_a_model_json_section_of_the_wrong_kind_is_named(made, tmp_path):
+    """A hand-edited model.json (its checksums removed, so it is read): a section that is not an
+    object is named where the file is read, not an AttributeError where it is first used."""
+    from kind.store.modeldir import load_model_dir
+
+    folder = _copy(made, tmp_path, "run") / "model"
+    meta = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(meta | {"latent": [1]}))
+    (folder / "checksums.json").unlink()
+    with pytest.raises(ValueError, match=r"model\.json: latent is \[1\], not a JSON object"):
+        load_model_dir(folder)

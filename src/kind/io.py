@@ -173,7 +173,7 @@ def read_json(path: Path, *required: str) -> dict:
         raise FileNotFoundError(f"{path} does not exist")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged") from e
     if not isinstance(data, dict):
         raise ValueError(
@@ -183,6 +183,21 @@ def read_json(path: Path, *required: str) -> dict:
     if missing:
         raise ValueError(f"{path} has no {', '.join(map(repr, missing))}; the file is damaged")
     return data
+
+
+def kind_problem(data: dict, kinds: dict[str, type]) -> str | None:
+    """What is wrong with the optional keys `kinds` of a JSON object `data` (each of its JSON
+    kind, or null), or None: a hand-edited file's `"latent": "x"` named, not an AttributeError
+    where the value is first used."""
+    bad = [
+        f"{key} is {data[key]!r:.60}, not a JSON {_JSON_KIND[kind]}"
+        for key, kind in kinds.items()
+        if data.get(key) is not None and not isinstance(data[key], kind)
+    ]
+    return "; ".join(bad) or None
+
+
+_JSON_KIND = {dict: "object", list: "array", str: "string"}
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from kind.cli.common import count, number
+from kind.core.device import MAX_THREADS
 
 NAME = "serve"
 HELP = "serve a parts directory over HTTP: JSON API and a web page"
@@ -54,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--threads",
-        type=count(),
+        type=count(1, MAX_THREADS),
         help="CPU threads for torch (default: torch's; on a machine that also runs other work, "
         "1 is often fastest for small models)",
     )

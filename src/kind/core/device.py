@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+# CPU threads a command may ask torch for: far past any machine's cores, short of the thread
+# counts at which OpenMP fails to create them (or the process crashes)
+MAX_THREADS = 1024
+
 
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """ "auto": this rank's GPU when CUDA is available, else the CPU; a clear error when a CUDA
@@ -13,7 +17,9 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(preference)
     except RuntimeError:
-        raise ValueError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # what kind-dit runs on
+        raise ValueError(f"unknown device {preference!r}; use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {preference!r} asks for CUDA, but no CUDA device is available here; "

@@ -21,6 +21,7 @@ from kind.io import (
     atomic_dir,
     atomic_save_tensors,
     atomic_write_text,
+    kind_problem,
     read_json,
     read_tensors,
     verify_checksums,
@@ -76,6 +77,12 @@ def load_model_dir(path: Path) -> tuple[DiT | MergedDiT, DiffusionConfig, dict]:
     if not verify_checksums(path):
         log.warning("%s has no checksums.json (written by kind-dit 0.1): not verified", path)
     meta = read_json(path / MODEL_JSON, "model", "diffusion")
+    problem = kind_problem(meta, {"model": dict, "diffusion": dict, "sample": dict,
+                                  "latent": dict, "imported": dict, "source": str, "merged": str})  # fmt: skip
+    if problem:
+        raise ValueError(
+            f"{path / MODEL_JSON}: {problem}; the file is damaged or was edited by hand"
+        )
     config = ModelConfig.from_dict(meta["model"])
     merged = meta.get("merged") not in (None, "null")  # one class folded in, plus its null model
     model = MergedDiT(config) if merged else DiT(config)

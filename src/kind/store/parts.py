@@ -35,6 +35,7 @@ from kind.io import (
     atomic_save_tensors,
     atomic_write_text,
     check_new_dir,
+    kind_problem,
     read_json,
     read_tensors,
     sha256_file,
@@ -154,6 +155,10 @@ def manifest_problem(manifest: dict) -> str | None:
     ]
     if missing:
         return f"it has no {', '.join(missing)}"
+    problem = kind_problem(manifest, {"sample": dict, "latent": dict, "grafted": list,
+                                      "source": str, "classes": list})  # fmt: skip
+    if problem:
+        return problem
     try:
         config = ModelConfig.from_dict(manifest["model"])
         DiffusionConfig.from_dict(manifest["diffusion"])

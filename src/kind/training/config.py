@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from kind.core.device import MAX_THREADS
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import ModelConfig
 from kind.core.seeds import SEED_MAX
@@ -34,11 +35,14 @@ def check_rank(key: str, rank: float) -> None:
                 "a whole count (>= 1) or a fraction of min(in, out) (< 1)")  # fmt: skip
 
 
-def _count(key: str, value: Any, low: int, optional: bool = False) -> None:
+def _count(key: str, value: Any, low: int, optional: bool = False, high: int | None = None) -> None:
     ok = (optional and value is None) or (
-        isinstance(value, int) and not isinstance(value, bool) and value >= low
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and low <= value <= (math.inf if high is None else high)
     )
-    check_range(key, value, ok, f"an integer >= {low}" + (" or null" if optional else ""))
+    wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    check_range(key, value, ok, wanted + (" or null" if optional else ""))
 
 
 def _real(key: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False,
@@ -94,7 +98,7 @@ class TrainConfig:
             _count(f"train.{name}", getattr(self, name), 0)
         check_range("train.seed", self.seed, self.seed <= SEED_MAX, f"0 to {SEED_MAX}")
         _count("train.micro_batch_size", self.micro_batch_size, 1, optional=True)
-        _count("train.threads", self.threads, 1, optional=True)
+        _count("train.threads", self.threads, 1, optional=True, high=MAX_THREADS)
         _real("train.lr", self.lr, 0, open_low=True)
         _real("train.weight_decay", self.weight_decay, 0)
         _real("train.grad_clip", self.grad_clip, 0, open_low=True, optional=True)
@@ -166,6 +170,9 @@ class Config:
 def _apply(obj: Any, updates: dict, where: str = "") -> None:
     names = {f.name: f for f in dataclasses.fields(obj)}
     for key, value in updates.items():
+        if not isinstance(key, str):
+            raise ValueError(f"config key {key!r} in {where.rstrip('.') or 'the top level'} is "
+                             "not a name; config keys are names such as train.lr")  # fmt: skip
         if key not in names:
             raise ValueError(
                 f"unknown config key {where + key!r}; known keys in "
@@ -253,6 +260,8 @@ def _read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path} is not valid YAML/JSON: {e}") from e
+    except (UnicodeDecodeError, RecursionError) as e:  # binary, or nested past any config
+        raise ValueError(f"{path} is not a YAML/JSON text file ({type(e).__name__})") from e
 
 
 def save_config(cfg: Config, path: Path) -> None:
