@@ -502,6 +502,12 @@ CASES = [
         2,
         "unknown device 'bogus'",
     ),  # fmt: skip
+    Case(
+        "model.image_size past any image",
+        _train("--set", "model.image_size=100000"),
+        2,
+        "model.image_size = 100000 is out of range; allowed: an integer from 1 to 2048",
+    ),  # fmt: skip
     Case("sample --device xpu", _sample("--device", "xpu"), 2, "unknown device 'xpu'"),
     Case(
         "train.threads past any machine",

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from kind.cli.common import count
+from kind.data.images import MAX_IMAGE_SIZE
 
 NAME = "evaluate"
 HELP = "FID, precision, recall, class accuracy of samples"
@@ -72,7 +73,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--image-size",
-        type=count(1, 2048),
+        type=count(1, MAX_IMAGE_SIZE),
         help="with --write-ref: image size of the reference (default: the data's own, 32 for "
         "folders; e.g. 256 for ImageNet 256x256)",
     )

@@ -601,13 +601,20 @@ def _check_split(split: str) -> None:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}.")
 
 
+# the largest side images are resized to: past DiT's 512 px and any latent grid, short of the
+# sizes whose arrays alone fill a machine's memory (100,000 px: 10^10 pixels an image)
+MAX_IMAGE_SIZE = 2048
+
+
 def _check_size(image_size: int | None) -> None:
     if image_size is not None and (
         isinstance(image_size, bool)
         or not isinstance(image_size, int | np.integer)
-        or image_size < 1
+        or not 1 <= image_size <= MAX_IMAGE_SIZE
     ):
-        raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
+        raise DataError(
+            f"image_size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {image_size!r}."
+        )
 
 
 def list_images(

@@ -19,7 +19,10 @@ from kind.core.device import MAX_THREADS
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import ModelConfig
 from kind.core.seeds import SEED_MAX
+from kind.data.images import MAX_IMAGE_SIZE
 from kind.io import atomic_write_text
+
+MAX_CHANNELS = 64  # image or latent channels: SD3/FLUX VAEs have 16
 
 
 def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
@@ -159,6 +162,11 @@ class Config:
         check_range("data", self.data, isinstance(self.data, str) and bool(self.data.strip()),
                     "a data spec such as mnist:0-5, a folder or a latent store")  # fmt: skip
         check_rank("model.rank_tailor", self.model.rank_tailor)
+        m = self.model  # the sizes a model is built with (a saved model's were checked so)
+        _count("model.image_size", m.image_size, 1, optional=True, high=MAX_IMAGE_SIZE)
+        _count("model.in_channels", m.in_channels, 1, optional=True, high=MAX_CHANNELS)
+        _real("model.mlp_ratio", m.mlp_ratio, 0, open_low=True)
+        _real("model.tailor_sigma", m.tailor_sigma, 0)
         check_range("group_file", self.group_file, self.group_file is None or (
             isinstance(self.group_file, str) and bool(self.group_file.strip())),
             "the path of a YAML/JSON file {class name: group}")  # fmt: skip
