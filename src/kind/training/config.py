@@ -162,7 +162,7 @@ class Config:
         check_range("data", self.data, isinstance(self.data, str) and bool(self.data.strip()),
                     "a data spec such as mnist:0-5, a folder or a latent store")  # fmt: skip
         check_rank("model.rank_tailor", self.model.rank_tailor)
-        m = self.model  # the sizes a model is built with (a saved model's were checked so)
+        m = self.model  # the sizes a run builds its model with
         _count("model.image_size", m.image_size, 1, optional=True, high=MAX_IMAGE_SIZE)
         _count("model.in_channels", m.in_channels, 1, optional=True, high=MAX_CHANNELS)
         _real("model.mlp_ratio", m.mlp_ratio, 0, open_low=True)
