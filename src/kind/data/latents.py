@@ -551,8 +551,9 @@ class LatentStore:
 
     Opening verifies the store against the checksums.json that encoding wrote: meta.json and
     labels.npy by sha256 (small), latents.npy by sha256 up to FULL_CHECK_BYTES and above that by
-    its size only. Hashing costs about a second a GB on every open by every rank, so an ImageNet
-    store (21 GB) would cost each run and rank half a minute; its size still catches the common
+    its size only. Hashing took 0.8 s a GB on the development machine (`kind.io.sha256_file` of a
+    300 MB file in the page cache), more from disk, on every open by every rank: an ImageNet
+    store (21 GB) would cost each run and rank 17 s or more; its size still catches the common
     damage, a partial copy. Its bit flips are caught by checking it in full, once, by hand:
     ``python -c "from kind.io import verify_checksums; print(verify_checksums('STORE'))"``
     prints True when every file matches, False for a store without checksums.json, and raises

@@ -156,7 +156,7 @@ def manifest_problem(manifest: dict) -> str | None:
     if missing:
         return f"it has no {', '.join(missing)}"
     problem = kind_problem(manifest, {"sample": dict, "latent": dict, "grafted": list,
-                                      "source": str, "classes": list})  # fmt: skip
+                                      "source": str})  # fmt: skip
     if problem:
         return problem
     try:
@@ -178,21 +178,19 @@ def manifest_problem(manifest: dict) -> str | None:
 
 
 def _config_problem(config: ModelConfig) -> str | None:
-    """A model config a parts directory cannot serve: class names that are not unique strings
-    (a name picks the tailor), or a τ that does not map every class to a group number."""
-    names = config.class_names
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        return "its model's class_names are not a list of names"
+    """A model config a parts directory cannot serve: class names that are not unique (a name
+    picks the tailor), or a τ that does not map every class to a group number."""
+    names = config.class_names  # a list of strings: ModelConfig.from_dict checked the types
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         return f"its model names class(es) {repeated[:5]} more than once"
     tau = config.tau
-    if not isinstance(tau, list) or len(tau) != len(names):
+    if len(tau) != len(names):
         return (
             f"its model's class_to_group does not give one group for each of {len(names)} classes"
         )
     groups = config.groups if config.groups is not None else []
-    if not all(isinstance(g, int) and g >= 0 for g in [*tau, *groups]):
+    if not all(g >= 0 for g in [*tau, *groups]):
         return "its model's class_to_group or groups hold something other than group numbers"
     return None
 
