@@ -234,7 +234,10 @@ def test_group_file_maps_classes_to_shared_tailors(tmp_path):
 def test_torch_compile_trains_like_eager(tmp_path):
     data = _data([0, 1, 2, 3])
     train(_cfg(2), tmp_path / "eager", data=data)
-    train(_cfg(2, compile=True), tmp_path / "compiled", data=data)
+    # scalar C++ kernels: inductor lowers the same graphs, and their code compiles in two thirds
+    # of the time on a 2-core machine (vectorised code generation is torch's own to test)
+    with torch._inductor.config.patch({"cpp.simdlen": 1}):
+        train(_cfg(2, compile=True), tmp_path / "compiled", data=data)
     a, b = _checkpoint(tmp_path / "eager", 2)[0], _checkpoint(tmp_path / "compiled", 2)[0]
     for k in a:  # inductor fuses differently: Adam steps of ~lr can flip on rounding
         torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2 * 2 * 1e-3, msg=k)
