@@ -43,6 +43,14 @@ def test_wrong_type_is_refused():
         load_config(overrides={"train": {"steps": "many"}})
     with pytest.raises(ValueError, match="diffusion.prediction must be one of"):
         load_config(overrides={"diffusion": {"prediction": "x0"}})
+    # a field whose default is None takes its annotated type only (any value passed before)
+    for key, value, kind in [("learngene_ranks", [1], r"dict\[str, int\] \| None"),
+                             ("class_to_group", {"a": 1}, r"list\[int\] \| None")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"'model.{key}' expects a {kind}, got"):
+            load_config(overrides={"model": {key: value}})
+    ov = {"train": {"micro_batch_size": 2, "grad_clip": 1}, "model": {"class_to_group": [0, 0]}}
+    cfg = load_config(overrides=ov)
+    assert cfg.train.micro_batch_size == 2 and type(cfg.train.grad_clip) is float
 
 
 def test_ints_widen_to_floats():
@@ -71,7 +79,7 @@ def test_exponent_without_a_dot_in_a_yaml_file(tmp_path):
 
 
 def test_a_group_file_that_is_not_a_path_or_not_there_is_named(tmp_path):
-    with pytest.raises(ValueError, match="group_file = 5 is out of range"):
+    with pytest.raises(ValueError, match="'group_file' expects a str | None, got 5"):
         load_config(overrides={"group_file": 5})
     with pytest.raises(FileNotFoundError, match="group_file .*nope.yaml does not exist"):
         read_group_file(str(tmp_path / "nope.yaml"), ["a"])

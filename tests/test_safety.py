@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 
 from kind.cli.main import main
-from kind.store.runs import latest_checkpoint, run_lock, start_from_checkpoint
+from kind.store.runs import (
+    checkpoint_dir,
+    checkpoint_dirs,
+    latest_checkpoint,
+    prune_checkpoints,
+    run_lock,
+    start_from_checkpoint,
+)
 from kind.training.config import load_config
 from kind.training.loop import train
 
@@ -305,6 +312,21 @@ def _damaged_json(what: str, text: str) -> Callable[[Path, Path], list[str]]:
     return setup
 
 
+def _edited_state(edit: Callable[[dict], None]) -> Callable[[Path, Path], list[str]]:
+    """The newest checkpoint's state.json edited by hand and its checksums.json removed with it
+    (so the checkpoint reads as one written before checksums), then a resume."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        newest = _copy(made, tmp) / "checkpoints" / "step_0000002"
+        state = json.loads((newest / "state.json").read_text())
+        edit(state)
+        (newest / "state.json").write_text(json.dumps(state))
+        (newest / "checksums.json").unlink()
+        return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(tmp / "run")]
+
+    return setup
+
+
 def _damaged_samples(how: str) -> Callable[[Path, Path], list[str]]:
     """A sample .npz cut short, with a flipped byte in its image data, with float labels or
     with a single class name, scored with evaluate."""
@@ -388,6 +410,30 @@ CASES = [
     Case("a replace interrupted between its renames", _interrupted_replace, 0, "restoring", False),
     Case("a run written before markers resumes", _before_markers, 0, "resumed", False),
     Case("resume with another method", _other_method, 2, "another --method"),
+    Case(
+        "state.json with a negative step",
+        _edited_state(lambda s: s.update(step=-2)),
+        2,
+        "step is -2, not the 2 its folder says",
+    ),  # fmt: skip
+    Case(
+        "state.json without EMA counts",
+        _edited_state(lambda s: s.pop("ema_counts")),
+        2,
+        "state.json has no 'ema_counts'",
+    ),  # fmt: skip
+    Case(
+        "state.json with text for counts",
+        _edited_state(lambda s: s.update(ema_counts="x")),
+        2,
+        "ema_counts is 'x', not a dict[str, int | list[int]]",
+    ),  # fmt: skip
+    Case(
+        "--set learngene_ranks to a list",
+        _train("--set", "model.learngene_ranks=[1]"),
+        2,
+        "'model.learngene_ranks' expects a dict[str, int] | None, got [1]",
+    ),  # fmt: skip
     Case("part file that is not safetensors", _not_safetensors_part, 2, "not a safetensors"),
     Case("evaluate a non-npz", _not_npz, 2, "not a sample .npz"),
     Case("evaluate over an existing result", _eval_twice, 2, "--overwrite"),
@@ -554,6 +600,18 @@ def test_fault(case: Case, made: Path, tmp_path: Path, capsys, caplog):
         after = _files(tmp_path)
         changed = [str(p) for p, data in before.items() if after.get(p) != data]
         assert not changed, f"files changed or removed: {changed}"
+
+
+def test_checkpoints_past_step_9999999_keep_their_step_order(tmp_path):
+    """Past step 9,999,999 a checkpoint's name outgrows its seven digits: the newest is still the
+    one a resume takes and the one pruning keeps (by name it sorted first and was deleted)."""
+    for step in (9_999_998, 9_999_999, 10_000_000):
+        checkpoint_dir(tmp_path, step).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_notes").mkdir()  # not a checkpoint: never pruned
+    assert latest_checkpoint(tmp_path).name == "step_10000000"
+    prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_9999999", "step_10000000"]
+    assert (tmp_path / "checkpoints" / "step_notes").is_dir()
 
 
 def test_outputs_go_into_a_users_empty_folder_or_its_link_and_keep_them(made, tmp_path):

@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import tempfile
+import types
+import typing
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -198,6 +200,33 @@ def kind_problem(data: dict, kinds: dict[str, type]) -> str | None:
 
 
 _JSON_KIND = {dict: "object", list: "array", str: "string"}
+
+
+def is_a(value, kind) -> bool:
+    """Whether a JSON value is of the annotated type `kind` (str, bool, int, float, X | None,
+    list[X], dict[K, V], or a bare class): the one check of a read file's values against the
+    types a dataclass field or a record's key declares (an int is a float too, a bool neither)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(is_a(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and all(is_a(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(
+            is_a(k, args[0]) and is_a(v, args[1]) for k, v in value.items()
+        )
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def type_name(kind) -> str:
+    """`int | None`, `list[str]`, `bool`: an annotated type as its annotation reads."""
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace("NoneType", "None")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -33,6 +32,7 @@ from kind.core.gated import (
     make_route,
     route_to,
 )
+from kind.io import is_a, type_name
 
 # name -> (depth, hidden size, heads); DiT-* as in the DiT paper, the small ones for CPUs.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -137,39 +137,12 @@ class ModelConfig:
             raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
         hints = typing.get_type_hints(cls)
         for key, value in d.items():
-            if not _is_a(value, hints[key]):
-                kind = hints[key]
-                name = (
-                    kind.__name__
-                    if isinstance(kind, type)
-                    else str(kind).replace("NoneType", "None")
-                )
+            if not is_a(value, hints[key]):
                 raise ValueError(
-                    f"model config key {key!r} is {value!r:.100}, not a {name}; the file is "
-                    "damaged or was edited by hand"
+                    f"model config key {key!r} is {value!r:.100}, not a {type_name(hints[key])}; "
+                    "the file is damaged or was edited by hand"
                 )
         return cls(**d)
-
-
-def _is_a(value, kind) -> bool:
-    """Whether a JSON value is of the annotated type `kind` (str, bool, int, float, X | None,
-    list[X], dict[K, V]): the types a ModelConfig's fields take (an int is a float too)."""
-    origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, types.UnionType):
-        return any(_is_a(value, a) for a in args)
-    if origin is list:
-        return isinstance(value, list) and all(_is_a(v, args[0]) for v in value)
-    if origin is dict:
-        return isinstance(value, dict) and all(
-            _is_a(k, args[0]) and _is_a(v, args[1]) for k, v in value.items()
-        )
-    if kind is type(None):
-        return value is None
-    if kind is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
 
 
 def sincos_pos_embed(dim: int, grid: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,10 +49,13 @@ def checkpoint_step(path: Path) -> int:
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first: ordered by step, not by name (past step 9,999,999 the
+    names outgrow their seven digits, and `step_10000000` sorts before `step_9999999`)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    dirs = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"step_\d+", p.name)]
+    return sorted(dirs, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from kind.core.diffusion import DiffusionConfig
 from kind.core.model import ModelConfig
 from kind.core.seeds import SEED_MAX
 from kind.data.images import MAX_IMAGE_SIZE
-from kind.io import atomic_write_text
+from kind.io import atomic_write_text, is_a, type_name
 
 MAX_CHANNELS = 64  # image or latent channels: SD3/FLUX VAEs have 16
 
@@ -177,6 +178,7 @@ class Config:
 
 def _apply(obj: Any, updates: dict, where: str = "") -> None:
     names = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
     for key, value in updates.items():
         if not isinstance(key, str):
             raise ValueError(f"config key {key!r} in {where.rstrip('.') or 'the top level'} is "
@@ -192,23 +194,24 @@ def _apply(obj: Any, updates: dict, where: str = "") -> None:
                 raise ValueError(f"config key {where + key!r} is a section; give a mapping")
             _apply(current, value, f"{where}{key}.")
         else:
-            setattr(obj, key, _coerce(value, current, where + key))
+            setattr(obj, key, _coerce(value, hints[key], where + key))
     if hasattr(obj, "__post_init__"):
         obj.__post_init__()
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """Check a value against the type of the field's current value (ints widen to floats)."""
-    if value is None or current is None or type(value) is type(current):
-        return value
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(current, float) and isinstance(value, str):  # YAML 1.1 reads 1e-4 as text
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """A value checked against its field's annotated type (an int widens to a float where the
+    field takes fractions; YAML 1.1 reads 1e-4 as text): a default of None accepts no more than
+    the field's type, so `model.learngene_ranks=[1]` is refused here, not deep in the model."""
+    fractional = is_a(0.5, kind)
+    if fractional and isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
-    raise ValueError(f"config key {key!r} expects a {type(current).__name__}, got {value!r}")
+    if is_a(value, kind):
+        return float(value) if fractional and type(value) is int else value
+    raise ValueError(f"config key {key!r} expects a {type_name(kind)}, got {value!r:.100}")
 
 
 def _scalar(raw: str) -> Any:

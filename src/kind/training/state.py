@@ -20,15 +20,33 @@ from kind.io import (
     atomic_dir,
     atomic_save_tensors,
     atomic_write_text,
+    is_a,
     read_json,
     read_tensors,
+    type_name,
     verify_checksums,
     write_checksums,
 )
-from kind.store.runs import checkpoint_dir, load_optimizer, optimizer_tensors, prune_checkpoints
+from kind.store.runs import (
+    checkpoint_dir,
+    checkpoint_step,
+    load_optimizer,
+    optimizer_tensors,
+    prune_checkpoints,
+)
 from kind.training.config import TrainConfig
 from kind.training.ema import EMA
 from kind.training.optim import MaskedAdamW, masked_adamw
+
+# what `TrainState.save` writes into state.json, as `restore` checks it
+STATE_KEYS = {
+    "step": int,
+    "ema_counts": dict[str, int | list[int]],
+    "param_groups": list[dict],
+    "grad_scaler": dict | None,
+    "elapsed_s": float,
+    "skipped_steps": int,
+}
 
 # the optimiser settings a run's config sets (`TrainState.create`): a resume that changes them
 # applies them, rather than the checkpoint's (lr is set again every step anyway)
@@ -97,8 +115,8 @@ class TrainState:
         """Load checkpoint `path` into this state (built for the same model and settings), after
         checking every file against the checkpoint's checksums."""
         verify_checksums(path)
+        state = self._read_state(path)
         load_state(self.model, read_tensors(path / "model.safetensors"), path)
-        state = read_json(path / "state.json")
         ema, counts = read_tensors(path / "ema.safetensors"), state["ema_counts"]
         optim, groups = read_tensors(path / "optimizer.safetensors"), state["param_groups"]
         if "y_embedder.table" in self.ema.shadow and "y_embedder.table" not in ema:
@@ -110,6 +128,27 @@ class TrainState:
             self.scaler.load_state_dict(state["grad_scaler"])
         self.step, self.seconds = int(state["step"]), float(state.get("elapsed_s", 0.0))
         self.skipped = int(state.get("skipped_steps", 0))
+
+    @staticmethod
+    def _read_state(path: Path) -> dict:
+        """Checkpoint `path`'s state.json with its keys of the kinds `save` writes and its step
+        the checkpoint's own: a hand-edited or damaged file (its checksums removed with it) is an
+        error that names it, not a KeyError or a negative step in the middle of the resume."""
+        file = path / "state.json"
+        state = read_json(file, "step", "ema_counts", "param_groups")
+        bad = [
+            f"{key} is {state[key]!r:.60}, not a {type_name(kind)}"
+            for key, kind in STATE_KEYS.items()
+            if key in state and not is_a(state[key], kind)
+        ]
+        if not bad and state["step"] != checkpoint_step(path):
+            bad = [f"step is {state['step']}, not the {checkpoint_step(path)} its folder says"]
+        if bad:
+            raise ValueError(
+                f"{file}: {'; '.join(bad)}; the checkpoint is damaged: move {path.name} aside to "
+                "resume from the one before, or start again with --restart"
+            )
+        return state
 
     def _from_per_group(self, ema: dict, counts: dict, optim: dict, groups: list) -> tuple:
         """A checkpoint written by kind-dit 0.1 (a tensor per tailor group and per label row, one
