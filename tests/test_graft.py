@@ -187,7 +187,7 @@ def test_runs_that_are_no_kind_transfer_are_refused(parts, run, root, tmp_path):
     with pytest.raises(PartsError, match="'lora' transfer of a dense DiT"):
         graft(parts, baseline, tmp_path / "b")
     (baseline / "run.json").write_text(json.dumps(record | {"transfer": "kind"}))  # hand-edited
-    with pytest.raises(PartsError, match="transfer record is not a mapping"):
+    with pytest.raises(ValueError, match="run.json: transfer is 'kind', not a JSON object"):
         graft(parts, baseline, tmp_path / "b")
     with pytest.raises(PartsError, match="not a run directory"):
         graft(parts, parts, tmp_path / "c")

@@ -274,6 +274,9 @@ def _set(path, value):
         (_set(["classes"], [{"id": 9}]), "class id 9, not one class"),
         (_set(["latent"], "x"), "latent is 'x', not a JSON object"),
         (_set(["grafted"], {}), r"grafted is \{\}, not a JSON array"),
+        (_set(["tailors", "1", "classes"], [9]), r"tailor entry 1 lists class\(es\) \[9\]"),
+        (_set(["tailors", "1", "classes"], [2]), r"\[2\], not classes of group 1"),
+        (_set(["tailors", "1", "classes"], ["1"]), "not a group number with a list of class ids"),
         (_set(["model", "class_names"], [0, 1, 2, 3]), "'class_names' is .*not a list.str."),
     ],
 )

@@ -327,6 +327,23 @@ def _edited_state(edit: Callable[[dict], None]) -> Callable[[Path, Path], list[s
     return setup
 
 
+def _edited_record(tmp: Path, made: Path) -> list[str]:
+    """run.json hand-edited: a record of the wrong JSON kind, then a resume that reads it."""
+    run = _copy(made, tmp)
+    (run / "run.json").write_text('{"transfer": "x"}')
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
+def _match_a_numbered_data(tmp: Path, made: Path) -> list[str]:
+    """--match-kind of a KIND transfer run whose config.json data is a number, not a spec."""
+    run = _copy(made, tmp)
+    (run / "run.json").write_text('{"transfer": {"method": "kind", "trainable_params": 10}}')
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(config | {"data": 5}))
+    return ["transfer", str(made / "parts"), "--method", "lora", "--match-kind", str(run),
+            *TRANSFER, "--data", "mnist:8", "--steps", "1", "--out", str(tmp / "t")]  # fmt: skip
+
+
 def _damaged_samples(how: str) -> Callable[[Path, Path], list[str]]:
     """A sample .npz cut short, with a flipped byte in its image data, with float labels or
     with a single class name, scored with evaluate."""
@@ -428,6 +445,13 @@ CASES = [
         2,
         "ema_counts is 'x', not a dict[str, int | list[int]]",
     ),  # fmt: skip
+    Case("run.json with a text record", _edited_record, 2, "transfer is 'x', not a JSON object"),
+    Case(
+        "--match-kind a run whose data is 5",
+        _match_a_numbered_data,
+        2,
+        "config.json: data is 5, not a data spec",
+    ),
     Case(
         "--set learngene_ranks to a list",
         _train("--set", "model.learngene_ranks=[1]"),
@@ -470,6 +494,12 @@ CASES = [
         _damaged_json("run/model/checksums.json", '{"x": 1}'),
         2,
         "has no 'sha256'",
+    ),  # fmt: skip
+    Case(
+        "checksums.json naming a file elsewhere",
+        _damaged_json("run/model/checksums.json", '{"sha256": {"../config.json": "0"}}'),
+        2,
+        "sha256 is not an object of file name -> digest",
     ),  # fmt: skip
     Case("evaluate a truncated .npz", _damaged_samples("truncated"), 2, "not a sample .npz"),
     Case("evaluate a corrupted .npz", _damaged_samples("flipped"), 2, "damaged sample .npz"),

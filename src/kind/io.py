@@ -273,7 +273,8 @@ def verify_checksums(directory: Path, unhashed: Collection[str] = ()) -> bool:
     if not (directory / CHECKSUMS).is_file():
         return False
     sums = read_json(directory / CHECKSUMS, "sha256")["sha256"]
-    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+    # names of files in `directory` itself, as written: a path elsewhere is never read
+    if not is_a(sums, dict[str, str]) or any(Path(n).name != n or n in ("", "..") for n in sums):
         raise ValueError(
             f"{directory / CHECKSUMS}: sha256 is not an object of file name -> digest; the file "
             "is damaged (copy the directory again)"

@@ -152,19 +152,23 @@ def _matched_budget(kind: Path, classes: list[str]) -> int:
     baseline cannot take (a null tailor adds a tailor: twice the budget for one class)."""
     from kind.data.dataset import class_names
     from kind.io import read_json
-    from kind.store.runs import CONFIG_JSON, RUN_JSON, is_run_dir
+    from kind.store.runs import CONFIG_JSON, is_run_dir, read_run_record
     from kind.transfer.kind import kind_budget
     from kind.transfer.registry import get
 
     if not is_run_dir(kind):
         return kind_budget(kind, classes)
-    record = read_json(kind / RUN_JSON).get("transfer") or {}
+    record = read_run_record(kind).get("transfer") or {}
     if "trainable_params" not in record or not get(record.get("method", "")).is_kind:
         raise ValueError(
             f"--match-kind {kind} is not a KIND transfer run; give one, or the parts it "
             "transferred from"
         )
-    theirs = class_names(read_json(kind / CONFIG_JSON, "data")["data"])
+    data = read_json(kind / CONFIG_JSON, "data")["data"]
+    if not isinstance(data, str):
+        raise ValueError(f"{kind / CONFIG_JSON}: data is {data!r:.60}, not a data spec; the file "
+                         "is damaged or was edited by hand")  # fmt: skip
+    theirs = class_names(data)
     if theirs != classes:
         raise ValueError(
             f"--match-kind {kind} transferred to the classes {theirs}, this transfer to "

@@ -38,7 +38,6 @@ from kind.io import (
     atomic_file,
     atomic_write_text,
     check_new_dir,
-    read_json,
     sha256_file,
 )
 from kind.store.load import load_model
@@ -51,7 +50,7 @@ from kind.store.parts import (
     tailor_file,
     write_part,
 )
-from kind.store.runs import RUN_JSON, is_run_dir
+from kind.store.runs import is_run_dir, read_run_record
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +168,13 @@ def _transfer_record(run_dir: Path) -> dict:
             f"{run_dir} is not a run directory (no config.json); graft takes the --out directory "
             "of a `kind-dit transfer PARTS ...` run"
         )
-    run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}
-    record = run.get("transfer")
+    record = read_run_record(run_dir).get("transfer")
     if not record:
         raise PartsError(
             f"{run_dir} is a pre-training run, not a transfer: its classes have a learngene of "
             f"their own. Deploy it on its own with `kind-dit decompose {run_dir} --out PARTS2`, "
             f"or {_FIX_TRANSFER} to add its classes"
         )
-    if not isinstance(record, dict):
-        raise PartsError(f"{run_dir / RUN_JSON}: its transfer record is not a mapping; the file "
-                         "is damaged")  # fmt: skip
     method = str(record.get("method", ""))
     if not method.startswith("kind"):
         raise PartsError(

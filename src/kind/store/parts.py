@@ -35,6 +35,7 @@ from kind.io import (
     atomic_save_tensors,
     atomic_write_text,
     check_new_dir,
+    is_a,
     kind_problem,
     read_json,
     read_tensors,
@@ -223,8 +224,12 @@ def _classes_problem(classes: object, config: ModelConfig, tailors: dict) -> str
                 f"its model as {config.class_names[i]!r} in group {config.tau[i]}"
             )
     for g, entry in tailors.items():
-        if not str(g).isdigit() or not isinstance(entry.get("classes"), list):
-            return f"its tailor entry {g!r} is not a group number with a list of classes"
+        if not str(g).isdigit() or not is_a(entry.get("classes"), list[int]):
+            return f"its tailor entry {g!r} is not a group number with a list of class ids"
+        strays = [c for c in entry["classes"]
+                  if not 0 <= c < config.num_classes or config.tau[c] != int(g)]  # fmt: skip
+        if strays:
+            return f"its tailor entry {g} lists class(es) {strays[:5]}, not classes of group {g}"
     return None
 
 

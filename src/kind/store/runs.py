@@ -25,6 +25,8 @@ from kind.core.model import DiT, ModelConfig, load_state
 from kind.io import (
     atomic_dir,
     atomic_write_text,
+    is_a,
+    kind_problem,
     read_json,
     read_tensors,
     verify_checksums,
@@ -117,9 +119,27 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
     cfg = read_json(run_dir / CONFIG_JSON, "model", "diffusion", "sample")
     model = DiT(ModelConfig.from_dict(cfg["model"]))
     load_state(model, ema_weights(last), last)
-    run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}
-    meta = {"sample": cfg["sample"], "latent": run.get("latent")}
+    meta = {"sample": cfg["sample"], "latent": read_run_record(run_dir).get("latent")}
     return model.eval(), DiffusionConfig.from_dict(cfg["diffusion"]), meta
+
+
+# run.json's records, by the JSON kind each must have (`kind.training.loop` writes them)
+RUN_RECORDS = {"transfer": dict, "latent": dict, "init_from": dict, "continued_from": dict,
+               "resumed": list}  # fmt: skip
+
+
+def read_run_record(run_dir: Path) -> dict:
+    """A run's run.json (where it came from, how its samples decode), {} for a run without one;
+    a record of the wrong JSON kind (`"transfer": "x"`) is an error that names it, not an
+    AttributeError wherever the record is first used."""
+    path = Path(run_dir) / RUN_JSON
+    if not path.is_file():
+        return {}
+    run = read_json(path)
+    problem = kind_problem(run, RUN_RECORDS)
+    if problem:
+        raise ValueError(f"{path}: {problem}; the file is damaged or was edited by hand")
+    return run
 
 
 def run_provenance(path: Path) -> dict:
@@ -131,12 +151,13 @@ def run_provenance(path: Path) -> dict:
         return {}
     try:
         cfg = read_json(run_dir / CONFIG_JSON)
-        run = read_json(run_dir / RUN_JSON) if (run_dir / RUN_JSON).is_file() else {}
+        run = read_run_record(run_dir)
     except ValueError:  # a damaged record: the card says less, the model is still written
         return {}
+    train = cfg.get("train") if isinstance(cfg.get("train"), dict) else {}
     made = {
-        "data": [cfg["data"]] if cfg.get("data") else [],
-        "steps": cfg.get("train", {}).get("steps"),
+        "data": [cfg["data"]] if isinstance(cfg.get("data"), str) else [],
+        "steps": train.get("steps") if is_a(train.get("steps"), int) else None,
     }
     if run.get("transfer"):
         made["transfer"] = run["transfer"]
@@ -322,8 +343,7 @@ def start_from_checkpoint(run: Path, source: Path, checkpoint: Path) -> None:
     lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
     kept = [r for r in lines[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
     atomic_write_text(run / "metrics.csv", "".join(lines[:1] + kept))
-    record = read_json(source / RUN_JSON) if (source / RUN_JSON).is_file() else {}
-    write_json(run / RUN_JSON, record | {"continued_from": {"run": str(source.resolve()),
+    write_json(run / RUN_JSON, read_run_record(source) | {"continued_from": {"run": str(source.resolve()),
                                                            "step": step}})  # fmt: skip
     with atomic_dir(checkpoint_dir(run, step)) as tmp:
         shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)

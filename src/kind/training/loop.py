@@ -52,6 +52,7 @@ from kind.store.runs import (
     RUN_JSON,
     check_run_dir,
     claim_run_dir,
+    read_run_record,
     run_lock,
     usable_checkpoints,
 )
@@ -270,7 +271,7 @@ def _check_resume(cfg: Config, out: Path, model: DiT, data: Dataset) -> None:
     space of its data (the model would go on learning latents that mean something else)."""
     if not (out / CONFIG_JSON).is_file():
         return
-    before = read_json(out / RUN_JSON).get("latent") if (out / RUN_JSON).is_file() else None
+    before = read_run_record(out).get("latent")
     if before and data.latent:
         check_space(
             before,
@@ -312,7 +313,7 @@ def _record_changes(cfg: Config, out: Path, step: int) -> None:
     log.warning("resuming %s at step %d with changed settings: %s", out, step,
                 ", ".join(f"train.{k} {a} -> {b}" for k, (a, b) in changed.items()))  # fmt: skip
     save_config(cfg, out / CONFIG_JSON)
-    run = read_json(out / RUN_JSON) if (out / RUN_JSON).is_file() else {}
+    run = read_run_record(out)
     run.setdefault("resumed", []).append({"step": step, "changed": changed})
     atomic_write_text(out / RUN_JSON, json.dumps(run, indent=2))
 
