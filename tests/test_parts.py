@@ -185,6 +185,15 @@ def test_decompose_will_not_overwrite(parts, source):
         decompose(source, DiffusionConfig(), parts)
 
 
+def test_a_model_whose_parts_would_be_refused_is_not_decomposed(tmp_path):
+    """Class names that repeat (a name picks its tailor): refused before anything is written,
+    not written and then refused by every command that reads the parts."""
+    twice = DiT(ModelConfig(class_names=["a", "b", "a"], rank_tailor=2))
+    with pytest.raises(PartsError, match=r"cannot be decomposed: .*\['a'\] more than once"):
+        decompose(twice, DiffusionConfig(), tmp_path / "parts")
+    assert not list(tmp_path.iterdir())
+
+
 def test_transfer_can_give_new_tailors_another_rank(parts, source):
     model, _ = inherit_learngenes(parts, ["cat"], rank_tailor=2)
     assert model.blocks[0].attn.q.rank_tailor == 2

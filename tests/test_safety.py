@@ -228,6 +228,18 @@ def _out_is_file(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "1", "--out", str(tmp / "f")]
 
 
+def _dangling(command: str) -> Callable[[Path, Path], list[str]]:
+    """--out a symbolic link to a folder that is not there (or to itself: a loop)."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        (tmp / "link").symlink_to(tmp / "link" if command == "decompose" else tmp / "gone")
+        if command == "decompose":
+            return ["decompose", str(made / "run"), "--out", str(tmp / "link")]
+        return ["train", *QUICK, "--steps", "1", "--out", str(tmp / "link")]
+
+    return setup
+
+
 def _folder_tiny(tmp: Path, made: Path) -> list[str]:
     from PIL import Image
 
@@ -463,6 +475,8 @@ CASES = [
     Case("evaluate over an existing result", _eval_twice, 2, "--overwrite"),
     Case("malformed YAML", _bad_yaml, 2, "c.yaml is not valid YAML"),
     Case("--out names a file", _out_is_file, 2, "is a file"),
+    Case("--out a dangling link", _dangling("train"), 2, "which does not exist or loops"),
+    Case("--out a looping link", _dangling("decompose"), 2, "which does not exist or loops"),
     Case("folder data with patch 7", _folder_tiny, 2, "--size tiny/2"),
     Case("--set model.image_size resizes folder data", _folder_resized, 0, "(3, 28, 28)"),
     Case("--steps -5", _train("--steps", "-5"), 2, "must be an integer >= 1"),

@@ -85,10 +85,21 @@ class OutputDirError(ValueError):
     """An output directory that may not be written as asked; nothing in it was touched."""
 
 
+def check_link(out: Path) -> None:
+    """Refuse an output path that is a symbolic link to nothing (dangling, or a loop): it would
+    fail later as a bare "File exists" or "Too many levels of symbolic links"."""
+    if out.is_symlink() and not out.exists():  # exists() follows the link
+        raise OutputDirError(
+            f"{out} is a symbolic link to {os.readlink(out)}, which does not exist or loops; make "
+            "the directory it points to, or choose another output directory"
+        )
+
+
 def check_new_dir(out: str | Path) -> Path:
     """`out` as a Path when a new directory of outputs may go there (absent, or an empty
     directory; `atomic_dir` fills it); refused before anything is written otherwise."""
     out = Path(out)
+    check_link(out)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"{out} is a file, not a directory; choose another output directory")
     above = next((p for p in out.parents if p.exists()), None)

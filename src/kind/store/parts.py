@@ -73,9 +73,13 @@ def decompose(
     model: DiT, diffusion: DiffusionConfig, out: str | Path, extra: dict | None = None
 ) -> Path:
     """Write `model`'s learngenes and tailors as a parts directory `out` (which must not exist)."""
+    cfg = model.config
+    problem = _config_problem(cfg)  # what reading the parts back would refuse: refused unwritten
+    if problem:
+        raise PartsError(f"this model cannot be decomposed: {problem}; give each class its own "
+                         "name and group (class_names, class_to_group in its model.json)")  # fmt: skip
     out = check_new_dir(out)
     learngene, tailors = split_state(model)
-    cfg = model.config
     with atomic_dir(out) as tmp:
         files = {}
         for key, name, tensors in [("learngene", LEARNGENE_FILE, learngene)] + [

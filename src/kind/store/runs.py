@@ -25,6 +25,7 @@ from kind.core.model import DiT, ModelConfig, load_state
 from kind.io import (
     atomic_dir,
     atomic_write_text,
+    check_link,
     is_a,
     kind_problem,
     read_json,
@@ -198,6 +199,7 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
     """Validate `--out` before anything is written: absent, empty, or a run directory of ours
     (holding a run only with --resume or --restart). Touches nothing."""
     out = Path(out)
+    check_link(out)
     if out.exists() and not out.is_dir():
         raise RunDirError(f"--out {out} is a file, not a directory; choose a directory path")
     has_files = out.is_dir() and any(p.name != LOCK for p in out.iterdir())
