@@ -65,6 +65,13 @@ def test_a_tailor_rank_given_as_a_float_or_a_fraction_saves_and_resumes():
         assert load_config(base=saved).model.rank_tailor == rank
     with pytest.raises(ValueError, match=r"model.rank_tailor = 2.5 is out of range.*whole count"):
         load_config(overrides={"model": {"rank_tailor": 2.5}})
+    # the learngene's rank too (2.5 trained with 2 silently), and each rank by its key
+    for model, message in [({"rank_learngene": 2.5}, r"model.rank_learngene = 2.5 .*whole count"),
+                           ({"rank_learngene": -1}, r"model.rank_learngene = -1.0 .* >= 0"),
+                           ({"rank_tailor": 200}, r"model.rank_tailor = 200.0 .*up to 128 \(the "
+                                                  "width of size tiny")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_config(overrides={"model": model})
     assert resolve_rank(2.5, 64, 32) == 2  # a model an older version saved with 2.5 still loads
 
 

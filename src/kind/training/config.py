@@ -18,7 +18,7 @@ import yaml
 
 from kind.core.device import MAX_THREADS
 from kind.core.diffusion import DiffusionConfig
-from kind.core.model import ModelConfig
+from kind.core.model import SIZES, ModelConfig, parse_size
 from kind.core.seeds import SEED_MAX
 from kind.data.images import MAX_IMAGE_SIZE
 from kind.io import atomic_write_text, is_a, type_name
@@ -162,8 +162,15 @@ class Config:
     def __post_init__(self):
         check_range("data", self.data, isinstance(self.data, str) and bool(self.data.strip()),
                     "a data spec such as mnist:0-5, a folder or a latent store")  # fmt: skip
-        check_rank("model.rank_tailor", self.model.rank_tailor)
         m = self.model  # the sizes a run builds its model with
+        width = SIZES[parse_size(m.size)[0]][1]  # min(in, out) of every gated layer
+        for key in ("rank_learngene", "rank_tailor"):
+            rank = getattr(m, key)
+            _real(f"model.{key}", rank, 0)
+            check_rank(f"model.{key}", rank)
+            check_range(f"model.{key}", rank, rank < 1 or rank <= width,
+                        f"a fraction (< 1) of a layer's smaller side, or a whole count up to "
+                        f"{width} (the width of size {m.size})")  # fmt: skip
         _count("model.image_size", m.image_size, 1, optional=True, high=MAX_IMAGE_SIZE)
         _count("model.in_channels", m.in_channels, 1, optional=True, high=MAX_CHANNELS)
         _real("model.mlp_ratio", m.mlp_ratio, 0, open_low=True)
