@@ -457,6 +457,12 @@ CASES = [
         2,
         "ema_counts is 'x', not a dict[str, int | list[int]]",
     ),  # fmt: skip
+    Case(
+        "--set class_to_group (group_file's)",
+        _train("--set", "model.class_to_group=[0,0]"),
+        2,
+        "model.class_to_group comes from the data (--data) and group_file",
+    ),  # fmt: skip
     Case("run.json with a text record", _edited_record, 2, "transfer is 'x', not a JSON object"),
     Case(
         "--match-kind a run whose data is 5",

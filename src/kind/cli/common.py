@@ -188,4 +188,12 @@ def run_config(args: argparse.Namespace) -> Config:
                     f"--resume cannot change {section}; it is fixed by the run in {args.out}"
                 )
         return cfg
-    return load_config(args.config, overrides(args))
+    cfg = load_config(args.config, overrides(args))
+    given = [k for k in ("class_names", "class_to_group") if getattr(cfg.model, k)]
+    if given:  # a new run takes them from its data and group_file: a value here is ignored
+        raise ValueError(
+            f"model.{' and model.'.join(given)} {'come' if len(given) > 1 else 'comes'} from "
+            "the data (--data) and group_file (a YAML/JSON file {class name: group}); leave "
+            "them out of --set and --config"
+        )
+    return cfg
