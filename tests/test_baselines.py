@@ -231,12 +231,15 @@ def test_train_learngenes_is_refused_for_a_baseline(method, tmp_path):
         prepare(tmp_path / "dense", NEW, method, train_learngenes=True)
 
 
-def test_a_budget_is_recorded_only_where_it_sized_the_adapter(source, tmp_path):
+def test_a_budget_is_recorded_where_it_sized_the_adapter_and_refused_elsewhere(source, tmp_path):
+    """The API as the CLI: a budget for a method it would not size is refused (the run would
+    have recorded nothing of a budget it was given and ignored)."""
     save_model_dir(tmp_path / "dense", source, DiffusionConfig())
     assert prepare(tmp_path / "dense", NEW, "lora", budget=KIND_BUDGET).meta["budget"] == (
         KIND_BUDGET
     )
-    assert "budget" not in prepare(tmp_path / "dense", NEW, "full", budget=KIND_BUDGET).meta
+    with pytest.raises(ValueError, match="--method full trains what its architecture fixes"):
+        prepare(tmp_path / "dense", NEW, "full", budget=KIND_BUDGET)
 
 
 def _transfer_refused(tmp_path, capsys, *options):

@@ -295,14 +295,14 @@ def transfer_job(out: str, task: str, method: str, seed: int, parts: str, dense:
     spec = next(t.spec for t in SOURCES[source].tasks if t.name == task)
     cfg = _config(spec, preset, preset.transfer_steps, seed, device, preset.transfer_batch_size)
     budget = kind_budget(parts, class_names(spec))
-    kind = get(method).is_kind
+    kind, budgeted = get(method).is_kind, get(method).budgeted
     if budget_scale != 1 and kind:
         source_rank = read_manifest(parts)["model"]["rank_tailor"]
         if source_rank < 1:  # a fraction of each layer's width: no single count to scale
             raise ValueError(f"budget curves need an absolute tailor rank, not {source_rank}")
         rank_tailor = max(1, round(budget_scale * source_rank))
     result = run_transfer(parts if kind else dense, cfg, run, method=method,
-                          budget=None if kind else round(budget_scale * budget),
+                          budget=round(budget_scale * budget) if budgeted else None,
                           rank_tailor=rank_tailor, null_tailor=null_tailor,
                           **_continue(run))  # fmt: skip
     meta = read_json(run / "run.json", "transfer")["transfer"]

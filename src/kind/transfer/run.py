@@ -14,7 +14,7 @@ from kind.store.load import load_model
 from kind.store.parts import read_manifest
 from kind.training.config import Config, read_group_file
 from kind.training.loop import TrainResult, train
-from kind.transfer.registry import Start, get
+from kind.transfer.registry import Start, check_budget, get
 
 
 def read_source(source: str | Path, method: str) -> tuple[ModelConfig, dict | None]:
@@ -41,6 +41,8 @@ def prepare(
 ) -> Start:
     """The start of a transfer by `method`; its meta records the method, the source and the
     trainable parameter count."""
+    if budget is not None:  # a budget a method would ignore (the CLI refuses it earlier)
+        check_budget(method, "budget")
     start = get(method).start(
         source,
         class_names,
