@@ -81,6 +81,49 @@ def test_a_peft_method_with_one_seed_does_not_block_the_verdict():
     assert v.verdict == SUPPORTED and "pissa (1 seed(s)) not compared" in v.evidence
 
 
+def test_a_single_peft_seed_ahead_of_kind_leaves_the_claim_unresolved():
+    results = _results(kind=[10, 11, 12], lora=[20, 21.5, 22])
+    results["transfer/shift/pissa/seed0"] = _run("pissa", 0, [2.0])
+    v = _verdict(all_verdicts(results, ["digits"]), "kind (")
+    assert (
+        v.verdict == UNRESOLVED and "pissa (1 seed(s)) not compared, ahead on seed 0" in v.evidence
+    )
+
+
+def _trained(results, counts):
+    for r in results.values():
+        r.trainable = counts[r.method]
+    return results
+
+
+@pytest.mark.parametrize(
+    "kind, lora, counts, expected",
+    [  # KIND better with 1.5x LoRA's count (LoRA capped at full rank): no verdict of a match
+        ([10, 11, 12], [20, 21.5, 22], {"kind": 1500, "lora": 1000}, UNRESOLVED),
+        # worse while training more: not supported, budget or not
+        ([20, 21.5, 22], [10, 11, 12], {"kind": 1500, "lora": 1000}, NOT_SUPPORTED),
+        # better while training less: supported; worse while training less: no verdict
+        ([10, 11, 12], [20, 21.5, 22], {"kind": 1000, "lora": 1500}, SUPPORTED),
+        ([20, 21.5, 22], [10, 11, 12], {"kind": 1000, "lora": 1500}, UNRESOLVED),
+        ([10, 11, 12], [20, 21.5, 22], {"kind": 1003, "lora": 1000}, SUPPORTED),  # within 5 %
+    ],
+)
+def test_a_comparison_at_budgets_that_do_not_match_counts_only_against_kind(
+    kind, lora, counts, expected
+):
+    v = _verdict(all_verdicts(_trained(_results(kind=kind, lora=lora), counts), ["digits"]),
+                 "kind (")  # fmt: skip
+    assert v.verdict == expected, v.evidence
+    assert ("budget not matched" in v.evidence) == (expected == UNRESOLVED)
+
+
+def test_a_missing_seed_is_named_in_the_evidence():
+    results = _results(kind=[10, 11, 12], lora=[20, 21.5, 22])
+    del results["transfer/shift/kind/seed1"]  # its job failed
+    v = _verdict(all_verdicts(results, ["digits"]), "kind (")
+    assert "(n=2); seed(s) 1 without a pair" in v.evidence
+
+
 def test_one_seed_is_unresolved_however_large_the_gap():
     verdicts = all_verdicts(_results(kind=[5], lora=[50]), ["digits"])
     assert _verdict(verdicts, "kind vs PEFT").verdict == UNRESOLVED
