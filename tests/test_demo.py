@@ -137,3 +137,11 @@ def test_claims_preset_sweeps_guidance_draws_budget_curves_and_writes_verdicts(t
     assert "unresolved" in text  # two toy seeds of two steps resolve nothing
     for name in ("front_wide_shift.png", "budget_wide_novel.png"):
         assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_budget_curves_of_a_method_no_budget_sizes_are_refused_before_any_job(tmp_path):
+    """`full` trains its architecture's count at every scale: its '4×' run would be its 1× run."""
+    curves = replace(TOY, budget_scales=(4.0,), budget_methods=("kind", "full"))
+    with pytest.raises(ValueError, match="--method full trains what its architecture fixes"):
+        run_demo(tmp_path / "d", curves, jobs=1, device="cpu")
+    assert not (tmp_path / "d").exists()

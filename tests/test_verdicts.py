@@ -50,6 +50,10 @@ def _verdict(verdicts, comparison_start):
 
 def test_best_fid_is_the_best_point_of_the_guidance_sweep():
     assert best_fid(_run("kind", 0, [30.0, 12.0, 20.0])) == 12.0
+    # a scale that diverged is never the best, wherever it sits in the sweep
+    assert best_fid(_run("kind", 0, [float("nan"), 5.0, 6.0])) == 5.0
+    assert best_fid(_run("kind", 0, [5.0, 6.0, float("nan")])) == 5.0
+    assert best_fid(_run("kind", 0, [float("inf"), float("nan")])) == float("inf")
 
 
 def test_paired_interval_needs_two_seeds_and_pairs_by_seed():

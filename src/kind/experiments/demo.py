@@ -35,7 +35,7 @@ from kind.experiments.report import write_report
 from kind.experiments.results import RunResult
 from kind.experiments.scheduler import Job, execute, result_path
 from kind.io import atomic_write_text, read_json, write_json
-from kind.transfer.registry import get
+from kind.transfer.registry import check_budget, get
 
 
 def plan(out: Path, preset: Preset, threads: int, device: str) -> list[Job]:
@@ -211,6 +211,10 @@ def run_demo(
         preset = replace(preset, methods=tuple(methods))
     for method in preset.methods + preset.budget_methods + preset.null_methods:
         get(method)  # an unknown name fails here, before any job starts
+    if preset.budget_scales:  # a method no budget sizes would train its 1x model at every scale
+        for method in preset.budget_methods:
+            if not get(method).is_kind:
+                check_budget(method, "budget_methods")
     if preset.noise_draws < 1:
         raise ValueError(f"noise_draws must be at least 1, not {preset.noise_draws}")
     for source in preset.sources:

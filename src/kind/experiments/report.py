@@ -572,6 +572,10 @@ def write_report(
         over = f" over the {n} invocations that ran jobs" if n > 1 else ""
         wall = f"Wall time: {sum(invocation_seconds) / 60:.1f} min{over}. "
     sweep = settings.get("cfg_scales") or []
+    # what the sweep drew: `sweep_samples` rounded down to a whole number a class
+    drawn = sorted({p.num_samples for r in results.values() if isinstance(r, RunResult)
+                    for p in r.sweep})  # fmt: skip
+    drawn_text = "–".join(str(n) for n in drawn[:: max(1, len(drawn) - 1)]) or "no"
     md = [
         "# KIND demo report",
         "",
@@ -588,7 +592,7 @@ def write_report(
         f"Samples: DDIM {settings['sample_steps']} steps, EMA weights, classifier-free guidance "
         f"{settings['cfg_scale']} for the final evaluation"
         + (f" and a sweep over {', '.join(f'{s:g}' for s in sweep)} "
-           f"({settings['sweep_samples']} samples a scale)" if sweep else "")
+           f"({drawn_text} samples a scale)" if sweep else "")
         + ". Metrics against the dataset's **test** split, in the feature space of a small "
         "classifier trained on the dataset's train split (FID lower is better; precision/recall: "
         "k-NN manifolds, k=3; class accuracy: how often that classifier assigns a sample the "

@@ -72,8 +72,12 @@ def non_finite(a: dict[int, float], b: dict[int, float], label: str = "seed") ->
 
 
 def best_fid(run: RunResult) -> float:
-    """FID at the run's best-FID guidance scale (its final evaluation when it has no sweep)."""
-    return min((p.fid for p in run.sweep), default=run.eval.fid)
+    """FID at the run's best-FID guidance scale (its final evaluation when it has no sweep). A
+    scale whose FID is not finite (samples that diverged there) is never the best; a run with
+    no finite scale keeps its first FID, so the comparison says it diverged (`non_finite`).
+    (`min` over them alone answers by their order: nan first gives nan, nan last a number.)"""
+    fids = [p.fid for p in run.sweep] or [run.eval.fid]
+    return min((f for f in fids if math.isfinite(f)), default=fids[0])
 
 
 def score_by_seed(runs: list[RunResult], source: str, task: str, variant: str) -> dict[int, float]:
@@ -269,8 +273,9 @@ def size_pairs(curve: SizeCurveResult) -> list[tuple[int, object, object]]:
 
 
 def size_verdicts(curve: SizeCurveResult) -> list[Verdict]:
-    """At every budget both models reach: which has the lower FID at the same parameter count
-    (over paired sample draws), with how far each has moved from its own full size's FID."""
+    """At every budget both models reach: which has the lower FID within it (each model at its
+    largest form that fits, so above the dense DiT's own size the two counts differ: both are
+    shown), over paired sample draws, with how far each has moved from its full size's FID."""
     full = {p.model: statistics.mean(p.fids) for p in curve.points if p.form in ("full", "dense")}
     verdicts = []
     for target, k, d in size_pairs(curve):
