@@ -143,6 +143,14 @@ def test_sample_classes_unknown_to_the_network_give_null_accuracy_with_a_reason(
     assert "mnist:0-1 has classes the samples lack: ['1']" in result["warnings"][0]
 
 
+def test_a_model_class_the_network_lacks_but_no_sample_asked_for_is_no_matter(tmp_path, random_net):
+    """`kind-dit sample --classes 0,1` of a digits + animals model writes all its class names;
+    only the sampled ones need the network's (it stopped on "'bear' is not in list")."""
+    npz = write_samples(tmp_path / "s.npz", noise_images(8, 4), [0, 1] * 4, ["0", "1", "bear"])
+    result = ev.evaluate(npz, "mnist:0-1", feature_net=random_net)
+    assert result["class_accuracy"] is not None and set(result["per_class_accuracy"]) <= {"0", "1"}
+
+
 def test_npz_without_arr_0_is_refused(tmp_path):
     path = tmp_path / "bad.npz"
     np.savez(path, images=np.zeros((4, 28, 28, 1), np.uint8))
@@ -172,7 +180,10 @@ def test_unconditional_samples_score_against_the_whole_reference(tmp_path, rando
     npz = write_samples(tmp_path / "u.npz", images, [2] * 8, ["0", "1", "<null>"])
     result = ev.evaluate(npz, "mnist:0-1", feature_net=random_net)
     assert result["fid"] == pytest.approx(unlabelled["fid"], rel=1e-6)
-    assert result["class_accuracy"] is None
+    assert (
+        result["class_accuracy"] is None
+        and "unconditional samples" in (result["class_accuracy_note"])
+    )
     assert result["samples_per_class"] is None
     mixed = write_samples(tmp_path / "m.npz", images, [0, 2] * 4, ["0", "1", "<null>"])
     with pytest.raises(ValueError, match="4 of the 8 samples are unconditional"):

@@ -158,6 +158,16 @@ def test_statistics_of_another_dimension_are_refused_with_the_shapes(tmp_path, s
     assert "mu [128]" in message and "another network" in message and "--write-ref" in message
 
 
+def test_auto_scores_a_statistics_file_with_the_network_it_was_written_with(tmp_path, shifted):
+    """--feature-net bundled for an mnist reference: "auto" reads the network the file records
+    (it took the spec's mnist network, and the refusal named a value --feature-net refuses)."""
+    path = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz", feature_net="bundled")
+    images, labels, names = shifted
+    assert ev.evaluate_images(images, labels, names, str(path))["feature_net"].endswith("bundled")
+    with pytest.raises(ValueError, match="pass --feature-net bundled, or write"):
+        ev.evaluate_images(images, labels, names, str(path), feature_net="mnist")
+
+
 def test_statistics_of_another_network_are_refused(tmp_path, shifted):
     torch.manual_seed(0)
     random_net = features.BundledFeatureNet.from_module(features.SmallCNN(), MNIST, "random-cnn")
@@ -254,6 +264,18 @@ def test_reference_split_picks_train_test_or_all(tmp_path, shifted):
         ev.evaluate_images(images, labels, names, str(path), ref_split="train")
     with pytest.raises(ValueError, match="reference split must be one of"):
         ev.evaluate_images(images, labels, names, "mnist:0-1", ref_split="val")
+
+
+def test_a_reference_the_network_cannot_take_is_refused_before_loading(tmp_path, monkeypatch):
+    """--image-size 64 for the 28x28 mnist network wrote 64x64 images with 28x28 statistics (a
+    file no evaluation could use); refused, as a directory path is, before the split loads."""
+    monkeypatch.setattr(reference, "_load_reference_images", None)  # never reached
+    with pytest.raises(ValueError, match="takes 28x28 images, so --image-size 64 would give"):
+        reference.write_adm_reference("mnist:0-1", tmp_path / "r.npz", image_size=64,
+                                      feature_net="mnist")  # fmt: skip
+    with pytest.raises(IsADirectoryError, match="is a directory; give the path of the .npz"):
+        reference.write_adm_reference("mnist:0-1", tmp_path, overwrite=True)
+    assert not list(tmp_path.iterdir())
 
 
 def test_write_adm_reference_never_replaces_a_file_unasked(tmp_path):

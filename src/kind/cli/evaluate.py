@@ -14,7 +14,8 @@ HELP = "FID, precision, recall, class accuracy of samples"
 DESCRIPTION = (
     "Score a samples .npz (arr_0 uint8 NxHxWxC, labels, class_names) against a reference: a "
     "data spec (its test split, or --ref-split train/all) or a reference statistics .npz (ADM's "
-    "reference batches such as VIRTUAL_imagenet256_labeled.npz, clean-fid statistics, or one "
+    "reference batches such as VIRTUAL_imagenet256_labeled.npz, clean-fid statistics of its "
+    "legacy_tensorflow mode, or one "
     "written with --write-ref; FID and sFID then come from its mu/sigma and mu_s/sigma_s, and "
     "precision/recall need its images). Bundled data use a classifier trained on that dataset; "
     "other data use Inception-V3 from a local weights file (FID, sFID, IS, precision, recall). "
@@ -35,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--ref",
         required=True,
         help="reference: a data spec, or a statistics .npz (ADM reference batch, clean-fid "
-        "statistics, or one written with --write-ref)",
+        "statistics of its legacy_tensorflow mode, or one written with --write-ref)",
     )
     p.add_argument(
         "--ref-split",

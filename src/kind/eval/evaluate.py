@@ -162,8 +162,10 @@ def _class_accuracy(
     Predictions are the argmax over *all* the network's classes, not only the sampled ones: a
     sample of "3" that looks like an "8" is wrong even when "8" was not generated.
     """
-    if labels is None or class_names is None:
+    if class_names is None:
         return None, None, "the samples carry no labels"
+    if labels is None:  # `_conditional`: all labelled with the null class
+        return None, None, f"unconditional samples ({NULL_CLASS}): no class to check"
     if net.class_names is None:
         return None, None, f"feature network {net.name} does not classify the sample classes"
     unknown = sorted({class_names[int(i)] for i in labels.unique()} - set(net.class_names))
@@ -171,7 +173,9 @@ def _class_accuracy(
         known = ", ".join(net.class_names)
         reason = f"sample classes {unknown} are not classes of feature network {net.name} ({known})"
         return None, None, reason
-    to_net = torch.tensor([net.class_names.index(c) for c in class_names])
+    # the file names all of its model's classes; only the sampled ones need the network's
+    to_net = torch.tensor([net.class_names.index(c) if c in net.class_names else -1
+                           for c in class_names])  # fmt: skip
     target = to_net[labels]  # [N] in the network's class indices
     acc = metrics.class_accuracy(logits, target)
     per = metrics.per_class_accuracy(logits, target)

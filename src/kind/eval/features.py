@@ -365,6 +365,17 @@ def auto_feature_net(ref: str) -> str:
     return datasets.pop() if len(datasets) == 1 else BUNDLED_NET
 
 
+def feature_net_choice(name: object) -> str | None:
+    """The --feature-net value that loads the network called `name` (as a statistics file
+    records it: `kind-smallcnn-v1-mnist` -> mnist), or None for a network of no choice."""
+    if not isinstance(name, str):
+        return None
+    if name.startswith("inception-v3"):
+        return "inception"
+    choice = name.removeprefix(f"{SMALL_CNN_ARCH}-")
+    return choice if choice != name and choice in FEATURE_NET_CHOICES else None
+
+
 # Loaded networks, so that repeated in-memory evaluations do not re-read and re-hash weights.
 _NET_CACHE: dict[tuple, FeatureNet] = {}
 

@@ -3,8 +3,10 @@
 A reference is either a data spec, by default its *test* split (which neither the diffusion model
 nor the bundled feature networks trained on; "train" or "all", train + test, on request), or a
 reference statistics ``.npz``: an ADM reference batch (``mu``, ``sigma``, ``mu_s``, ``sigma_s``
-and the images ``arr_0``), a clean-fid statistics file (``mu``, ``sigma``), or one that
-:func:`write_adm_reference` wrote.
+and the images ``arr_0``), a clean-fid statistics file (``mu``, ``sigma``) of its
+``legacy_tensorflow`` mode, or one that :func:`write_adm_reference` wrote. (clean-fid's default
+"clean" statistics resize with PIL's antialiased bicubic, where this tool's Inception, as ADM's,
+resizes TensorFlow's way: FID against them would measure the two resizes too.)
 
 Statistics files exist because the field's numbers are made against them: papers report FID-50K
 (50,000 samples) against ADM's reference batches, whose statistics are what make two papers'
@@ -35,6 +37,7 @@ from kind.eval.features import (
     FeatureNet,
     FeatureOutput,
     auto_feature_net,
+    feature_net_choice,
     fits,
     resolve_feature_net,
 )
@@ -254,8 +257,12 @@ def check_stats_size(stats: ReferenceStats, samples: torch.Tensor) -> None:
 
 
 def auto_feature_net_for_stats(stats: ReferenceStats) -> str:
-    """ "auto" for a statistics file: the network "auto" picks for the spec it records (files this
-    tool wrote), else Inception-V3, the network of ADM's and clean-fid's statistics."""
+    """ "auto" for a statistics file: the network it records (files this tool wrote, with any
+    --feature-net), else the one "auto" picks for the spec it records, else Inception-V3, the
+    network of ADM's and clean-fid's statistics."""
+    recorded = feature_net_choice(stats.meta.get("feature_net"))
+    if recorded is not None:
+        return recorded
     spec = stats.meta.get("spec")
     if isinstance(spec, str):
         try:
@@ -271,12 +278,14 @@ def check_stats_fit(
     """Refuse statistics another network made: the recorded weights' hash, else the dimension."""
     recorded = stats.meta.get("feature_net_sha256")
     if recorded is not None and str(recorded) != net.sha256:
+        choice = feature_net_choice(stats.meta.get("feature_net"))
+        flag = f"--feature-net {choice}" if choice else "the --feature-net it was written with"
         raise ValueError(
             f"{stats.path} holds statistics of feature network {stats.meta.get('feature_net')} "
             f"(weights sha256 {str(recorded)[:16]}…), but the samples are scored with {net.name} "
             f"(sha256 {net.sha256[:16]}…), and statistics of another network make FID "
-            "meaningless; pass the --feature-net the file was written with, or write the "
-            f"reference again with this network: {REF_WRITE_HINT}"
+            f"meaningless; pass {flag}, or write the reference again with this network: "
+            f"{REF_WRITE_HINT}"
         )
     spaces = (("mu", "sigma", pool_dim, "pool"), ("mu_s", "sigma_s", spatial_dim, "spatial"))
     for mean, cov, dim, what in spaces:
@@ -404,6 +413,15 @@ def file_reference(stats: ReferenceStats, net: FeatureNet) -> Reference:
 # ----------------------------------------------------------------------------- writing one
 
 
+def _size_refusal(net: FeatureNet, what: str) -> str:
+    _, h, w = net.image_shape
+    return (
+        f"feature network {net.name} takes {h}x{w} images, so {what} would give statistics of "
+        "other images than the file holds; leave --image-size out, or use --feature-net "
+        "inception (which resizes)"
+    )
+
+
 def write_adm_reference(
     spec: str,
     path: str | Path,
@@ -436,14 +454,27 @@ def write_adm_reference(
         raise ValueError(f"{spec} is already a statistics file; write a reference from a data spec")
     check_image_spec(spec)
     check_ref_split(split)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the path of the .npz file to write")
     if path.exists() and not overwrite:
         raise FileExistsError(
             f"{path} exists; pass --overwrite to replace it, or choose another path"
         )
+    # the network first: missing weights, or a size it cannot take, stop before the split is
+    # loaded (minutes at ImageNet scale). A network of a fixed size takes another channel count
+    # by a reload at its own shape (grey as RGB); another size would give statistics of other
+    # images than the file holds.
+    net = None if feature_net is None else resolve_feature_net(feature_net, spec,
+                                                                inception_weights, device)  # fmt: skip
+    size = None if net is None or net.image_shape is None else net.image_shape[1:]
+    if size is not None and image_size not in (None, size[0]):
+        raise ValueError(_size_refusal(net, f"--image-size {image_size}"))
     ref = _load_reference_images(spec, split, image_size, channels)
+    if size is not None and tuple(ref.images.shape[-2:]) != size:
+        h, w = ref.images.shape[-2:]
+        raise ValueError(_size_refusal(net, f"{spec}'s {h}x{w} images"))
     stats: dict = {}
-    if feature_net is not None:
-        net = resolve_feature_net(feature_net, spec, inception_weights, device)
+    if net is not None:
         if fits(net, ref.images):
             feats = net.extract(ref.images)
         else:
