@@ -63,6 +63,10 @@ def test_demo_runs_every_stage_and_writes_the_report(tmp_path):
     assert "transfer 2 steps of batch 8" in text and "2 job(s) side by side" in text
     assert _changed(json.loads(settings), "custom", json.loads(json.dumps(asdict(
         replace(TOY, seeds=(0, 1), methods=("kind", "lora", "pissa"), kindify_steps=5))))) == []  # fmt: skip
+    sized = json.loads(settings) | {"size_fractions": [1.0, 0.5]}  # its one job ran these two
+    grown = json.loads(json.dumps(asdict(replace(TOY, size_fractions=(1.0, 0.5, 0.3)))))
+    assert _changed(sized, "custom", grown) == [
+        "size_fractions [1.0, 0.5] (asked: [1.0, 0.5, 0.3])"]  # fmt: skip
     paper_like = json.loads(settings) | {"preset": "paper", "seeded_methods": ["kind", "lora"]}
     assert _changed(paper_like, "quick", json.loads(json.dumps(asdict(TOY)))) == [
         "preset paper (asked: quick)", "seeded_methods ['kind', 'lora'] (asked: None)"]  # fmt: skip

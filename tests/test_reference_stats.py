@@ -204,6 +204,21 @@ def test_a_reference_smaller_than_k_plus_one_is_named_with_the_fix(tmp_path, shi
         ev.evaluate_images(images, None, None, str(tmp_path / "two.npz"), feature_net="mnist")
 
 
+def test_a_folder_reference_of_one_test_image_is_named_with_the_fix(tmp_path, shifted):
+    """Five images: the test split (every 5th) holds one ("features needs at least 2 rows")."""
+    from PIL import Image
+
+    (tmp_path / "fold" / "a").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(
+            tmp_path / "fold" / "a" / f"{i}.png"
+        )
+    images = shifted[0]
+    with pytest.raises(ValueError, match=r"test split of reference .*fold holds 1 image\(s\), too "
+                                         r"few .* --ref-split all"):  # fmt: skip
+        ev.evaluate_images(images, None, None, str(tmp_path / "fold"), feature_net="mnist")
+
+
 def test_a_latent_store_as_reference_names_the_image_spec_it_came_from(tmp_path, shifted):
     from kind.data.store_format import FORMAT, META_FILE
 

@@ -346,6 +346,11 @@ def spec_reference(
 ) -> Reference:
     """The ``split`` of data spec ``ref``, featurised by ``net`` at the samples' size."""
     feats, count, names, dataset = reference_features(net, ref, image_size, channels, split)
+    if count < 2:  # a folder class of under 10 images has one test image
+        raise ValueError(
+            f"the {split} split of reference {ref.strip()} holds {count} image(s), too few for "
+            "feature statistics; use --ref-split all (train and test) or a larger reference"
+        )
     record = {
         "reference": ref.strip(),
         "reference_type": "data spec",

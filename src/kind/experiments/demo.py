@@ -146,9 +146,12 @@ SETTINGS = "settings.json"
 # what kind-dit writes into a demo's settings.json besides the preset's fields
 _RECORDED = ("preset", "jobs", "threads_per_job", "device", "size", "lr", "pretrain_steps")
 # preset fields that may grow when a demo is continued: more of them adds jobs beside the
-# finished ones (more seeds or methods, a comparison turned on) without changing what those ran
+# finished ones (more seeds or methods) without changing what those ran
 _ADDS_JOBS = ("sources", "methods", "seeds", "seeded_methods", "null_methods", "budget_scales",
-              "budget_methods", "size_fractions", "kindify_steps")  # fmt: skip
+              "budget_methods")  # fmt: skip
+# comparisons one job runs whole: they may be turned on, not grown (the finished job would not
+# run the new fractions, and the report would not say so)
+_TURNS_ON = ("size_fractions", "kindify_steps")
 
 
 def saved_settings(out: Path) -> dict | None:
@@ -179,7 +182,7 @@ def _changed(saved: dict, preset_name: str, asked: dict) -> list[str]:
         changed.append(f"preset {saved['preset']} (asked: {preset_name})")
     for key, value in asked.items():
         old = saved.get(key, value)
-        grows = key in _ADDS_JOBS and (
+        grows = (key in _TURNS_ON and not old) or key in _ADDS_JOBS and (
             not old or (isinstance(old, list) and isinstance(value, list)
                         and all(v in value for v in old))
         )  # fmt: skip
