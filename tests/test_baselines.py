@@ -115,6 +115,24 @@ def test_a_larger_budget_picks_a_larger_lora_rank_within_one_rank_step(source):
         assert abs(adapted.trainable - budget) <= step / 2
 
 
+def test_oft_rotations_stay_orthogonal_far_from_the_start(source):
+    """OFT rotates each layer's input in orthogonal blocks, so every weight keeps its singular
+    values however far training moves the generators (peft's default truncated Neumann series
+    moved them by 15x their largest at generator entries of 0.1, block size 128)."""
+    adapted = adapt("oft", source, NEW, budget=10**9)  # the largest block size, 128
+    with torch.no_grad():
+        for n, p in adapted.model.named_parameters():
+            if TRAINS["oft"](n):
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    rotated, before = adapted.export(adapted.model).state_dict(), source.state_dict()
+    layers = [k for k, w in before.items() if k.startswith("blocks.") and w.ndim == 2
+              and not torch.equal(w, rotated[k])]  # fmt: skip
+    assert len(layers) == 4 * 6  # q, k, v, proj, fc1, fc2 of the 4 blocks
+    for k in layers:
+        s0, s1 = (torch.linalg.svdvals(w.double()) for w in (before[k], rotated[k]))
+        torch.testing.assert_close(s1, s0, rtol=0, atol=1e-5 * s0.max().item(), msg=k)
+
+
 def test_oft_block_size_divides_every_input_width(source):
     shapes = target_shapes(source)
     for budget in (1, KIND_BUDGET // 10, KIND_BUDGET, 10 * KIND_BUDGET):

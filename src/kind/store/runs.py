@@ -345,8 +345,8 @@ def start_from_checkpoint(run: Path, source: Path, checkpoint: Path) -> None:
     lines = (source / "metrics.csv").read_text().splitlines(keepends=True)
     kept = [r for r in lines[1:] if r.split(",")[0].isdigit() and int(r.split(",")[0]) <= step]
     atomic_write_text(run / "metrics.csv", "".join(lines[:1] + kept))
-    write_json(run / RUN_JSON, read_run_record(source) | {"continued_from": {"run": str(source.resolve()),
-                                                           "step": step}})  # fmt: skip
+    continued = {"continued_from": {"run": str(source.resolve()), "step": step}}
+    write_json(run / RUN_JSON, read_run_record(source) | continued)
     with atomic_dir(checkpoint_dir(run, step)) as tmp:
         shutil.copytree(checkpoint, tmp, dirs_exist_ok=True)
         verify_checksums(tmp)  # the copy is what the source's checksums say

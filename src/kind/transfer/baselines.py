@@ -70,7 +70,9 @@ class _Peft:
 
 
 def _lora(init: bool | str) -> Callable[[int], PeftConfig]:
-    # alpha = r: scaling 1 at every rank, so the learning rate means the same across budgets.
+    # alpha = r: scaling 1 at every rank (PiSSA's choice; the LoRA paper fixes alpha, so its
+    # scaling alpha/r shrinks as r grows): here a larger rank's update grows with its rank, which
+    # the budget curves' 4x LoRA runs were made with.
     # PiSSA ("pissa") starts A, B at the top-r singular triples of W and leaves the residual
     # W - BA as the frozen base weight, so the start model computes what the source does.
     return lambda r: LoraConfig(
@@ -96,7 +98,11 @@ _PEFT = {
     # peft stores each block's skew-symmetric generator as its b(b-1)/2 upper-triangle entries.
     "oft": _Peft(
         "OFT block size",
-        lambda b: OFTConfig(r=0, oft_block_size=b, target_modules=TARGET_PATTERN),
+        # the exact Cayley map (a solve per block), as the OFT paper: peft's default truncated
+        # Neumann series drifts from orthogonal as the generators grow in training
+        lambda b: OFTConfig(
+            r=0, oft_block_size=b, target_modules=TARGET_PATTERN, use_cayley_neumann=False
+        ),  # fmt: skip
         lambda b, i, o: (i // b) * (b * (b - 1) // 2),
         _oft_blocks,
         32,
