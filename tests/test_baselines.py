@@ -1,6 +1,8 @@
 """Baselines for novel classes: what trains, budget matching, export equivalence, Heur-LG's split,
 and a real training run whose exported model loads back as a plain DiT."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from kind.cli.main import main
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, count_params
 from kind.data.dataset import Dataset
+from kind.store.load import load_model
 from kind.store.modeldir import load_model_dir, save_model_dir
 from kind.training.config import load_config
 from kind.training.loop import train
@@ -282,3 +285,15 @@ def test_budget_and_match_kind_together_are_refused(tmp_path, capsys):
     err = _transfer_refused(tmp_path, capsys, "--method", "lora", "--budget", "1000",
                             "--match-kind", str(tmp_path / "parts"))  # fmt: skip
     assert "--budget 1000 and --match-kind" in err and "pass one of them" in err, err
+
+
+def test_an_unfinished_adapter_transfer_says_how_to_finish_it(source, tmp_path):
+    """Its checkpoints hold peft's form, which only the transfer reads: `sample` of the run
+    before its model/ is written names the run, the method and the resume (it said the weights
+    were "saved for a different configuration")."""
+    save_model_dir(tmp_path / "dense", source, DiffusionConfig())
+    main(["transfer", str(tmp_path / "dense"), "--method", "lora", "--data", "mnist:6",
+          "--out", str(tmp_path / "t"), *TRANSFER_SHORT])  # fmt: skip
+    shutil.rmtree(tmp_path / "t" / "model")  # as if it had been stopped before its export
+    with pytest.raises(ValueError, match=r"t is an unfinished `lora` transfer.*--resume --out"):
+        load_model(tmp_path / "t")

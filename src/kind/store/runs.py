@@ -119,7 +119,18 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
         raise FileNotFoundError(f"{run_dir} is not a run directory with a checkpoint")
     cfg = read_json(run_dir / CONFIG_JSON, "model", "diffusion", "sample")
     model = DiT(ModelConfig.from_dict(cfg["model"]))
-    load_state(model, ema_weights(last), last)
+    try:
+        load_state(model, ema_weights(last), last)
+    except ValueError as e:  # an adapter baseline's checkpoint: peft's form, not a plain DiT
+        method = (read_run_record(run_dir).get("transfer") or {}).get("method")
+        if method is None or str(method).startswith("kind"):
+            raise
+        raise ValueError(
+            f"{run_dir} is an unfinished `{method}` transfer: its checkpoints hold the method's "
+            "adapters, which only the transfer itself reads; finish it with `kind-dit transfer "
+            f"SOURCE --method {method} ... --resume --out {run_dir}` (it writes {run_dir}/model "
+            "when it ends)"
+        ) from e
     meta = {"sample": cfg["sample"], "latent": read_run_record(run_dir).get("latent")}
     return model.eval(), DiffusionConfig.from_dict(cfg["diffusion"]), meta
 
