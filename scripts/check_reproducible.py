@@ -36,7 +36,11 @@ On an AMD EPYC guest (2 vCPUs, 2026-12-07) all four recorded hashes above matche
 and for the multi-rank changes after it (which leave one process's training and sampling alone).
 Seeding each sample by (seed, class, index within the class) instead of its place in the list
 (aab37c8) changed the sample streams on purpose: the samples above were bb263615… and ec0c4202…
-before it, the weights did not change (AMD EPYC guest, 2026-12-07, twice).
+before it, the weights did not change (AMD EPYC guest, 2026-12-07, twice). A later AMD EPYC
+guest (the ninth 2026-12-07 session) gave 5749881e… and 1b728392… for the weights at 7dc507d and
+at the session's code alike, and the recorded samples: the machine's kernels, not the code. The
+DDIM step written in `kind.core.diffusion` (diffusers' stepped between the wrong timesteps
+unless the step count divides 1000) left both sample hashes as they were (10 steps divide it).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Classifier-free guidance over every channel (this project's default) or the first k (DiT's
-sampler guides 3 of its 4 latent channels; imported DiT weights sample that way)."""
+"""Sampling: classifier-free guidance over every channel (this project's default) or the first k
+(DiT's sampler guides 3 of its 4 latent channels; imported DiT weights sample that way), and the
+noise schedule and sampler chains against the improved-DDPM references."""
 
 import pytest
 import torch
@@ -43,3 +44,60 @@ def test_guided_channels_setting_is_checked():
     assert SampleConfig(guided_channels=3).guided_channels == 3
     with pytest.raises(ValueError, match="sample.guided_channels"):
         SampleConfig(guided_channels=0)
+
+
+def _exact_eps(diffusion: Diffusion, x0_of, var: float | None = None):
+    """The ε-predictor that is exact for data whose x₀ given x_t is `x0_of(x_t, ᾱ_t)`, with a
+    learned-variance output of `var` when given."""
+    ab = diffusion.alphas_cumprod.double()
+
+    def model(x, t, y):
+        a = ab[t].view(-1, 1, 1, 1)
+        eps = ((x.double() - a.sqrt() * x0_of(x.double(), a)) / (1 - a).sqrt()).float()
+        return eps if var is None else torch.cat([eps, torch.full_like(eps, var)], 1)
+
+    return model
+
+
+@pytest.mark.parametrize("sampler, steps", [("ddim", 7), ("ddim", 13), ("ddpm", 50)])
+def test_a_chain_of_any_length_ends_on_the_clean_data(sampler, steps):
+    """All data at one point and an exact predictor: every chain must end there. DDIM stepped to
+    t − T // steps (diffusers), which for 7 or 13 steps stops at ᾱ_0 < 1, short of the data; DDPM
+    with a learned variance added noise (std 0.08 here) on its last step, which iDDPM does not."""
+    diffusion = Diffusion(DiffusionConfig(prediction="eps", clip_x0=None))
+    model = _exact_eps(diffusion, lambda x, a: torch.full_like(x, 0.5), var=1.0)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = diffusion.sample(model, torch.zeros(2, dtype=torch.long), (1, 8, 8), null_id=1,
+                           sampler=sampler, steps=steps, generators=gens, learn_sigma=True)  # fmt: skip
+    torch.testing.assert_close(out, torch.full_like(out, 0.5), rtol=0, atol=1e-5)
+
+
+def test_ddim_steps_between_the_timesteps_the_model_is_called_at():
+    """Gaussian data N(0, ¼) and its exact predictor, against DDIM written out in float64 over the
+    same timesteps: 30 steps do not divide 1000, and each step went to t − 33 while the model was
+    next called at another t (1.7e-2 apart at the end)."""
+    diffusion = Diffusion(DiffusionConfig(schedule="linear", prediction="eps", clip_x0=None))
+    model = _exact_eps(diffusion, lambda x, a: a.sqrt() * 0.25 * x / (a * 0.25 + 1 - a))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = diffusion.sample(model, torch.zeros(2, dtype=torch.long), (1, 16, 16), null_id=1,
+                           steps=30, generators=gens)  # fmt: skip
+    ab = diffusion.alphas_cumprod.double()
+    ts = diffusion.scheduler("ddim", 30, False).timesteps.tolist()
+    x = torch.cat([torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(i))
+                   for i in range(2)]).double()  # fmt: skip
+    for t, t_prev in zip(ts, ts[1:] + [-1], strict=True):
+        a, a_prev = ab[t], ab[t_prev] if t_prev >= 0 else torch.tensor(1.0, dtype=torch.float64)
+        x0 = a.sqrt() * 0.25 * x / (a * 0.25 + 1 - a)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * (x - a.sqrt() * x0) / (1 - a).sqrt()
+    torch.testing.assert_close(out.double(), x, rtol=0, atol=1e-5)
+
+
+def test_the_linear_schedule_ends_near_pure_noise_at_any_length():
+    """Its ends scale by 1000 / T as in improved DDPM and DiT (diffusers' fixed 1e-4..0.02 over
+    T = 100 ended at ᾱ = 0.36, far from the noise sampling starts from); T = 1000 is unchanged."""
+    ab = {t: Diffusion(DiffusionConfig(schedule="linear", num_timesteps=t)).alphas_cumprod
+          for t in (100, 1000)}  # fmt: skip
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(ab[1000].double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=0)
+    betas = torch.linspace(1e-3, 0.2, 100, dtype=torch.float64)
+    torch.testing.assert_close(ab[100].double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=0)

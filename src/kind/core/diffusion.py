@@ -65,6 +65,20 @@ class DiffusionConfig:
                     f"diffusion.{name} = {value!r} is out of range; allowed: a number > 0 or null"
                 )
 
+    def schedule_args(self) -> dict:
+        """The diffusers scheduler arguments of this noise schedule, for every scheduler built
+        from it (training, sampling, an export's record). The linear schedule's ends scale by
+        1000 / T as in improved DDPM and DiT, so that any T ends as near pure noise as 1000 does
+        (diffusers' fixed 1e-4..0.02 over T = 100 stops at ᾱ = 0.36)."""
+        scale = 1000 / self.num_timesteps if self.schedule == "linear" else 1.0
+        return {
+            "num_train_timesteps": self.num_timesteps,
+            "beta_schedule": SCHEDULES[self.schedule],
+            "beta_start": 1e-4 * scale,
+            "beta_end": 0.02 * scale,
+            "prediction_type": PREDICTIONS[self.prediction],
+        }
+
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (
@@ -101,11 +115,7 @@ class Diffusion:
 
     def __init__(self, config: DiffusionConfig):
         self.config = config
-        self.train_scheduler = DDPMScheduler(
-            num_train_timesteps=config.num_timesteps,
-            beta_schedule=SCHEDULES[config.schedule],
-            prediction_type=PREDICTIONS[config.prediction],
-        )
+        self.train_scheduler = DDPMScheduler(**config.schedule_args())
         ab = self.train_scheduler.alphas_cumprod.double()
         self.alphas_cumprod = ab.float()
         self.snr = (ab / (1 - ab)).float()
@@ -184,9 +194,7 @@ class Diffusion:
             else {}
         )
         sched = cls(
-            num_train_timesteps=self.config.num_timesteps,
-            beta_schedule=SCHEDULES[self.config.schedule],
-            prediction_type=PREDICTIONS[self.config.prediction],
+            **self.config.schedule_args(),
             clip_sample=self.config.clip_x0 is not None,
             clip_sample_range=self.config.clip_x0 or 1.0,
             timestep_spacing="trailing",
@@ -236,17 +244,37 @@ class Diffusion:
             else None
         )
         kwargs = {} if route is None else {"route": route}
-        for t in timesteps:
+        after = [int(t) for t in sched.timesteps[1:]] + [-1]  # each step's target; -1: clean
+        for t, t_prev in zip(timesteps, after, strict=True):
             x_in = torch.cat([x, x]) if guided else x
             t_in = torch.full((len(y_in),), int(t), device=device, dtype=torch.long)
             out = model(x_in, t_in, y_in, **kwargs)  # [B or 2B, C or 2C, H, W]
             if guided:
                 out = guide(*out.chunk(2), cfg_scale, guided_channels or C)
             if sampler == "ddim":
-                x = sched.step(out[:, :C], t, x, eta=0.0, use_clipped_model_output=True).prev_sample
-            else:
-                x = sched.step(out, t, x, generator=generators).prev_sample
+                x = self._ddim_step(out[:, :C], x, t_in[: len(x)], t_prev)
+            else:  # the last step lands on the clean data: its mean, no noise (iDDPM, DiT)
+                step = sched.step(out, t, x, generator=generators)
+                x = step.prev_sample if t_prev >= 0 else step.pred_original_sample
         return x
+
+    def _ddim_step(
+        self, pred: torch.Tensor, x: torch.Tensor, t: torch.Tensor, t_prev: int
+    ) -> torch.Tensor:
+        """x_t -> x_{t_prev} by DDIM (η = 0) from the model's prediction; t_prev = -1 is the clean
+        data (ᾱ = 1). Written here because diffusers' DDIMScheduler steps to t − T // steps,
+        which with trailing spacing is not the next timestep unless steps divides T, and for
+        some step counts ends short of the clean data."""
+        x0 = self._predict_x0(pred, x, t)
+        if self.config.clip_x0 is not None:
+            x0 = x0.clamp(-self.config.clip_x0, self.config.clip_x0)
+        if t_prev < 0:
+            return x0
+        n = x.dim()
+        ab = self._at(self.alphas_cumprod, t, n)  # [B, 1, 1, 1]
+        ab_prev = self._at(self.alphas_cumprod, torch.full_like(t, t_prev), n)
+        eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise the (clipped) x̂₀ implies
+        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
 
 
 def compiled(model: Callable) -> bool:

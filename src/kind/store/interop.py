@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from kind.core.decomposition import MergedDiT
-from kind.core.diffusion import PREDICTIONS, SCHEDULES, DiffusionConfig
+from kind.core.diffusion import DiffusionConfig
 from kind.core.model import PATCHES, SIZES, DiT, ModelConfig, load_state, parse_size
 from kind.data.latents import DEFAULT_SCALING_FACTOR, check_space, vae_root, vae_space
 from kind.io import (
@@ -507,10 +507,7 @@ def _to_diffusers(net: DiT, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
 def scheduler_settings(diffusion: DiffusionConfig, learn_sigma: bool) -> dict:
     """The diffusers scheduler arguments that reproduce this model's diffusion, for an export's
     `kind_dit.json` (diffusers' DiT pipeline takes a scheduler of its own choosing)."""
-    return {
-        "num_train_timesteps": diffusion.num_timesteps,
-        "beta_schedule": SCHEDULES[diffusion.schedule],
-        "prediction_type": PREDICTIONS[diffusion.prediction],
+    return diffusion.schedule_args() | {
         "variance_type": "learned_range" if learn_sigma else "fixed_small",
         "clip_sample": diffusion.clip_x0 is not None,
         "clip_sample_range": diffusion.clip_x0 or 1.0,
