@@ -1,10 +1,11 @@
 """The diffusion objective and samplers, separate from the network.
 
-Schedules and sampler steps come from diffusers' `DDPMScheduler` / `DDIMScheduler` (linear and cosine
-β schedules, respacing, DDIM η, learned-range variance, x₀ clipping with ε re-derived from the clipped
-x₀). What diffusers has no piece for is written here: the training loss (ε- or v-prediction,
-min-SNR-γ weighting, and the learned-σ variational bound of improved DDPM / DiT) and classifier-free
-guidance (over all channels, or the first k as DiT's sampler does).
+Schedules, respacing and the DDPM step come from diffusers' `DDPMScheduler` / `DDIMScheduler`
+(linear and cosine β schedules, trailing timesteps, learned-range variance, x₀ clipping). What
+diffusers has no piece for is written here: the training loss (ε- or v-prediction, min-SNR-γ
+weighting, and the learned-σ variational bound of improved DDPM / DiT), classifier-free guidance
+(over all channels, or the first k as DiT's sampler does), and the DDIM step (η = 0, ε re-derived
+from the clipped x₀), whose diffusers version steps between the wrong timesteps (`_ddim_step`).
 """
 
 from __future__ import annotations
