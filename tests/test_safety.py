@@ -463,6 +463,13 @@ CASES = [
         2,
         "model.class_to_group comes from the data (--data) and group_file",
     ),  # fmt: skip
+    Case(
+        "a KIND model without tailors",
+        _train("--set", "model.rank_tailor=0"),
+        0,
+        "this KIND model has no tailors",
+        untouched=False,
+    ),  # fmt: skip
     Case("run.json with a text record", _edited_record, 2, "transfer is 'x', not a JSON object"),
     Case(
         "--match-kind a run whose data is 5",

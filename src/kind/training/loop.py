@@ -84,6 +84,9 @@ def build_model(cfg: Config, data: Dataset, dense: DiT | None = None) -> DiT:
     channels (and τ from the group file); started from dense DiT `dense` when given
     (`kind.core.kindify`), else from DiT's random init."""
     images = data.images
+    if cfg.model.kind and cfg.model.rank_tailor == 0:
+        log.warning("model.rank_tailor = 0: this KIND model has no tailors, every class shares "
+                    "the learngenes alone (an ablation; nothing to decompose per class)")  # fmt: skip
     tau = read_group_file(cfg.group_file, data.class_names) if cfg.group_file else None
     mc = replace(cfg.model, class_names=list(data.class_names), image_size=images.shape[-1],
                  in_channels=images.shape[1], class_to_group=tau)  # fmt: skip
