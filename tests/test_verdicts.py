@@ -154,6 +154,10 @@ def test_a_non_finite_fid_is_unresolved_and_says_so(a, b, shown):
     assert outcome == UNRESOLVED and f"non-finite FID ({shown.replace('seed', 'draw')})" in evidence
 
 
+def test_no_draws_compare_to_unresolved():
+    assert draw_compare([], [1.0, 2.0]) == (UNRESOLVED, "no sample draws recorded")
+
+
 def test_a_diverged_kind_run_leaves_the_claim_unresolved():
     v = _verdict(all_verdicts(_results(kind=[INF, 11, 12], lora=[20, 21.5, 22]), ["digits"]),
                  "kind (")  # fmt: skip

@@ -219,6 +219,8 @@ def draw_compare(a: list[float], b: list[float]) -> tuple[str, str]:
     """("better" | "worse" | WITHIN_NOISE | UNRESOLVED, evidence) for FIDs `a` against `b` over
     paired sample draws (draw i of both sampled with the same seed): the 95% t-interval of the
     mean difference, which holds the evaluation's sampling noise only (one training seed)."""
+    if not a or not b:  # a result written before draws were recorded
+        return UNRESOLVED, "no sample draws recorded"
     head = f"FID {statistics.mean(a):.2f} vs {statistics.mean(b):.2f}"
     if bad := non_finite(dict(enumerate(a)), dict(enumerate(b)), "draw"):
         return UNRESOLVED, f"{head}; non-finite FID ({bad}): no interval to compute"
