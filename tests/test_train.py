@@ -3,6 +3,7 @@
 import functools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -397,3 +398,21 @@ def test_a_restart_killed_half_way_never_leaves_old_checkpoints_in_a_new_looking
         done = _restart_killed_after(left, removals, monkeypatch)
         # a directory without config.json is started as a new run: it must hold no checkpoint
         assert is_run_dir(left) or not has_checkpoint(left), done
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_step_whose_loss_is_not_finite_is_never_applied(tmp_path, monkeypatch, precision):
+    """A loss of inf with finite gradients (here a constant added to it): with fp16 the gradient
+    scaler, which skips overflowing gradients only, applied it (weights and AdamW's counts
+    moved, the EMA not, and the run then said none of its bad steps was applied)."""
+    from kind.core.diffusion import Diffusion
+    from kind.core.model import DiT
+
+    loss = Diffusion.loss
+    monkeypatch.setattr(Diffusion, "loss", lambda *a, **k: loss(*a, **k) + float("inf"))
+    cfg = _cfg(3, precision=precision, max_bad_steps=2)
+    model = DiT(replace(cfg.model, class_names=CLASSES, image_size=28, in_channels=1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingError, match="none of them was applied"):
+        train(cfg, tmp_path / "r", model=model, data=_data([0, 1]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -370,15 +370,18 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     scaler.unscale_(opt)
     grad_norm = _clip_grad_norm(opt, tc.grad_clip or math.inf)
     # One fused check, the step's one host sync: a non-finite loss or gradient is never applied.
-    # (With fp16 the gradient scaler already skips overflowing gradients and lowers its scale.)
+    # (With fp16 the gradient scaler skips overflowing gradients and lowers its scale itself:
+    # those steps, part of finding the scale, are not counted as bad.)
     finite = torch.isfinite(loss_sum if scaler.is_enabled() else loss_sum + grad_norm)
     finite = bool(distributed.all_min(finite, info))  # every rank skips the same steps
-    if finite or scaler.is_enabled():
+    if finite:
         scale_before = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(opt)
         scaler.update()
-        if finite and (scale_before is None or scaler.get_scale() >= scale_before):
+        if scale_before is None or scaler.get_scale() >= scale_before:
             state.ema.update(rows)  # not after a step the fp16 scaler skipped
+    elif scaler.is_enabled():  # unscale_ ran: end the scaler's cycle without a step, backed off
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
     opt.zero_grad(set_to_none=True)
     state.step += 1
     state.bad_in_row = 0 if finite else state.bad_in_row + 1
