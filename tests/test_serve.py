@@ -374,3 +374,21 @@ def test_parts_of_tailor_rank_0_with_a_null_tailor_serve_what_kind_dit_sample_dr
                                accept="application/x-npz")  # fmt: skip
     assert status == 200
     assert np.array_equal(images(body), sample_cli(parts, tmp_path / "cli", "one", 2, 3))
+
+
+@pytest.mark.parametrize(
+    "accept, npz",
+    [
+        ("application/x-npz", True),
+        ("application/x-npz, image/png;q=0.5", True),
+        ("application/x-npz;q=0, image/png", False),  # a substring test answered npz
+        ("image/png, application/x-npz;q=0.9", False),
+        ("*/*", False),
+        ("", False),
+        ("application/x-npz;q=abc", False),
+    ],
+)
+def test_the_accept_header_is_read_with_its_weights(accept, npz):
+    from kind.serve.app import prefers_npz
+
+    assert prefers_npz(accept) == npz

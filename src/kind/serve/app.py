@@ -53,6 +53,22 @@ SUMMARY = ("size", "image_size", "in_channels", "rank_learngene", "rank_tailor",
            "decompose_adaln", "learn_sigma")  # fmt: skip
 
 
+def prefers_npz(accept: str) -> bool:
+    """Whether an Accept header asks for npz before png: npz with a q above 0 and no lower than
+    png's (or a wildcard's). Written here: Starlette reads no Accept header, and a substring test
+    took `application/x-npz;q=0` (not npz) for a request of npz."""
+    q: dict[str, float] = {}
+    for item in accept.split(","):
+        media, *params = (p.strip() for p in item.split(";"))
+        weight = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            q[media.lower()] = float(weight)
+        except ValueError:
+            continue  # a malformed entry names nothing
+    png = max((q.get(m, 0.0) for m in ("image/png", "image/*", "*/*")), default=0.0)
+    return q.get(NPZ, 0.0) > 0 and q[NPZ] >= png
+
+
 class GenerateRequest(BaseModel):
     """POST /generate: n samples of one class. Unset fields take the parts' sampling defaults."""
 
@@ -202,7 +218,7 @@ def create_app(
         if result is None:  # nobody is left to answer; uvicorn drops what we send
             return Response(status_code=499)
         wants_npz = body.format == "npz" or (
-            body.format is None and NPZ in request.headers.get("accept", "")
+            body.format is None and prefers_npz(request.headers.get("accept", ""))
         )
         headers = {
             "X-Kind-Batch": str(result.batch),
