@@ -182,10 +182,10 @@ def _changed(saved: dict, preset_name: str, asked: dict) -> list[str]:
         changed.append(f"preset {saved['preset']} (asked: {preset_name})")
     for key, value in asked.items():
         old = saved.get(key, value)
-        grows = (key in _TURNS_ON and not old) or key in _ADDS_JOBS and (
+        grows = (key in _TURNS_ON and not old) or (key in _ADDS_JOBS and (
             not old or (isinstance(old, list) and isinstance(value, list)
                         and all(v in value for v in old))
-        )  # fmt: skip
+        ))  # fmt: skip
         if old != value and not grows:
             changed.append(f"{key} {old} (asked: {value})")
     return changed
