@@ -69,7 +69,8 @@ def test_a_tailor_rank_given_as_a_float_or_a_fraction_saves_and_resumes():
     for model, message in [({"rank_learngene": 2.5}, r"model.rank_learngene = 2.5 .*whole count"),
                            ({"rank_learngene": -1}, r"model.rank_learngene = -1.0 .* >= 0"),
                            ({"rank_tailor": 200}, r"model.rank_tailor = 200.0 .*up to 128 \(the "
-                                                  "width of size tiny")]:  # fmt: skip
+                                                  "width of size tiny"),
+                           ({"rank_learngene": 0.003}, r"0.003 .* rounds to none")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             load_config(overrides={"model": model})
     assert resolve_rank(2.5, 64, 32) == 2  # a model an older version saved with 2.5 still loads

@@ -1,10 +1,12 @@
 """A dense DiT made into the start of KIND pre-training (`kind-dit train --init-from DENSE`).
 
 Every decomposed layer's learngene is the leading r_G SVD triples of the dense weight (computed in
-float64; with rank_learngene = full rank the start model computes the dense one's outputs to fp32
-rounding) and keeps its bias; every class-agnostic dense parameter is copied; each class's label
+float64) and keeps its bias; every class-agnostic dense parameter is copied; each class's label
 row comes from the dense model's row of the class of the same name, the null row from its null
-row; the tailors start fresh (`TailorBank.reset`, docs/KIND.md, initialisation).
+row; the tailors start fresh (`TailorBank.reset`, docs/KIND.md, initialisation). With
+rank_learngene = full rank the start computes the dense model's unconditional outputs to fp32
+rounding, and its class outputs too when `tailor_sigma` = 0 (the default 0.01 adds the fresh
+tailors: 5e-4 relative on a small model).
 
 Pure model-to-model: loading the dense model and recording where it came from is the caller's
 (kind.training.loop). A module of its own rather than part of `kind.core.decomposition`, which

@@ -171,6 +171,9 @@ class Config:
             check_range(f"model.{key}", rank, rank < 1 or rank <= width,
                         f"a fraction (< 1) of a layer's smaller side, or a whole count up to "
                         f"{width} (the width of size {m.size})")  # fmt: skip
+            check_range(f"model.{key}", rank, not 0 < rank < 1 or round(rank * width) >= 1,
+                        f"0, or a fraction that keeps at least one of a layer's {width} "
+                        f"components (above {0.5 / width:g}); a smaller one rounds to none")  # fmt: skip
         _count("model.image_size", m.image_size, 1, optional=True, high=MAX_IMAGE_SIZE)
         _count("model.in_channels", m.in_channels, 1, optional=True, high=MAX_CHANNELS)
         _real("model.mlp_ratio", m.mlp_ratio, 0, open_low=True)
