@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from kind.cli import (
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         format="%(levelname)s %(name)s: %(message)s",
     )
     keep_freed_memory()  # every command's CPU work: no page faults to refill the heap
+    code = 0
     try:
         if not args.ranked:
             _one_process(args.command)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except Exception as e:  # the last line of defence: no traceback for unchecked input
         if args.verbose:
             raise
@@ -106,7 +108,32 @@ def main(argv: list[str] | None = None) -> None:
             "it again with -v for the traceback, and please report it",
             file=sys.stderr,
         )
-        sys.exit(1)
+        code = 1
+    if args.ranked:
+        _end_rank(code)
+    if code:
+        sys.exit(code)
+
+
+def _end_rank(code: int) -> None:
+    """End a torchrun rank without the interpreter's teardown: its process group destroyed and
+    its output flushed, then `os._exit`. Even with the group destroyed first
+    (`kind.training.distributed.shutdown`), a rank now and then died with SIGABRT at exit
+    ("terminate called without an active exception", once in a few dozen two-rank runs here),
+    which torchrun reports as a failed job (and restarts, with --max-restarts) after work that
+    succeeded; skipping the teardown (C++ static destructors and the threads they join) leaves
+    nothing to fail. A process that joined no group (no torchrun) exits as usual."""
+    import torch.distributed as dist
+
+    from kind.training.distributed import shutdown
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    shutdown()
+    os._exit(code)
 
 
 def _one_process(command: str) -> None:
