@@ -416,3 +416,26 @@ def test_a_step_whose_loss_is_not_finite_is_never_applied(tmp_path, monkeypatch,
     with pytest.raises(TrainingError, match="none of them was applied"):
         train(cfg, tmp_path / "r", model=model, data=_data([0, 1]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_tensorboard_writer_is_closed_when_the_steps_end(tmp_path, monkeypatch):
+    """Its events reach the disk on close (it flushes by itself only every 2 minutes, and a
+    torchrun rank ends without the interpreter's teardown). A stand-in writer: the tensorboard
+    extra is not installed here."""
+    import importlib.util
+    import sys
+    import types
+
+    closed, written = [], []
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = type("Writer", (), {
+        "__init__": lambda self, path: None,
+        "add_scalar": lambda self, *a: written.append(a),
+        "close": lambda self: closed.append(True),
+    })  # fmt: skip
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "tensorboard" else find_spec(name, *a))  # fmt: skip
+    train(_cfg(2, tensorboard=True), tmp_path / "r", data=_data([0, 1]))
+    assert written and closed == [True]

@@ -31,6 +31,12 @@ class CsvLog:
 
             self.tb = SummaryWriter(str(path.parent / "tensorboard"))
 
+    def close(self) -> None:
+        """Flush TensorBoard's events (its writer flushes on its own only every 2 minutes, and a
+        torchrun rank ends without the interpreter's teardown: `kind.cli.main._end_rank`)."""
+        if self.tb:
+            self.tb.close()
+
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, self.FIELDS).writerow(row)

@@ -472,37 +472,41 @@ def _loop(run: _Run, resume: bool, export: Callable[[nn.Module], nn.Module] | No
     t0, window_t, window_steps = time.time(), time.time(), 0
     bar = tqdm(total=tc.steps, initial=state.step, desc=f"train {out.name}", unit="step",
                disable=not info.is_main, dynamic_ncols=True)  # fmt: skip
-    while state.step < tc.steps:
-        loss_sum, grad_norm = train_step(run)
-        step = state.step
-        window_steps += 1
-        bar.update(1)
-        if step % tc.log_every == 0 or step == tc.steps:
-            loss_val = distributed.all_mean(loss_sum, info).item()
-            now = time.time()
-            rate = window_steps / max(now - window_t, 1e-9)
-            window_t, window_steps = now, 0
-            bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate * tc.batch_size:.0f}")
-            if logger:
-                logger.write(
-                    {
-                        "step": step,
-                        "loss": f"{loss_val:.6f}",
-                        "lr": f"{state.optimizer.param_groups[0]['lr']:.6g}",
-                        "grad_norm": f"{grad_norm.item():.4f}",
-                        "steps_per_s": f"{rate:.3f}",
-                        "images_per_s": f"{rate * tc.batch_size:.1f}",
-                        "elapsed_s": f"{state.seconds + now - t0:.1f}",
-                        "skipped": state.skipped,
-                    }
-                )
-        if step % tc.checkpoint_every == 0 or step == tc.steps:
-            _check_saveable(run, final=step == tc.steps)  # every rank: they stop together
-            if info.is_main and not state.bad_in_row:
-                state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
-        if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
-            write_grid(run, out / "samples" / f"step_{step:07d}.png")
-    bar.close()
+    try:
+        while state.step < tc.steps:
+            loss_sum, grad_norm = train_step(run)
+            step = state.step
+            window_steps += 1
+            bar.update(1)
+            if step % tc.log_every == 0 or step == tc.steps:
+                loss_val = distributed.all_mean(loss_sum, info).item()
+                now = time.time()
+                rate = window_steps / max(now - window_t, 1e-9)
+                window_t, window_steps = now, 0
+                bar.set_postfix(loss=f"{loss_val:.4f}", img_s=f"{rate * tc.batch_size:.0f}")
+                if logger:
+                    logger.write(
+                        {
+                            "step": step,
+                            "loss": f"{loss_val:.6f}",
+                            "lr": f"{state.optimizer.param_groups[0]['lr']:.6g}",
+                            "grad_norm": f"{grad_norm.item():.4f}",
+                            "steps_per_s": f"{rate:.3f}",
+                            "images_per_s": f"{rate * tc.batch_size:.1f}",
+                            "elapsed_s": f"{state.seconds + now - t0:.1f}",
+                            "skipped": state.skipped,
+                        }
+                    )
+            if step % tc.checkpoint_every == 0 or step == tc.steps:
+                _check_saveable(run, final=step == tc.steps)  # every rank: they stop together
+                if info.is_main and not state.bad_in_row:
+                    state.save(out, tc.keep_checkpoints, state.seconds + time.time() - t0)
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                write_grid(run, out / "samples" / f"step_{step:07d}.png")
+    finally:
+        bar.close()
+        if logger:
+            logger.close()
     if state.skipped:
         log.warning("%s: %d of %d steps were skipped (non-finite loss or gradient); see the "
                     "skipped column of metrics.csv", out, state.skipped, state.step)  # fmt: skip
