@@ -63,7 +63,7 @@ def _exact_eps(diffusion: Diffusion, x0_of, var: float | None = None):
 def test_a_chain_of_any_length_ends_on_the_clean_data(sampler, steps):
     """All data at one point and an exact predictor: every chain must end there. DDIM stepped to
     t − T // steps (diffusers), which for 7 or 13 steps stops at ᾱ_0 < 1, short of the data; DDPM
-    with a learned variance added noise (std 0.08 here) on its last step, which iDDPM does not."""
+    with a learned variance added noise on its last step, which iDDPM does not."""
     diffusion = Diffusion(DiffusionConfig(prediction="eps", clip_x0=None))
     model = _exact_eps(diffusion, lambda x, a: torch.full_like(x, 0.5), var=1.0)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
@@ -75,7 +75,7 @@ def test_a_chain_of_any_length_ends_on_the_clean_data(sampler, steps):
 def test_ddim_steps_between_the_timesteps_the_model_is_called_at():
     """Gaussian data N(0, ¼) and its exact predictor, against DDIM written out in float64 over the
     same timesteps: 30 steps do not divide 1000, and each step went to t − 33 while the model was
-    next called at another t (1.7e-2 apart at the end)."""
+    next called at another t."""
     diffusion = Diffusion(DiffusionConfig(schedule="linear", prediction="eps", clip_x0=None))
     model = _exact_eps(diffusion, lambda x, a: a.sqrt() * 0.25 * x / (a * 0.25 + 1 - a))
     gens = [torch.Generator().manual_seed(i) for i in range(2)]

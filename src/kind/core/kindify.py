@@ -6,7 +6,7 @@ row comes from the dense model's row of the class of the same name, the null row
 row; the tailors start fresh (`TailorBank.reset`, docs/KIND.md, initialisation). With
 rank_learngene = full rank the start computes the dense model's unconditional outputs to fp32
 rounding, and its class outputs too when `tailor_sigma` = 0 (the default 0.01 adds the fresh
-tailors: 5e-4 relative on a small model).
+tailors).
 
 Pure model-to-model: loading the dense model and recording where it came from is the caller's
 (kind.training.loop). A module of its own rather than part of `kind.core.decomposition`, which
