@@ -20,12 +20,12 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DiTTransformer2DModel
+from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from kind.cli.main import main
 from kind.core.decomposition import merge
-from kind.core.diffusion import DiffusionConfig
+from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.model import DiT, ModelConfig, sincos_pos_embed
 from kind.store.dit_official import dit_pos_embed
 from kind.store.interop import residual_order
@@ -233,6 +233,34 @@ def test_diffusers_folder_imports_to_the_same_outputs(tmp_path, capsys, vae_dir)
     assert "makes 8-channel latents" in err and "takes 4 channels" in err
 
 
+def test_a_pipelines_scheduler_sets_the_imported_diffusion(tmp_path, capsys):
+    pipe = tmp_path / "pipe"
+    make_reference(seed=3).save_pretrained(pipe / "transformer")
+    DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                  clip_sample=False).save_pretrained(pipe / "scheduler")  # fmt: skip
+    main(["import", str(pipe), "--out", str(tmp_path / "m")])
+    assert "v-prediction, cosine schedule" in capsys.readouterr().out
+    _, diffusion, meta = load_model(tmp_path / "m")
+    assert diffusion == DiffusionConfig(prediction="v", schedule="cosine", min_snr_gamma=None,
+                                        clip_x0=None)  # fmt: skip
+    assert meta["sample"]["steps"] == 250  # DiT's sampling defaults still
+    # DiT's own scheduler (diffusers' defaults clip x0 to ±1 unless told not to)
+    shutil.rmtree(pipe / "scheduler")
+    DDPMScheduler().save_pretrained(pipe / "scheduler")
+    main(["import", str(pipe), "--out", str(tmp_path / "dit")])
+    assert load_model(tmp_path / "dit")[1] == DiffusionConfig(
+        prediction="eps", schedule="linear", min_snr_gamma=None, clip_x0=1.0
+    )
+    # what kind-dit's diffusion cannot hold is refused, naming the setting
+    shutil.rmtree(pipe / "scheduler")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_end=0.012).save_pretrained(
+        pipe / "scheduler"
+    )
+    err = fails(["import", str(pipe), "--out", str(tmp_path / "no")], capsys)
+    assert "beta_schedule 'scaled_linear'" in err and "transformer/ folder alone" in err
+    assert not (tmp_path / "no").exists()
+
+
 def test_diffusers_first_dit_folder_imports(tmp_path, capsys):
     """diffusers first saved DiT as a `Transformer2DModel` with norm_type ada_norm_zero (as
     facebook/DiT-XL-2-256 on the Hub still is), with keys DiT has no use for; diffusers reads it
@@ -312,6 +340,12 @@ def test_export_loads_in_diffusers_with_the_same_outputs_and_round_trips(tmp_pat
     assert info["class_names"] == model.config.class_names and info["null_class"] == CLASSES
     assert info["scheduler"]["prediction_type"] == "v_prediction"
     assert info["scheduler"]["beta_schedule"] == "squaredcos_cap_v2"
+    # the record's scheduler steps through the timesteps kind-dit's sampler does
+    record = DDPMScheduler(**info["scheduler"])
+    record.set_timesteps(25)
+    ours = Diffusion(diffusion).scheduler("ddpm", 25, model.config.learn_sigma)
+    assert record.timesteps.tolist() == ours.timesteps.tolist()
+    assert record.timesteps[0] == diffusion.num_timesteps - 1
     # and back: the same tensors bit for bit, the same class names, diffusion and sampling
     main(["import", str(tmp_path / "d"), "--out", str(tmp_path / "back")])
     back, back_diffusion, meta = load_model(tmp_path / "back")
@@ -319,6 +353,11 @@ def test_export_loads_in_diffusers_with_the_same_outputs_and_round_trips(tmp_pat
     assert meta["sample"] == {"steps": 7}
     for k, v in model.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+    # the export records its checksums; a file changed since is named on import
+    weights = tmp_path / "d" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    err = fails(["import", str(tmp_path / "d"), "--out", str(tmp_path / "again")], capsys)
+    assert "diffusion_pytorch_model.safetensors does not match its sha256" in err
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +415,9 @@ def test_export_refuses_a_kind_model_and_a_foreign_mlp_ratio(tmp_path, capsys, k
     save_model_dir(tmp_path / "wide", wide, DiffusionConfig())
     err = fails(["export", str(tmp_path / "wide"), "--out", str(tmp_path / "d")], capsys)
     assert "MLP ratio 2" in err
+    make_reference().save_pretrained(tmp_path / "ref")  # a config.json, but no kind-dit model
+    err = fails(["export", str(tmp_path / "ref"), "--out", str(tmp_path / "d")], capsys)
+    assert "holds no model" in err and "KIND" not in err
     assert not (tmp_path / "d").exists()
 
 
@@ -430,6 +472,12 @@ def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys, vae_dir):
     untied.save_pretrained(tmp_path / "untied")
     err = fails(["import", str(tmp_path / "untied"), "--out", out], capsys)
     assert "block 1's" in err and "one timestep embedder" in err
+
+    make_reference().save_pretrained(tmp_path / "patch")  # patch-2 weights, config patch 4
+    config = json.loads((tmp_path / "patch" / "config.json").read_text())
+    (tmp_path / "patch" / "config.json").write_text(json.dumps(config | {"patch_size": 4}))
+    err = fails(["import", str(tmp_path / "patch"), "--out", out], capsys)
+    assert "config.json says patch = 4" in err and "the weights 2" in err
 
     for key, value in (("sample_size", "abc"), ("norm_eps", "x")):  # a hand-edited config.json
         make_reference().save_pretrained(tmp_path / key)

@@ -14,6 +14,8 @@ from kind.cli.main import main
 from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT, ModelConfig
 from kind.io import sha256_file
+from kind.store.load import load_model
+from kind.store.modeldir import save_model_dir
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -147,3 +149,22 @@ def test_train_init_from_refusals_write_nothing(root, dense_run, kind_run, tmp_p
               *SHORT])  # fmt: skip
     assert e.value.code == 2 and reason in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_model_trained_from_an_imported_dit_names_its_licence(dense_run, tmp_path):
+    """The imported weights' terms (DiT's are CC BY-NC 4.0) reach the trained model's card and
+    the parts decomposed from it, not only run.json."""
+    dense, diffusion, _ = load_model(dense_run)
+    imported = {"format": "dit-official", "from": "/w/DiT-XL-2-256x256.pt",
+                "license": "cc-by-nc-4.0", "notes": ["a note"]}  # fmt: skip
+    save_model_dir(tmp_path / "imp", dense, diffusion,
+                   {"source": imported["from"], "imported": imported})  # fmt: skip
+    out = tmp_path / "kind"
+    main(["train", "--model", "kind", "--init-from", str(tmp_path / "imp"), "--data", "mnist:0-2",
+          "--out", str(out), *SHORT])  # fmt: skip
+    record = json.loads((out / "run.json").read_text())["init_from"]
+    assert record["imported"] == {k: v for k, v in imported.items() if k != "notes"}
+    main(["decompose", str(out), "--out", str(tmp_path / "parts")])
+    for card in (out / "model" / "README.md", tmp_path / "parts" / "README.md"):
+        text = card.read_text()
+        assert f"base model {(tmp_path / 'imp').resolve()} (licence: cc-by-nc-4.0)" in text, card

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from kind.cli.main import main
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig
+from kind.store.load import load_model
 from kind.store.modeldir import save_model_dir
 from kind.store.parts import decompose
 from kind.store.peft_export import _adapter_names
@@ -61,7 +62,7 @@ def test_peft_export_computes_the_kind_models_mixed_batch(tmp_path, capsys):
     assert "10000^(-i/127)" in printed and "modules_to_save" in printed
     out = tmp_path / "d"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["base", *NAMES, "kind_dit.json", "README.md"]
+        ["base", *NAMES, "kind_dit.json", "README.md", "checksums.json"]
     )
     # an adapter is what peft itself writes: its config keys, names, shapes
     config = json.loads((out / "c0" / "adapter_config.json").read_text())
@@ -95,6 +96,10 @@ def test_peft_export_computes_the_kind_models_mixed_batch(tmp_path, capsys):
         close(
             model(x, t, torch.full_like(labels, NULL)), peft_model(x, t, labels * 0 + NULL).sample
         )
+    # base/ imports alone with the model's diffusion (v, cosine), not DiT's (ε, linear)
+    main(["import", str(out / "base"), "--out", str(tmp_path / "imp")])
+    imported, diffusion, _ = load_model(tmp_path / "imp")
+    assert diffusion == DiffusionConfig() and imported.config.class_names == NAMES
 
 
 @torch.no_grad()

@@ -803,3 +803,29 @@ def test_a_model_json_section_of_the_wrong_kind_is_named(made, tmp_path):
     (folder / "checksums.json").unlink()
     with pytest.raises(ValueError, match=r"model\.json: latent is \[1\], not a JSON object"):
         load_model_dir(folder)
+
+
+def test_a_tensor_file_that_does_not_read_back_as_written_keeps_the_previous_one(
+    tmp_path, monkeypatch
+):
+    import torch
+
+    import kind.io
+    from kind.io import atomic_save_tensors, read_tensors
+
+    path = tmp_path / "w.safetensors"
+    atomic_save_tensors(path, {"w": torch.arange(6.0), "nan": torch.tensor([float("nan")])})
+    assert torch.equal(read_tensors(path)["w"], torch.arange(6.0))  # NaN reads back as written
+    save = kind.io.save_file
+
+    def damaging(tensors, filename, metadata=None):  # a write the disk damaged: one byte flipped
+        save(tensors, filename, metadata=metadata)
+        data = bytearray(Path(filename).read_bytes())
+        data[-1] ^= 0xFF
+        Path(filename).write_bytes(bytes(data))
+
+    monkeypatch.setattr(kind.io, "save_file", damaging)
+    with pytest.raises(OSError, match="did not read back as written"):
+        atomic_save_tensors(path, {"w": torch.zeros(6), "nan": torch.zeros(1)})
+    assert torch.equal(read_tensors(path)["w"], torch.arange(6.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]

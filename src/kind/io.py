@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -66,12 +67,25 @@ def write_json(path: Path, data: object) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None):
+    """Write `tensors` to a safetensors file, read each back and compare it byte for byte before
+    the file takes `path`'s name: a write the disk or filesystem damaged fails here, leaving the
+    previous file, rather than becoming what the file's checksum records."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-            tmp,
-            metadata={k: str(v) for k, v in (meta or {}).items()},
-        )
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
+        with safe_open(tmp, "pt") as written:  # one tensor at a time: memory stays flat
+            same = set(written.keys()) == set(tensors) and all(
+                _same_bytes(written.get_tensor(k), v) for k, v in tensors.items()
+            )
+        if not same:
+            raise OSError(f"{path} did not read back as written; the disk or filesystem damaged it")
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bytes (NaN payloads included, which torch.equal calls unequal)."""
+    return (a.dtype, a.shape) == (b.dtype, b.shape) and torch.equal(
+        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)
+    )
 
 
 def _target(out: Path) -> Path:

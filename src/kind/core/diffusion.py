@@ -80,6 +80,18 @@ class DiffusionConfig:
             "prediction_type": PREDICTIONS[self.prediction],
         }
 
+    def sampler_args(self, learn_sigma: bool) -> dict:
+        """The diffusers scheduler arguments kind-dit samples with (the schedule, x₀ clipping,
+        trailing timesteps so that sampling starts at t = T − 1, and the DDPM variance), for its
+        own samplers and for an export's record, so that `DDPMScheduler(**record)` steps through
+        the timesteps kind-dit does."""
+        return self.schedule_args() | {
+            "clip_sample": self.clip_x0 is not None,
+            "clip_sample_range": self.clip_x0 or 1.0,
+            "timestep_spacing": "trailing",
+            "variance_type": "learned_range" if learn_sigma else "fixed_small",
+        }
+
 
 def _normal_kl(mean1, logvar1, mean2, logvar2):
     return 0.5 * (
@@ -188,19 +200,10 @@ class Diffusion:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         if not 1 <= steps <= self.config.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.config.num_timesteps}, got {steps}")
-        cls = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-        extra = (
-            {"variance_type": "learned_range" if learn_sigma else "fixed_small"}
-            if sampler == "ddpm"
-            else {}
-        )
-        sched = cls(
-            **self.config.schedule_args(),
-            clip_sample=self.config.clip_x0 is not None,
-            clip_sample_range=self.config.clip_x0 or 1.0,
-            timestep_spacing="trailing",
-            **extra,
-        )
+        args = self.config.sampler_args(learn_sigma)
+        if sampler == "ddim":  # η = 0: no variance to choose
+            del args["variance_type"]
+        sched = (DDIMScheduler if sampler == "ddim" else DDPMScheduler)(**args)
         sched.set_timesteps(steps)
         return sched
 

@@ -77,8 +77,9 @@ def _licence(meta: dict, made: dict) -> tuple[str, str | None]:
         )
     data = made.get("data")
     if data:
-        base = made.get("base_model")
-        base = f", and those of the base model {base}" if base else ""
+        base, licence = made.get("base_model"), made.get("base_license")
+        licence = f" (licence: {licence})" if licence else ""
+        base = f", and those of the base model {base}{licence}" if base else ""
         return "other", _TRAINED_NOTE.format(data=", ".join(data), base=base)
     source = meta.get("source")
     return "other", (
@@ -97,7 +98,7 @@ def model_card(meta: dict, sizes: dict, made: dict | None = None, parts: bool = 
     """The README.md of a model directory (`meta`: model.json's content) or, with `parts`, of a
     parts directory (`meta`: manifest.json's content). `sizes`: `model_sizes`/`manifest_sizes`.
     `made`, all optional: `data` (training data specs), `steps`, `transfer` (run.json's record),
-    `base_model`, `how` (sentences on how it was made)."""
+    `base_model`, `base_license`, `how` (sentences on how it was made)."""
     made = dict(made or {})
     config = ModelConfig.from_dict(meta["model"])
     transfer = made.get("transfer") or {}

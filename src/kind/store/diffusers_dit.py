@@ -16,11 +16,15 @@ folder is, and how the position embedding's layout is reconciled, is `kind.store
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
+import diffusers
 import torch
+from diffusers import DDPMScheduler, SchedulerMixin
 
+from kind.core.diffusion import PREDICTIONS, SCHEDULES, DiffusionConfig
 from kind.io import atomic_save_tensors, atomic_write_text, read_json, read_tensors
 from kind.store.dit_official import block_count, check_dims, check_names
 
@@ -72,6 +76,61 @@ def find_folder(path: Path) -> Path | None:
     return None
 
 
+def pipeline_diffusion(path: Path, dit_diffusion: dict) -> tuple[dict, str] | None:
+    """(diffusion config, a note) that the scheduler of the DiTPipeline folder `path` states (its
+    `scheduler/scheduler_config.json`, read with diffusers' defaults for what it leaves out), on
+    top of `dit_diffusion`; None for a folder without one. A setting kind-dit's diffusion cannot
+    hold (another beta schedule, trained betas, zero-SNR rescaling) is refused: imported with
+    DiT's, the model would sample from the wrong noise levels without a word."""
+    config_path = Path(path) / "scheduler" / "scheduler_config.json"
+    if not config_path.is_file():
+        return None
+    raw = read_json(config_path)
+    cls = getattr(diffusers, str(raw.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        cls = DDPMScheduler  # a scheduler diffusers no longer has: its common keys still apply
+    try:
+        config = dict(cls.from_config(raw).config)
+    except Exception as e:  # diffusers' own checks of the values raise what they choose
+        raise ValueError(f"{config_path} is not a scheduler config diffusers reads ({e})") from e
+    prediction = {v: k for k, v in PREDICTIONS.items()}.get(config.get("prediction_type"))
+    schedule = {v: k for k, v in SCHEDULES.items()}.get(config.get("beta_schedule"))
+    steps = config.get("num_train_timesteps")
+    problems = [
+        f"{key} {config.get(key)!r} (kind-dit has {', '.join(map(repr, allowed))})"
+        for key, value, allowed in (
+            ("prediction_type", prediction, PREDICTIONS.values()),
+            ("beta_schedule", schedule, SCHEDULES.values()),
+        )
+        if value is None
+    ]
+    if config.get("trained_betas") is not None:
+        problems.append("trained_betas (kind-dit computes its betas from the schedule)")
+    if config.get("rescale_betas_zero_snr"):
+        problems.append("rescale_betas_zero_snr (kind-dit's schedules end short of zero SNR)")
+    if not problems and schedule == "linear":  # kind-dit's linear ends are DiT's, scaled by 1000/T
+        ours = DiffusionConfig(schedule="linear", num_timesteps=steps).schedule_args()
+        if not all(
+            math.isclose(config[k], ours[k], rel_tol=1e-6) for k in ("beta_start", "beta_end")
+        ):
+            problems.append(
+                f"linear betas {config['beta_start']:g}..{config['beta_end']:g} over {steps} steps "
+                f"(kind-dit's are {ours['beta_start']:g}..{ours['beta_end']:g})"
+            )
+    if problems:
+        raise ValueError(
+            f"{config_path} states a diffusion kind-dit cannot sample: {'; '.join(problems)}; "
+            "import the transformer/ folder alone to sample it with DiT's diffusion instead"
+        )
+    clip = config.get("clip_sample_range", 1.0) if config.get("clip_sample") else None
+    diffusion = dit_diffusion | {"prediction": prediction, "schedule": schedule,
+                                 "num_timesteps": steps, "clip_x0": clip}  # fmt: skip
+    return diffusion, (
+        f"diffusion read from {config_path}: {prediction}-prediction, {schedule} schedule, "
+        f"{steps} steps, " + (f"x0 clipped to ±{clip:g}" if clip else "no x0 clipping")
+    )
+
+
 def diffusers_keys(depth: int) -> list[str]:
     """Every tensor name of a DiTTransformer2DModel with `depth` blocks."""
     names = list(_TOP)
@@ -86,7 +145,7 @@ _INT_KEYS = ("sample_size", "in_channels", "out_channels", "num_attention_heads"
 # diffusers' DiTTransformer2DModel defaults for the settings kind-dit reads: what diffusers builds
 # where config.json gives none. A null one (no model diffusers can build) is read as left out; not
 # so out_channels and num_embeds_ada_norm, whose null means in_channels and no classes
-_DEFAULTS = {"sample_size": 32, "in_channels": 4, "num_attention_heads": 16,
+_DEFAULTS = {"sample_size": 32, "patch_size": 2, "in_channels": 4, "num_attention_heads": 16,
             "attention_head_dim": 72, "num_layers": 28, "norm_eps": 1e-5}  # fmt: skip
 
 
@@ -188,7 +247,8 @@ def to_kind(
 ) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """(kind-dit dense tensors, hints, kind name -> diffusers name) of a folder's tensors.
 
-    hints: `image_size`, `in_channels`, `out_channels`, `heads`, `head_dim` and `num_classes` as
+    hints: `image_size`, `patch`, `in_channels`, `out_channels`, `heads`, `head_dim` and
+    `num_classes` as
     the config states them (diffusers' defaults where it does not)."""
     depth = config.get("num_layers", _DEFAULTS["num_layers"])
     if depth < 1:
@@ -238,6 +298,7 @@ def to_kind(
     settings = _DEFAULTS | config
     hints = {
         "image_size": settings["sample_size"],
+        "patch": settings["patch_size"],
         "in_channels": settings["in_channels"],
         "out_channels": settings.get("out_channels") or settings["in_channels"],
         "heads": settings["num_attention_heads"],

@@ -43,6 +43,7 @@ from kind.io import (
     check_new_dir,
     read_json,
     sha256_file,
+    verify_checksums,
     write_checksums,
     write_json,
 )
@@ -51,6 +52,7 @@ from kind.store.load import load_model
 from kind.store.modeldir import MODEL_JSON, is_model_dir, save_model_dir
 from kind.store.parts import is_parts_dir
 from kind.store.runs import CONFIG_JSON as RUN_CONFIG
+from kind.store.runs import latest_checkpoint
 
 NOTICE, KIND_JSON = "NOTICE", "kind_dit.json"
 UNCONDITIONAL = "unconditional"  # sub-folder of an exported merged model: its null network
@@ -197,8 +199,8 @@ def dense_config(
     inner = state["blocks.0.mlp.fc1.weight"].shape[0]
     mlp_ratio = inner / hidden
     num_classes = state["y_embedder.table"].shape[0]
-    for key, value in (("in_channels", in_channels), ("out_channels", out_channels),
-                       ("num_classes", num_classes)):  # fmt: skip
+    for key, value in (("patch", patch), ("in_channels", in_channels),
+                       ("out_channels", out_channels), ("num_classes", num_classes)):  # fmt: skip
         if hints.get(key) not in (None, value):
             raise ValueError(
                 f"{what}: config.json says {key} = {hints[key]} (diffusers' default where it "
@@ -347,6 +349,7 @@ def import_dit(
         vae = vae_root(vae)
     notes: list[str] = []
     saved: dict = {}  # kind_dit.json of a folder kind-dit exported
+    stated = None  # the diffusion a DiTPipeline's scheduler states
     licence_files: list[Path] = []
     if src.is_dir():
         folder = diffusers_dit.find_folder(src)
@@ -355,6 +358,7 @@ def import_dit(
                 f"{src} is a directory without {diffusers_dit.CONFIG}: give an official DiT .pt "
                 "file or a diffusers DiTTransformer2DModel folder (save_pretrained's output)"
             )
+        verify_checksums(folder)  # a folder kind-dit exported records them
         config, tensors = diffusers_dit.read_folder(folder)
         notes += diffusers_dit.check_config(config, folder)
         state, hints, names = diffusers_dit.to_kind(config, tensors, str(folder))
@@ -374,6 +378,11 @@ def import_dit(
                 f"this folder holds the class network of a merged model; its null class is not "
                 f"the model's unconditional network (that is in {UNCONDITIONAL}/)"
             )
+        if folder != src and not saved.get("diffusion"):  # a DiTPipeline: its scheduler's
+            piped = diffusers_dit.pipeline_diffusion(src, DIT_DIFFUSION)
+            if piped:
+                stated, note = piped
+                notes.append(note)
         licence_files, licence = _licence_files(src, folder)
         licence = saved.get("license") or licence
         source = {"format": "diffusers", "from": str(folder.resolve()), "license": licence}
@@ -405,7 +414,7 @@ def import_dit(
     _check_tensors(model, state, names, what)
     state = permute_residual(state, residual_order(model.pos_embed, hidden))
     load_state(model, state, src)
-    diffusion = DiffusionConfig.from_dict(saved.get("diffusion") or DIT_DIFFUSION)
+    diffusion = DiffusionConfig.from_dict(saved.get("diffusion") or stated or DIT_DIFFUSION)
     latent = saved.get("latent")
     if not saved and config.in_channels == 4:  # a latent DiT, on latents 8x smaller than images
         latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR}
@@ -476,9 +485,9 @@ def _is_kind(source: Path) -> bool:
     for path in (source, source / "model"):
         if is_model_dir(path):
             return bool(read_json(path / MODEL_JSON, "model")["model"].get("kind", True))
-    if (source / RUN_CONFIG).is_file():
+    if (source / RUN_CONFIG).is_file() and latest_checkpoint(source) is not None:
         return bool(read_json(source / RUN_CONFIG).get("model", {}).get("kind", True))
-    return False  # not a model at all: load_model says so
+    return False  # not a model at all (a diffusers folder has a config.json): load_model says so
 
 
 def _to_diffusers(net: DiT, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -502,16 +511,6 @@ def _to_diffusers(net: DiT, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
         in_channels=cfg.in_channels,
         out_channels=net.out_channels,
     )
-
-
-def scheduler_settings(diffusion: DiffusionConfig, learn_sigma: bool) -> dict:
-    """The diffusers scheduler arguments that reproduce this model's diffusion, for an export's
-    `kind_dit.json` (diffusers' DiT pipeline takes a scheduler of its own choosing)."""
-    return diffusion.schedule_args() | {
-        "variance_type": "learned_range" if learn_sigma else "fixed_small",
-        "clip_sample": diffusion.clip_x0 is not None,
-        "clip_sample_range": diffusion.clip_x0 or 1.0,
-    }
 
 
 def export_diffusers(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
@@ -560,7 +559,7 @@ def export_diffusers(source: str | Path, out: str | Path) -> tuple[Path, list[st
         "null_class": cfg.num_classes,
         "merged": meta.get("merged"),
         "diffusion": vars(diffusion),
-        "scheduler": scheduler_settings(diffusion, cfg.learn_sigma),
+        "scheduler": diffusion.sampler_args(cfg.learn_sigma),
         "sample": meta.get("sample"),
         "latent": meta.get("latent"),
         "license": (meta.get("imported") or {}).get("license"),
@@ -577,6 +576,7 @@ def export_diffusers(source: str | Path, out: str | Path) -> tuple[Path, list[st
             for carry in carried:
                 with atomic_file(folder / carry.name) as part:
                     shutil.copyfile(carry, part)
+            write_checksums(folder)
     return out, notes
 
 

@@ -37,7 +37,14 @@ import torch
 
 from kind.core.decomposition import MergedDiT, PartsError
 from kind.core.model import DiT, load_state
-from kind.io import atomic_dir, atomic_save_tensors, atomic_write_text, check_new_dir, write_json
+from kind.io import (
+    atomic_dir,
+    atomic_save_tensors,
+    atomic_write_text,
+    check_new_dir,
+    write_checksums,
+    write_json,
+)
 from kind.store import diffusers_dit
 from kind.store.interop import (
     KIND_JSON,
@@ -45,7 +52,6 @@ from kind.store.interop import (
     _to_diffusers,
     permute_residual,
     residual_order,
-    scheduler_settings,
 )
 from kind.store.load import load_model
 
@@ -248,16 +254,48 @@ def export_peft(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
         "adapters": uses,
         "base": BASE,
         "diffusion": vars(diffusion),
-        "scheduler": scheduler_settings(diffusion, cfg.learn_sigma),
+        "scheduler": diffusion.sampler_args(cfg.learn_sigma),
         "sample": meta.get("sample"),
         "latent": meta.get("latent"),
+        "license": (meta.get("imported") or {}).get("license"),
         "notes": notes,
     }
     with atomic_dir(out) as tmp:
         diffusers_dit.write_folder(tmp / BASE, base_config, base_state)
+        write_json(tmp / BASE / KIND_JSON, _base_info(info, out))
         for name, tensors in adapters.items():
             write_json(tmp / name / ADAPTER_CONFIG, lora_config)
             atomic_save_tensors(tmp / name / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         write_json(tmp / KIND_JSON, info)
         atomic_write_text(tmp / "README.md", _readme(model, members))
+        for folder in (tmp, tmp / BASE, *(tmp / name for name in adapters)):
+            write_checksums(folder)
     return out, notes
+
+
+def _base_info(info: dict, out: Path) -> dict:
+    """`kind_dit.json` of `out/base`, so that importing the folder alone gets the model's
+    diffusion, sampling, latent space and licence rather than DiT's defaults."""
+    return {
+        "format": "kind-dit-diffusers/1",
+        "merged": None,
+        **{
+            k: info[k]
+            for k in (
+                "source",
+                "class_names",
+                "null_class",
+                "diffusion",
+                "scheduler",
+                "sample",
+                "latent",
+                "license",
+            )
+        },  # fmt: skip
+        "notes": [
+            info["notes"][0],  # the note on diffusers' timestep features
+            f"the learngene-only network of the KIND model exported to {out}: its null class is "
+            "the model's unconditional network; its class labels without their adapters "
+            f"({out}/<class>) are not the model's classes",
+        ],
+    }

@@ -156,7 +156,8 @@ def read_run_record(run_dir: Path) -> dict:
 
 def run_provenance(path: Path) -> dict:
     """What a model card says of how a run's model was made: {"data": [spec], "steps": n,
-    "transfer": run.json's record}, from a run directory or its `model/`; {} for anything else."""
+    "transfer": run.json's record, "base_model" and "base_license" of a run started from a
+    dense model}, from a run directory or its `model/`; {} for anything else."""
     path = Path(path)
     run_dir = path.parent if path.name == "model" and is_run_dir(path.parent) else path
     if not is_run_dir(run_dir):
@@ -173,6 +174,12 @@ def run_provenance(path: Path) -> dict:
     }
     if run.get("transfer"):
         made["transfer"] = run["transfer"]
+    start = run.get("init_from") or {}
+    if isinstance(start.get("path"), str):  # trained from a dense model: its terms carry over
+        made["base_model"] = start["path"]
+        licence = (start.get("imported") or {}).get("license")
+        if isinstance(licence, str):
+            made["base_license"] = licence
     return made
 
 

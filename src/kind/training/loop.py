@@ -125,8 +125,8 @@ def load_dense(cfg: Config) -> tuple[DiT, dict]:
         sums = read_json(checksums, "sha256")["sha256"] if checksums.is_file() else {}
         record |= {"weights": str(weights.resolve()),
                    "sha256": sums.get(MODEL_WEIGHTS) or sha256_file(weights)}  # fmt: skip
-        if isinstance(meta.get("source"), dict):  # `kind-dit import`: the file it came from
-            record["imported"] = meta["source"]
+        if isinstance(meta.get("imported"), dict):  # `kind-dit import`: its source and licence
+            record["imported"] = {k: v for k, v in meta["imported"].items() if k != "notes"}
     else:  # a run interrupted before its export: the EMA weights of its latest checkpoint
         checkpoint = next(usable_checkpoints(path))
         weights = checkpoint / "ema.safetensors"
