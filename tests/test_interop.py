@@ -253,9 +253,7 @@ def test_a_pipelines_scheduler_sets_the_imported_diffusion(tmp_path, capsys):
     )
     # what kind-dit's diffusion cannot hold is refused, naming the setting
     shutil.rmtree(pipe / "scheduler")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_end=0.012).save_pretrained(
-        pipe / "scheduler"
-    )
+    DDPMScheduler(beta_schedule="scaled_linear", beta_end=0.012).save_pretrained(pipe / "scheduler")
     err = fails(["import", str(pipe), "--out", str(tmp_path / "no")], capsys)
     assert "beta_schedule 'scaled_linear'" in err and "transformer/ folder alone" in err
     assert not (tmp_path / "no").exists()
