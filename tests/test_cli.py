@@ -252,6 +252,14 @@ def test_every_option_has_help():
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        text = sub.format_help()
+        assert "(default: None)" not in text and "(default: [])" not in text, name
+    # a default the help text leaves out is shown; one it states is not shown twice
+    sample = " ".join(subparsers["sample"].format_help().split())
+    assert "same seed, same samples (default: 0)" in sample
+    assert "(default: the run's sample.steps) --cfg-scale" in sample
+    evaluate = " ".join(subparsers["evaluate"].format_help().split())
+    assert "(default: 3)" in evaluate and "auto (default: a GPU when there is one)" in evaluate
 
 
 def test_unexpected_errors_print_one_line_and_verbose_shows_the_traceback(monkeypatch, capsys):

@@ -23,6 +23,20 @@ SET_HELP = (
 _TRAIN_FLAGS = ("steps", "batch_size", "lr", "seed", "device", "precision")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every command's help: an option's default appended where its help does not state one.
+    argparse's ArgumentDefaultsHelpFormatter would append "(default: None)" to the options whose
+    default is "unset" as well, which says nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        shown = action.option_strings and not unset and action.default is not argparse.SUPPRESS
+        if shown and "default" not in text.lower():
+            text += " (default: %(default)s)"
+        return text
+
+
 def count(low: int = 1, high: int | None = None):
     """An argparse type: an integer >= `low` (and <= `high`), refused at parse time with the
     range."""

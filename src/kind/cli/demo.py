@@ -18,8 +18,8 @@ DESCRIPTION = (
 
 # how long each preset takes: measured, not derivable from the preset (BENCHMARKS.md)
 DURATION = {
-    "quick": "toy sizes, minutes",
-    "default": "about half an hour on 2 cores",
+    "quick": "toy sizes, about 3 minutes on 2 cores",
+    "default": "25-90 minutes on 2 cores",
     "paper": "a few hours on 2 cores",
 }
 

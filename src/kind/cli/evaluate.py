@@ -60,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="Inception Score: the mean over chunks of this many samples (default: 5000, as "
         "ADM's evaluator)",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--device", default="auto", help="auto (default: a GPU when there is one), cpu, cuda"
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace an existing result (or --write-ref) file"
     )
@@ -80,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _write_reference(args: argparse.Namespace) -> None:
+def _write_reference(args: argparse.Namespace, device: str) -> None:
     from kind.eval.reference import write_adm_reference
 
     if args.samples is not None or args.out is not None:
@@ -104,7 +106,7 @@ def _write_reference(args: argparse.Namespace) -> None:
         image_size=args.image_size,
         feature_net=args.feature_net,
         inception_weights=args.inception_weights,
-        device=args.device,
+        device=device,
         overwrite=args.overwrite,
     )
     print(f"-> {path}")
@@ -115,8 +117,9 @@ def run(args: argparse.Namespace) -> None:
     from kind.core.device import pick_device
     from kind.eval.evaluate import IS_SPLIT_SIZE, evaluate, write_result
 
+    device = str(pick_device(args.device))  # checked before the (long) work, like the paths
     if args.write_ref is not None:
-        _write_reference(args)
+        _write_reference(args, device)
         return
     if args.samples is None:
         raise ValueError(
@@ -124,7 +127,6 @@ def run(args: argparse.Namespace) -> None:
         )
     if args.image_size is not None:
         raise ValueError("--image-size goes with --write-ref; samples are scored at their own size")
-    pick_device(args.device)  # checked before the (long) evaluation, like the paths below
     out = Path(args.out) if args.out else Path(args.samples).with_suffix(".eval.json")
     if out.is_dir():
         raise IsADirectoryError(f"--out {out} is a directory; give the result file's name")
@@ -139,7 +141,7 @@ def run(args: argparse.Namespace) -> None:
         feature_net=args.feature_net,
         k=args.k,
         inception_weights=args.inception_weights,
-        device=args.device,
+        device=device,
         ref_split=args.ref_split,
         is_split_size=args.is_split_size or IS_SPLIT_SIZE,
     )

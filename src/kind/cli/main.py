@@ -42,6 +42,7 @@ from kind.cli import (
     train,
     transfer,
 )
+from kind.cli.common import HelpFormatter
 from kind.core.host_memory import keep_freed_memory
 
 COMMANDS = (
@@ -72,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.NAME, help=command.HELP, description=command.DESCRIPTION)
+        p = sub.add_parser(
+            command.NAME,
+            help=command.HELP,
+            description=command.DESCRIPTION,
+            formatter_class=HelpFormatter,
+        )
         command.add_arguments(p)
         p.set_defaults(func=command.run, ranked=command in RANKED)
     return parser

@@ -11,14 +11,22 @@ import argparse
 from collections.abc import Iterator
 from pathlib import Path
 
-from kind.cli.common import add_train_options, count, number, run_config, settle_resume
+from kind.cli.common import (
+    HelpFormatter,
+    add_train_options,
+    count,
+    number,
+    run_config,
+    settle_resume,
+)
 
 NAME = "transfer"
 HELP = "train a model for new classes from the learngenes"
 DESCRIPTION = (
     "Start from the learngenes of PARTS with fresh, randomly "
     "initialised tailors and label rows for the classes of --data, learngenes "
-    "frozen unless --train-learngenes, and train with the usual loop."
+    "frozen unless --train-learngenes, and train with the usual loop; or, with a baseline "
+    "--method, adapt a dense run or model directory (or fine-tune it, or train from scratch)."
 )
 METHOD_HELP = "how to transfer (default kind). "
 
@@ -37,7 +45,7 @@ class _Methods:
         return iter(METHODS)
 
 
-class _Formatter(argparse.HelpFormatter):
+class _Formatter(HelpFormatter):
     """Appends the registry's one line per method to --method's help, when help is printed."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -68,7 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--budget",
         type=count(),
-        help="trainable-parameter budget the LoRA/PiSSA/OFT rank is matched to",
+        help="trainable-parameter budget the LoRA/PiSSA/OFT rank is matched to (default: none, "
+        "each method's own default rank or block size)",
     )
     p.add_argument(
         "--match-kind",

@@ -474,7 +474,8 @@ def _kind_refusal(source: Path) -> ValueError:
         "(learngenes plus one tailor per class), which diffusers' DiT, one dense weight for "
         "every class, cannot hold. Fold one class into dense weights first: `kind-dit "
         "assemble PARTS --merge CLASS --out MODEL` (`--merge null`: the unconditional model; "
-        "from a run, `kind-dit decompose RUN --out PARTS` first), then export MODEL"
+        "from a run, `kind-dit decompose RUN --out PARTS` first), then export MODEL; or export "
+        "it whole as a diffusers base with one peft LoRA adapter a class: `--format peft`"
     )
 
 
