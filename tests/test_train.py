@@ -344,6 +344,38 @@ def test_a_resume_that_changes_the_seed_is_refused(tmp_path):
     assert _unchanged(tmp_path / "r") == before
 
 
+def test_a_resume_whose_spec_opens_other_data_is_refused(tmp_path, monkeypatch):
+    """A relative folder read from another directory, or a folder whose images changed: same
+    spec and class names, other images; refused before anything is written."""
+    from PIL import Image
+
+    def folder(root, shade):
+        for c in ("cat", "dog"):
+            (root / "ds" / c).mkdir(parents=True)
+            for i in range(5):
+                Image.new("L", (8, 8), shade + 10 * i).save(root / "ds" / c / f"{i}.png")
+
+    for root, shade in ((tmp_path / "a", 0), (tmp_path / "b", 100)):
+        folder(root, shade)
+    cfg = _cfg(2)
+    cfg.data, cfg.model.image_size, cfg.model.in_channels = "ds", 8, 1
+    cfg.model.size = "tiny/4"
+    monkeypatch.chdir(tmp_path / "a")
+    train(cfg, tmp_path / "r")
+    record = read_json(tmp_path / "r" / "run.json")["data"]
+    assert record["spec"] == "ds" and record["source"] == str(tmp_path / "a" / "ds")
+    assert record["images"] == 8  # four a class: the fifth is the test split's
+    before = _unchanged(tmp_path / "r")
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(TrainingError, match=r"now opens .*b/ds \(8 images\), not the data"):
+        train(cfg, tmp_path / "r", resume=True)
+    assert _unchanged(tmp_path / "r") == before
+    monkeypatch.chdir(tmp_path / "a")
+    cfg.train.steps = 4
+    train(cfg, tmp_path / "r", resume=True)  # where it started, the same data: it goes on
+    assert read_json(tmp_path / "r" / "checkpoints" / "step_0000004" / "state.json")["step"] == 4
+
+
 def test_a_resume_with_an_edited_group_file_is_refused(tmp_path):
     groups = tmp_path / "groups.yaml"
     groups.write_text("'0': round\n'1': straight\n'2': round\n'3': straight\n")

@@ -9,6 +9,8 @@ store works wherever a data spec does. The training loop reads images only throu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from kind.core.images import to_model_range
 from kind.data.images import DataError, dataset_classes, load_images, parse_spec
 from kind.data.latents import LatentStore, check_space, vae_space
 from kind.data.store_format import META_FILE, is_store
-from kind.io import read_json
+from kind.io import CHECKSUMS, read_json
 
 
 class InMemoryImages:
@@ -39,19 +41,34 @@ class InMemoryImages:
 @dataclass
 class Dataset:
     """Training data: `images` (len, shape, get), `labels` int64 [N] into `class_names`, and for a
-    latent store `latent` (the VAE that decodes samples, the pixel size, the store path)."""
+    latent store `latent` (the VAE that decodes samples, the pixel size, the store path).
+    `source` (the bundled set, folder or store the spec opened) and `sha256` (of the names,
+    labels and images; "" for `from_tensors`) say which data these are, so a resumed run can
+    tell that its spec now opens other data (a relative path read from another directory, a
+    folder that changed)."""
 
     images: InMemoryImages | LatentStore
     labels: torch.Tensor
     class_names: list[str]
     latent: dict | None = None
+    source: str = ""
+    sha256: str = ""
 
     @classmethod
     def from_tensors(
         cls, images: torch.Tensor, labels: torch.Tensor, class_names: list[str]
     ) -> Dataset:
-        """A dataset from float images [N, C, H, W] in [-1, 1] (tests, callers with their own data)."""
-        return cls(InMemoryImages(images), labels, list(class_names))
+        """A dataset from float images [N, C, H, W] in [-1, 1] (tests, callers with their own
+        data, which are theirs to keep the same across a resume: no digest)."""
+        return cls(InMemoryImages(images), labels, list(class_names), source="tensors")
+
+
+def _digest(class_names: list[str], labels: torch.Tensor, content) -> str:
+    """sha256 of class names, labels and `content` (image bytes, or a store's own checksums)."""
+    h = hashlib.sha256(json.dumps(class_names).encode())
+    h.update(memoryview(labels.to(torch.int64).contiguous().numpy()))
+    h.update(content)
+    return h.hexdigest()
 
 
 def open_dataset(
@@ -73,7 +90,11 @@ def open_dataset(
                 "decode with a VAE; unset vae (drop --set vae=...)"
             )
         data = load_images(spec, split, image_size=image_size, channels=channels)
-        return Dataset(InMemoryImages(to_model_range(data.images)), data.labels, data.class_names)
+        digest = _digest(
+            data.class_names, data.labels, memoryview(data.images.contiguous().numpy())
+        )
+        images = InMemoryImages(to_model_range(data.images))
+        return Dataset(images, data.labels, data.class_names, None, data.dataset, digest)
     store = LatentStore(spec)
     if store.meta.get("split", split) != split:
         raise DataError(
@@ -100,7 +121,13 @@ def open_dataset(
         "store": str(store.path),
         **store.space,
     }
-    return Dataset(store, store.labels, store.class_names, latent)
+    # the store's checksums.json hashes its latents, labels and meta as encoded (read at open)
+    recorded = store.path / CHECKSUMS
+    identity = (recorded if recorded.is_file() else store.path / META_FILE).read_bytes()
+    digest = _digest(store.class_names, store.labels, identity)
+    return Dataset(
+        store, store.labels, store.class_names, latent, str(store.path.resolve()), digest
+    )
 
 
 def class_names(spec: str) -> list[str]:

@@ -136,8 +136,8 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
 
 
 # run.json's records, by the JSON kind each must have (`kind.training.loop` writes them)
-RUN_RECORDS = {"transfer": dict, "latent": dict, "init_from": dict, "continued_from": dict,
-               "resumed": list}  # fmt: skip
+RUN_RECORDS = {"transfer": dict, "latent": dict, "data": dict, "init_from": dict,
+               "continued_from": dict, "resumed": list}  # fmt: skip
 
 
 def read_run_record(run_dir: Path) -> dict:

@@ -241,7 +241,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
             _record_changes(cfg, out, state.step)
     elif info.is_main:
         save_config(cfg, out / CONFIG_JSON)
-        run_meta = (meta or {}) | {"latent": data.latent}
+        run_meta = (meta or {}) | {"latent": data.latent, "data": _data_record(cfg, data)}
         if init_record is not None:
             run_meta["init_from"] = init_record
         atomic_write_text(out / RUN_JSON, json.dumps(run_meta, indent=2))
@@ -266,15 +266,24 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
                 decode)  # fmt: skip
 
 
+def _data_record(cfg: Config, data: Dataset) -> dict:
+    """run.json's record of the data a run trains on: the spec, what it opened, and a digest."""
+    return {"spec": cfg.data, "source": data.source, "images": len(data.labels),
+            "sha256": data.sha256}  # fmt: skip
+
+
 def _check_resume(cfg: Config, out: Path, model: DiT, data: Dataset) -> None:
     """Refuse, before anything is written, a resume that changes what its checkpoint fixes: the
-    seed (the run continues the random streams the checkpoint saved, so a new seed would be
-    recorded and change nothing), the tailor group of each class (a changed or edited
-    group_file would hand the tailors trained for some classes to others) and the VAE latent
-    space of its data (the model would go on learning latents that mean something else)."""
+    data (a relative path read from another directory, a folder whose images changed: the run
+    would go on with other images under the same names), the seed (the run continues the random
+    streams the checkpoint saved, so a new seed would be recorded and change nothing), the
+    tailor group of each class (a changed or edited group_file would hand the tailors trained
+    for some classes to others) and the VAE latent space of its data (the model would go on
+    learning latents that mean something else)."""
     if not (out / CONFIG_JSON).is_file():
         return
-    before = read_run_record(out).get("latent")
+    run = read_run_record(out)
+    before = run.get("latent")
     if before and data.latent:
         check_space(
             before,
@@ -283,6 +292,15 @@ def _check_resume(cfg: Config, out: Path, model: DiT, data: Dataset) -> None:
             f"({data.latent['vae']}) than the run in {out} trained on ({before.get('vae')})",
             "resume on the store the run started with, or start a new run (--restart or another "
             "--out)",
+        )
+    trained, opened = run.get("data"), _data_record(cfg, data)
+    if trained and trained.get("sha256") and opened["sha256"] not in ("", trained["sha256"]):
+        raise TrainingError(
+            f"--resume: data {cfg.data} now opens {opened['source']} ({opened['images']} images), not "
+            f"the data the run in {out} trained on ({trained.get('source')}, {trained.get('images')} "
+            "images; other images, labels or class names); resume where it opens those data (a "
+            "relative path is read from the current directory: run from the one the run started "
+            "in), or start a new run (--restart or another --out)"
         )
     saved = read_json(out / CONFIG_JSON, "model", "train")
     seed = saved["train"].get("seed")
