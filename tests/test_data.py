@@ -301,6 +301,9 @@ def test_a_vae_for_pixel_data_is_refused():
 
     with pytest.raises(DataError, match="mnist:0 is pixel data.*unset vae"):
         open_dataset("mnist:0", vae="some/vae")
+    # a latent model (4 channels) given pixel data: the fix is to encode them
+    with pytest.raises(DataError, match="takes 4-channel latents: encode the images"):
+        open_dataset("mnist:0", "train", 8, 4)
 
 
 def test_folder_classes_counts_and_defaults(folder):
@@ -311,6 +314,23 @@ def test_folder_classes_counts_and_defaults(folder):
     assert train.images.shape == (8 + 5 + 4, 3, 32, 32)  # defaults: 32x32 RGB
     assert torch.bincount(train.labels).tolist() == [8, 5, 4]
     assert torch.bincount(test.labels).tolist() == [2, 1, 1]
+
+
+def test_a_folder_set_stays_uint8_and_gives_the_model_range_in_batches(folder, monkeypatch):
+    import kind.data.images
+    from kind.data.dataset import open_dataset
+
+    data = open_dataset(str(folder), image_size=8)
+    assert data.images.images.dtype == torch.uint8  # a quarter of float32's memory
+    idx, flip = torch.tensor([3, 0, 9]), torch.tensor([True, False, True])
+    floats = to_model_range(load_images(str(folder), image_size=8).images)
+    want = torch.where(flip.view(-1, 1, 1, 1), floats[idx].flip(-1), floats[idx])
+    assert torch.equal(data.images.get(idx, flip), want)
+    # a set larger than half the machine's memory is refused before any image is decoded
+    monkeypatch.setattr(kind.data.images, "physical_memory", lambda: 2 * 17 * 3 * 8 * 8 - 2)
+    monkeypatch.setattr(kind.data.images, "_read_image", None)  # never called
+    with pytest.raises(DataError, match=r"17 images at 8x8 .* encode them to a latent store"):
+        open_dataset(str(folder), image_size=8)
 
 
 def test_folder_selection_order_and_sorted_file_split(folder):
@@ -458,6 +478,11 @@ def test_class_list_file(tmp_path):
     assert parse_spec(f"mnist:@{listing},9") == ("mnist", ["6", "8", "9"])
     with pytest.raises(DataError, match="does not exist"):
         parse_spec(f"mnist:@{tmp_path / 'missing.txt'}")
+    with pytest.raises(DataError, match="is a directory; give the path of a text file"):
+        parse_spec(f"mnist:@{tmp_path}")
+    (tmp_path / "latin1.txt").write_bytes(b"\xff6\n")
+    with pytest.raises(DataError, match="latin1.txt .* cannot be read as UTF-8 text"):
+        parse_spec(f"mnist:@{tmp_path / 'latin1.txt'}")
 
 
 def test_bundled_imagenet611_map_and_lists_read_by_name(tmp_path):

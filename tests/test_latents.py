@@ -231,9 +231,17 @@ def test_an_interrupted_encode_is_named_not_removed(tmp_path, vae_dir, caplog):
     assert f"rm -r {left}" in caplog.text and left.is_dir()
 
 
-def test_image_size_must_fit_the_vae(tmp_path, vae_dir):
-    with pytest.raises(LatentError, match="multiple of the VAE's downsampling factor 2"):
-        encode_cpu("mnist:0", tmp_path / "odd", vae_dir, 15, limit_per_class=1)
+def test_image_size_must_fit_the_vae(tmp_path, vae_dir, monkeypatch):
+    import kind.data.latents
+
+    def unloaded(*args):
+        raise AssertionError("the VAE was loaded before the size was checked")
+
+    monkeypatch.setattr(kind.data.latents, "load_vae", unloaded)
+    for size in (15, 4096):  # not a multiple of its factor; past the largest image size
+        with pytest.raises(LatentError, match="multiple of the VAE's downsampling factor 2"):
+            encode_cpu("mnist:0", tmp_path / "odd", vae_dir, size, limit_per_class=1)
+        assert list(tmp_path.iterdir()) == []  # no store, no temporary store file
 
 
 @pytest.mark.parametrize(
@@ -342,6 +350,15 @@ def test_a_vae_of_another_latent_space_is_refused(tmp_path, folder_store, vae_di
     latent = open_dataset(store).latent
     with pytest.raises(LatentError, match=f"is not the VAE this model's .*{needle}.*--vae"):
         decoder(latent, other)
+
+
+def test_a_store_of_another_size_than_the_model_names_both_and_the_fix(folder_store):
+    store = str(folder_store[1])  # 4-channel 8x8 latents
+    with pytest.raises(DataError, match=r"holds 4-channel 8x8 latents; the model takes 16x16 "
+                                        r"inputs: encode the data .*--image-size N"):  # fmt: skip
+        open_dataset(store, "train", 16)
+    with pytest.raises(DataError, match="the model takes 3-channel 8x8 inputs"):
+        open_dataset(store, "train", 8, 3)
 
 
 def test_a_copy_of_the_vae_is_recorded_absolute_and_old_records_are_not_checked(

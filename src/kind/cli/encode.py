@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kind.cli.common import count
+from kind.data.images import MAX_IMAGE_SIZE
 
 NAME = "encode"
 HELP = "encode images into a latent store with a local VAE"
@@ -25,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--vae", required=True, help="local VAE directory (sd-vae-ft-ema layout)")
     p.add_argument("--out", required=True, help="store directory to create")
-    p.add_argument("--image-size", type=count(), default=256, help="pixels (default 256)")
+    p.add_argument(
+        "--image-size", type=count(1, MAX_IMAGE_SIZE), default=256, help="pixels (default 256)"
+    )
     p.add_argument(
         "--split",
         choices=["train", "test"],

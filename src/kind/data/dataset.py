@@ -24,10 +24,12 @@ from kind.io import CHECKSUMS, read_json
 
 
 class InMemoryImages:
-    """Training images held as one tensor in the model's range; a flip is the mirror image."""
+    """Training images held as one tensor, given in the model's range [-1, 1] in batches; a
+    flip is the mirror image. Decoded image files stay uint8 and each batch is converted as it
+    is drawn (the same floats as converting them all at once, in a quarter of the memory)."""
 
     def __init__(self, images: torch.Tensor):
-        self.images = images  # float [N, C, H, W]
+        self.images = images  # uint8, or float in [-1, 1]: [N, C, H, W]
         self.shape = tuple(images.shape)
 
     def __len__(self) -> int:
@@ -35,6 +37,8 @@ class InMemoryImages:
 
     def get(self, idx: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
         x = self.images[idx]  # [b, C, H, W]
+        if x.dtype == torch.uint8:
+            x = to_model_range(x)
         return x if flip is None else torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
@@ -89,11 +93,17 @@ def open_dataset(
                 f"vae {vae} is set, but {spec} is pixel data, not a latent store: only latents "
                 "decode with a VAE; unset vae (drop --set vae=...)"
             )
+        if channels not in (None, 1, 3):  # a latent model (4 channels: an SD VAE's)
+            raise DataError(
+                f"{spec} is pixel data (1 or 3 channels); the model takes {channels}-channel "
+                "latents: encode the images with the VAE the model was trained with (`kind-dit "
+                "encode --data SPEC --vae VAE --out STORE`) and give the store"
+            )
         data = load_images(spec, split, image_size=image_size, channels=channels)
         digest = _digest(
             data.class_names, data.labels, memoryview(data.images.contiguous().numpy())
         )
-        images = InMemoryImages(to_model_range(data.images))
+        images = InMemoryImages(data.images)
         return Dataset(images, data.labels, data.class_names, None, data.dataset, digest)
     store = LatentStore(spec)
     if store.meta.get("split", split) != split:
@@ -102,9 +112,14 @@ def open_dataset(
             f"encode the {split} split with `kind-dit encode --split {split}`"
         )
     if image_size not in (None, store.shape[-1]) or channels not in (None, store.shape[1]):
+        c, h, w = store.shape[1:]
+        wanted = (f"{channels}-channel " if channels is not None else "") + (
+            f"{image_size}x{image_size}" if image_size is not None else "")  # fmt: skip
         raise DataError(
-            f"latent store {spec} holds {store.shape[1:]} latents; the model "
-            f"expects {channels}x{image_size}x{image_size}"
+            f"latent store {spec} holds {c}-channel {h}x{w} latents; the model takes {wanted} "
+            "inputs: encode the data with the model's VAE at its image size (`kind-dit encode "
+            "--vae VAE --image-size N`, N = the latent size x the VAE's downsampling), or train "
+            "a model of the store's size"
         )
     if vae is not None:
         vae = str(Path(vae).expanduser().resolve())

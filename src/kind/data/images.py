@@ -75,6 +75,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -241,7 +242,18 @@ def _read_list(item: str) -> list[str]:
     lists too long for a command line (the paper's 150 ImageNet classes)."""
     path = Path(item[1:]).expanduser()
     if path.is_file():
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as e:
+            raise DataError(
+                f"class list file {path} (from {item!r} in a data spec) cannot be read as UTF-8 "
+                f"text ({e}); give a text file with one class name a line."
+            ) from e
+    elif path.is_dir():
+        raise DataError(
+            f"class list {path} (from {item!r} in a data spec) is a directory; give the path of "
+            "a text file with one class name a line."
+        )
     elif item[1:] in BUNDLED_LISTS:
         text = (resources.files("kind") / "assets" / BUNDLED_LISTS[item[1:]]).read_text()
     else:
@@ -590,10 +602,30 @@ def _load_bundled(
 def _load_folder(
     root: str, class_names: list[str], split: str, size: int, channels: int
 ) -> tuple[np.ndarray, list[int]]:
-    """uint8 [N, C, H, W] of the chosen classes (class by class, file-name order), per-class N."""
+    """uint8 [N, C, H, W] of the chosen classes (class by class, file-name order), per-class N;
+    a set too large for this machine's memory is refused before any image is decoded."""
     parts = _folder_split(root, class_names, split)
-    decoded = [_read_image(f, size, channels) for files in parts for f in files]  # [H, W, C] each
-    return np.stack(decoded).transpose(0, 3, 1, 2), [len(p) for p in parts]  # -> [N, C, H, W]
+    files = [f for p in parts for f in p]
+    need, have = len(files) * channels * size * size, physical_memory()
+    if have is not None and need > have // 2:
+        raise DataError(
+            f"{root}: {len(files)} images at {size}x{size} take {need / 2**30:.1f} GiB in memory "
+            f"(uint8), more than half of this machine's {have / 2**30:.1f} GiB: encode them to a "
+            "latent store (`kind-dit encode`) and train on the store, which streams from disk, "
+            "or select fewer classes"
+        )
+    array = np.empty((len(files), channels, size, size), np.uint8)  # filled in place: no copies
+    for i, f in enumerate(files):
+        array[i] = _read_image(f, size, channels).transpose(2, 0, 1)  # [H, W, C] -> [C, H, W]
+    return array, [len(p) for p in parts]
+
+
+def physical_memory() -> int | None:
+    """This machine's memory in bytes; None where the OS does not say (Windows)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _check_split(split: str) -> None:
@@ -686,7 +718,8 @@ def load_images(
         counts += count
         class_names += names
 
-    images = torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays)))  # uint8 [N, C, H, W]
+    joined = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+    images = torch.from_numpy(np.ascontiguousarray(joined))  # uint8 [N, C, H, W]
     labels = torch.repeat_interleave(torch.arange(len(class_names)), torch.tensor(counts))  # [N]
     log.info("loaded %s %s: %d images of %s", spec, split, len(labels), tuple(images.shape[1:]))
     dataset = " + ".join(dataset for dataset, _ in parts)

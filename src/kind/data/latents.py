@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from kind.core.device import pick_device
 from kind.core.images import to_uint8
 from kind.data.images import (
+    MAX_IMAGE_SIZE,
     DataError,
     ImageItem,
     list_images,
@@ -456,16 +457,21 @@ def encode_to_store(
         compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if compute not in DTYPES.values():
             raise LatentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+        space = vae_space(vae_path)  # its config: the size is checked before the VAE loads
+        f = space["downsampling"]
+        if (
+            isinstance(image_size, bool)
+            or not isinstance(image_size, int)
+            or not 1 <= image_size <= MAX_IMAGE_SIZE
+            or image_size % f
+        ):
+            raise LatentError(
+                f"image_size must be a multiple of the VAE's downsampling factor {f} from 1 to "
+                f"{MAX_IMAGE_SIZE}, got {image_size!r} (256 gives 32x32 latents with an SD VAE)."
+            )
         listed = list_images(spec, split, limit_per_class)
         on = pick_device(device) if isinstance(device, str) else device
-        space = vae_space(vae_path)
         vae = load_vae(vae_path, compute).to(on)
-        f = space["downsampling"]
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size % f:
-            raise LatentError(
-                f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
-                f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
-            )
         return listed, vae, space
 
     if main:
