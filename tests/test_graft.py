@@ -129,11 +129,14 @@ def test_grafting_onto_the_parts_of_an_assembled_model(parts, run, grafted, tmp_
         assert torch.equal(model(x, t, y), full(x, t, y))
 
 
-def test_a_run_with_tailor_groups_grafts(parts, root, tmp_path):
+def test_a_run_with_tailor_groups_grafts(parts, root, tmp_path, caplog):
     groups = tmp_path / "groups.json"
     groups.write_text(json.dumps({"8": "round", "9": "round"}))
-    run = _transfer(parts, root / "grouped", "mnist:8,9", "--set", f"group_file={groups}")
+    run = _transfer(parts, root / "grouped", "mnist:8,9", "--set", f"group_file={groups}",
+                    "--set", "sample.cfg_scale=3")  # fmt: skip
     out = graft(parts, run, tmp_path / "g")
+    # one sample section a deployment: PARTS's; the run's other guidance scale is named
+    assert "cfg_scale 1.5 here, 3.0 in the run" in caplog.text
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["class_to_group"] == [0, 1, 2, 2]
     assert manifest["tailors"]["2"]["classes"] == [2, 3]

@@ -158,6 +158,15 @@ def graft(parts_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Pa
             parts_card(new_manifest, f"grafted by `kind-dit graft` onto `{parts_dir.resolve()}`"),
         )
     log.info("grafted %s (%s) onto %s -> %s", run_dir, ", ".join(rcfg.class_names), parts_dir, out)
+    theirs, ours = meta.get("sample") or {}, manifest.get("sample") or {}
+    differ = {k: (ours.get(k), theirs[k]) for k in theirs if ours.get(k) != theirs[k]}
+    if differ:  # one deployment has one sample section: the run's classes get PARTS's
+        log.warning(
+            "%s samples every class with %s's settings; %s's classes were sampled with other "
+            "ones (%s): pass those to `kind-dit sample` to draw them as the run did",
+            out, parts_dir, run_dir,
+            ", ".join(f"{k} {a} here, {b} in the run" for k, (a, b) in differ.items()),
+        )  # fmt: skip
     return out
 
 
