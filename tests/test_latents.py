@@ -192,10 +192,25 @@ def test_bundled_spec_encodes_with_limit_and_test_split(tmp_path, vae_dir):
     assert store.meta["dataset"] == "mnist" and store.meta["limit_per_class"] == 2
 
 
-def test_corrupt_image_error_names_the_file_and_leaves_nothing(tmp_path, vae_dir):
+def test_corrupt_image_error_names_the_file_and_leaves_nothing(tmp_path, vae_dir, monkeypatch):
+    import kind.data.latents
+
     root = _folder(tmp_path / "imgs")
     (root / "b" / "3.png").write_bytes(b"not a png at all")
-    with pytest.raises(DataError, match=r"b/3\.png"):
+    (root / "a" / "1.png").write_bytes(b"")
+    monkeypatch.setattr(kind.data.latents, "load_vae", None)  # refused before the VAE loads
+    with pytest.raises(
+        DataError, match=r"2 of 9 image files cannot be read: .*a/1\.png .*b/3\.png"
+    ):
+        encode_cpu(str(root), tmp_path / "out", vae_dir, SIZE, batch_size=2, workers=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+    monkeypatch.undo()
+    # a file whose header reads but whose data are cut short is named where it is decoded
+    good = (root / "a" / "2.png").read_bytes()
+    for name in ("1.png", "3.png"):
+        (root / ("a" if name == "1.png" else "b") / name).write_bytes(good)
+    (root / "b" / "3.png").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"cannot read image file .*b/3\.png"):
         encode_cpu(str(root), tmp_path / "out", vae_dir, SIZE, batch_size=2, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
 

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from kind.core.device import pick_device
@@ -303,6 +304,36 @@ def _read_batches(
             yield np.stack([f.result() for f in pending])
 
 
+_SHOWN_UNREADABLE = 20
+
+
+def _check_headers(items: Sequence[ImageItem], workers: int, show: bool) -> None:
+    """Open every image file of the listing (its header only: Pillow decodes lazily) before the
+    VAE encodes anything, so a file that is no image (a saved error page, an empty file) stops
+    the encode at its start, all of them named at once, rather than hours into it. A file
+    whose header reads but whose data are cut short is still found where it is decoded."""
+    files = [it for it in items if isinstance(it, Path)]
+
+    def problem(path: Path) -> str | None:
+        try:
+            with Image.open(path):
+                return None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            return f"{path} ({type(err).__name__}: {err})"
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        checked = tqdm(pool.map(problem, files, chunksize=256), total=len(files),
+                       desc="check images", unit="img", disable=not show, dynamic_ncols=True)  # fmt: skip
+        bad = [p for p in checked if p is not None]
+    if bad:
+        more = f"; and {len(bad) - _SHOWN_UNREADABLE} more" if len(bad) > _SHOWN_UNREADABLE else ""
+        raise DataError(
+            f"{len(bad)} of {len(files)} image files cannot be read: "
+            f"{'; '.join(bad[:_SHOWN_UNREADABLE])}{more}. Remove or replace them, then encode "
+            "again (nothing was written)"
+        )
+
+
 def _encode_into(
     path: Path,
     rows: range,
@@ -470,6 +501,8 @@ def encode_to_store(
                 f"{MAX_IMAGE_SIZE}, got {image_size!r} (256 gives 32x32 latents with an SD VAE)."
             )
         listed = list_images(spec, split, limit_per_class)
+        if main:  # one rank opens them all; the others learn of a refusal from `_together`
+            _check_headers(listed[0], workers, show=True)
         on = pick_device(device) if isinstance(device, str) else device
         vae = load_vae(vae_path, compute).to(on)
         return listed, vae, space
