@@ -248,8 +248,7 @@ def to_kind(
     """(kind-dit dense tensors, hints, kind name -> diffusers name) of a folder's tensors.
 
     hints: `image_size`, `patch`, `in_channels`, `out_channels`, `heads`, `head_dim` and
-    `num_classes` as
-    the config states them (diffusers' defaults where it does not)."""
+    `num_classes` as the config states them (diffusers' defaults where it does not)."""
     depth = config.get("num_layers", _DEFAULTS["num_layers"])
     if depth < 1:
         raise ValueError(f"{what}: num_layers = {depth!r}; a DiT has at least one block")

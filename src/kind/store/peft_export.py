@@ -273,25 +273,18 @@ def export_peft(source: str | Path, out: str | Path) -> tuple[Path, list[str]]:
     return out, notes
 
 
+# what `out/base` records of the export's kind_dit.json (as a diffusers export would)
+_BASE_KEYS = ("source", "class_names", "null_class", "diffusion", "scheduler", "sample", "latent",
+              "license")  # fmt: skip
+
+
 def _base_info(info: dict, out: Path) -> dict:
     """`kind_dit.json` of `out/base`, so that importing the folder alone gets the model's
     diffusion, sampling, latent space and licence rather than DiT's defaults."""
     return {
         "format": "kind-dit-diffusers/1",
         "merged": None,
-        **{
-            k: info[k]
-            for k in (
-                "source",
-                "class_names",
-                "null_class",
-                "diffusion",
-                "scheduler",
-                "sample",
-                "latent",
-                "license",
-            )
-        },  # fmt: skip
+        **{k: info[k] for k in _BASE_KEYS},
         "notes": [
             info["notes"][0],  # the note on diffusers' timestep features
             f"the learngene-only network of the KIND model exported to {out}: its null class is "
