@@ -130,6 +130,23 @@ def test_train_init_from_records_the_source(dense_run, kind_run):
     assert run["init_from"] == record and run["resumed"][0]["step"] == 2
 
 
+def test_train_init_from_starts_from_the_dense_weights(dense_run, tmp_path):
+    """The run's first weights are the dense model's (learngenes its leading SVD triples, the
+    other weights and the label rows copied): at lr 1e-30 (below every weight's last bit; 0 is
+    refused) they are what it exports."""
+    out = tmp_path / "still"
+    main(["train", "--model", "kind", "--init-from", str(dense_run), "--data", "mnist:0-2",
+          "--out", str(out), *SHORT, "--set", "train.lr=1e-30"])  # fmt: skip
+    dense, kind = load_model(dense_run)[0], load_model(out)[0]
+    assert torch.equal(kind.x_embedder.weight, dense.x_embedder.weight)
+    assert torch.equal(kind.y_embedder.table, dense.y_embedder.table)  # the same classes here
+    for name, layer in kind.kind_layers():
+        u, s, vh = torch.linalg.svd(dense.get_submodule(name).weight.double(), full_matrices=False)
+        r = layer.rank_learngene
+        best = (u[:, :r] * s[:r]) @ vh[:r]
+        assert ((layer.learngene_weight().double() - best).norm() / best.norm()) < 1e-5, name
+
+
 @pytest.mark.parametrize(
     ("source", "args", "reason"),
     [

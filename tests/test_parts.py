@@ -129,9 +129,16 @@ def test_transfer_carries_the_learngene_bit_for_bit_and_nothing_class_specific(s
     own = model.part_state()
     for name, tensor in learngene.items():
         assert torch.equal(own[name], tensor), name
-    for name in split_state(model)[1][0]:
-        assert name not in source_tailors[0] or not torch.equal(own[name], source_tailors[0][name])
+    # no tensor of any new group is any source group's (names carry the group number, so values
+    # are compared across all groups), and no label row is a source class's
+    theirs = [t for group in source_tailors.values() for t in group.values()]
+    for g, tensors in split_state(model)[1].items():
+        for name, tensor in tensors.items():
+            assert not any(t.shape == tensor.shape and torch.equal(t, tensor) for t in theirs), (
+                g, name)  # fmt: skip
     assert model.y_embedder.table.shape[0] == 3
+    for row in model.y_embedder.table:
+        assert not any(torch.equal(row, old) for old in source.y_embedder.table), row
     for name, p in model.named_parameters():
         specific = name in ("tailors.rows", "y_embedder.table")
         assert p.requires_grad == specific, name

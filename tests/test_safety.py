@@ -641,7 +641,7 @@ def _files(root: Path) -> dict[Path, bytes]:
 def test_fault(case: Case, made: Path, tmp_path: Path, capsys, caplog):
     caplog.set_level(logging.INFO)
     todo = case.setup(tmp_path, made)
-    before = _files(tmp_path)
+    before = _files(tmp_path) | _files(made)  # the shared run too: a refusal may not touch it
     capsys.readouterr()
     code, message = 0, ""
     try:
@@ -654,7 +654,7 @@ def test_fault(case: Case, made: Path, tmp_path: Path, capsys, caplog):
     assert code == case.code, err[-2000:]
     assert case.phrase in err, err[-2000:]
     if case.untouched:
-        after = _files(tmp_path)
+        after = _files(tmp_path) | _files(made)
         changed = [str(p) for p, data in before.items() if after.get(p) != data]
         assert not changed, f"files changed or removed: {changed}"
 
@@ -829,3 +829,41 @@ def test_a_tensor_file_that_does_not_read_back_as_written_keeps_the_previous_one
         atomic_save_tensors(path, {"w": torch.zeros(6), "nan": torch.zeros(1)})
     assert torch.equal(read_tensors(path)["w"], torch.arange(6.0))
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+
+
+def _finite_files(run: Path) -> list[str]:
+    """Every safetensors file under `run`, each checked to hold only finite floats."""
+    from kind.io import read_tensors
+
+    files = sorted(run.rglob("*.safetensors"))
+    for path in files:
+        bad = [k for k, t in read_tensors(path).items()
+               if t.is_floating_point() and not t.isfinite().all()]  # fmt: skip
+        assert not bad, (path, bad[:3])
+    return [str(p.relative_to(run)) for p in files]
+
+
+def test_a_diverged_run_keeps_only_finite_checkpoints(tmp_path, capsys, monkeypatch):
+    """Non-finite losses, and weights made non-finite by an update whose loss was finite: both
+    stop with the reason, and every checkpoint left behind holds finite weights."""
+    from kind.training.optim import MaskedAdamW
+
+    with pytest.raises(SystemExit):
+        main(["train", *QUICK, *DIVERGE, "--out", str(tmp_path / "r")])
+    assert "training diverged" in capsys.readouterr().err
+    assert _finite_files(tmp_path / "r")  # the good steps' checkpoints, all finite
+    step = MaskedAdamW.step
+
+    def poisoning(self, closure=None):  # step 2's update leaves an infinite weight
+        loss = step(self, closure)
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            self.param_groups[0]["params"][0].data.fill_(float("inf"))
+        return loss
+
+    monkeypatch.setattr(MaskedAdamW, "step", poisoning)
+    with pytest.raises(SystemExit):
+        main(["train", *QUICK, "--steps", "3", "--out", str(tmp_path / "p")])
+    assert "the weights became non-finite by step 2" in capsys.readouterr().err
+    saved = _finite_files(tmp_path / "p")
+    assert saved and all(name.startswith("checkpoints/step_0000001/") for name in saved), saved

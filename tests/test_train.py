@@ -203,10 +203,22 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _same_direction(run_a, run_b, step=2) -> float:
+    """Cosine of the two runs' updates at `step` (weights after it minus before it), over every
+    weight: Adam's steps are ~lr whatever the gradient, so the weights alone stay within ~lr of
+    each other even for a wrong gradient; the update's direction is what a gradient decides."""
+
+    def update(run):
+        after, before = _checkpoint(run, step)[0], _checkpoint(run, step - 1)[0]
+        return torch.cat([(after[k] - before[k]).flatten() for k in sorted(after)])
+
+    return torch.nn.functional.cosine_similarity(update(run_a), update(run_b), dim=0).item()
+
+
 def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
     data = _data([0, 1, 2, 3])
-    train(_cfg(2), tmp_path / "fp32", data=data)
-    train(_cfg(2, precision="bf16"), tmp_path / "bf16", data=data)
+    train(_cfg(2, checkpoint_every=1), tmp_path / "fp32", data=data)
+    train(_cfg(2, precision="bf16", checkpoint_every=1), tmp_path / "bf16", data=data)
     a, b = _checkpoint(tmp_path / "fp32", 2)[0], _checkpoint(tmp_path / "bf16", 2)[0]
     assert all(torch.isfinite(t).all() for t in b.values())
     assert all(t.dtype == torch.float32 for t in b.values())  # master weights stay fp32
@@ -214,6 +226,7 @@ def test_bf16_autocast_trains_and_stays_close_to_fp32(tmp_path):
     assert moved  # bf16 really ran
     for k in a:  # Adam moves a weight by at most ~lr a step, whatever the gradient's precision
         torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2 * 2 * 1e-3, msg=k)
+    assert _same_direction(tmp_path / "fp32", tmp_path / "bf16") > 0.9
 
 
 def test_group_file_maps_classes_to_shared_tailors(tmp_path):
@@ -234,14 +247,15 @@ def test_group_file_maps_classes_to_shared_tailors(tmp_path):
 @pytest.mark.slow
 def test_torch_compile_trains_like_eager(tmp_path):
     data = _data([0, 1, 2, 3])
-    train(_cfg(2), tmp_path / "eager", data=data)
+    train(_cfg(2, checkpoint_every=1), tmp_path / "eager", data=data)
     # scalar C++ kernels: inductor lowers the same graphs, and their code compiles in two thirds
     # of the time on a 2-core machine (vectorised code generation is torch's own to test)
     with torch._inductor.config.patch({"cpp.simdlen": 1}):
-        train(_cfg(2, compile=True), tmp_path / "compiled", data=data)
+        train(_cfg(2, compile=True, checkpoint_every=1), tmp_path / "compiled", data=data)
     a, b = _checkpoint(tmp_path / "eager", 2)[0], _checkpoint(tmp_path / "compiled", 2)[0]
     for k in a:  # inductor fuses differently: Adam steps of ~lr can flip on rounding
         torch.testing.assert_close(a[k], b[k], rtol=0.05, atol=2 * 2 * 1e-3, msg=k)
+    assert _same_direction(tmp_path / "eager", tmp_path / "compiled") > 0.9
 
 
 def test_resumed_run_reports_its_whole_training_time(tmp_path):
