@@ -101,3 +101,31 @@ def test_the_linear_schedule_ends_near_pure_noise_at_any_length():
     torch.testing.assert_close(ab[1000].double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=0)
     betas = torch.linspace(1e-3, 0.2, 100, dtype=torch.float64)
     torch.testing.assert_close(ab[100].double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=0)
+
+
+def test_schedule_tables_go_to_the_device_once(monkeypatch):
+    """A copy of a table from host memory to a GPU waits for the GPU: the training loss must
+    not copy its tables on every call (one host sync each, several a step)."""
+    diffusion = Diffusion(DiffusionConfig(prediction="eps", min_snr_gamma=5.0))
+    tables = [diffusion.alphas_cumprod, diffusion.snr, diffusion.post_coef_x0,
+              diffusion.post_coef_xt, diffusion.post_logvar, diffusion.log_betas]  # fmt: skip
+    moved = []
+    to = torch.Tensor.to
+
+    def counting(self, *args, **kwargs):
+        if any(self is table for table in tables):
+            moved.append(self.shape)
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counting)
+    x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t, y = torch.tensor([1, 10, 100, 999]), torch.zeros(4, dtype=torch.long)
+
+    def model(xt, t, y):  # ε and a learned variance: every table is read
+        return torch.cat([xt, torch.zeros_like(xt)], 1)
+
+    first = diffusion.loss(model, x0, y, t, noise)
+    copies = len(moved)
+    for _ in range(3):
+        assert torch.equal(diffusion.loss(model, x0, y, t, noise), first)
+    assert 0 < copies <= len(tables) and len(moved) == copies

@@ -485,3 +485,18 @@ def test_the_tensorboard_writer_is_closed_when_the_steps_end(tmp_path, monkeypat
                         lambda name, *a: object() if name == "tensorboard" else find_spec(name, *a))  # fmt: skip
     train(_cfg(2, tensorboard=True), tmp_path / "r", data=_data([0, 1]))
     assert written and closed == [True]
+
+
+def test_a_sparse_row_gradient_is_summed_per_row_without_coalescing():
+    """A per-sample gather's gradient repeats rows (one entry per sample) and holds rows outside
+    the batch's (a null sample's gated row): summed per kept row, the others dropped."""
+    from kind.training.optim import rows_of_grad
+
+    index = torch.tensor([3, 0, 3, 5, 0, 3])
+    values = torch.arange(12.0).view(6, 2)
+    grad = torch.sparse_coo_tensor(index[None], values, (6, 2))  # uncoalesced
+    rows = torch.tensor([0, 3])
+    dense = torch.zeros(6, 2).index_add_(0, index, values)
+    assert torch.equal(rows_of_grad(grad, rows), dense[rows])
+    assert torch.equal(rows_of_grad(grad.coalesce(), rows), dense[rows])
+    assert torch.equal(rows_of_grad(dense, rows), dense[rows])

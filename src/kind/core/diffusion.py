@@ -140,9 +140,16 @@ class Diffusion:
         self.post_coef_xt = ((1 - ab_prev) * (1 - betas).sqrt() / (1 - ab)).float()
         self.post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]])).float()
         self.log_betas = torch.log(betas).float()
+        self._placed: dict[tuple[str, torch.device], torch.Tensor] = {}  # `_at`'s device copies
 
-    def _at(self, table: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
-        return table.to(t.device)[t].view(-1, *([1] * (ndim - 1)))  # [B, 1, 1, 1]
+    def _at(self, table: str, t: torch.Tensor, ndim: int = 1) -> torch.Tensor:
+        """The schedule table named `table` at timesteps t [B], shaped [B, 1, ...] to broadcast
+        over `ndim` dims. Each table goes to t's device once: a copy from host memory to a GPU
+        waits for the GPU, so copying per call would sync the host in every training step."""
+        key = (table, t.device)
+        if key not in self._placed:
+            self._placed[key] = getattr(self, table).to(t.device)
+        return self._placed[key][t].view(-1, *([1] * (ndim - 1)))  # [B, 1, 1, 1]
 
     def loss(
         self,
@@ -155,7 +162,7 @@ class Diffusion:
     ) -> torch.Tensor:
         """Per-sample loss [B] for clean data x0 [B, C, H, W], labels y, timesteps t and noise;
         `route` (a KIND model's, built once for the batch) goes to the model."""
-        ab = self._at(self.alphas_cumprod, t, x0.dim())
+        ab = self._at("alphas_cumprod", t, x0.dim())
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
         out = model(xt, t, y) if route is None else model(xt, t, y, route=route)  # [B, C(2C), H, W]
         C = x0.shape[1]
@@ -165,7 +172,7 @@ class Diffusion:
         )
         mse = ((pred - target) ** 2).flatten(1).mean(1)  # [B]
         if self.config.min_snr_gamma is not None:
-            snr = self.snr.to(t.device)[t]
+            snr = self._at("snr", t)  # [B]
             denom = snr if self.config.prediction == "eps" else snr + 1
             mse = mse * snr.clamp(max=self.config.min_snr_gamma) / denom
         if var_out.shape[1]:
@@ -173,7 +180,7 @@ class Diffusion:
         return mse
 
     def _predict_x0(self, pred: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        ab = self._at(self.alphas_cumprod, t, xt.dim())
+        ab = self._at("alphas_cumprod", t, xt.dim())
         if self.config.prediction == "eps":
             return (xt - (1 - ab).sqrt() * pred) / ab.sqrt()
         return ab.sqrt() * xt - (1 - ab).sqrt() * pred
@@ -183,11 +190,9 @@ class Diffusion:
         the mean is frozen (pred detached) so the bound trains the variance only. In bits/dim."""
         n = x0.dim()
         x0_hat = self._predict_x0(pred, xt, t)
-        mean_true = self._at(self.post_coef_x0, t, n) * x0 + self._at(self.post_coef_xt, t, n) * xt
-        mean_pred = (
-            self._at(self.post_coef_x0, t, n) * x0_hat + self._at(self.post_coef_xt, t, n) * xt
-        )
-        min_log, max_log = self._at(self.post_logvar, t, n), self._at(self.log_betas, t, n)
+        mean_true = self._at("post_coef_x0", t, n) * x0 + self._at("post_coef_xt", t, n) * xt
+        mean_pred = self._at("post_coef_x0", t, n) * x0_hat + self._at("post_coef_xt", t, n) * xt
+        min_log, max_log = self._at("post_logvar", t, n), self._at("log_betas", t, n)
         frac = (var_out + 1) / 2
         logvar_pred = frac * max_log + (1 - frac) * min_log
         kl = _normal_kl(mean_true, min_log, mean_pred, logvar_pred).flatten(1).mean(1)
@@ -275,8 +280,8 @@ class Diffusion:
         if t_prev < 0:
             return x0
         n = x.dim()
-        ab = self._at(self.alphas_cumprod, t, n)  # [B, 1, 1, 1]
-        ab_prev = self._at(self.alphas_cumprod, torch.full_like(t, t_prev), n)
+        ab = self._at("alphas_cumprod", t, n)  # [B, 1, 1, 1]
+        ab_prev = self._at("alphas_cumprod", torch.full_like(t, t_prev), n)
         eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise the (clipped) x̂₀ implies
         return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * eps
 

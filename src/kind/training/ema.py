@@ -50,6 +50,8 @@ class EMA:
         updated in each bank. One foreach lerp per distinct update count (one in a usual run,
         where every parameter moves every step), the weight computed once per count."""
         groups: dict[int, tuple[list, list]] = defaultdict(lambda: ([], []))
+        # Python builds the lists the foreach kernels take, as torch.optim does: no compute op
+        # runs per parameter (a parameter without a gradient this step keeps its count)
         for n, p in self.params.items():
             if p.grad is None:
                 continue

@@ -389,7 +389,8 @@ def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:
     grad_norm = _clip_grad_norm(opt, tc.grad_clip or math.inf)
     # One fused check, the step's one host sync: a non-finite loss or gradient is never applied.
     # (With fp16 the gradient scaler skips overflowing gradients and lowers its scale itself:
-    # those steps, part of finding the scale, are not counted as bad.)
+    # those steps, part of finding the scale, are not counted as bad. It reads its overflow flag
+    # and its scale on the host, three syncs more: fp16 is for GPUs without bf16.)
     finite = torch.isfinite(loss_sum if scaler.is_enabled() else loss_sum + grad_norm)
     finite = bool(distributed.all_min(finite, info))  # every rank skips the same steps
     if finite:
@@ -414,6 +415,7 @@ def _clip_grad_norm(opt: torch.optim.Optimizer, max_norm: float) -> torch.Tensor
     """clip_grad_norm_ over every gradient, the sparse ones of the row banks included (torch's
     clip_grad_norm_ takes dense gradients only); returns the norm before clipping, on the
     device."""
+    # the list the foreach kernels take, as torch's own clip_grad_norm_ builds it every call
     grads = [p.grad._values() if p.grad.is_sparse else p.grad
              for g in opt.param_groups for p in g["params"] if p.grad is not None]  # fmt: skip
     norm = torch.nn.utils.get_total_norm(grads)

@@ -28,14 +28,14 @@ from torch import nn
 def rows_of_grad(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """A bank's gradient at `rows` (sorted, distinct) as a dense [P, ...] tensor, from a dense or
     a sparse gradient (a sparse one's other rows, e.g. the row a tailorless null sample reads
-    with gate 0, are dropped). No host sync."""
+    with gate 0, are dropped). No host sync: a sparse gradient is read uncoalesced (coalescing
+    sizes its output from the data, which waits for a GPU); its repeated rows, a per-sample
+    gather's, add up in `index_add_`."""
     if not grad.is_sparse:
         return grad.index_select(0, rows)
-    index = grad._indices()[0]
+    index, values = grad._indices()[0], grad._values()  # [k], [k, ...]; rows may repeat
     if index.device.type == "cpu" and index.shape == rows.shape and torch.equal(index, rows):
-        return grad._values()  # already these rows (an eager blocked route's gather), no copy
-    g = grad.coalesce()
-    index, values = g.indices()[0], g.values()  # [k], [k, ...]
+        return values  # already these rows (an eager blocked route's gather), no copy
     pos = torch.searchsorted(rows, index).clamp(max=rows.numel() - 1)
     keep = (rows[pos] == index).to(values.dtype).view(-1, *[1] * (values.dim() - 1))
     return values.new_zeros(rows.numel(), *values.shape[1:]).index_add_(0, pos, values * keep)
