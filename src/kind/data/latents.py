@@ -33,7 +33,6 @@ Choices, each with its reason:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -63,13 +62,13 @@ from kind.data.store_format import FORMAT, LABELS_FILE, LATENTS_FILE, META_FILE
 from kind.io import (
     OutputDirError,
     atomic_dir,
-    atomic_write_text,
     check_new_dir,
     leftovers,
     read_json,
     sha256_file,
     verify_checksums,
     write_checksums,
+    write_json,
 )
 
 if TYPE_CHECKING:
@@ -563,7 +562,7 @@ def encode_to_store(
             "vae": str(Path(vae_path).expanduser().resolve()),
             **space,
         }
-        atomic_write_text(tmp / META_FILE, json.dumps(meta, indent=2))
+        write_json(tmp / META_FILE, meta)
         write_checksums(tmp)  # hashes latents.npy once here; LatentStore says when it reads it
     log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, latent_shape)
     return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -28,12 +27,11 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kind.core.images import to_model_range
 from kind.data.images import BUNDLED, parse_parts
-from kind.io import sha256_file
+from kind.io import atomic_save_tensors, read_json, read_tensors, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -201,12 +199,9 @@ def save_feature_net(
     weights that do not exist.
     """
     weights, sidecar = feature_net_paths(dataset, assets)
-    weights.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     # One metadata key only: safetensors writes the metadata map in a per-process random order,
     # so two keys made the file's bytes (and sha256) differ between identical runs.
-    save_file(state, str(weights), metadata={"architecture": SMALL_CNN_ARCH})
-    weights.chmod(0o644)  # safetensors writes 0600; a packaged asset must be world-readable
+    atomic_save_tensors(weights, module.state_dict(), {"architecture": SMALL_CNN_ARCH})
     info = {
         "architecture": SMALL_CNN_ARCH,
         "dataset": dataset,
@@ -215,9 +210,7 @@ def save_feature_net(
         "sha256": sha256_file(weights),
         **meta,
     }
-    tmp = sidecar.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, sidecar)
+    write_json(sidecar, info)
     return info
 
 
@@ -230,7 +223,7 @@ def load_feature_net(dataset: str, assets: Path | None = None) -> BundledFeature
             f"no bundled feature network for dataset {dataset!r} (looked for {weights} and "
             f"{sidecar.name}); build it with `{BUILD_SCRIPT} --datasets {dataset}`"
         )
-    info = json.loads(sidecar.read_text())
+    info = read_json(sidecar, "sha256", "architecture", "class_names", "feature_dim")
     digest = sha256_file(weights)
     if digest != info.get("sha256"):
         raise ValueError(
@@ -240,7 +233,7 @@ def load_feature_net(dataset: str, assets: Path | None = None) -> BundledFeature
     if info.get("architecture") != SMALL_CNN_ARCH:
         raise ValueError(f"{sidecar}: unknown architecture {info.get('architecture')!r}")
     module = SmallCNN(num_classes=len(info["class_names"]), feature_dim=info["feature_dim"])
-    module.load_state_dict(load_file(str(weights)))
+    module.load_state_dict(read_tensors(weights))
     module.eval().requires_grad_(False)
     log.debug("loaded feature net %s (sha256 %s)", weights, digest[:16])
     return BundledFeatureNet(

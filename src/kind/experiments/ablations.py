@@ -8,7 +8,6 @@ pre-trained with the orthogonality penalty. Writes OUT/ablations.md.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -137,7 +136,7 @@ def run_ablations(demo: Path, out: Path, jobs: int = 2, orth_weight: float = 1e-
         for method in ("kind", "full", "lora", "pissa"):
             path = result_path(demo, f"transfer/{task}/{method}/seed0")
             if path.is_file():
-                base[f"{task}/{method}"] = RunResult.from_dict(json.loads(path.read_text()))
+                base[f"{task}/{method}"] = RunResult.from_dict(read_json(path))
     rows = []
     for task in TASKS:
         for variant in VARIANTS:

@@ -34,7 +34,7 @@ from kind.experiments.presets import PRESETS, SOURCES, Preset, saved_preset
 from kind.experiments.report import write_report
 from kind.experiments.results import RunResult
 from kind.experiments.scheduler import Job, execute, result_path
-from kind.io import atomic_write_text, read_json, write_json
+from kind.io import read_json, write_json
 from kind.transfer.registry import check_budget, get
 
 
@@ -243,7 +243,7 @@ def run_demo(
         settings = {"preset": preset_name, **asked, "jobs": workers, "threads_per_job": threads,
                     "device": device}  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=2))
+        write_json(out / SETTINGS, settings)
 
     jobs_planned = plan(out, preset, threads, device)
     to_run = [j for j in jobs_planned if not result_path(out, j.name).is_file()]

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kind.experiments.results import Result, from_dict, to_dict
-from kind.io import atomic_write_text
+from kind.io import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def execute(
     for job in jobs:
         path = result_path(out, job.name)
         if path.is_file():
-            job.result = from_dict(json.loads(path.read_text()))
+            job.result = from_dict(read_json(path))
             done[job.name] = job
     pending = [] if report_only else [j for j in jobs if j.name not in done]
     bar = tqdm(
@@ -112,6 +112,8 @@ def execute(
                         failed[job.name] = "".join(traceback.format_exception_only(e)).strip()
                         log.error("job %s failed: %s", job.name, failed[job.name])
                         continue
+                    # JSON's own text, not write_json: a result may hold a NaN (a diverged
+                    # transfer's FID), which the report reads back as such
                     atomic_write_text(
                         result_path(out, job.name), json.dumps(to_dict(job.result), indent=2)
                     )

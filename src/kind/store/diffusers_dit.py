@@ -15,7 +15,6 @@ folder is, and how the position embedding's layout is reconciled, is `kind.store
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
 from kind.core.diffusion import PREDICTIONS, SCHEDULES, DiffusionConfig
-from kind.io import atomic_save_tensors, atomic_write_text, read_json, read_tensors
+from kind.io import atomic_save_tensors, read_json, read_tensors, write_json
 from kind.store.dit_official import block_count, check_dims, check_names
 
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -359,7 +358,7 @@ def write_folder(folder: Path, config: dict, state: dict[str, torch.Tensor]) -> 
     """config.json and the safetensors file into `folder` (inside a directory the caller writes
     atomically); every block's copy of the shared tensors is stored as a tensor of its own."""
     folder = Path(folder)
-    atomic_write_text(folder / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_json(folder / CONFIG, config)
     atomic_save_tensors(
         folder / WEIGHTS, {k: v.clone() for k, v in state.items()}, {"format": "pt"}
     )

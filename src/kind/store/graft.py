@@ -21,7 +21,6 @@ itself imports `kind.store.parts`.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import shutil
@@ -36,9 +35,9 @@ from kind.data.latents import CONFIG_SHA, check_space
 from kind.io import (
     atomic_dir,
     atomic_file,
-    atomic_write_text,
     check_new_dir,
     sha256_file,
+    write_json,
 )
 from kind.store.load import load_model
 from kind.store.modeldir import is_model_dir, write_card
@@ -152,7 +151,7 @@ def graft(parts_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Pa
             "tailors": dict(sorted(tailors.items(), key=lambda item: int(item[0]))),
             "grafted": manifest.get("grafted", []) + [grafted],
         }
-        atomic_write_text(tmp / MANIFEST, json.dumps(new_manifest, indent=2))
+        write_json(tmp / MANIFEST, new_manifest)
         write_card(
             tmp,
             parts_card(new_manifest, f"grafted by `kind-dit graft` onto `{parts_dir.resolve()}`"),

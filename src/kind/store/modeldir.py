@@ -8,7 +8,6 @@ This is what a run exports, what `assemble` writes and what `sample` reads; a me
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from kind.io import (
     read_tensors,
     verify_checksums,
     write_checksums,
+    write_json,
 )
 from kind.store.card import CARD, model_card, model_sizes
 from kind.store.runs import run_provenance
@@ -57,7 +57,7 @@ def save_model_dir(
     made = run_provenance(path) if made is None else made
     with atomic_dir(path, replace=replace) as tmp:
         meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
-        atomic_write_text(tmp / MODEL_JSON, json.dumps(meta, indent=2))
+        write_json(tmp / MODEL_JSON, meta)
         atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())
         write_card(tmp, model_card(meta, model_sizes(model), made))
         write_checksums(tmp)

@@ -17,7 +17,6 @@ model directory; `load_learngene` is where a transfer starts (`kind.transfer.kin
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -33,13 +32,13 @@ from kind.core.model import Attention, DiT, ModelConfig, count_params, load_stat
 from kind.io import (
     atomic_dir,
     atomic_save_tensors,
-    atomic_write_text,
     check_new_dir,
     is_a,
     kind_problem,
     read_json,
     read_tensors,
     sha256_file,
+    write_json,
 )
 from kind.store.card import manifest_sizes, model_card
 from kind.store.modeldir import save_model_dir, write_card
@@ -100,7 +99,7 @@ def decompose(
             },
             **(extra or {}),
         }
-        atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=2))
+        write_json(tmp / MANIFEST, manifest)
         write_card(tmp, parts_card(manifest, "decomposed by `kind-dit decompose`"))
     return out
 

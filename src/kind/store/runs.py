@@ -286,7 +286,7 @@ def claim_run_dir(out: Path, restart: bool) -> None:
     temporary files an interrupted write left behind."""
     out = Path(out)
     if not is_owned(out):
-        (out / MARKER).write_text("a kind-dit run directory\n")
+        atomic_write_text(out / MARKER, "a kind-dit run directory\n")
     if restart:
         for name in RUN_FILES:
             target = out / name

@@ -7,7 +7,6 @@ to a default.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from kind.core.diffusion import DiffusionConfig
 from kind.core.model import SIZES, ModelConfig, parse_size
 from kind.core.seeds import SEED_MAX
 from kind.data.images import MAX_IMAGE_SIZE
-from kind.io import atomic_write_text, is_a, type_name
+from kind.io import is_a, type_name, write_json
 
 MAX_CHANNELS = 64  # image or latent channels: SD3/FLUX VAEs have 16
 
@@ -286,7 +285,7 @@ def _read_yaml(path: Path) -> Any:
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    atomic_write_text(path, json.dumps(cfg.to_dict(), indent=2))
+    write_json(path, cfg.to_dict())
 
 
 def read_group_file(path: str, class_names: list[str]) -> list[int]:

@@ -23,7 +23,6 @@ checkpoint and draw sample grids.
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
 import time
@@ -44,7 +43,7 @@ from kind.core.model import DiT, ModelConfig
 from kind.core.sampling import generate_sharded
 from kind.data.dataset import Dataset, open_dataset
 from kind.data.latents import check_space, decoder
-from kind.io import CHECKSUMS, atomic_write_text, read_json, sha256_file
+from kind.io import CHECKSUMS, read_json, sha256_file, write_json
 from kind.store.load import load_model
 from kind.store.modeldir import MODEL_WEIGHTS, is_model_dir, save_model_dir
 from kind.store.runs import (
@@ -244,7 +243,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         run_meta = (meta or {}) | {"latent": data.latent, "data": _data_record(cfg, data)}
         if init_record is not None:
             run_meta["init_from"] = init_record
-        atomic_write_text(out / RUN_JSON, json.dumps(run_meta, indent=2))
+        write_json(out / RUN_JSON, run_meta)
     distributed.barrier(info)
 
     net: nn.Module = model
@@ -336,7 +335,7 @@ def _record_changes(cfg: Config, out: Path, step: int) -> None:
     save_config(cfg, out / CONFIG_JSON)
     run = read_run_record(out)
     run.setdefault("resumed", []).append({"step": step, "changed": changed})
-    atomic_write_text(out / RUN_JSON, json.dumps(run, indent=2))
+    write_json(out / RUN_JSON, run)
 
 
 def train_step(run: _Run) -> tuple[torch.Tensor, torch.Tensor]:

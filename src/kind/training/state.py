@@ -9,7 +9,6 @@ sha256 of every file, checked before a resume reads them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +18,13 @@ from kind.core.model import DiT, is_per_part, load_state
 from kind.io import (
     atomic_dir,
     atomic_save_tensors,
-    atomic_write_text,
     is_a,
     read_json,
     read_tensors,
     type_name,
     verify_checksums,
     write_checksums,
+    write_json,
 )
 from kind.store.runs import (
     checkpoint_dir,
@@ -106,7 +105,7 @@ class TrainState:
                 "elapsed_s": seconds,
                 "skipped_steps": self.skipped,
             }
-            atomic_write_text(d / "state.json", json.dumps(state))
+            write_json(d / "state.json", state)
             write_checksums(d)
         prune_checkpoints(run_dir, keep)
         return path
