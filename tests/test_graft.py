@@ -12,8 +12,8 @@ import torch
 from cli_options import SHORT, TRANSFER_SHORT
 from kind.cli.main import main
 from kind.core.decomposition import PartsError
-from kind.io import OutputDirError, sha256_file
-from kind.store.graft import graft, tensor_sha256
+from kind.io import OutputDirError, sha256_file, tensor_sha256
+from kind.store.graft import graft
 from kind.store.load import load_model
 from kind.store.parts import load_parts
 

@@ -21,7 +21,6 @@ import shutil
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 from kind.cli.main import main
 from kind.core.decomposition import merge
@@ -146,12 +145,18 @@ def test_reference_computes_dits_timestep_features():
 
 
 def test_position_embedding_channel_orders():
-    """DiT's table (ours) is diffusers' table; kind-dit's own holds DiT's channels in the order
-    `residual_order` reports (the two halves swapped), which the weights are permuted to."""
+    """DiT's table is MAE's formula (column in the first half of the channels, row in the second,
+    each sines then cosines of 10000^(-k/(dim/4))); kind-dit's own holds DiT's channels in the
+    order `residual_order` reports (the two halves swapped), which the weights are permuted to."""
     for dim, grid in ((128, 4), (64, 3), (1152, 16)):
         ours = dit_pos_embed(dim, grid)
-        theirs = get_2d_sincos_pos_embed(dim, grid, base_size=grid, output_type="pt").float()
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+        quarter = dim // 4
+        omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+        row, col = torch.div(torch.arange(grid * grid), grid, rounding_mode="floor"), (
+            torch.arange(grid * grid) % grid)  # fmt: skip
+        col_angle, row_angle = col[:, None] * omega, row[:, None] * omega  # [T, dim/4]
+        formula = torch.cat([col_angle.sin(), col_angle.cos(), row_angle.sin(), row_angle.cos()], 1)
+        torch.testing.assert_close(ours, formula.float(), rtol=0, atol=1e-6)
         order = residual_order(sincos_pos_embed(dim, grid), dim)
         torch.testing.assert_close(sincos_pos_embed(dim, grid), ours[:, order], rtol=0, atol=1e-6)
 

@@ -266,6 +266,15 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes: equal exactly when the tensors are bit for bit
+    the same (unlike torch.equal, which calls -0.0 and 0.0 equal and NaN unequal to itself)."""
+    t = tensor.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -198,10 +198,13 @@ class LabelEmbedder(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, T, D] scaled and shifted per sample by [B, D] (broadcast over tokens)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention; its four linears are KIND layers in a KIND model (`linear`)."""
+
     def __init__(self, hidden: int, heads: int, linear):
         super().__init__()
         self.heads = heads
@@ -218,13 +221,15 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """DiT's MLP (tanh-GELU); both linears are KIND layers in a KIND model (`linear`)."""
+
     def __init__(self, hidden: int, inner: int, linear):
         super().__init__()
         self.fc1, self.fc2 = linear(hidden, inner), linear(inner, hidden)
         self.act = nn.GELU(approximate="tanh")
 
     def forward(self, x: torch.Tensor, route: Route | None) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x, route)), route)
+        return self.fc2(self.act(self.fc1(x, route)), route)  # [B, T, D] -> [B, T, inner] -> back
 
 
 class DiTBlock(nn.Module):
@@ -239,12 +244,15 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), adaln_linear(hidden, 6 * hidden))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, route: Route | None) -> torch.Tensor:
+        # c [B, D] -> [B, 6D] -> six [B, D]; each gate scales its branch per sample
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1), route)
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2), route)
 
 
 class FinalLayer(nn.Module):
+    """adaLN, then each token to its patch's output values (unpatchified by the model)."""
+
     def __init__(self, hidden: int, patch: int, out_channels: int, adaln_linear):
         super().__init__()
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)

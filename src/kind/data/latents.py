@@ -306,7 +306,7 @@ def _read_batches(
 _SHOWN_UNREADABLE = 20
 
 
-def _check_headers(items: Sequence[ImageItem], workers: int, show: bool) -> None:
+def _check_headers(items: Sequence[ImageItem], workers: int) -> None:
     """Open every image file of the listing (its header only: Pillow decodes lazily) before the
     VAE encodes anything, so a file that is no image (a saved error page, an empty file) stops
     the encode at its start, all of them named at once, rather than hours into it. A file
@@ -322,7 +322,7 @@ def _check_headers(items: Sequence[ImageItem], workers: int, show: bool) -> None
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         checked = tqdm(pool.map(problem, files, chunksize=256), total=len(files),
-                       desc="check images", unit="img", disable=not show, dynamic_ncols=True)  # fmt: skip
+                       desc="check images", unit="img", dynamic_ncols=True)  # fmt: skip
         bad = [p for p in checked if p is not None]
     if bad:
         more = f"; and {len(bad) - _SHOWN_UNREADABLE} more" if len(bad) > _SHOWN_UNREADABLE else ""
@@ -501,7 +501,7 @@ def encode_to_store(
             )
         listed = list_images(spec, split, limit_per_class)
         if main:  # one rank opens them all; the others learn of a refusal from `_together`
-            _check_headers(listed[0], workers, show=True)
+            _check_headers(listed[0], workers)
         on = pick_device(device) if isinstance(device, str) else device
         vae = load_vae(vae_path, compute).to(on)
         return listed, vae, space

@@ -31,7 +31,14 @@ from torch import nn
 
 from kind.core.images import to_model_range
 from kind.data.images import BUNDLED, parse_parts
-from kind.io import atomic_save_tensors, read_json, read_tensors, sha256_file, write_json
+from kind.io import (
+    atomic_save_tensors,
+    read_json,
+    read_tensors,
+    sha256_file,
+    tensor_sha256,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +169,7 @@ class BundledFeatureNet:
         of its parameters stands in for a file hash so cached reference features stay apart."""
         h = hashlib.sha256()
         for key, value in sorted(module.state_dict().items()):
-            h.update(key.encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+            h.update(f"{key}:{tensor_sha256(value)}".encode())
         module.eval().requires_grad_(False)
         return cls(module=module, name=name, sha256=h.hexdigest(), class_names=list(class_names))
 

@@ -22,8 +22,8 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
 LICENSE = "CC-BY-NC-4.0"
 LICENSE_URL = "https://creativecommons.org/licenses/by-nc/4.0/"
@@ -36,19 +36,11 @@ _BLOCK = re.compile(r"blocks\.(\d+)\.")
 
 
 def dit_pos_embed(dim: int, grid: int) -> torch.Tensor:
-    """DiT's fixed position embedding [grid*grid, dim], computed as `models.py` does (MAE's
-    `get_2d_sincos_pos_embed`): the first half of the channels codes a token's column, the
-    second half its row."""
-
-    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
-        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    axis = np.arange(grid, dtype=np.float32)
-    col, row = np.meshgrid(axis, axis)  # col[i, j] = j, row[i, j] = i
-    emb = np.concatenate([one_axis(dim // 2, col), one_axis(dim // 2, row)], axis=1)
-    return torch.from_numpy(emb).float()
+    """DiT's fixed position embedding [grid*grid, dim], as `models.py` computes it (MAE's
+    `get_2d_sincos_pos_embed`, which diffusers ports: with the grid as its base size it does not
+    rescale positions): the first half of the channels codes a token's column, the second half
+    its row."""
+    return get_2d_sincos_pos_embed(dim, grid, base_size=grid, output_type="pt").float()
 
 
 def official_keys(depth: int) -> list[str]:

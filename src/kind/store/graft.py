@@ -20,7 +20,6 @@ itself imports `kind.store.parts`.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import shutil
@@ -37,6 +36,7 @@ from kind.io import (
     atomic_file,
     check_new_dir,
     sha256_file,
+    tensor_sha256,
     write_json,
 )
 from kind.store.load import load_model
@@ -60,15 +60,6 @@ _MAY_DIFFER = {"class_names", "class_to_group", "groups", "tailor_sigma", "null_
 _TAILOR = re.compile(r"\.tailors\.(\d+)\.")
 _ROW = re.compile(r"y_embedder\.rows\.(\d+)")
 _FIX_TRANSFER = "transfer again from PARTS with `kind-dit transfer PARTS --method kind`"
-
-
-def tensor_sha256(tensor: torch.Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes: equal exactly when the tensors are bit for bit
-    the same (unlike torch.equal, which calls -0.0 and 0.0 equal and NaN unequal to itself)."""
-    t = tensor.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def graft(parts_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Path:

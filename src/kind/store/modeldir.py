@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from kind.core.decomposition import MergedDiT
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, load_state
@@ -44,12 +42,11 @@ def save_model_dir(
     model: DiT | MergedDiT,
     diffusion: DiffusionConfig,
     extra: dict | None = None,
-    state: dict[str, torch.Tensor] | None = None,
     made: dict | None = None,
     replace: bool = False,
 ) -> None:
-    """Write `model.json` (architecture + diffusion config + `extra`), `model.safetensors`
-    (`state`, default the model's own) and the model card as one directory, atomically. `made`:
+    """Write `model.json` (architecture + diffusion config + `extra`), `model.safetensors` and
+    the model card as one directory, atomically. `made`:
     how the model was made, for its card (`kind.store.card.model_card`); default, for a run's
     `model/`, what the run's config.json and run.json record. `replace`: a model already at
     `path` is replaced (a run's `model/`, when a continued run ends again)."""
@@ -58,7 +55,7 @@ def save_model_dir(
     with atomic_dir(path, replace=replace) as tmp:
         meta = {"model": model.config.to_dict(), "diffusion": vars(diffusion), **(extra or {})}
         write_json(tmp / MODEL_JSON, meta)
-        atomic_save_tensors(tmp / MODEL_WEIGHTS, state if state is not None else model.state_dict())
+        atomic_save_tensors(tmp / MODEL_WEIGHTS, model.state_dict())
         write_card(tmp, model_card(meta, model_sizes(model), made))
         write_checksums(tmp)
 
