@@ -253,8 +253,9 @@ def test_image_size_must_fit_the_vae(tmp_path, vae_dir, monkeypatch):
         raise AssertionError("the VAE was loaded before the size was checked")
 
     monkeypatch.setattr(kind.data.latents, "load_vae", unloaded)
-    for size in (15, 4096):  # not a multiple of its factor; past the largest image size
-        with pytest.raises(LatentError, match="multiple of the VAE's downsampling factor 2"):
+    for size, needle in ((15, "multiple of the VAE's downsampling factor 2"),
+                         (4096, "from 1 to 2048, got 4096")):  # fmt: skip
+        with pytest.raises(DataError, match=needle):
             encode_cpu("mnist:0", tmp_path / "odd", vae_dir, size, limit_per_class=1)
         assert list(tmp_path.iterdir()) == []  # no store, no temporary store file
 

@@ -85,6 +85,7 @@ import torch
 from PIL import Image
 
 from kind.data.store_format import is_store
+from kind.io import is_a
 
 log = logging.getLogger(__name__)
 
@@ -638,10 +639,10 @@ def _check_split(split: str) -> None:
 MAX_IMAGE_SIZE = 2048
 
 
-def _check_size(image_size: int | None) -> None:
+def check_image_size(image_size: int | None) -> None:
+    """A DataError unless `image_size` is None (the data's own) or a whole 1..MAX_IMAGE_SIZE."""
     if image_size is not None and (
-        isinstance(image_size, bool)
-        or not isinstance(image_size, int | np.integer)
+        not (is_a(image_size, int) or isinstance(image_size, np.integer))
         or not 1 <= image_size <= MAX_IMAGE_SIZE
     ):
         raise DataError(
@@ -682,7 +683,7 @@ def list_images(
 def read_image(item: ImageItem, image_size: int, channels: int = 3) -> np.ndarray:
     """One item of ``list_images`` as uint8 [image_size, image_size, channels], made the way
     ``load_images`` makes it (centre crop, bicubic resize, grey <-> RGB)."""
-    _check_size(image_size)
+    check_image_size(image_size)
     if channels not in (1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels!r}.")
     if isinstance(item, BundledImage):
@@ -702,7 +703,7 @@ def load_images(
     _check_split(split)
     if channels not in (None, 1, 3):
         raise DataError(f"channels must be 1 or 3, got {channels!r}.")
-    _check_size(image_size)
+    check_image_size(image_size)
     size = None if image_size is None else int(image_size)
     parts = parse_parts(spec)
     if any(dataset not in BUNDLED for dataset, _ in parts):

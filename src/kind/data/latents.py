@@ -50,9 +50,9 @@ from tqdm.auto import tqdm
 from kind.core.device import pick_device
 from kind.core.images import to_uint8
 from kind.data.images import (
-    MAX_IMAGE_SIZE,
     DataError,
     ImageItem,
+    check_image_size,
     list_images,
     parse_spec,
     read_image,
@@ -63,6 +63,7 @@ from kind.io import (
     OutputDirError,
     atomic_dir,
     check_new_dir,
+    is_a,
     leftovers,
     read_json,
     sha256_file,
@@ -487,17 +488,13 @@ def encode_to_store(
         compute = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if compute not in DTYPES.values():
             raise LatentError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
-        space = vae_space(vae_path)  # its config: the size is checked before the VAE loads
+        check_image_size(image_size)  # and below, with the VAE's config, before it loads
+        space = vae_space(vae_path)
         f = space["downsampling"]
-        if (
-            isinstance(image_size, bool)
-            or not isinstance(image_size, int)
-            or not 1 <= image_size <= MAX_IMAGE_SIZE
-            or image_size % f
-        ):
+        if image_size % f:
             raise LatentError(
-                f"image_size must be a multiple of the VAE's downsampling factor {f} from 1 to "
-                f"{MAX_IMAGE_SIZE}, got {image_size!r} (256 gives 32x32 latents with an SD VAE)."
+                f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
+                f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
             )
         listed = list_images(spec, split, limit_per_class)
         if main:  # one rank opens them all; the others learn of a refusal from `_together`
@@ -575,11 +572,7 @@ FULL_CHECK_BYTES = 1 << 30  # latents.npy up to this size is hashed on every ope
 
 
 def _is_int(value, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return is_a(value, int) and value >= least
 
 
 class LatentStore:
@@ -676,7 +669,7 @@ class LatentStore:
             and all(_is_int(s, 1) for s in shape),
             "image_size": _is_int(meta["image_size"], 1),
             "vae": isinstance(meta["vae"], str),
-            **{k: _is_number(meta[k]) for k in ("scaling_factor", "shift_factor") if k in meta},
+            **{k: is_a(meta[k], float) for k in ("scaling_factor", "shift_factor") if k in meta},
             **{k: _is_int(meta[k], 1) for k in ("latent_channels", "downsampling") if k in meta},
         }
         bad = [f"{k} {meta[k]!r}" for k, good in ok.items() if not good]

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 from kind.experiments.presets import SOURCES
 from kind.experiments.results import DeployResult, RunResult, SizeCurveResult
+from kind.transfer.registry import METHODS
 
 SUPPORTED, NOT_SUPPORTED, UNRESOLVED = "supported", "not supported", "unresolved"
 WITHIN_NOISE = "within noise"
-PEFT = ("lora", "pissa", "oft")  # the parameter-efficient baselines the claims name
+# the parameter-efficient baselines the claims name: the budgeted ones, sized to KIND's count
+PEFT = tuple(name for name, method in METHODS.items() if method.budgeted)
 # two trainable counts within 5 % are one budget (a LoRA rank step lands within 1 % at the
 # demo's sizes; a LoRA capped at full rank, or KIND with its null tailor, is 25-60 % off)
 MATCHED = 0.05

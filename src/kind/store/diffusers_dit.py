@@ -24,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler, SchedulerMixin
 
 from kind.core.diffusion import PREDICTIONS, SCHEDULES, DiffusionConfig
-from kind.io import atomic_save_tensors, read_json, read_tensors, write_json
+from kind.io import atomic_save_tensors, is_a, read_json, read_tensors, write_json
 from kind.store.dit_official import block_count, check_dims, check_names
 
 CONFIG, WEIGHTS = "config.json", "diffusion_pytorch_model.safetensors"
@@ -185,13 +185,9 @@ def read_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         )
     config = {k: v for k, v in config.items() if v is not None or k not in _DEFAULTS}
     for key, value in config.items():  # the shapes read from it below are whole numbers
-        if (
-            key in _INT_KEYS
-            and value is not None
-            and (isinstance(value, bool) or not isinstance(value, int))
-        ):
+        if key in _INT_KEYS and value is not None and not is_a(value, int):
             raise ValueError(f"{folder / CONFIG}: {key} = {value!r} is not an integer")
-        if key == "norm_eps" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        if key == "norm_eps" and not is_a(value, float):
             raise ValueError(f"{folder / CONFIG}: norm_eps = {value!r} is not a number")
     if (folder / WEIGHTS).is_file():
         return config, read_tensors(folder / WEIGHTS)

@@ -40,9 +40,7 @@ def check_rank(key: str, rank: float) -> None:
 
 def _count(key: str, value: Any, low: int, optional: bool = False, high: int | None = None) -> None:
     ok = (optional and value is None) or (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and low <= value <= (math.inf if high is None else high)
+        is_a(value, int) and low <= value <= (math.inf if high is None else high)
     )
     wanted = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
     check_range(key, value, ok, wanted + (" or null" if optional else ""))
@@ -50,9 +48,7 @@ def _count(key: str, value: Any, low: int, optional: bool = False, high: int | N
 
 def _real(key: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False,
           open_high: bool = False, optional: bool = False) -> None:  # fmt: skip
-    finite_ok = (
-        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    finite_ok = is_a(value, float) and math.isfinite(value)
     ok = (optional and value is None) or (
         finite_ok
         and (value > low if open_low else value >= low)
