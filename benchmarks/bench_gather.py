@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kind.core.sampling as sampling
-from kind.training.distributed import DistInfo
+from kind.core.distributed import DistInfo
 
 
 def _fill(model, diffusion, labels, *, indices, device, **kwargs):

@@ -136,7 +136,7 @@ SHARES = """
 import atexit, os, sys, torch
 import torch.distributed as dist
 import kind.core.sampling as sampling
-from kind.training.distributed import setup
+from kind.core.distributed import setup
 
 # runs after the handler setup registers (last in, first out): the group is gone by then
 atexit.register(lambda: dist.is_initialized() and os._exit(3))
@@ -260,7 +260,7 @@ FAILING_RANK = """
 import sys
 from pathlib import Path
 from kind.data.latents import encode_to_store
-from kind.training.distributed import setup
+from kind.core.distributed import setup
 
 info = setup("cpu")
 root, vae, tmp = sys.argv[1], sys.argv[2], Path(sys.argv[3])

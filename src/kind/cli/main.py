@@ -124,14 +124,14 @@ def main(argv: list[str] | None = None) -> None:
 def _end_rank(code: int) -> None:
     """End a torchrun rank without the interpreter's teardown: its process group destroyed and
     its output flushed, then `os._exit`. Even with the group destroyed first
-    (`kind.training.distributed.shutdown`), a rank now and then died with SIGABRT at exit
+    (`kind.core.distributed.shutdown`), a rank now and then died with SIGABRT at exit
     ("terminate called without an active exception", once in a few dozen two-rank runs here),
     which torchrun reports as a failed job (and restarts, with --max-restarts) after work that
     succeeded; skipping the teardown (C++ static destructors and the threads they join) leaves
     nothing to fail. A process that joined no group (no torchrun) exits as usual."""
     import torch.distributed as dist
 
-    from kind.training.distributed import shutdown
+    from kind.core.distributed import shutdown
 
     if not (dist.is_available() and dist.is_initialized()):
         return
@@ -145,7 +145,7 @@ def _end_rank(code: int) -> None:
 def _one_process(command: str) -> None:
     """Refuse a command that does not spread over ranks when torchrun started several: each rank
     would do the whole job, and all but one would find its output written by another."""
-    from kind.training.distributed import launched_world
+    from kind.core.distributed import launched_world
 
     if (world := launched_world()) > 1:
         ranked = ", ".join(c.NAME for c in RANKED)

@@ -85,11 +85,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Draw --n samples a class (sharded over ranks under torchrun); rank 0 writes PNG + npz."""
+    from kind.core import distributed
     from kind.core.decomposition import resolve_classes
     from kind.core.images import save_grid, save_npz
     from kind.core.sampling import generate_sharded
     from kind.store.load import load_model
-    from kind.training import distributed
     from kind.training.config import SampleConfig
 
     out = Path(args.out)

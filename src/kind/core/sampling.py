@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
+from kind.core.distributed import DistInfo
 from kind.core.images import to_uint8
 from kind.core.seeds import NULL_CLASS, class_indices, sample_seed
 
@@ -81,8 +82,10 @@ def generate(
     return torch.cat(out)
 
 
-def generate_sharded(model, diffusion, labels: list[int], info, **kwargs) -> torch.Tensor | None:
-    """`generate` spread over the ranks of a torchrun job (`info`: kind.training.distributed.DistInfo):
+def generate_sharded(
+    model, diffusion, labels: list[int], info: DistInfo, **kwargs
+) -> torch.Tensor | None:
+    """`generate` spread over the ranks of a torchrun job (`info`: this rank's DistInfo):
     each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
     None). Per-sample seeds make the result the same as one process drawing everything. With
     fewer labels than ranks·share, the last ranks draw nothing and send nothing.

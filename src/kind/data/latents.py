@@ -48,6 +48,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from kind.core.device import pick_device
+from kind.core.distributed import DistInfo
 from kind.core.images import to_uint8
 from kind.data.images import (
     DataError,
@@ -373,7 +374,7 @@ def _encode_into(
         os.fsync(f.fileno())  # on disk before rank 0 renames the store into place
 
 
-def _together(step: Callable[[], T], info) -> T:
+def _together(step: Callable[[], T], info: DistInfo | None) -> T:
     """``step()`` on every rank of a torchrun job (``info``; None: one process), then one
     collective that every rank reaches whether its step failed or not: a rank's own error is
     raised there, every other rank raises one naming the ranks that failed. So no rank waits on
@@ -399,7 +400,7 @@ def _together(step: Callable[[], T], info) -> T:
     return result
 
 
-def _broadcast(tmp: Path | None, listing: str, info) -> list:
+def _broadcast(tmp: Path | None, listing: str, info: DistInfo) -> list:
     """[rank 0's temporary store directory, rank 0's image listing digest], on every rank."""
     import torch.distributed as dist
 
@@ -408,7 +409,7 @@ def _broadcast(tmp: Path | None, listing: str, info) -> list:
     return sent
 
 
-def _rank_sees(sent: list, listing: str, info) -> Path:
+def _rank_sees(sent: list, listing: str, info: DistInfo) -> Path:
     """Rank 0's temporary store directory, checked from this rank: the same images listed (a node
     that sees another folder would scramble the rows) and the directory visible."""
     if sent[1] != listing:
@@ -460,7 +461,7 @@ def encode_to_store(
     dtype: torch.dtype | str = torch.float32,
     workers: int = 4,
     limit_per_class: int | None = None,
-    info=None,
+    info: DistInfo | None = None,
 ) -> Path:
     """Encode the ``split`` of a data spec with the VAE at ``vae_path`` into a new store ``out``.
 
@@ -471,7 +472,7 @@ def encode_to_store(
     ``workers`` threads read images. The store is built in a temporary directory beside ``out``
     and renamed into place at the end, so ``out`` is either complete or absent; an existing
     non-empty ``out`` is refused. ``limit_per_class`` keeps the first images of each class.
-    Under torchrun (``info``: kind.training.distributed.DistInfo) each rank encodes a contiguous
+    Under torchrun (``info``: its DistInfo) each rank encodes a contiguous
     share of the images into the one store, which every node must see; rank 0 makes and
     publishes it, and the store is the one a single process writes. Returns ``out``.
     """

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kind.core import distributed
 from kind.core.diffusion import Diffusion
 from kind.core.host_memory import keep_freed_memory
 from kind.core.images import GRID_CLASSES, GRID_PER_CLASS, save_grid
@@ -55,7 +56,6 @@ from kind.store.runs import (
     run_lock,
     usable_checkpoints,
 )
-from kind.training import distributed
 from kind.training.config import Config, read_group_file, save_config
 from kind.training.log import CsvLog
 from kind.training.optim import keep_rows
