@@ -220,7 +220,9 @@ def test_ranks_that_disagree_on_resuming_stop_before_writing(trained, tmp_path):
 
 
 def _image_folder(root: Path, broken: str | None = None) -> Path:
-    """Three RGB classes of 7 images (train: 6 a class); `broken` names one file to damage."""
+    """Three RGB classes of 7 images (train: 6 a class); `broken` names one file to cut short:
+    its header still reads, so encoding's up-front check passes it and the rank that decodes
+    it fails."""
     rng = np.random.default_rng(0)
     for name in "abc":
         (root / name).mkdir(parents=True)
@@ -228,7 +230,8 @@ def _image_folder(root: Path, broken: str | None = None) -> Path:
             img = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
             Image.fromarray(img).save(root / name / f"{i}.png")
     if broken:
-        (root / broken).write_bytes(b"not a png")
+        whole = (root / broken).read_bytes()
+        (root / broken).write_bytes(whole[: len(whole) // 2])
     return root
 
 
