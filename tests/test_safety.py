@@ -346,6 +346,14 @@ def _edited_record(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
 
 
+def _record_made_a_directory(tmp: Path, made: Path) -> list[str]:
+    """run.json replaced by a directory (a sync tool's conflict, a hand mistake), then a resume."""
+    run = _copy(made, tmp)
+    (run / "run.json").unlink()
+    (run / "run.json").mkdir()
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
+
+
 def _match_a_numbered_data(tmp: Path, made: Path) -> list[str]:
     """--match-kind of a KIND transfer run whose config.json data is a number, not a spec."""
     run = _copy(made, tmp)
@@ -471,6 +479,7 @@ CASES = [
         untouched=False,
     ),  # fmt: skip
     Case("run.json with a text record", _edited_record, 2, "transfer is 'x', not a JSON object"),
+    Case("run.json made a directory", _record_made_a_directory, 2, "is a directory where a file"),
     Case(
         "--match-kind a run whose data is 5",
         _match_a_numbered_data,

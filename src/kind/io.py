@@ -192,12 +192,22 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _existing_file(path: Path) -> Path:
+    """`path`, refused by name when it is missing or something other than a file (a directory
+    where a record belongs reads as a raw "Is a directory" error further on)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory where a file belongs; the run or model "
+                                "holding it is damaged (restore it from a copy)")  # fmt: skip
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
 def read_json(path: Path, *required: str) -> dict:
     """A JSON object from `path` holding the top-level keys `required`; a damaged or hand-edited
     file (not JSON, not an object, a key missing) is a ValueError that names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = _existing_file(path)
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -255,9 +265,7 @@ def type_name(kind) -> str:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    path = _existing_file(path)
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error types for truncated headers etc.

@@ -145,9 +145,9 @@ def read_run_record(run_dir: Path) -> dict:
     a record of the wrong JSON kind (`"transfer": "x"`) is an error that names it, not an
     AttributeError wherever the record is first used."""
     path = Path(run_dir) / RUN_JSON
-    if not path.is_file():
+    if not path.exists():
         return {}
-    run = read_json(path)
+    run = read_json(path)  # a directory in its place is named there
     problem = kind_problem(run, RUN_RECORDS)
     if problem:
         raise ValueError(f"{path}: {problem}; the file is damaged or was edited by hand")
