@@ -546,12 +546,16 @@ def _to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).reshape(size, size, channels)  # [H, W, C]
 
 
+# what Pillow raises for a file that is no image, or a damaged one
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def _read_image(path: Path, size: int, channels: int) -> np.ndarray:
     """uint8 [size, size, channels] of an image file; a DataError naming the file if unreadable."""
     try:
         with Image.open(path) as image:
             return _to_array(image, size, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UNREADABLE as err:
         raise DataError(
             f"cannot read image file {path} ({type(err).__name__}: {err}); "
             "remove or replace the file."

@@ -51,6 +51,7 @@ from kind.core.device import pick_device
 from kind.core.distributed import DistInfo
 from kind.core.images import to_uint8
 from kind.data.images import (
+    UNREADABLE,
     DataError,
     ImageItem,
     check_image_size,
@@ -319,7 +320,7 @@ def _check_headers(items: Sequence[ImageItem], workers: int) -> None:
         try:
             with Image.open(path):
                 return None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except UNREADABLE as err:
             return f"{path} ({type(err).__name__}: {err})"
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
