@@ -3,6 +3,7 @@ the tailors of classes absent from the whole global batch stay untouched (invari
 ranks)."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -250,13 +251,23 @@ def test_encoding_over_two_ranks_writes_the_store_one_process_writes(vae_dir, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "one", "two"]  # no temporary
 
 
-def test_a_rank_that_fails_to_encode_stops_every_rank_and_leaves_nothing(vae_dir, tmp_path):
+def test_a_rank_that_fails_to_encode_stops_every_rank_and_one_process_resumes(vae_dir, tmp_path):
+    """Rank 1 meets a broken image: both ranks stop, rank 0's rows stay on disk, and once the
+    file is whole again one process continues the encode into the store it would have made."""
     root = _image_folder(tmp_path / "imgs", broken="c/6.png")  # in the last rank's share
-    done = _launch(2, "-m", "kind.cli", "encode", "--data", str(root), "--vae", str(vae_dir),
-                   "--image-size", "16", "--device", "cpu", "--workers", "0", "--out",
-                   str(tmp_path / "store"), ok=False)  # fmt: skip
+    args = ["encode", "--data", str(root), "--vae", str(vae_dir), "--image-size", "16",
+            "--device", "cpu", "--workers", "0", "--batch-size", "4", "--out"]  # fmt: skip
+    done = _launch(2, "-m", "kind.cli", *args, str(tmp_path / "store"), ok=False)
     assert "6.png" in done.stderr and "encoding stopped: rank(s) 1 failed" in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]  # no store, no temporary
+    assert "with 17 of 18 images encoded, kept in" in done.stderr  # all but the broken one
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.partial.tmp", "imgs"]
+    _image_folder(tmp_path / "whole")  # the same images, none broken
+    shutil.copy(tmp_path / "whole" / "c" / "6.png", root / "c" / "6.png")
+    _cli(1, *args, str(tmp_path / "store"), "--resume")
+    _cli(1, *args, str(tmp_path / "one"), "--auto-resume")  # nothing to continue: starts
+    for name in ("latents.npy", "labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "store" / name), np.load(tmp_path / "one" / name))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "one", "store", "whole"]
 
 
 FAILING_RANK = """

@@ -204,15 +204,98 @@ def test_corrupt_image_error_names_the_file_and_leaves_nothing(tmp_path, vae_dir
     ):
         encode_cpu(str(root), tmp_path / "out", vae_dir, SIZE, batch_size=2, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
-    monkeypatch.undo()
-    # a file whose header reads but whose data are cut short is named where it is decoded
-    good = (root / "a" / "2.png").read_bytes()
-    for name in ("1.png", "3.png"):
-        (root / ("a" if name == "1.png" else "b") / name).write_bytes(good)
-    (root / "b" / "3.png").write_bytes(good[: len(good) // 2])
+
+
+def test_a_stopped_encode_keeps_its_rows_and_resume_makes_the_same_store(
+    tmp_path, vae_dir, folder_store, monkeypatch, caplog
+):
+    """An image cut short after a readable header stops the encode where it is decoded: the
+    rows before it stay on disk, and --resume, once the file is replaced, encodes only the rest
+    into the store an uninterrupted encode makes. What cannot be continued is refused."""
+    import kind.data.latents
+
+    root = shutil.copytree(folder_store[0], tmp_path / "imgs")
+    good = (root / "b" / "3.png").read_bytes()
+    (root / "b" / "3.png").write_bytes(good[: len(good) // 2])  # the 8th of 9 images
+    out, partial = tmp_path / "out", tmp_path / ".out.partial.tmp"
+    encode = functools.partial(encode_cpu, str(root), out, vae_dir, SIZE, batch_size=3, workers=2)
     with pytest.raises(DataError, match=r"cannot read image file .*b/3\.png"):
-        encode_cpu(str(root), tmp_path / "out", vae_dir, SIZE, batch_size=2, workers=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]
+        encode()
+    assert not out.exists() and "6 of 9 images encoded, kept in" in caplog.text
+    assert (np.fromfile(partial / "done.bin", np.uint8) == [1] * 6 + [0] * 3).all()
+    with pytest.raises(OutputDirError, match=r"unfinished encode \(6 of 9 images.*--resume"):
+        encode()  # not without --resume
+    with pytest.raises(LatentError, match="was another job: image_size 16 then, 32 now"):
+        encode_cpu(str(root), out, vae_dir, 32, resume=True)
+    (root / "b" / "3.png").write_bytes(good)  # the same file, whole
+    read = []
+    monkeypatch.setattr(kind.data.latents, "read_image",
+                        lambda item, *a: read.append(item) or read_image(item, *a))  # fmt: skip
+    encode(resume=True)
+    assert len(read) == 3 and not partial.exists()  # only the rows not yet on disk
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in folder_store[1].iterdir()
+    )
+    for name in ("latents.npy", "labels.npy"):
+        assert np.array_equal(np.load(out / name), np.load(folder_store[1] / name)), name
+    made, want = (json.loads((d / "meta.json").read_text()) for d in (out, folder_store[1]))
+    assert made | {"spec": "", "dataset": ""} == want | {"spec": "", "dataset": ""}  # paths
+    with pytest.raises(LatentError, match="no unfinished encode of .*run without --resume"):
+        encode_cpu(str(root), tmp_path / "new", vae_dir, SIZE, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]
+    encode_cpu(str(root), tmp_path / "new", vae_dir, SIZE, batch_size=3, resume="auto")  # starts
+    assert np.array_equal(np.load(tmp_path / "new" / "latents.npy"), np.load(out / "latents.npy"))
+
+
+KILLED = """
+import os, signal, sys
+import torch
+import kind.data.latents as latents
+
+torch.set_num_threads(1)
+latents.SYNC_SECONDS = 0  # marks after every batch
+read = latents.read_image
+def read_or_die(item, *args):  # killed as it reads the 8th image, mid-batch
+    if item.parent.name == "b" and item.name == "3.png":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read(item, *args)
+latents.read_image = read_or_die
+latents.encode_to_store(sys.argv[1], sys.argv[2], sys.argv[3], 16, batch_size=3, device="cpu",
+                        workers=0)
+"""
+
+
+def test_an_encode_killed_mid_batch_resumes_into_the_same_store(tmp_path, vae_dir, folder_store):
+    """SIGKILL leaves the rows marked on disk, and only rows whose latents were on disk first:
+    --resume then makes the store an uninterrupted encode makes."""
+    import subprocess
+    import sys
+
+    script, out = tmp_path / "killed.py", tmp_path / "out"
+    script.write_text(KILLED)
+    root = str(folder_store[0])
+    done = subprocess.run([sys.executable, str(script), root, str(out), str(vae_dir)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == -9, done.stderr[-2000:]
+    marks = np.fromfile(tmp_path / ".out.partial.tmp" / "done.bin", np.uint8)
+    assert marks.tolist() == [1] * 6 + [0] * 3 and not out.exists()
+    encode_cpu(root, out, vae_dir, SIZE, batch_size=3, workers=0, resume=True)
+    assert np.array_equal(np.load(out / "latents.npy"), np.load(folder_store[1] / "latents.npy"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["killed.py", "out"]
+
+
+def test_an_encode_running_into_out_keeps_a_second_one_out(tmp_path, vae_dir):
+    """The unfinished store is locked while an encode writes it: another encode into the same
+    --out, continuing or not, stops without touching it."""
+    from kind.io import atomic_dir
+
+    out = tmp_path / "out"
+    with atomic_dir(out, resumable=True) as tmp:  # an encode at work (in this test's process)
+        (tmp / "latents.npy").write_bytes(b"being written")
+        with pytest.raises(OutputDirError, match="another process is writing .*out"):
+            encode_cpu("mnist:0", out, vae_dir, SIZE, limit_per_class=1, resume="auto")
+        assert (tmp / "latents.npy").read_bytes() == b"being written"
+        assert sorted(p.name for p in tmp.iterdir()) == ["latents.npy"]
 
 
 def test_existing_output_is_refused_but_an_empty_dir_is_filled(tmp_path, vae_dir):

@@ -7,6 +7,7 @@ the previous file whole. This module imports nothing from kind, so every layer m
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import glob
 import hashlib
@@ -17,8 +18,8 @@ import shutil
 import tempfile
 import types
 import typing
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -109,9 +110,11 @@ def check_link(out: Path) -> None:
         )
 
 
-def check_new_dir(out: str | Path) -> Path:
+def check_new_dir(out: str | Path, resumable: bool = False) -> Path:
     """`out` as a Path when a new directory of outputs may go there (absent, or an empty
-    directory; `atomic_dir` fills it); refused before anything is written otherwise."""
+    directory; `atomic_dir` fills it); refused before anything is written otherwise.
+    `resumable`: `out` may also hold its unfinished output (`partial_dir`), which the caller
+    continues or refuses."""
     out = Path(out)
     check_link(out)
     if out.exists() and not out.is_dir():
@@ -121,9 +124,11 @@ def check_new_dir(out: str | Path) -> Path:
         raise OutputDirError(
             f"{above} is a file, so {out} cannot be made; choose another output directory"
         )
-    if out.exists() and any(out.iterdir()):
-        name = _target(out).name
-        entries = [p.name for p in out.iterdir()]
+    name = _target(out).name
+    entries = [p.name for p in out.iterdir()] if out.exists() else []
+    if resumable:
+        entries = [e for e in entries if e != _partial_name(name)]
+    if entries:
         if all(re.fullmatch(rf"\.{re.escape(name)}\..+\.tmp", e) for e in entries):
             raise OutputDirError(
                 f"{out} holds only the unfinished output of an interrupted kind-dit command "
@@ -146,8 +151,44 @@ def leftovers(out: str | Path) -> list[Path]:
     return sorted(final.parent.glob(f".{glob.escape(final.name)}.*.tmp"))
 
 
+def _partial_name(name: str) -> str:
+    return f".{name}.partial.tmp"  # a `leftovers` name, which no `mkdtemp` name can be
+
+
+def partial_dir(out: str | Path) -> Path:
+    """Where `atomic_dir(out, resumable=True)` writes `out`'s unfinished output, under a fixed
+    name so a later command can find and continue it: the one already there, else inside `out`
+    when `out` is an empty directory, else beside it."""
+    final = _target(Path(out))
+    beside, inside = (where / _partial_name(final.name) for where in (final.parent, final))
+    if beside.exists() or not (final.is_dir() and all(p == inside for p in final.iterdir())):
+        return beside
+    return inside
+
+
 @contextmanager
-def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
+def hold_lock(path: Path, refuse: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (a file, made when missing, that names its holder; or a
+    directory) while the block runs; raise `refuse(holder)` when another process holds it. The
+    kernel drops the lock when the process ends, however it ends, so a crash leaves none."""
+    directory = path.is_dir()
+    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = "" if directory else os.pread(fd, 200, 0).decode(errors="replace").strip()
+            raise refuse(holder or "another process") from None
+        if not directory:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"kind-dit process {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
+
+
+@contextmanager
+def atomic_dir(final: Path, replace: bool = False, resumable: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it becomes `final` in one rename.
     An empty directory already there (a user's `--out`, perhaps a mount point or behind a
     symlink) is kept, with its permissions and the links to it: the temporary directory is made
@@ -157,9 +198,15 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
     model, saved again). Otherwise it is left alone and refused, as is a directory that appears,
     or fills, while the output is written: callers check their `--out` when they start
     (`check_new_dir`), and a directory filled since, by the user or by another command given
-    the same `--out`, holds someone's files."""
+    the same `--out`, holds someone's files.
+
+    `resumable`: the temporary directory is `partial_dir(final)`, reused when it is there (the
+    caller checks what it holds), locked against other processes while the block runs, and kept
+    when the block fails with something in it, so that a long job (encoding ImageNet) can
+    continue where it stopped."""
     final = _target(final)
-    in_place = final.is_dir() and not any(final.iterdir())
+    tmp = partial_dir(final) if resumable else None
+    in_place = final.is_dir() and all(p == tmp for p in final.iterdir())
     existed = final.exists() and not in_place
     if existed and not replace:
         raise OutputDirError(
@@ -168,28 +215,39 @@ def atomic_dir(final: Path, replace: bool = False) -> Iterator[Path]:
         )
     final.parent.mkdir(parents=True, exist_ok=True)
     where = final if in_place else final.parent
-    tmp = Path(tempfile.mkdtemp(dir=where, prefix=f".{final.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if in_place:
-            if any(p != tmp for p in final.iterdir()):
-                raise OutputDirError(f"{final} was filled while the output was written; nothing "
-                                     "of it was touched, choose another output directory")  # fmt: skip
-            for entry in sorted(tmp.iterdir()):
-                os.replace(entry, final / entry.name)
-        elif existed:  # `replace`: move the old one aside, then drop it
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            _publish(tmp, final, directory=True)
-            shutil.rmtree(old)
-        elif final.exists():
-            raise OutputDirError(f"{final} appeared while the output was written; nothing of it "
-                                 "was touched, choose another output directory")  # fmt: skip
+    with ExitStack() as held:
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(dir=where, prefix=f".{final.name}.", suffix=".tmp"))
         else:
-            _publish(tmp, final, directory=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(mode=0o700, exist_ok=True)
+            held.enter_context(hold_lock(tmp, lambda _: OutputDirError(
+                f"another process is writing {final} (its unfinished output {tmp} is locked); "
+                "wait for it to finish, or choose another output directory")))  # fmt: skip
+        done = False
+        try:
+            yield tmp
+            if in_place:
+                if any(p != tmp for p in final.iterdir()):
+                    raise OutputDirError(f"{final} was filled while the output was written; "
+                                         "nothing of it was touched, choose another output "
+                                         "directory")  # fmt: skip
+                for entry in sorted(tmp.iterdir()):
+                    os.replace(entry, final / entry.name)
+            elif existed:  # `replace`: move the old one aside, then drop it
+                old = final.with_name(f".{final.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                _publish(tmp, final, directory=True)
+                shutil.rmtree(old)
+            elif final.exists():
+                raise OutputDirError(f"{final} appeared while the output was written; nothing "
+                                     "of it was touched, choose another output directory")  # fmt: skip
+            else:
+                _publish(tmp, final, directory=True)
+            done = True
+        finally:
+            if done or not resumable or not any(tmp.iterdir()):
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _existing_file(path: Path) -> Path:

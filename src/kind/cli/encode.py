@@ -13,7 +13,8 @@ DESCRIPTION = (
     "Encode the images of a data spec (and their mirror images) "
     "with a local Stable Diffusion VAE into a memory-mapped latent store; "
     "train on it with --data STORE. Under torchrun each rank encodes a share of the images "
-    "into the one store (every node must see --out's parent directory)."
+    "into the one store (every node must see --out's parent directory). An encode that stops "
+    "keeps the rows it wrote; --resume continues it."
 )
 
 
@@ -42,6 +43,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--workers", type=count(0), default=4, help="image-reading threads")
     p.add_argument("--limit-per-class", type=count(), help="encode at most N images a class")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the encode into --out that stopped (a killed job, an unreadable image "
+        "since replaced): the same command otherwise, the rows it wrote are kept",
+    )
+    again.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="continue a stopped encode into --out if there is one, else start (for jobs a "
+        "scheduler may requeue)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -61,6 +75,7 @@ def run(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         workers=args.workers,
         limit_per_class=args.limit_per_class,
+        resume="auto" if args.auto_resume else args.resume,
         info=info if info.world > 1 else None,
     )
     if info.is_main:

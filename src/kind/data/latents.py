@@ -35,9 +35,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -67,6 +69,7 @@ from kind.io import (
     check_new_dir,
     is_a,
     leftovers,
+    partial_dir,
     read_json,
     sha256_file,
     verify_checksums,
@@ -82,6 +85,9 @@ T = TypeVar("T")
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x/2.x VAEs (sd-vae-ft-ema, sd-vae-ft-mse)
 STORE_DTYPE = np.float16
+# an unfinished encode's record and its rows' marks (a byte a row), beside the store's files
+JOB_FILE, DONE_FILE = "job.json", "done.bin"
+SYNC_SECONDS = 10.0  # at most this much encoding is lost when a job is killed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GET_VAE = (
     "download stabilityai/sd-vae-ft-ema on a machine with network "
@@ -337,8 +343,8 @@ def _check_headers(items: Sequence[ImageItem], workers: int) -> None:
 
 
 def _encode_into(
-    path: Path,
-    rows: range,
+    tmp: Path,
+    rows: np.ndarray,
     vae: AutoencoderKL,
     items: Sequence[ImageItem],
     image_size: int,
@@ -346,33 +352,51 @@ def _encode_into(
     workers: int,
     bar: tqdm,
 ) -> None:
-    """Write the encodings of ``items[rows]`` and of their mirrors into those rows of the store's
-    ``latents.npy`` (float16 [N, 2, C, h, w], made at full size), batch by batch, so only a batch
-    of images is ever in memory. Positioned writes of exactly those bytes, not a memory map: the
-    ranks of a torchrun job fill their rows of one file, and a page that two ranks' rows share
-    would be written back whole by each (a shared filesystem across nodes)."""
-    header = np.load(path, mmap_mode="r")
+    """Write the encodings of ``items[i]`` and of its mirror into row i of the store's
+    ``latents.npy`` (float16 [N, 2, C, h, w], made at full size) for each i in ``rows``, batch
+    by batch, so only a batch of images is ever in memory. Positioned writes of exactly those
+    bytes, not a memory map: the ranks of a torchrun job fill their rows of one file, and a page
+    that two ranks' rows share would be written back whole by each (a shared filesystem across
+    nodes). A row is marked in ``DONE_FILE`` once its latents are on disk (an fsync first), every
+    SYNC_SECONDS and when encoding stops for any reason, so a resumed encode skips it."""
+    header = np.load(tmp / LATENTS_FILE, mmap_mode="r")
     offset, row = header.offset, header[0].nbytes
     del header
-    start = rows.start
-    with open(path, "r+b") as f:
-        for batch in _read_batches(items[rows.start : rows.stop], batch_size, image_size, workers):
-            x = torch.from_numpy(batch).permute(0, 3, 1, 2)  # [b, H, W, 3] -> [b, 3, H, W]
-            both = torch.cat([x, x.flip(-1)])  # [2b, 3, H, W]: originals, then mirrors
-            z = encode(vae, both).unflatten(0, (2, len(x))).transpose(0, 1)  # [b, 2, C, h, w]
-            z16 = z.to(torch.float16).contiguous()
-            if not torch.isfinite(z16).all():
-                raise LatentError(
-                    f"latents of images {start}..{start + len(x) - 1} ({items[start]} ...) are "
-                    "not finite in float16; the VAE diverged (try dtype fp32) or the images are "
-                    "unusual."
-                )
-            f.seek(offset + start * row)
-            f.write(z16.numpy().data)
-            start += len(x)
-            bar.update(len(x))
-        f.flush()
-        os.fsync(f.fileno())  # on disk before rank 0 renames the store into place
+    written: list[int] = []  # rows on their way to disk, not yet marked
+    with open(tmp / LATENTS_FILE, "r+b") as f, open(tmp / DONE_FILE, "r+b") as marks:
+
+        def mark() -> None:  # the latents on disk first, then their rows' marks
+            os.fsync(f.fileno())
+            for i in written:
+                os.pwrite(marks.fileno(), b"\x01", i)
+            written.clear()
+
+        synced = time.monotonic()
+        batches = _read_batches([items[i] for i in rows], batch_size, image_size, workers)
+        try:
+            for at, batch in zip(np.array_split(rows, range(batch_size, len(rows), batch_size)),
+                                 batches):  # fmt: skip
+                x = torch.from_numpy(batch).permute(0, 3, 1, 2)  # [b, H, W, 3] -> [b, 3, H, W]
+                both = torch.cat([x, x.flip(-1)])  # [2b, 3, H, W]: originals, then mirrors
+                z = encode(vae, both).unflatten(0, (2, len(x))).transpose(0, 1)  # [b, 2, C, h, w]
+                z16 = z.to(torch.float16).contiguous().numpy()
+                if not np.isfinite(z16).all():
+                    raise LatentError(
+                        f"latents of images {at[0]}..{at[-1]} ({items[at[0]]} ...) are not finite "
+                        "in float16; the VAE diverged (try dtype fp32) or the images are unusual."
+                    )
+                for i, z_i in zip(at.tolist(), z16):  # [2, C, h, w] each
+                    os.pwrite(f.fileno(), z_i.data, offset + i * row)
+                written += at.tolist()
+                bar.update(len(x))
+                if time.monotonic() - synced >= SYNC_SECONDS:
+                    mark()
+                    synced = time.monotonic()
+        except BaseException:
+            with suppress(OSError):  # keep what is written; the error that stopped us is raised
+                mark()
+            raise
+        mark()  # every row on disk before rank 0 renames the store into place
 
 
 def _together(step: Callable[[], T], info: DistInfo | None) -> T:
@@ -442,12 +466,83 @@ def _check_out_apart(out: Path, spec: str, vae: str | Path | None) -> None:
 
 
 def _warn_leftovers(out: Path) -> None:
-    """Name what an interrupted encode into ``out`` left beside it (hidden, a store's size),
-    without removing it: another encode into ``out`` may be writing it now."""
+    """Name what an interrupted command writing ``out`` left beside it (hidden, a store's size),
+    without removing it: another command writing ``out`` may be writing it now. An unfinished
+    encode's own directory (`partial_dir`) is not among them: `_progress` says what to do."""
     for left in leftovers(out):
-        log.warning("%s is the unfinished store of an interrupted encode into %s (hidden: `ls -a` "
-                    "shows it); unless another encode into %s is running, remove it: rm -r %s",
-                    left, out, out, left)  # fmt: skip
+        if left != partial_dir(out):
+            log.warning("%s is the unfinished output of an interrupted command writing %s "
+                        "(hidden: `ls -a` shows it); unless one is running, remove it: rm -r %s",
+                        left, out, left)  # fmt: skip
+
+
+def _listing(items: Sequence[ImageItem], labels: torch.Tensor, class_names: list[str]) -> str:
+    """sha256 of which images are encoded into which row under which class."""
+    rows = (f"{label}\t{item}" for label, item in zip(labels.tolist(), items))
+    return hashlib.sha256("\n".join([*class_names, "", *rows]).encode()).hexdigest()
+
+
+def _done(tmp: Path, n: int) -> np.ndarray:
+    """The marks of an unfinished encode's n rows, uint8 [n]: 1 where the row is on disk."""
+    done = np.fromfile(tmp / DONE_FILE, dtype=np.uint8)
+    if done.shape != (n,):
+        raise LatentError(
+            f"{tmp / DONE_FILE} holds {done.size} marks for {n} images; the unfinished encode in "
+            f"{tmp} is damaged: remove it (rm -r {tmp}) and encode again"
+        )
+    return done
+
+
+def _progress(tmp: Path, job: dict, resume: bool | str) -> np.ndarray | None:
+    """The row marks of the unfinished encode of ``job`` in ``tmp`` (`partial_dir`) to continue,
+    or None when there is none and encoding starts afresh (a directory without its job record
+    was stopped before its first row). ``resume``: True (--resume) continues one and refuses to
+    start; "auto" (--auto-resume) continues one or starts; False starts and refuses to continue."""
+    out = job["out"]
+    if not (tmp / JOB_FILE).is_file():
+        if resume is True:
+            raise LatentError(f"there is no unfinished encode of {out} to continue ({tmp} holds "
+                              "none); run without --resume")  # fmt: skip
+        return None
+    recorded = read_json(tmp / JOB_FILE, *job)
+    if not resume:
+        count = int(_done(tmp, recorded["count"]).sum()) if is_a(recorded["count"], int) else "?"
+        raise OutputDirError(
+            f"{out} has an unfinished encode ({count} of {recorded['count']} images encoded) in "
+            f"{tmp} (hidden: `ls -a` shows it); continue it with the same command and --resume "
+            f"(unless it is running now), or start over: rm -r {tmp}"
+        )
+    differ = [k for k in job if recorded[k] != job[k]]
+    if differ:
+        said = "; ".join(
+            "other images, or in another order (files added, removed or renamed)" if k == "images"
+            else f"{k} {recorded[k]!r} then, {job[k]!r} now" for k in differ
+        )  # fmt: skip
+        raise LatentError(
+            f"the unfinished encode in {tmp} was another job: {said}. Continue it with the "
+            f"settings and images it started with, or start over: rm -r {tmp}"
+        )
+    done = _done(tmp, job["count"])
+    header = np.load(tmp / LATENTS_FILE, mmap_mode="r")
+    if header.shape != (job["count"], 2, *job["latent_shape"]):
+        raise LatentError(f"{tmp / LATENTS_FILE} has shape {header.shape}, not the job's; the "
+                          f"unfinished encode is damaged: rm -r {tmp} and encode again")  # fmt: skip
+    return done
+
+
+def _on_failure(tmp: Path, fresh: bool, n: int, kind, err, tb) -> bool:
+    """Rank 0's exit from a failed encode (an ExitStack callback): keep the rows written for
+    --resume and say so, or drop a directory this run made and wrote no row into."""
+    if kind is None:
+        return False
+    marks = tmp / DONE_FILE
+    count = int(np.fromfile(marks, dtype=np.uint8).sum()) if marks.is_file() else 0
+    if fresh and not count:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log.warning("encoding stopped with %d of %d images encoded, kept in %s: the same command "
+                    "with --resume continues from there", count, n, tmp)  # fmt: skip
+    return False
 
 
 def encode_to_store(
@@ -462,6 +557,7 @@ def encode_to_store(
     dtype: torch.dtype | str = torch.float32,
     workers: int = 4,
     limit_per_class: int | None = None,
+    resume: bool | str = False,
     info: DistInfo | None = None,
 ) -> Path:
     """Encode the ``split`` of a data spec with the VAE at ``vae_path`` into a new store ``out``.
@@ -470,9 +566,12 @@ def encode_to_store(
     ``kind.data.images`` makes them, ``batch_size`` at a time, and each is encoded twice (as is and
     mirrored). ``device`` is "auto" (CUDA when present), "cpu", "cuda:N" or a torch device;
     ``dtype`` is the VAE's compute dtype ("fp32", "bf16", "fp16" or a torch dtype);
-    ``workers`` threads read images. The store is built in a temporary directory beside ``out``
-    and renamed into place at the end, so ``out`` is either complete or absent; an existing
-    non-empty ``out`` is refused. ``limit_per_class`` keeps the first images of each class.
+    ``workers`` threads read images. The store is built in a hidden directory beside ``out``
+    (`kind.io.partial_dir`) and renamed into place at the end, so ``out`` is either complete or
+    absent; an existing non-empty ``out`` is refused. ``limit_per_class`` keeps the first
+    images of each class. An encode that stops (an unreadable image, a killed job) keeps the
+    rows it wrote there; ``resume`` True continues it (the same spec, split, sizes, VAE and
+    dtype, and the same images listed: refused otherwise), "auto" continues one or starts.
     Under torchrun (``info``: its DistInfo) each rank encodes a contiguous
     share of the images into the one store, which every node must see; rank 0 makes and
     publishes it, and the store is the one a single process writes. Returns ``out``.
@@ -480,10 +579,12 @@ def encode_to_store(
     out = Path(out).expanduser().absolute()
     main = info is None or info.is_main
     world = info.world if info is not None else 1
+    if resume not in (False, True, "auto"):
+        raise LatentError(f"resume must be False, True or 'auto', got {resume!r}.")
 
     def prepare():  # every rank, before anything is written
         if main:  # rank 0 alone: the others could see its temporary directory in an empty `out`
-            check_new_dir(out)
+            check_new_dir(out, resumable=True)
             _check_out_apart(out, spec, vae_path)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -498,72 +599,93 @@ def encode_to_store(
                 f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
                 f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
             )
-        listed = list_images(spec, split, limit_per_class)
-        if main:  # one rank opens them all; the others learn of a refusal from `_together`
-            _check_headers(listed[0], workers)
+        items, labels, class_names = list_images(spec, split, limit_per_class)
+        job = {  # what the store's bytes depend on: an unfinished encode continues only the same
+            "out": str(out),
+            "spec": spec.strip(),
+            "split": split,
+            "limit_per_class": limit_per_class,
+            "image_size": image_size,
+            "latent_shape": [space["latent_channels"], image_size // f, image_size // f],
+            "vae": str(Path(vae_path).expanduser().resolve()),
+            "vae_space": space,
+            "dtype": str(compute).removeprefix("torch."),
+            "count": len(items),
+            "images": _listing(items, labels, class_names),
+        }
+        if main:  # one rank opens the images; the others learn of a refusal from `_together`
+            done = _progress(partial_dir(out), job, resume)  # refused before the VAE loads
+            todo = items if done is None else [it for it, d in zip(items, done) if not d]
+            _check_headers(todo, workers)
         on = pick_device(device) if isinstance(device, str) else device
         vae = load_vae(vae_path, compute).to(on)
-        return listed, vae, space
+        return (items, labels, class_names), job, vae
 
     if main:
         _warn_leftovers(out)
-    (items, labels, class_names), vae, space = _together(prepare, info)
-    f = space["downsampling"]
+    (items, labels, class_names), job, vae = _together(prepare, info)
     dataset, _ = parse_spec(spec)
-    latent_shape = (space["latent_channels"], image_size // f, image_size // f)
     n = len(items)
     per = -(-n // world)
     rank = info.rank if info is not None else 0
-    rows = range(min(rank * per, n), min((rank + 1) * per, n))  # [N] -> this rank's share
+    share = range(min(rank * per, n), min((rank + 1) * per, n))  # [N] -> this rank's rows
 
     with ExitStack() as stack:
 
         def make() -> Path | None:  # rank 0: the store's directory, its file at full size
             if not main:
                 return None
-            tmp = stack.enter_context(atomic_dir(out))
-            np.lib.format.open_memmap(
-                tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE, shape=(n, 2, *latent_shape)
-            ).flush()
+            tmp = stack.enter_context(atomic_dir(out, resumable=True))  # locked, kept on failure
+            fresh = _progress(tmp, job, resume) is None  # checked again, under the lock
+            stack.push(partial(_on_failure, tmp, fresh, n))
+            if fresh:
+                np.lib.format.open_memmap(tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE,
+                                          shape=(n, 2, *job["latent_shape"])).flush()  # fmt: skip
+                (tmp / DONE_FILE).write_bytes(bytes(n))
+                write_json(tmp / JOB_FILE, job)  # last: a directory with it is one to continue
             return tmp
 
         tmp = _together(make, info)
         if world > 1:
-            listing = hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
-            sent = _broadcast(tmp, listing, info)
-            tmp = _together(partial(_rank_sees, sent, listing, info), info)
+            sent = _broadcast(tmp, job["images"], info)
+            tmp = _together(partial(_rank_sees, sent, job["images"], info), info)
 
-        def fill() -> None:  # every rank its rows
-            with tqdm(total=len(rows), desc=f"encode {out.name}", unit="img", dynamic_ncols=True,
-                      disable=not main) as bar:  # fmt: skip
-                _encode_into(
-                    tmp / LATENTS_FILE, rows, vae, items, image_size, batch_size, workers, bar
-                )
+        def fill() -> None:  # every rank the rows of its share not yet on disk
+            done = np.fromfile(tmp / DONE_FILE, dtype=np.uint8)[share.start : share.stop]
+            rows = np.flatnonzero(done == 0) + share.start
+            with tqdm(total=len(share), initial=len(share) - len(rows), desc=f"encode {out.name}",
+                      unit="img", dynamic_ncols=True, disable=not main) as bar:  # fmt: skip
+                _encode_into(tmp, rows, vae, items, image_size, batch_size, workers, bar)
 
         _together(fill, info)  # every share is on disk before rank 0 publishes the store
         if not main:
             return out
+        if not _done(tmp, n).all():
+            raise LatentError(f"rows of {tmp / LATENTS_FILE} are not marked encoded; encode again "
+                              "with --resume")  # fmt: skip
+        (tmp / JOB_FILE).unlink()  # a store holds its four files only
+        (tmp / DONE_FILE).unlink()
         np.save(tmp / LABELS_FILE, labels.numpy().astype(np.int64))
         meta = {
             "format": FORMAT,
             "count": n,
             "class_names": class_names,
             "class_counts": torch.bincount(labels, minlength=len(class_names)).tolist(),
-            "spec": spec.strip(),
+            "spec": job["spec"],
             "dataset": dataset,
             "split": split,
             "limit_per_class": limit_per_class,
             "image_size": image_size,
-            "latent_shape": list(latent_shape),
+            "latent_shape": job["latent_shape"],
             "dtype": np.dtype(STORE_DTYPE).name,
             "flips": "latents[:, 1] encodes the horizontally mirrored image",
             "posterior": "mean",
-            "vae": str(Path(vae_path).expanduser().resolve()),
-            **space,
+            "vae": job["vae"],
+            **job["vae_space"],
         }
         write_json(tmp / META_FILE, meta)
         write_checksums(tmp)  # hashes latents.npy once here; LatentStore says when it reads it
-    log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, latent_shape)
+    log.info("encoded %s %s: %d images -> %s %s", spec, split, n, out, job["latent_shape"])
     return out
 
 

@@ -9,13 +9,11 @@ by parameter name so it can live in safetensors.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import re
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
@@ -26,6 +24,7 @@ from kind.io import (
     atomic_dir,
     atomic_write_text,
     check_link,
+    hold_lock,
     is_a,
     kind_problem,
     read_json,
@@ -310,28 +309,11 @@ def claim_run_dir(out: Path, restart: bool) -> None:
             stale.unlink()
 
 
-@contextmanager
-def run_lock(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory while writing to it. The kernel drops it when
-    the process ends, however it ends, so a crashed run never leaves a stale lock."""
-    path = Path(out) / LOCK
-    with path.open("a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise RunDirError(
-                f"{out} is being written by {holder}; wait for it to finish or choose another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"kind-dit process {os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def run_lock(out: Path) -> AbstractContextManager[None]:
+    """Hold an exclusive lock on a run directory while writing to it (`kind.io.hold_lock`: a
+    crashed run never leaves a stale lock)."""
+    return hold_lock(Path(out) / LOCK, lambda holder: RunDirError(
+        f"{out} is being written by {holder}; wait for it to finish or choose another --out"))  # fmt: skip
 
 
 def usable_checkpoints(run_dir: Path) -> Iterator[Path]:
