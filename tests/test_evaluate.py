@@ -131,6 +131,14 @@ def test_real_images_score_well_and_noise_scores_badly_with_the_bundled_net(tmp_
     assert good["fid"] * 5 < results["shifted"]["fid"] < results["noise"]["fid"]
     assert results["noise"]["precision"] < 0.05 and results["noise"]["recall"] < 0.05
 
+    # Collapsed samples, four test images 50 times each: every sample is a reference image
+    # (precision 1), and they cover little of the reference (recall low), not the other way.
+    pick = torch.tensor([0, 1, 2, 3]).repeat_interleave(50)
+    collapsed = write_samples(tmp_path / "collapsed.npz", test.images[pick], test.labels[pick],
+                              ["0", "1"])  # fmt: skip
+    few = ev.evaluate(collapsed, "mnist:0-1")
+    assert few["precision"] == 1.0 and few["recall"] < 0.2
+
 
 def test_sample_classes_unknown_to_the_network_give_null_accuracy_with_a_reason(random_net):
     net = features.BundledFeatureNet.from_module(features.SmallCNN(), ["a", "b"] * 5, name="ab")
@@ -318,10 +326,18 @@ class FakeInception(torch.nn.Module):
 
 def test_inception_path_reports_sfid_and_inception_score(tmp_path):
     net = features.InceptionFeatureNet(module=FakeInception(), name="fake", sha256="f" * 64)
+    seen = []  # the hook point's outputs [B, 9, 17, 17], seen from outside
+    watch = net.module.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.append(o))
     out = net.extract(noise_images(5, seed=7), batch_size=2)  # grey → RGB, batched
+    watch.remove()
     assert out.pool.shape == (5, 16) and out.logits.shape == (5, 12)
     assert out.spatial.shape == (5, features.SFID_CHANNELS * 17 * 17)  # 2023, as ADM's sFID
     assert net.module.Mixed_6d.branch1x1._forward_hooks == {}  # hook removed afterwards
+    # ADM flattens the first 7 channels position by position (NHWC): the 7 channels at the
+    # top-left cell first, then those of the cell to its right
+    conv = torch.cat(seen)[:, : features.SFID_CHANNELS]  # [5, 7, 17, 17]
+    assert torch.equal(out.spatial[:, :7], conv[:, :, 0, 0])
+    assert torch.equal(out.spatial[:, 7:14], conv[:, :, 0, 1])
 
     real = load_images("mnist:0-1", "train")
     result = ev.evaluate_images(real.images[:60], real.labels[:60], real.class_names,

@@ -54,6 +54,26 @@ def test_fid_is_invariant_to_a_shared_rotation_of_full_covariances():
     assert got == pytest.approx(expected, rel=1e-9)
 
 
+def test_fid_matches_the_eigenvalues_of_the_covariance_product_when_they_do_not_commute():
+    # tr sqrt(C1 C2) = sum of sqrt(eigenvalues of C1 C2) (real, >= 0: C1 C2 is similar to
+    # C1^1/2 C2 C1^1/2), computed here by numpy's general eigensolver, independently of the
+    # metric's symmetric route; tr(sqrt C1 sqrt C2) agrees only when C1 and C2 commute.
+    x, y = _gaussian(300, 16, seed=11), _gaussian(300, 16, seed=12) @ _gaussian(16, 16, seed=13)
+    mu1, c1 = x.mean(0).numpy(), np.cov(x.numpy(), rowvar=False)
+    mu2, c2 = y.mean(0).numpy(), np.cov(y.numpy(), rowvar=False)
+    assert not np.allclose(c1 @ c2, c2 @ c1)
+    eig = np.linalg.eigvals(c1 @ c2).real.clip(min=0)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.sqrt(eig).sum()
+    assert metrics.frechet_distance(x, y) == pytest.approx(expected, rel=1e-9)
+
+
+def test_feature_statistics_are_the_mean_and_np_cov():
+    x = _gaussian(40, 5, seed=14, shift=2.0)
+    mu, cov = metrics.feature_statistics(x.float())
+    assert np.allclose(mu.numpy(), x.float().double().numpy().mean(0), rtol=0, atol=1e-12)
+    assert np.allclose(cov.numpy(), np.cov(x.float().double().numpy(), rowvar=False), atol=1e-12)
+
+
 def test_fid_handles_singular_covariances_without_nan():
     # Fewer samples than dimensions: rank-deficient covariances, tiny negative eigenvalues.
     x, y = _gaussian(20, 64, seed=4), _gaussian(20, 64, seed=5)
