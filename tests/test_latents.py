@@ -210,40 +210,88 @@ def test_a_stopped_encode_keeps_its_rows_and_resume_makes_the_same_store(
     tmp_path, vae_dir, folder_store, monkeypatch, caplog
 ):
     """An image cut short after a readable header stops the encode where it is decoded: the
-    rows before it stay on disk, and --resume, once the file is replaced, encodes only the rest
-    into the store an uninterrupted encode makes. What cannot be continued is refused."""
+    rows before it stay on disk, and --resume, once the file is replaced, encodes only the rows
+    not marked into the store an uninterrupted encode makes. What cannot be continued is
+    refused, and a failure before the first row leaves nothing."""
+    import errno
+
     import kind.data.latents
 
     root = shutil.copytree(folder_store[0], tmp_path / "imgs")
-    good = (root / "b" / "3.png").read_bytes()
-    (root / "b" / "3.png").write_bytes(good[: len(good) // 2])  # the 8th of 9 images
+    vae = shutil.copytree(vae_dir, tmp_path / "vae")
     out, partial = tmp_path / "out", tmp_path / ".out.partial.tmp"
-    encode = functools.partial(encode_cpu, str(root), out, vae_dir, SIZE, batch_size=3, workers=2)
+    marks = partial / ".progress" / "done.bin"
+    encode = functools.partial(
+        encode_cpu, str(root), out, vae, image_size=SIZE, batch_size=3, workers=2
+    )
+    first, good = ((root / c / f).read_bytes() for c, f in (("a", "0.png"), ("b", "3.png")))
+    (root / "a" / "0.png").write_bytes(first[: len(first) // 2])  # the first row
+    with pytest.raises(DataError, match=r"cannot read image file .*a/0\.png"):
+        encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "vae"]  # nothing to keep
+    (root / "a" / "0.png").write_bytes(first)
+
+    (root / "b" / "3.png").write_bytes(good[: len(good) // 2])  # row 8 of 9
     with pytest.raises(DataError, match=r"cannot read image file .*b/3\.png"):
         encode()
     assert not out.exists() and "6 of 9 images encoded, kept in" in caplog.text
-    assert (np.fromfile(partial / "done.bin", np.uint8) == [1] * 6 + [0] * 3).all()
+    assert np.fromfile(marks, np.uint8).tolist() == [1] * 6 + [0] * 3
     with pytest.raises(OutputDirError, match=r"unfinished encode \(6 of 9 images.*--resume"):
         encode()  # not without --resume
-    with pytest.raises(LatentError, match="was another job: image_size 16 then, 32 now"):
-        encode_cpu(str(root), out, vae_dir, 32, resume=True)
+    weights = vae / "diffusion_pytorch_model.safetensors"
+    trained = weights.read_bytes()
+    another = {"image_size": (32, "image_size 16 then, 32 now"),
+               "dtype": ("bf16", "dtype 'float32' then, 'bfloat16' now"),
+               "weights": (None, "the VAE's weights changed"),
+               "images": (None, "other images, or in another order")}  # fmt: skip
+    for case, (value, said) in another.items():
+        if case == "weights":
+            weights.write_bytes(trained[:-4] + b"\x00\x00\x80\x3f")  # the last float: 1.0
+        if case == "images":
+            shutil.copy(root / "a" / "1.png", root / "a" / "1b.png")
+        args = {case: value} if value is not None else {}
+        with pytest.raises(LatentError, match=f"was another job: (.*; )?{said}"):
+            encode(resume=True, **args)
+        weights.write_bytes(trained)
+        (root / "a" / "1b.png").unlink(missing_ok=True)
+
     (root / "b" / "3.png").write_bytes(good)  # the same file, whole
+    done = np.fromfile(marks, np.uint8)
+    done[[1, 4]] = 0  # holes: rows 1 and 4 not marked (and their bytes garbage)
+    done.tofile(marks)
+    store = np.load(partial / "latents.npy", mmap_mode="r+")
+    store[[1, 4]] = 7.0
+    store.flush()
+    del store
     read = []
     monkeypatch.setattr(kind.data.latents, "read_image",
                         lambda item, *a: read.append(item) or read_image(item, *a))  # fmt: skip
+    with monkeypatch.context() as full:  # the disk fills as the store's last file is written
+        full.setattr(kind.data.latents, "write_checksums",
+                     lambda d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))  # fmt: skip
+        with pytest.raises(OSError, match="No space left"):
+            encode(resume=True)
+    assert len(read) == 5 and "9 of 9 images encoded, kept in" in caplog.text
     encode(resume=True)
-    assert len(read) == 3 and not partial.exists()  # only the rows not yet on disk
+    assert len(read) == 5 and not partial.exists()  # every row was on disk: none read again
     assert sorted(p.name for p in out.iterdir()) == sorted(
         p.name for p in folder_store[1].iterdir()
     )
     for name in ("latents.npy", "labels.npy"):
         assert np.array_equal(np.load(out / name), np.load(folder_store[1] / name)), name
     made, want = (json.loads((d / "meta.json").read_text()) for d in (out, folder_store[1]))
-    assert made | {"spec": "", "dataset": ""} == want | {"spec": "", "dataset": ""}  # paths
+    paths = {"spec": "", "dataset": "", "vae": "", "job_sha256": ""}
+    assert made | paths == want | paths
+
+    before = sha256_file(out / "latents.npy")  # a requeued job finished already: no work
+    assert encode(resume="auto") == out and len(read) == 5
+    assert sha256_file(out / "latents.npy") == before
+    with pytest.raises(OutputDirError, match="finished latent store of another encode"):
+        encode(resume="auto", image_size=32)
     with pytest.raises(LatentError, match="no unfinished encode of .*run without --resume"):
-        encode_cpu(str(root), tmp_path / "new", vae_dir, SIZE, resume=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out"]
-    encode_cpu(str(root), tmp_path / "new", vae_dir, SIZE, batch_size=3, resume="auto")  # starts
+        encode_cpu(str(root), tmp_path / "new", vae, SIZE, resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "out", "vae"]
+    encode_cpu(str(root), tmp_path / "new", vae, SIZE, batch_size=3, resume="auto")  # starts
     assert np.array_equal(np.load(tmp_path / "new" / "latents.npy"), np.load(out / "latents.npy"))
 
 
@@ -254,20 +302,22 @@ import kind.data.latents as latents
 
 torch.set_num_threads(1)
 latents.SYNC_SECONDS = 0  # marks after every batch
-read = latents.read_image
-def read_or_die(item, *args):  # killed as it reads the 8th image, mid-batch
-    if item.parent.name == "b" and item.name == "3.png":
+encode, calls = latents.encode, []
+def encode_or_die(vae, images):  # killed in the VAE of the third batch, its rows read
+    calls.append(1)
+    if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    return read(item, *args)
-latents.read_image = read_or_die
+    return encode(vae, images)
+latents.encode = encode_or_die
 latents.encode_to_store(sys.argv[1], sys.argv[2], sys.argv[3], 16, batch_size=3, device="cpu",
                         workers=0)
 """
 
 
 def test_an_encode_killed_mid_batch_resumes_into_the_same_store(tmp_path, vae_dir, folder_store):
-    """SIGKILL leaves the rows marked on disk, and only rows whose latents were on disk first:
-    --resume then makes the store an uninterrupted encode makes."""
+    """SIGKILL leaves marked only the rows whose latents were on disk before (the third batch,
+    killed while encoding, is not): --resume then makes the store an uninterrupted encode
+    makes."""
     import subprocess
     import sys
 
@@ -277,7 +327,7 @@ def test_an_encode_killed_mid_batch_resumes_into_the_same_store(tmp_path, vae_di
     done = subprocess.run([sys.executable, str(script), root, str(out), str(vae_dir)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == -9, done.stderr[-2000:]
-    marks = np.fromfile(tmp_path / ".out.partial.tmp" / "done.bin", np.uint8)
+    marks = np.fromfile(tmp_path / ".out.partial.tmp" / ".progress" / "done.bin", np.uint8)
     assert marks.tolist() == [1] * 6 + [0] * 3 and not out.exists()
     encode_cpu(root, out, vae_dir, SIZE, batch_size=3, workers=0, resume=True)
     assert np.array_equal(np.load(out / "latents.npy"), np.load(folder_store[1] / "latents.npy"))
@@ -290,12 +340,12 @@ def test_an_encode_running_into_out_keeps_a_second_one_out(tmp_path, vae_dir):
     from kind.io import atomic_dir
 
     out = tmp_path / "out"
-    with atomic_dir(out, resumable=True) as tmp:  # an encode at work (in this test's process)
+    with atomic_dir(out, keep=lambda _: True) as tmp:  # an encode at work (in this process)
         (tmp / "latents.npy").write_bytes(b"being written")
-        with pytest.raises(OutputDirError, match="another process is writing .*out"):
+        with pytest.raises(OutputDirError, match=r"out is being written by kind-dit process \d+"):
             encode_cpu("mnist:0", out, vae_dir, SIZE, limit_per_class=1, resume="auto")
         assert (tmp / "latents.npy").read_bytes() == b"being written"
-        assert sorted(p.name for p in tmp.iterdir()) == ["latents.npy"]
+        assert sorted(p.name for p in tmp.iterdir()) == [".progress", "latents.npy"]
 
 
 def test_existing_output_is_refused_but_an_empty_dir_is_filled(tmp_path, vae_dir):

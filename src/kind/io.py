@@ -7,11 +7,13 @@ the previous file whole. This module imports nothing from kind, so every layer m
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +27,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 
 @functools.cache
@@ -113,8 +117,8 @@ def check_link(out: Path) -> None:
 def check_new_dir(out: str | Path, resumable: bool = False) -> Path:
     """`out` as a Path when a new directory of outputs may go there (absent, or an empty
     directory; `atomic_dir` fills it); refused before anything is written otherwise.
-    `resumable`: `out` may also hold its unfinished output (`partial_dir`), which the caller
-    continues or refuses."""
+    `resumable`: `out` may also hold its resumable unfinished output (`partial_dir`), which the
+    caller continues or refuses."""
     out = Path(out)
     check_link(out)
     if out.exists() and not out.is_dir():
@@ -156,9 +160,9 @@ def _partial_name(name: str) -> str:
 
 
 def partial_dir(out: str | Path) -> Path:
-    """Where `atomic_dir(out, resumable=True)` writes `out`'s unfinished output, under a fixed
-    name so a later command can find and continue it: the one already there, else inside `out`
-    when `out` is an empty directory, else beside it."""
+    """Where `atomic_dir(out, keep=...)` writes `out`'s unfinished output, under a fixed name so
+    a later command can find and continue it: the one already there, else inside `out` when
+    `out` is an empty directory, else beside it."""
     final = _target(Path(out))
     beside, inside = (where / _partial_name(final.name) for where in (final.parent, final))
     if beside.exists() or not (final.is_dir() and all(p == inside for p in final.iterdir())):
@@ -166,29 +170,42 @@ def partial_dir(out: str | Path) -> Path:
     return inside
 
 
+# Errors of a file system that has no locks (Lustre mounted without flock, some FUSE mounts).
+_NO_LOCKS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+
+
 @contextmanager
 def hold_lock(path: Path, refuse: Callable[[str], Exception]) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (a file, made when missing, that names its holder; or a
-    directory) while the block runs; raise `refuse(holder)` when another process holds it. The
-    kernel drops the lock when the process ends, however it ends, so a crash leaves none."""
-    directory = path.is_dir()
-    fd = os.open(path, os.O_RDONLY if directory else os.O_RDWR | os.O_CREAT, 0o666)
+    """Hold an exclusive lock on the file `path` (made when missing; it names its holder) while
+    the block runs; raise `refuse(holder)` when another process holds it. The kernel drops the
+    lock when the process ends, however it ends, so a crash leaves none. A regular file opened
+    for writing, as NFS's emulation of flock needs; a file system without locks is warned of."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = "" if directory else os.pread(fd, 200, 0).decode(errors="replace").strip()
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             raise refuse(holder or "another process") from None
-        if not directory:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"kind-dit process {os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+            log.warning("%s cannot be locked on this file system (%s): make sure no other "
+                        "kind-dit command writes there at the same time", path, err.strerror)  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"kind-dit process {os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing drops the lock
 
 
+PROGRESS = ".progress"  # a resumable output's records of progress, and its lock (`atomic_dir`)
+
+
 @contextmanager
-def atomic_dir(final: Path, replace: bool = False, resumable: bool = False) -> Iterator[Path]:
+def atomic_dir(
+    final: Path, replace: bool = False, keep: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it becomes `final` in one rename.
     An empty directory already there (a user's `--out`, perhaps a mount point or behind a
     symlink) is kept, with its permissions and the links to it: the temporary directory is made
@@ -200,12 +217,14 @@ def atomic_dir(final: Path, replace: bool = False, resumable: bool = False) -> I
     (`check_new_dir`), and a directory filled since, by the user or by another command given
     the same `--out`, holds someone's files.
 
-    `resumable`: the temporary directory is `partial_dir(final)`, reused when it is there (the
-    caller checks what it holds), locked against other processes while the block runs, and kept
-    when the block fails with something in it, so that a long job (encoding ImageNet) can
-    continue where it stopped."""
+    `keep`: the output is resumable, so that a long job (encoding ImageNet) can continue where
+    it stopped. The temporary directory is `partial_dir(final)`, reused when it is there; its
+    sub-directory PROGRESS holds the caller's records of progress and a lock that keeps other
+    processes out while the block runs, and is removed before publishing (`write_checksums`
+    does not read sub-directories). When the block fails, the directory is kept if `keep(it)`
+    says so (the caller's judgement of what is worth continuing), else removed."""
     final = _target(final)
-    tmp = partial_dir(final) if resumable else None
+    tmp = partial_dir(final) if keep else None
     in_place = final.is_dir() and all(p == tmp for p in final.iterdir())
     existed = final.exists() and not in_place
     if existed and not replace:
@@ -219,18 +238,22 @@ def atomic_dir(final: Path, replace: bool = False, resumable: bool = False) -> I
         if tmp is None:
             tmp = Path(tempfile.mkdtemp(dir=where, prefix=f".{final.name}.", suffix=".tmp"))
         else:
-            tmp.mkdir(mode=0o700, exist_ok=True)
-            held.enter_context(hold_lock(tmp, lambda _: OutputDirError(
-                f"another process is writing {final} (its unfinished output {tmp} is locked); "
+            (tmp / PROGRESS).mkdir(parents=True, exist_ok=True)
+            held.enter_context(hold_lock(tmp / PROGRESS / "lock", lambda holder: OutputDirError(
+                f"{final} is being written by {holder} (its unfinished output {tmp} is locked); "
                 "wait for it to finish, or choose another output directory")))  # fmt: skip
         done = False
         try:
             yield tmp
+            if in_place and any(p != tmp for p in final.iterdir()):
+                raise OutputDirError(f"{final} was filled while the output was written; nothing "
+                                     "of it was touched, choose another output directory")  # fmt: skip
+            if not in_place and not existed and final.exists():
+                raise OutputDirError(f"{final} appeared while the output was written; nothing "
+                                     "of it was touched, choose another output directory")  # fmt: skip
+            if keep:
+                shutil.rmtree(tmp / PROGRESS)
             if in_place:
-                if any(p != tmp for p in final.iterdir()):
-                    raise OutputDirError(f"{final} was filled while the output was written; "
-                                         "nothing of it was touched, choose another output "
-                                         "directory")  # fmt: skip
                 for entry in sorted(tmp.iterdir()):
                     os.replace(entry, final / entry.name)
             elif existed:  # `replace`: move the old one aside, then drop it
@@ -239,14 +262,11 @@ def atomic_dir(final: Path, replace: bool = False, resumable: bool = False) -> I
                 os.replace(final, old)
                 _publish(tmp, final, directory=True)
                 shutil.rmtree(old)
-            elif final.exists():
-                raise OutputDirError(f"{final} appeared while the output was written; nothing "
-                                     "of it was touched, choose another output directory")  # fmt: skip
             else:
                 _publish(tmp, final, directory=True)
             done = True
         finally:
-            if done or not resumable or not any(tmp.iterdir()):
+            if done or not keep or not keep(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -53,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     again.add_argument(
         "--auto-resume",
         action="store_true",
-        help="continue a stopped encode into --out if there is one, else start (for jobs a "
-        "scheduler may requeue)",
+        help="continue a stopped encode into --out if there is one, else start; a store this "
+        "encode finished already is left as it is (for jobs a scheduler may requeue)",
     )
 
 

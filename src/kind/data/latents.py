@@ -33,9 +33,9 @@ Choices, each with its reason:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,8 +62,9 @@ from kind.data.images import (
     read_image,
     spec_folders,
 )
-from kind.data.store_format import FORMAT, LABELS_FILE, LATENTS_FILE, META_FILE
+from kind.data.store_format import FORMAT, LABELS_FILE, LATENTS_FILE, META_FILE, is_store
 from kind.io import (
+    PROGRESS,
     OutputDirError,
     atomic_dir,
     check_new_dir,
@@ -85,7 +86,8 @@ T = TypeVar("T")
 
 DEFAULT_SCALING_FACTOR = 0.18215  # SD 1.x/2.x VAEs (sd-vae-ft-ema, sd-vae-ft-mse)
 STORE_DTYPE = np.float16
-# an unfinished encode's record and its rows' marks (a byte a row), beside the store's files
+VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the one weights file `load_vae` reads
+# an unfinished encode's record and its rows' marks (a byte a row), in its PROGRESS directory
 JOB_FILE, DONE_FILE = "job.json", "done.bin"
 SYNC_SECONDS = 10.0  # at most this much encoding is lost when a job is killed
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -153,10 +155,9 @@ def _vae_config(path: str | Path | None) -> tuple[Path, dict]:
             f"{root} holds a {class_name or 'non-diffusers'} model, not an AutoencoderKL VAE; "
             f"{GET_VAE}."
         )
-    if not (root / "diffusion_pytorch_model.safetensors").is_file():
+    if not (root / VAE_WEIGHTS).is_file():
         raise LatentError(
-            f"{root} has no diffusion_pytorch_model.safetensors (only safetensors weights are "
-            f"loaded); {GET_VAE}."
+            f"{root} has no {VAE_WEIGHTS} (only safetensors weights are loaded); {GET_VAE}."
         )
     return root, config
 
@@ -363,7 +364,7 @@ def _encode_into(
     offset, row = header.offset, header[0].nbytes
     del header
     written: list[int] = []  # rows on their way to disk, not yet marked
-    with open(tmp / LATENTS_FILE, "r+b") as f, open(tmp / DONE_FILE, "r+b") as marks:
+    with open(tmp / LATENTS_FILE, "r+b") as f, open(tmp / PROGRESS / DONE_FILE, "r+b") as marks:
 
         def mark() -> None:  # the latents on disk first, then their rows' marks
             os.fsync(f.fileno())
@@ -434,6 +435,16 @@ def _broadcast(tmp: Path | None, listing: str, info: DistInfo) -> list:
     return sent
 
 
+def _broadcast_done(prepared: tuple | None, info: DistInfo) -> tuple | None:
+    """Rank 0's verdict that the store is finished already (`_finished`: ``prepared`` None)
+    for every rank, which then returns without encoding."""
+    import torch.distributed as dist
+
+    sent = [prepared is None]
+    dist.broadcast_object_list(sent, src=0, group=info.host)
+    return None if sent[0] else prepared
+
+
 def _rank_sees(sent: list, listing: str, info: DistInfo) -> Path:
     """Rank 0's temporary store directory, checked from this rank: the same images listed (a node
     that sees another folder would scramble the rows) and the directory visible."""
@@ -482,67 +493,78 @@ def _listing(items: Sequence[ImageItem], labels: torch.Tensor, class_names: list
     return hashlib.sha256("\n".join([*class_names, "", *rows]).encode()).hexdigest()
 
 
-def _done(tmp: Path, n: int) -> np.ndarray:
-    """The marks of an unfinished encode's n rows, uint8 [n]: 1 where the row is on disk."""
-    done = np.fromfile(tmp / DONE_FILE, dtype=np.uint8)
-    if done.shape != (n,):
-        raise LatentError(
-            f"{tmp / DONE_FILE} holds {done.size} marks for {n} images; the unfinished encode in "
-            f"{tmp} is damaged: remove it (rm -r {tmp}) and encode again"
-        )
-    return done
-
-
-def _progress(tmp: Path, job: dict, resume: bool | str) -> np.ndarray | None:
-    """The row marks of the unfinished encode of ``job`` in ``tmp`` (`partial_dir`) to continue,
-    or None when there is none and encoding starts afresh (a directory without its job record
-    was stopped before its first row). ``resume``: True (--resume) continues one and refuses to
-    start; "auto" (--auto-resume) continues one or starts; False starts and refuses to continue."""
-    out = job["out"]
-    if not (tmp / JOB_FILE).is_file():
+def _progress(out: Path, tmp: Path, job: dict, resume: bool | str) -> np.ndarray | None:
+    """The row marks (uint8 [N], 1: on disk) of the unfinished encode of ``job`` into ``out`` in
+    ``tmp`` (`partial_dir`) to continue, or None when there is none and encoding starts afresh
+    (a directory without a job record stopped before its first row: it is made anew).
+    ``resume``: True (--resume) continues one and refuses to start; "auto" (--auto-resume)
+    continues one or starts; False starts and refuses to continue one."""
+    records = tmp / PROGRESS
+    if not (records / JOB_FILE).is_file():
         if resume is True:
-            raise LatentError(f"there is no unfinished encode of {out} to continue ({tmp} holds "
-                              "none); run without --resume")  # fmt: skip
+            raise LatentError(f"there is no unfinished encode of {out} to continue (no "
+                              f"{records / JOB_FILE}); run without --resume")  # fmt: skip
         return None
-    recorded = read_json(tmp / JOB_FILE, *job)
+    try:
+        recorded = read_json(records / JOB_FILE, *job)
+        done = np.fromfile(records / DONE_FILE, dtype=np.uint8)  # [N]
+        shape = np.load(tmp / LATENTS_FILE, mmap_mode="r").shape
+        if done.shape != (recorded["count"],) or shape != (done.size, 2, *recorded["latent_shape"]):
+            raise ValueError(f"{done.size} row marks and latents {shape} for {recorded['count']} "
+                             "images")  # fmt: skip
+    except (OSError, ValueError, TypeError) as err:
+        raise LatentError(f"the unfinished encode of {out} in {tmp} is damaged ({err}); remove "
+                          f"it (rm -r {tmp}) and encode again") from err  # fmt: skip
     if not resume:
-        count = int(_done(tmp, recorded["count"]).sum()) if is_a(recorded["count"], int) else "?"
         raise OutputDirError(
-            f"{out} has an unfinished encode ({count} of {recorded['count']} images encoded) in "
-            f"{tmp} (hidden: `ls -a` shows it); continue it with the same command and --resume "
-            f"(unless it is running now), or start over: rm -r {tmp}"
+            f"{out} has an unfinished encode ({int(done.sum())} of {done.size} images encoded) "
+            f"in {tmp} (hidden: `ls -a` shows it); continue it with the same command and "
+            f"--resume (unless it is running now), or start over: rm -r {tmp}"
         )
     differ = [k for k in job if recorded[k] != job[k]]
     if differ:
         said = "; ".join(
             "other images, or in another order (files added, removed or renamed)" if k == "images"
+            else "the VAE's weights changed" if k == "vae_weights_sha256"
             else f"{k} {recorded[k]!r} then, {job[k]!r} now" for k in differ
         )  # fmt: skip
         raise LatentError(
             f"the unfinished encode in {tmp} was another job: {said}. Continue it with the "
             f"settings and images it started with, or start over: rm -r {tmp}"
         )
-    done = _done(tmp, job["count"])
-    header = np.load(tmp / LATENTS_FILE, mmap_mode="r")
-    if header.shape != (job["count"], 2, *job["latent_shape"]):
-        raise LatentError(f"{tmp / LATENTS_FILE} has shape {header.shape}, not the job's; the "
-                          f"unfinished encode is damaged: rm -r {tmp} and encode again")  # fmt: skip
     return done
 
 
-def _on_failure(tmp: Path, fresh: bool, n: int, kind, err, tb) -> bool:
-    """Rank 0's exit from a failed encode (an ExitStack callback): keep the rows written for
-    --resume and say so, or drop a directory this run made and wrote no row into."""
-    if kind is None:
-        return False
-    marks = tmp / DONE_FILE
+def _worth_keeping(n: int, tmp: Path) -> bool:
+    """Whether a failed encode's directory holds rows to continue (`atomic_dir`'s `keep`); says
+    so, and how, when it does. One without a row on disk is removed."""
+    marks = tmp / PROGRESS / DONE_FILE
     count = int(np.fromfile(marks, dtype=np.uint8).sum()) if marks.is_file() else 0
-    if fresh and not count:
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    if count:
         log.warning("encoding stopped with %d of %d images encoded, kept in %s: the same command "
-                    "with --resume continues from there", count, n, tmp)  # fmt: skip
-    return False
+                    "with --resume continues from there (replace an unreadable image under its "
+                    "own name: removing it changes the images listed, which a resume refuses)",
+                    count, n, tmp)  # fmt: skip
+    return count > 0
+
+
+def _job_digest(job: dict) -> str:
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
+def _finished(out: Path, job: dict) -> bool:
+    """Whether ``out`` is the finished store of ``job`` (--auto-resume of a job requeued after it
+    finished: nothing to do); another store there is refused."""
+    if not is_store(out):
+        return False
+    recorded = read_json(out / META_FILE).get("job_sha256")
+    if recorded != _job_digest(job):
+        raise OutputDirError(
+            f"{out} is a finished latent store of another encode (other images or settings); "
+            "choose another --out"
+        )
+    log.info("%s is this encode's finished store already; nothing to do", out)
+    return True
 
 
 def encode_to_store(
@@ -569,9 +591,15 @@ def encode_to_store(
     ``workers`` threads read images. The store is built in a hidden directory beside ``out``
     (`kind.io.partial_dir`) and renamed into place at the end, so ``out`` is either complete or
     absent; an existing non-empty ``out`` is refused. ``limit_per_class`` keeps the first
-    images of each class. An encode that stops (an unreadable image, a killed job) keeps the
-    rows it wrote there; ``resume`` True continues it (the same spec, split, sizes, VAE and
-    dtype, and the same images listed: refused otherwise), "auto" continues one or starts.
+    images of each class.
+
+    An encode that stops (an unreadable image, a killed job) keeps the rows it wrote there;
+    ``resume`` True continues it, "auto" continues one or starts (and returns a finished store
+    of this encode as it is). A resume must be the same job: the spec, split, limit, image
+    size, VAE (its path, config and weights), dtype and device type, and the same images listed
+    in the same order; it may run on another number of ranks or with another batch size (the
+    VAE's convolutions may then round the new rows' last bits differently).
+
     Under torchrun (``info``: its DistInfo) each rank encodes a contiguous
     share of the images into the one store, which every node must see; rank 0 makes and
     publishes it, and the store is the one a single process writes. Returns ``out``.
@@ -584,7 +612,8 @@ def encode_to_store(
 
     def prepare():  # every rank, before anything is written
         if main:  # rank 0 alone: the others could see its temporary directory in an empty `out`
-            check_new_dir(out, resumable=True)
+            if not (resume == "auto" and is_store(out)):  # a finished store: `_finished` below
+                check_new_dir(out, resumable=True)
             _check_out_apart(out, spec, vae_path)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise LatentError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -599,31 +628,39 @@ def encode_to_store(
                 f"image_size must be a multiple of the VAE's downsampling factor {f}, got "
                 f"{image_size!r} (256 gives 32x32 latents with an SD VAE)."
             )
+        on = pick_device(device) if isinstance(device, str) else device
         items, labels, class_names = list_images(spec, split, limit_per_class)
         job = {  # what the store's bytes depend on: an unfinished encode continues only the same
-            "out": str(out),
             "spec": spec.strip(),
             "split": split,
             "limit_per_class": limit_per_class,
             "image_size": image_size,
             "latent_shape": [space["latent_channels"], image_size // f, image_size // f],
-            "vae": str(Path(vae_path).expanduser().resolve()),
+            "vae": str(vae_root(vae_path).resolve()),
             "vae_space": space,
+            "vae_weights_sha256": sha256_file(vae_root(vae_path) / VAE_WEIGHTS),
             "dtype": str(compute).removeprefix("torch."),
+            "device": on.type,  # GPUs' convolutions (TF32) round otherwise than CPUs'
             "count": len(items),
             "images": _listing(items, labels, class_names),
         }
+        if main and resume == "auto" and _finished(out, job):
+            return None
         if main:  # one rank opens the images; the others learn of a refusal from `_together`
-            done = _progress(partial_dir(out), job, resume)  # refused before the VAE loads
+            done = _progress(out, partial_dir(out), job, resume)  # refused before the VAE loads
             todo = items if done is None else [it for it, d in zip(items, done) if not d]
             _check_headers(todo, workers)
-        on = pick_device(device) if isinstance(device, str) else device
         vae = load_vae(vae_path, compute).to(on)
         return (items, labels, class_names), job, vae
 
     if main:
         _warn_leftovers(out)
-    (items, labels, class_names), job, vae = _together(prepare, info)
+    prepared = _together(prepare, info)
+    if world > 1:  # rank 0 alone knows whether it is finished already
+        prepared = _broadcast_done(prepared, info)
+    if prepared is None:
+        return out
+    (items, labels, class_names), job, vae = prepared
     dataset, _ = parse_spec(spec)
     n = len(items)
     per = -(-n // world)
@@ -635,14 +672,12 @@ def encode_to_store(
         def make() -> Path | None:  # rank 0: the store's directory, its file at full size
             if not main:
                 return None
-            tmp = stack.enter_context(atomic_dir(out, resumable=True))  # locked, kept on failure
-            fresh = _progress(tmp, job, resume) is None  # checked again, under the lock
-            stack.push(partial(_on_failure, tmp, fresh, n))
-            if fresh:
+            tmp = stack.enter_context(atomic_dir(out, keep=partial(_worth_keeping, n)))  # locked
+            if _progress(out, tmp, job, resume) is None:  # checked again, under the lock
                 np.lib.format.open_memmap(tmp / LATENTS_FILE, mode="w+", dtype=STORE_DTYPE,
                                           shape=(n, 2, *job["latent_shape"])).flush()  # fmt: skip
-                (tmp / DONE_FILE).write_bytes(bytes(n))
-                write_json(tmp / JOB_FILE, job)  # last: a directory with it is one to continue
+                (tmp / PROGRESS / DONE_FILE).write_bytes(bytes(n))
+                write_json(tmp / PROGRESS / JOB_FILE, job)  # last: with it, one to continue
             return tmp
 
         tmp = _together(make, info)
@@ -651,7 +686,7 @@ def encode_to_store(
             tmp = _together(partial(_rank_sees, sent, job["images"], info), info)
 
         def fill() -> None:  # every rank the rows of its share not yet on disk
-            done = np.fromfile(tmp / DONE_FILE, dtype=np.uint8)[share.start : share.stop]
+            done = np.fromfile(tmp / PROGRESS / DONE_FILE, dtype=np.uint8)[share.start : share.stop]
             rows = np.flatnonzero(done == 0) + share.start
             with tqdm(total=len(share), initial=len(share) - len(rows), desc=f"encode {out.name}",
                       unit="img", dynamic_ncols=True, disable=not main) as bar:  # fmt: skip
@@ -660,11 +695,6 @@ def encode_to_store(
         _together(fill, info)  # every share is on disk before rank 0 publishes the store
         if not main:
             return out
-        if not _done(tmp, n).all():
-            raise LatentError(f"rows of {tmp / LATENTS_FILE} are not marked encoded; encode again "
-                              "with --resume")  # fmt: skip
-        (tmp / JOB_FILE).unlink()  # a store holds its four files only
-        (tmp / DONE_FILE).unlink()
         np.save(tmp / LABELS_FILE, labels.numpy().astype(np.int64))
         meta = {
             "format": FORMAT,
@@ -682,6 +712,7 @@ def encode_to_store(
             "posterior": "mean",
             "vae": job["vae"],
             **job["vae_space"],
+            "job_sha256": _job_digest(job),  # what --auto-resume of a finished encode compares
         }
         write_json(tmp / META_FILE, meta)
         write_checksums(tmp)  # hashes latents.npy once here; LatentStore says when it reads it
