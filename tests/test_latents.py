@@ -348,6 +348,26 @@ def test_an_encode_running_into_out_keeps_a_second_one_out(tmp_path, vae_dir):
         assert sorted(p.name for p in tmp.iterdir()) == [".progress", "latents.npy"]
 
 
+def test_a_file_system_without_locks_is_warned_of_not_fatal(tmp_path, vae_dir, monkeypatch, caplog):
+    """Lustre without `flock`, some FUSE mounts: flock fails with ENOSYS; the encode says it
+    cannot lock and goes on (no other error in it is swallowed: EACCES still stops it)."""
+    import errno
+
+    import kind.io
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(kind.io.fcntl, "flock", no_locks)
+    out = encode_cpu("mnist:0", tmp_path / "s", vae_dir, SIZE, limit_per_class=1, workers=0)
+    assert len(LatentStore(out)) == 1 and "cannot be locked on this file system" in caplog.text
+    monkeypatch.setattr(kind.io.fcntl, "flock",
+                        lambda fd, op: (_ for _ in ()).throw(OSError(errno.EACCES, "denied")))  # fmt: skip
+    with pytest.raises(OSError, match="denied"):
+        encode_cpu("mnist:0", tmp_path / "t", vae_dir, SIZE, limit_per_class=1, workers=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
 def test_existing_output_is_refused_but_an_empty_dir_is_filled(tmp_path, vae_dir):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")

@@ -238,10 +238,20 @@ def atomic_dir(
         if tmp is None:
             tmp = Path(tempfile.mkdtemp(dir=where, prefix=f".{final.name}.", suffix=".tmp"))
         else:
-            (tmp / PROGRESS).mkdir(parents=True, exist_ok=True)
-            held.enter_context(hold_lock(tmp / PROGRESS / "lock", lambda holder: OutputDirError(
-                f"{final} is being written by {holder} (its unfinished output {tmp} is locked); "
-                "wait for it to finish, or choose another output directory")))  # fmt: skip
+            try:
+                tmp.mkdir()
+                made = True  # by this process: no other can have made it too
+            except FileExistsError:
+                made = False
+            try:
+                (tmp / PROGRESS).mkdir(exist_ok=True)
+                held.enter_context(hold_lock(tmp / PROGRESS / "lock", lambda holder: OutputDirError(
+                    f"{final} is being written by {holder} (its unfinished output {tmp} is "
+                    "locked); wait for it to finish, or choose another output directory")))  # fmt: skip
+            except BaseException:
+                if made:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
         done = False
         try:
             yield tmp
