@@ -273,7 +273,7 @@ def test_a_rank_that_fails_to_encode_stops_every_rank_and_one_process_resumes(va
 FAILING_RANK = """
 import sys
 from pathlib import Path
-from kind.data.latents import encode_to_store
+from kind.data.encoding import encode_to_store
 from kind.core.distributed import setup
 
 info = setup("cpu")

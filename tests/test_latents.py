@@ -14,18 +14,11 @@ import torch
 from PIL import Image
 
 from kind.data.dataset import open_dataset
+from kind.data.encoding import encode_to_store
 from kind.data.images import BundledImage, DataError, list_images, load_images, read_image
-from kind.data.latents import (
-    LatentError,
-    LatentStore,
-    decode,
-    decoder,
-    encode,
-    encode_to_store,
-    load_vae,
-    scaling_factor,
-)
+from kind.data.latents import LatentStore
 from kind.data.store_format import FORMAT, is_store
+from kind.data.vae import LatentError, decode, decoder, encode, load_vae, scaling_factor
 from kind.io import OutputDirError, sha256_file, verify_checksums
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,12 +186,12 @@ def test_bundled_spec_encodes_with_limit_and_test_split(tmp_path, vae_dir):
 
 
 def test_corrupt_image_error_names_the_file_and_leaves_nothing(tmp_path, vae_dir, monkeypatch):
-    import kind.data.latents
+    import kind.data.encoding
 
     root = _folder(tmp_path / "imgs")
     (root / "b" / "3.png").write_bytes(b"not a png at all")
     (root / "a" / "1.png").write_bytes(b"")
-    monkeypatch.setattr(kind.data.latents, "load_vae", None)  # refused before the VAE loads
+    monkeypatch.setattr(kind.data.encoding, "load_vae", None)  # refused before the VAE loads
     with pytest.raises(
         DataError, match=r"2 of 9 image files cannot be read: .*a/1\.png .*b/3\.png"
     ):
@@ -215,7 +208,7 @@ def test_a_stopped_encode_keeps_its_rows_and_resume_makes_the_same_store(
     refused, and a failure before the first row leaves nothing."""
     import errno
 
-    import kind.data.latents
+    import kind.data.encoding
 
     root = shutil.copytree(folder_store[0], tmp_path / "imgs")
     vae = shutil.copytree(vae_dir, tmp_path / "vae")
@@ -264,10 +257,10 @@ def test_a_stopped_encode_keeps_its_rows_and_resume_makes_the_same_store(
     store.flush()
     del store
     read = []
-    monkeypatch.setattr(kind.data.latents, "read_image",
+    monkeypatch.setattr(kind.data.encoding, "read_image",
                         lambda item, *a: read.append(item) or read_image(item, *a))  # fmt: skip
     with monkeypatch.context() as full:  # the disk fills as the store's last file is written
-        full.setattr(kind.data.latents, "write_checksums",
+        full.setattr(kind.data.encoding, "write_checksums",
                      lambda d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))  # fmt: skip
         with pytest.raises(OSError, match="No space left"):
             encode(resume=True)
@@ -298,18 +291,18 @@ def test_a_stopped_encode_keeps_its_rows_and_resume_makes_the_same_store(
 KILLED = """
 import os, signal, sys
 import torch
-import kind.data.latents as latents
+import kind.data.encoding as encoding
 
 torch.set_num_threads(1)
-latents.SYNC_SECONDS = 0  # marks after every batch
-encode, calls = latents.encode, []
+encoding.SYNC_SECONDS = 0  # marks after every batch
+encode, calls = encoding.encode, []
 def encode_or_die(vae, images):  # killed in the VAE of the third batch, its rows read
     calls.append(1)
     if len(calls) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return encode(vae, images)
-latents.encode = encode_or_die
-latents.encode_to_store(sys.argv[1], sys.argv[2], sys.argv[3], 16, batch_size=3, device="cpu",
+encoding.encode = encode_or_die
+encoding.encode_to_store(sys.argv[1], sys.argv[2], sys.argv[3], 16, batch_size=3, device="cpu",
                         workers=0)
 """
 
@@ -400,12 +393,12 @@ def test_an_interrupted_encode_is_named_not_removed(tmp_path, vae_dir, caplog):
 
 
 def test_image_size_must_fit_the_vae(tmp_path, vae_dir, monkeypatch):
-    import kind.data.latents
+    import kind.data.encoding
 
     def unloaded(*args):
         raise AssertionError("the VAE was loaded before the size was checked")
 
-    monkeypatch.setattr(kind.data.latents, "load_vae", unloaded)
+    monkeypatch.setattr(kind.data.encoding, "load_vae", unloaded)
     for size, needle in ((15, "multiple of the VAE's downsampling factor 2"),
                          (4096, "from 1 to 2048, got 4096")):  # fmt: skip
         with pytest.raises(DataError, match=needle):

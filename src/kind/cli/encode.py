@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Encode into a new store (shared over the ranks under torchrun) and say how to train on it."""
     from kind.core import distributed
-    from kind.data.latents import encode_to_store
+    from kind.data.encoding import encode_to_store
 
     info = distributed.setup(args.device)
     out = encode_to_store(

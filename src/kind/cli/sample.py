@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> None:
     labels = [c for c in ids for _ in range(args.n)]
     decode = None
     if meta.get("latent") or args.vae:
-        from kind.data.latents import decoder
+        from kind.data.vae import decoder
 
         decode = decoder(meta.get("latent") or {}, args.vae, info.device)
     images = generate_sharded(

@@ -42,7 +42,7 @@ def generate(
     `indices[i]`: sample i's index among its class's samples, which seeds its noise (default:
     its place among the samples of its class in `labels`; a rank drawing a share of a larger
     list passes the indices of its share in the whole list).
-    `decode` maps a latent model's samples to uint8 images (see `kind.data.latents.decoder`)."""
+    `decode` maps a latent model's samples to uint8 images (see `kind.data.vae.decoder`)."""
     if not labels:
         raise ValueError("nothing to sample: the label list is empty")
     diff = diffusion if isinstance(diffusion, Diffusion) else Diffusion(diffusion)

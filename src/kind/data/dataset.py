@@ -18,8 +18,9 @@ import torch
 
 from kind.core.images import to_model_range
 from kind.data.images import DataError, dataset_classes, load_images, parse_spec
-from kind.data.latents import LatentStore, check_space, vae_space
+from kind.data.latents import LatentStore
 from kind.data.store_format import META_FILE, is_store
+from kind.data.vae import check_space, vae_space
 from kind.io import CHECKSUMS, read_json
 
 

@@ -1,5 +1,5 @@
 """The names a latent store is made of on disk, and how to recognise one: a module of its own so
-that the image reader (kind.data.images, which kind.data.latents builds on) can tell a store
+that the image reader (kind.data.images, which the latent path builds on) can tell a store
 from an image folder without importing the latent path."""
 
 from __future__ import annotations
@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 FORMAT = "kind-latents/1"
 LATENTS_FILE, LABELS_FILE, META_FILE = "latents.npy", "labels.npy", "meta.json"
+STORE_DTYPE = np.float16  # of latents.npy
 
 
 def is_store(path: str | Path) -> bool:

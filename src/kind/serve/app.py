@@ -119,7 +119,7 @@ def create_app(
     defaults = sample_defaults(manifest)
     decode = None
     if manifest.get("latent") or vae:
-        from kind.data.latents import decoder
+        from kind.data.vae import decoder
 
         decode = decoder(manifest.get("latent") or {}, vae, cache.device)
     batcher = Batcher(cache, Diffusion(diffusion_config), max_batch, max_wait_ms, decode)

@@ -30,7 +30,7 @@ import torch
 
 from kind.core.decomposition import PartsError, split_state
 from kind.core.model import ModelConfig
-from kind.data.latents import CONFIG_SHA, check_space
+from kind.data.vae import CONFIG_SHA, check_space
 from kind.io import (
     atomic_dir,
     atomic_file,

@@ -35,7 +35,7 @@ import torch
 from kind.core.decomposition import MergedDiT
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import PATCHES, SIZES, DiT, ModelConfig, load_state, parse_size
-from kind.data.latents import DEFAULT_SCALING_FACTOR, check_space, vae_root, vae_space
+from kind.data.vae import DEFAULT_SCALING_FACTOR, check_space, vae_root, vae_space
 from kind.io import (
     atomic_dir,
     atomic_file,

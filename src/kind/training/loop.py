@@ -43,7 +43,7 @@ from kind.core.kindify import KindifyError, kindify
 from kind.core.model import DiT, ModelConfig
 from kind.core.sampling import generate_sharded
 from kind.data.dataset import Dataset, open_dataset
-from kind.data.latents import check_space, decoder
+from kind.data.vae import check_space, decoder
 from kind.io import CHECKSUMS, read_json, sha256_file, write_json
 from kind.store.load import load_model
 from kind.store.modeldir import MODEL_WEIGHTS, is_model_dir, save_model_dir

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from kind.core.model import ModelConfig, count_params
 from kind.data.dataset import open_dataset
-from kind.data.latents import check_space
+from kind.data.vae import check_space
 from kind.store.load import load_model
 from kind.store.parts import read_manifest
 from kind.training.config import Config, read_group_file
