@@ -62,14 +62,7 @@ from kind.data.store_format import (
     STORE_DTYPE,
     is_store,
 )
-from kind.data.vae import (
-    VAE_WEIGHTS,
-    LatentError,
-    encode,
-    load_vae,
-    vae_root,
-    vae_space,
-)
+from kind.data.vae import VAE_WEIGHTS, LatentError, encode, load_vae, vae_root, vae_space
 from kind.io import (
     PROGRESS,
     OutputDirError,

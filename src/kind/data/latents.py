@@ -18,18 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kind.data.store_format import (
-    FORMAT,
-    LABELS_FILE,
-    LATENTS_FILE,
-    META_FILE,
-)
+from kind.data.store_format import FORMAT, LABELS_FILE, LATENTS_FILE, META_FILE
 from kind.data.vae import CONFIG_SHA, SPACE_KEYS, LatentError
-from kind.io import (
-    is_a,
-    read_json,
-    verify_checksums,
-)
+from kind.io import is_a, read_json, verify_checksums
 
 FULL_CHECK_BYTES = 1 << 30  # latents.npy up to this size is hashed on every open (about 1 s)
 

@@ -17,13 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from kind.core.images import to_uint8
-from kind.data.images import (
-    DataError,
-)
-from kind.io import (
-    read_json,
-    sha256_file,
-)
+from kind.data.images import DataError
+from kind.io import read_json, sha256_file
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
