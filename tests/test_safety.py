@@ -354,6 +354,41 @@ def _record_made_a_directory(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
 
 
+def _edited_json(what: str, edit: Callable[[dict], None], *argv: str, drop: str = ""):
+    """`what` (a JSON file of the shared run or its parts) edited by hand, checksums.json beside
+    it removed with it (so it reads as written before checksums), then `argv` on the copy
+    (`{}` stands for the copied folder, `{tmp}` for the test's directory); `drop`: a folder of
+    the copy removed first."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        folder = _copy(made, tmp, what.split("/")[0])
+        if drop:
+            shutil.rmtree(folder / drop)
+        path = folder.parent / what
+        data = json.loads(path.read_text())
+        edit(data)
+        path.write_text(json.dumps(data))
+        (path.parent / "checksums.json").unlink(missing_ok=True)
+        return [a.format(folder, tmp=tmp) for a in argv]
+
+    return setup
+
+
+def _other_optimizer_shape(tmp: Path, made: Path) -> list[str]:
+    """The newest checkpoint's optimiser state of another model's shape (a file swapped in from
+    another run), its checksums removed with it, then a resume."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    newest = _copy(made, tmp) / "checkpoints" / "step_0000002"
+    state = load_file(newest / "optimizer.safetensors")
+    key = next(k for k in state if k.endswith("/exp_avg"))
+    state[key] = torch.zeros(*state[key].shape[:-1], state[key].shape[-1] + 1)
+    save_file(state, newest / "optimizer.safetensors")
+    (newest / "checksums.json").unlink()
+    return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(tmp / "run")]
+
+
 def _match_a_numbered_data(tmp: Path, made: Path) -> list[str]:
     """--match-kind of a KIND transfer run whose config.json data is a number, not a spec."""
     run = _copy(made, tmp)
@@ -477,6 +512,95 @@ CASES = [
         0,
         "this KIND model has no tailors",
         untouched=False,
+    ),  # fmt: skip
+    Case(
+        "state.json without one parameter's EMA count",
+        _edited_state(lambda s: s["ema_counts"].pop(next(iter(s["ema_counts"])))),
+        2,
+        "EMA update counts are missing or malformed",
+    ),  # fmt: skip
+    Case(
+        "state.json with text for AdamW's eps",
+        _edited_state(lambda s: s["param_groups"][0].update(eps="x")),
+        2,
+        "optimiser settings (param_groups",
+    ),  # fmt: skip
+    Case(
+        "state.json without AdamW's groups",
+        _edited_state(lambda s: s.update(param_groups=[])),
+        2,
+        "optimiser settings (param_groups: [])",
+    ),  # fmt: skip
+    Case("optimiser state of another shape", _other_optimizer_shape, 2, "is of another model"),
+    Case(
+        "--set a value, then a key under it",
+        _train("--set", "train.lr=1", "--set", "train.lr.x=2"),
+        2,
+        "train.lr was set to a value by an earlier --set",
+    ),  # fmt: skip
+    Case(
+        "run.json whose dense start's import record is text",
+        _edited_json(
+            "run/run.json",
+            lambda r: r.update(init_from={"path": "x", "imported": "j"}),
+            "train",
+            *QUICK,
+            "--steps",
+            "3",
+            "--resume",
+            "--out",
+            "{}",
+        ),
+        2,
+        "imported is 'j', not a JSON object",
+    ),  # fmt: skip
+    Case(
+        "model.json whose VAE is a number",
+        _edited_json(
+            "run/model/model.json",
+            lambda m: m.update(latent={"vae": 5}),
+            "sample",
+            "{}",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            "{tmp}/s",
+        ),
+        2,
+        "latent.vae is 5, not str | None",
+    ),  # fmt: skip
+    Case(
+        "a parts manifest's grafted record of numbers",
+        _edited_json(
+            "parts/manifest.json",
+            lambda m: m.update(grafted=[1]),
+            "assemble",
+            "{}",
+            "--out",
+            "{tmp}/a",
+        ),
+        2,
+        "its grafted record is not a list",
+    ),  # fmt: skip
+    Case(
+        "config.json with text for sample, no model/",
+        _edited_json(
+            "run/config.json",
+            lambda c: c.update(sample="x"),
+            "sample",
+            "{}",
+            "--n",
+            "1",
+            "--steps",
+            "1",
+            "--out",
+            "{tmp}/s",
+            drop="model",
+        ),
+        2,
+        "sample is 'x', not a JSON object",
     ),  # fmt: skip
     Case("run.json with a text record", _edited_record, 2, "transfer is 'x', not a JSON object"),
     Case("run.json made a directory", _record_made_a_directory, 2, "is a directory where a file"),

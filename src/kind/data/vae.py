@@ -18,7 +18,7 @@ import torch
 
 from kind.core.images import to_uint8
 from kind.data.images import DataError
-from kind.io import read_json, sha256_file
+from kind.io import is_a, read_json, sha256_file, type_name
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -200,10 +200,30 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> t
     return torch.cat(out)
 
 
+# a model's latent record (run.json, model.json, a parts manifest, an export's kind_dit.json)
+LATENT_RECORD = {"vae": str | None, "image_size": int | None, "scaling_factor": float,
+                 "shift_factor": float, "latent_channels": int, "downsampling": int,
+                 CONFIG_SHA: str}  # fmt: skip
+
+
+def latent_problem(latent) -> str | None:
+    """What is wrong with a model's latent record (a hand-edited `"vae": 5`), or None, so that
+    a damaged record is named where it is read rather than failing deep in decoding."""
+    if not isinstance(latent, dict):
+        return f"its latent record is {latent!r:.60}, not a JSON object"
+    bad = [f"latent.{k} is {latent[k]!r:.60}, not {type_name(kind)}"
+           for k, kind in LATENT_RECORD.items() if k in latent and not is_a(latent[k], kind)]  # fmt: skip
+    return "; ".join(bad) or None
+
+
 def decoder(latent: dict, vae_path: str | Path | None = None, device: str | torch.device = "cpu"):
     """A function latents -> uint8 images for a model trained on a store; `latent` is the entry a
     run records (its "vae" path and latent space), `vae_path` overrides it (the VAE moved to
     another machine). A VAE of another latent space is refused before it is loaded."""
+    problem = latent_problem(latent)
+    if problem:
+        raise LatentError(f"the model's {problem}; its record is damaged or was edited by hand "
+                          "(restore it from a copy)")  # fmt: skip
     if not latent and vae_path is not None:
         raise ValueError(
             f"--vae {vae_path}: this model records no latent space; it is a pixel-space model, "

@@ -140,7 +140,7 @@ def graft(parts_dir: str | Path, run_dir: str | Path, out_dir: str | Path) -> Pa
             "classes": manifest["classes"] + new_classes,
             "learngene": manifest["learngene"],
             "tailors": dict(sorted(tailors.items(), key=lambda item: int(item[0]))),
-            "grafted": manifest.get("grafted", []) + [grafted],
+            "grafted": (manifest.get("grafted") or []) + [grafted],
         }
         write_json(tmp / MANIFEST, new_manifest)
         write_card(

@@ -35,7 +35,13 @@ import torch
 from kind.core.decomposition import MergedDiT
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import PATCHES, SIZES, DiT, ModelConfig, load_state, parse_size
-from kind.data.vae import DEFAULT_SCALING_FACTOR, check_space, vae_root, vae_space
+from kind.data.vae import (
+    DEFAULT_SCALING_FACTOR,
+    check_space,
+    latent_problem,
+    vae_root,
+    vae_space,
+)
 from kind.io import (
     atomic_dir,
     atomic_file,
@@ -368,6 +374,9 @@ def import_dit(
                      if not isinstance(saved.get(k) or {}, dict)]  # fmt: skip
             if wrong:
                 raise ValueError(f"{folder / KIND_JSON}: {', '.join(wrong)} must be a mapping")
+            problem = latent_problem(saved.get("latent") or {})
+            if problem:
+                raise ValueError(f"{folder / KIND_JSON}: {problem}; the file is damaged")
         else:
             notes.append(
                 f"{TIME_NOTE}; the imported model computes DiT's, for which DiT's own weights "

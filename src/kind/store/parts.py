@@ -163,6 +163,10 @@ def manifest_problem(manifest: dict) -> str | None:
                                       "source": str})  # fmt: skip
     if problem:
         return problem
+    grafted = manifest.get("grafted") or []
+    if not is_a(grafted, list[dict]) or not all(is_a(g.get("run"), str | None) and is_a(
+            g.get("classes", []), list[str]) for g in grafted):  # fmt: skip
+        return "its grafted record is not a list of {run, method, classes, groups} objects"
     try:
         config = ModelConfig.from_dict(manifest["model"])
         DiffusionConfig.from_dict(manifest["diffusion"])

@@ -90,15 +90,44 @@ def load_optimizer(
     config, which may change them); the others come from the checkpoint."""
     sd = optimizer.state_dict()
     index = {n: i for i, n in enumerate(names)}
+    params = [p for g in optimizer.param_groups for p in g["params"]]  # in `names`' order
     state: dict[int, dict] = {}
     for key, value in tensors.items():
         name, _, k = key.rpartition("/")
         if name not in index:
             raise ValueError(f"checkpoint has optimiser state for unknown parameter {name!r}")
+        if k != "step" and value.shape != params[index[name]].shape:
+            raise ValueError(
+                f"the checkpoint's optimiser {k} of {name} is {tuple(value.shape)}, the parameter "
+                f"{tuple(params[index[name]].shape)}: the checkpoint is of another model"
+            )
         state.setdefault(index[name], {})[k] = value
-    for g, saved in zip(sd["param_groups"], groups, strict=True):
+    if len(groups) != len(sd["param_groups"]) or not all(
+        isinstance(saved, dict) and all(_same_kind(g[k], v) for k, v in saved.items() if k in g)
+        for g, saved in zip(sd["param_groups"], groups)
+    ):  # fmt: skip
+        raise ValueError(
+            f"the checkpoint's optimiser settings (param_groups: {groups!r:.120}) are not those of "
+            f"this run's {len(sd['param_groups'])} parameter group(s): its state.json is damaged"
+        )
+    for g, saved in zip(sd["param_groups"], groups):
         g.update({k: v for k, v in saved.items() if k not in keep})
     optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def _same_kind(current, saved) -> bool:
+    """Whether a saved optimiser setting is of the kind the optimiser holds (a float for lr, two
+    floats for betas, a bool for amsgrad, ...)."""
+    if isinstance(current, list | tuple):
+        return isinstance(saved, list | tuple) and len(saved) == len(current) and all(
+            _same_kind(c, s) for c, s in zip(current, saved))  # fmt: skip
+    if current is None:  # a setting torch leaves unset (fused, foreach): whatever was saved
+        return True
+    if isinstance(current, bool):
+        return isinstance(saved, bool)
+    if isinstance(current, int | float):
+        return is_a(saved, float)
+    return is_a(saved, type(current))
 
 
 def ema_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -117,6 +146,10 @@ def load_run_model(run_dir: Path) -> tuple[DiT, DiffusionConfig, dict]:
     if last is None or not is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a run directory with a checkpoint")
     cfg = read_json(run_dir / CONFIG_JSON, "model", "diffusion", "sample")
+    problem = kind_problem(cfg, {"model": dict, "diffusion": dict, "sample": dict})
+    if problem:
+        raise ValueError(f"{run_dir / CONFIG_JSON}: {problem}; the file is damaged or was edited "
+                         "by hand")  # fmt: skip
     model = DiT(ModelConfig.from_dict(cfg["model"]))
     try:
         load_state(model, ema_weights(last), last)
@@ -147,7 +180,10 @@ def read_run_record(run_dir: Path) -> dict:
     if not path.exists():
         return {}
     run = read_json(path)  # a directory in its place is named there
-    problem = kind_problem(run, RUN_RECORDS)
+    start = run.get("init_from")
+    problem = kind_problem(run, RUN_RECORDS) or (
+        isinstance(start, dict) and kind_problem(start, {"path": str, "imported": dict})
+    )
     if problem:
         raise ValueError(f"{path}: {problem}; the file is damaged or was edited by hand")
     return run

@@ -243,8 +243,11 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise ValueError(f"--set expects key=value, got {pair!r}")
         node = out
         *parents, leaf = key.strip().split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `--set train=1 --set train.lr=2`
+                raise ValueError(f"--set {pair!r}: {'.'.join(parents[: i + 1])} was set to a "
+                                 "value by an earlier --set; give each key once")  # fmt: skip
         node[leaf] = _scalar(raw)
     return out
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from kind.io import is_a
 from kind.training.optim import pick_rows
 
 
@@ -113,6 +114,22 @@ class EMA:
                 f"here, e.g. {missing[:2]}): the run was started with other settings (another "
                 "--method, --train-learngenes, --rank-tailor or --null-tailor); resume with the "
                 "ones it was started with"
+            )
+        bad = [n for n in self.shadow if not (
+            is_a(counts.get(n), list[int]) and len(counts[n]) == self.shadow[n].shape[0]
+            if n in self.banks else is_a(counts.get(n), int))]  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"the checkpoint's EMA update counts are missing or malformed for {bad[:2]}: its "
+                "state.json is damaged"
+            )
+        shaped = [n for n, t in shadow.items() if t.shape != self.shadow[n].shape]
+        if shaped:
+            n = shaped[0]
+            raise ValueError(
+                f"the checkpoint's EMA of {n} is {tuple(shadow[n].shape)}, this run's parameter "
+                f"{tuple(self.shadow[n].shape)}: the checkpoint is of another model (resume with "
+                "the settings the run was started with)"
             )
         for n, t in shadow.items():
             self.shadow[n].copy_(t)
