@@ -416,6 +416,7 @@ def test_image_size_must_fit_the_vae(tmp_path, vae_dir, monkeypatch):
         ("binary", r"meta\.json is not valid JSON .*re-encode"),
         ("no-vae", r"meta\.json has no 'vae'"),
         ("shape", r"meta\.json has a malformed latent_shape \['4', 'x', 8\]"),
+        ("names", r"meta\.json has a malformed class_names \['a', 'a'\]"),
     ],
 )
 def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
@@ -431,7 +432,7 @@ def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
         (out / "meta.json").write_bytes(b'\xff{"format"')
     else:
         changes = {"format": {"format": "x/0"}, "count": {"count": 10},
-                   "shape": {"latent_shape": ["4", "x", 8]}}  # fmt: skip
+                   "shape": {"latent_shape": ["4", "x", 8]}, "names": {"class_names": ["a", "a"]}}  # fmt: skip
         meta |= changes.get(damage, {})
         if damage == "no-vae":
             del meta["vae"]

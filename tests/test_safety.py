@@ -399,9 +399,16 @@ def _match_a_numbered_data(tmp: Path, made: Path) -> list[str]:
             *TRANSFER, "--data", "mnist:8", "--steps", "1", "--out", str(tmp / "t")]  # fmt: skip
 
 
+def _sample_over_a_directory(tmp: Path, made: Path) -> list[str]:
+    """--overwrite samples whose samples.png is a directory (a user's, made by hand)."""
+    (tmp / "s" / "samples.png").mkdir(parents=True)
+    (tmp / "s" / "samples.png" / "mine.txt").write_text("x")
+    return _sample("--n", "1", "--steps", "1", "--overwrite")(tmp, made)
+
+
 def _damaged_samples(how: str) -> Callable[[Path, Path], list[str]]:
     """A sample .npz cut short, with a flipped byte in its image data, with float labels or
-    with a single class name, scored with evaluate."""
+    with a single class name or one name for two classes, scored with evaluate."""
 
     def setup(tmp: Path, made: Path) -> list[str]:
         samples = _copy(made, tmp, "s") / "samples.npz"
@@ -414,6 +421,8 @@ def _damaged_samples(how: str) -> Callable[[Path, Path], list[str]]:
             arrays = dict(np.load(samples))
             if how == "float labels":
                 arrays["labels"] = arrays["labels"] + 0.5
+            elif how == "one name twice":
+                arrays["class_names"] = np.array([arrays["class_names"][0]] * 2)
             else:
                 arrays["class_names"] = np.array("one name")
             np.savez(samples, **arrays)
@@ -666,6 +675,9 @@ CASES = [
     Case("evaluate an empty .npz", _empty_samples, 2, "not a sample .npz"),
     Case("evaluate float labels", _damaged_samples("float labels"), 2, "integer class ids"),
     Case("evaluate 0-d class_names", _damaged_samples("names"), 2, "1-d array of names"),
+    Case("evaluate a name twice", _damaged_samples("one name twice"), 2, "more than once"),
+    Case("--set model.groups", _train("--set", "model.groups=[0]"), 2, "model.groups comes from"),
+    Case("sample over a directory", _sample_over_a_directory, 2, "is a directory where sample"),
     Case("--out inside a file", _out_under_a_file, 2, "is a file, so"),
     Case(
         "sample --seed past 2^32 - 1",

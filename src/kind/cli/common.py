@@ -203,7 +203,7 @@ def run_config(args: argparse.Namespace) -> Config:
                 )
         return cfg
     cfg = load_config(args.config, overrides(args))
-    given = [k for k in ("class_names", "class_to_group") if getattr(cfg.model, k)]
+    given = [k for k in ("class_names", "class_to_group", "groups") if getattr(cfg.model, k)]
     if given:  # a new run takes them from its data and group_file: a value here is ignored
         raise ValueError(
             f"model.{' and model.'.join(given)} {'come' if len(given) > 1 else 'comes'} from "

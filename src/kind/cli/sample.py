@@ -103,6 +103,9 @@ def run(args: argparse.Namespace) -> None:
             f"{out} holds other files than samples; choose a new or empty --out "
             "(nothing was touched)"
         )
+    for p in [*targets, scores]:  # --overwrite replaces files, never a directory
+        if p.is_dir():
+            raise ValueError(f"{p} is a directory where sample files go; choose another --out")
     if not args.overwrite and any(p.exists() for p in [*targets, scores]):
         raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share

@@ -117,7 +117,8 @@ class LatentStore:
         shape = meta["latent_shape"]
         ok = {
             "count": _is_int(meta["count"], 0),
-            "class_names": isinstance(meta["class_names"], list),
+            "class_names": is_a(meta["class_names"], list[str])
+            and len(set(meta["class_names"])) == len(meta["class_names"]),  # one name a class
             "latent_shape": isinstance(shape, list)
             and len(shape) == 3
             and all(_is_int(s, 1) for s in shape),

@@ -87,7 +87,14 @@ def name_list(path: Path, names: np.ndarray | None) -> list[str] | None:
         raise ValueError(
             f"{path}: 'class_names' must be a 1-d array of names, got shape {names.shape}"
         )
-    return [str(c) for c in names]
+    listed = [str(c) for c in names]
+    twice = sorted({c for c in listed if listed.count(c) > 1})
+    if twice:
+        raise ValueError(
+            f"{path}: 'class_names' lists {', '.join(map(repr, twice[:3]))} more than once; the "
+            "file is damaged or was edited (one name a class)"
+        )
+    return listed
 
 
 def nchw(arr: np.ndarray) -> torch.Tensor | None:

@@ -425,6 +425,11 @@ def import_dit(
     load_state(model, state, src)
     diffusion = DiffusionConfig.from_dict(saved.get("diffusion") or stated or DIT_DIFFUSION)
     latent = saved.get("latent")
+    if latent and latent.get("latent_channels") not in (None, config.in_channels):
+        raise ValueError(
+            f"{what}: its latent record is of {latent['latent_channels']}-channel latents, the "
+            f"model takes {config.in_channels} channels; the record is damaged"
+        )
     if not saved and config.in_channels == 4:  # a latent DiT, on latents 8x smaller than images
         latent = {"vae": None, "image_size": config.image_size * SD_VAE_FACTOR}
         if source["format"] == "dit-official":  # DiT's own: the SD VAE's (either fine-tune)
