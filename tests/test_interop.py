@@ -492,6 +492,15 @@ def test_import_refuses_what_kind_dit_cannot_build(tmp_path, capsys, vae_dir):
     (tmp_path / "edited" / "kind_dit.json").write_text(json.dumps({"latent": "x"}))
     err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
     assert "kind_dit.json: latent must be a mapping" in err
+    (tmp_path / "edited" / "kind_dit.json").write_text(json.dumps({"latent": {"vae": 5}}))
+    err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
+    assert "kind_dit.json: latent.vae is 5, not str | None" in err
+    channels = make_reference().config.in_channels  # a record of other latents than it takes
+    (tmp_path / "edited" / "kind_dit.json").write_text(
+        json.dumps({"latent": {"vae": None, "latent_channels": channels + 1}})
+    )
+    err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
+    assert f"of {channels + 1}-channel latents, the model takes {channels} channels" in err
     classes = make_reference().config.num_embeds_ada_norm  # its record's names, one repeated
     (tmp_path / "edited" / "kind_dit.json").write_text(json.dumps({"class_names": ["a"] * classes}))
     err = fails(["import", str(tmp_path / "edited"), "--out", out], capsys)
