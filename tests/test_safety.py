@@ -406,6 +406,16 @@ def _sample_over_a_directory(tmp: Path, made: Path) -> list[str]:
     return _sample("--n", "1", "--steps", "1", "--overwrite")(tmp, made)
 
 
+def _assemble(*argv: str) -> Callable[[Path, Path], list[str]]:
+    """`assemble` of a copy of the shared parts ({parts}: the copy; {tmp}: the test's folder)."""
+
+    def setup(tmp: Path, made: Path) -> list[str]:
+        parts = _copy(made, tmp, "parts")
+        return ["assemble", str(parts), *(a.format(parts=parts, tmp=tmp) for a in argv)]
+
+    return setup
+
+
 def _damaged_samples(how: str) -> Callable[[Path, Path], list[str]]:
     """A sample .npz cut short, with a flipped byte in its image data, with float labels or
     with a single class name or one name for two classes, scored with evaluate."""
@@ -676,6 +686,14 @@ CASES = [
     Case("evaluate float labels", _damaged_samples("float labels"), 2, "integer class ids"),
     Case("evaluate 0-d class_names", _damaged_samples("names"), 2, "1-d array of names"),
     Case("evaluate a name twice", _damaged_samples("one name twice"), 2, "more than once"),
+    Case("assemble into its parts", _assemble("--out", "{parts}/sub"), 2, "never writes into"),
+    Case(
+        "assemble --classes with --merge",
+        _assemble("--classes", "0", "--merge", "1", "--out", "{tmp}/a"),
+        2,
+        "give one of",
+    ),
+    Case("group_file a directory", _train("--set", "group_file=."), 2, "group_file . is a dir"),
     Case("--set model.groups", _train("--set", "model.groups=[0]"), 2, "model.groups comes from"),
     Case("sample over a directory", _sample_over_a_directory, 2, "is a directory where sample"),
     Case("--out inside a file", _out_under_a_file, 2, "is a file, so"),

@@ -516,6 +516,12 @@ def assemble(
     one forward pass of one sample, FLOP_RULE) by dropping learngene components (`budget_keep`);
     the dropped layers' ranks go into the config's learngene_ranks."""
     out = check_new_dir(out)
+    if out.resolve().is_relative_to(Path(parts).resolve()):
+        raise PartsError(f"--out {out} lies inside the parts directory {parts}; assemble never "
+                         "writes into its input: choose an --out outside it")  # fmt: skip
+    if classes and (merge_null or merge_class is not None and list(classes) != [merge_class]):
+        raise PartsError("--classes picks the classes of an assembled model, --merge the one "
+                         "class folded into a dense one; give one of them")  # fmt: skip
     if max_params is not None and max_gflops is not None:
         raise PartsError("--max-params and --max-gflops are two budgets; give one")
     budget = max_params is not None or max_gflops is not None

@@ -291,8 +291,9 @@ def read_group_file(path: str, class_names: list[str]) -> list[int]:
     """τ from a YAML/JSON mapping {class name: group name or id}; groups are numbered in order of
     first appearance along class_names. Every class must be mapped."""
     if not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
         raise FileNotFoundError(
-            f"group_file {path} does not exist; give a YAML/JSON file {{class name: group}}"
+            f"group_file {path} {what}; give a YAML/JSON file {{class name: group}}"
         )
     mapping = _read_yaml(Path(path))
     if not isinstance(mapping, dict):
