@@ -354,6 +354,9 @@ def _record_made_a_directory(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "3", "--resume", "--out", str(run)]
 
 
+SAMPLE_ONE = ("sample", "{}", "--n", "1", "--steps", "1", "--out", "{tmp}/s")  # `_edited_json`'s
+
+
 def _edited_json(what: str, edit: Callable[[dict], None], *argv: str, drop: str = ""):
     """`what` (a JSON file of the shared run or its parts) edited by hand, checksums.json beside
     it removed with it (so it reads as written before checksums), then `argv` on the copy
@@ -578,14 +581,7 @@ CASES = [
         _edited_json(
             "run/model/model.json",
             lambda m: m.update(latent={"vae": 5}),
-            "sample",
-            "{}",
-            "--n",
-            "1",
-            "--steps",
-            "1",
-            "--out",
-            "{tmp}/s",
+            *SAMPLE_ONE,
         ),
         2,
         "latent.vae is 5, not str | None",
@@ -608,14 +604,7 @@ CASES = [
         _edited_json(
             "run/config.json",
             lambda c: c.update(sample="x"),
-            "sample",
-            "{}",
-            "--n",
-            "1",
-            "--steps",
-            "1",
-            "--out",
-            "{tmp}/s",
+            *SAMPLE_ONE,
             drop="model",
         ),
         2,
