@@ -415,8 +415,13 @@ def test_image_size_must_fit_the_vae(tmp_path, vae_dir, monkeypatch):
         ("labels", "outside 0..1"),
         ("binary", r"meta\.json is not valid JSON .*re-encode"),
         ("no-vae", r"meta\.json has no 'vae'"),
-        ("shape", r"meta\.json has a malformed latent_shape \['4', 'x', 8\]"),
-        ("names", r"meta\.json has a malformed class_names \['a', 'a'\]"),
+        ("shape", r"meta\.json: a malformed latent_shape \['4', 'x', 8\]"),
+        ("names", r"meta\.json: a malformed class_names \['a', 'a'\]"),
+        (
+            "space",
+            r"meta\.json: scaling_factor is 'a', not float; downsampling is 0, not int >= 1;"
+            r" vae_config_sha256 is 5, not str; the store is damaged",
+        ),
     ],
 )
 def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
@@ -432,7 +437,8 @@ def test_damaged_store_errors(tmp_path, folder_store, damage, needle):
         (out / "meta.json").write_bytes(b'\xff{"format"')
     else:
         changes = {"format": {"format": "x/0"}, "count": {"count": 10},
-                   "shape": {"latent_shape": ["4", "x", 8]}, "names": {"class_names": ["a", "a"]}}  # fmt: skip
+                   "shape": {"latent_shape": ["4", "x", 8]}, "names": {"class_names": ["a", "a"]},
+                   "space": {"scaling_factor": "a", "downsampling": 0, "vae_config_sha256": 5}}  # fmt: skip
         meta |= changes.get(damage, {})
         if damage == "no-vae":
             del meta["vae"]

@@ -5,6 +5,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from kind.core.decomposition import PartsError, merge, resolve_classes, split_state
 from kind.core.diffusion import DiffusionConfig
@@ -169,6 +170,28 @@ def test_damaged_part_file_is_refused(parts, tmp_path, damage):
     with pytest.raises(PartsError, match="tailor_0001.safetensors"):
         load_parts(copy, ["one"])
     load_parts(copy, ["two"])  # the intact parts still load
+
+
+def test_a_part_file_replaced_after_its_hash_is_not_loaded_unverified(parts, tmp_path, monkeypatch):
+    """A long-lived reader (`kind-dit serve` loads tailors hours after start) hashes a file, then
+    reads it: another file renamed over it in between must not be what is loaded."""
+    import kind.store.parts
+
+    copy = shutil.copytree(parts, tmp_path / "copy")
+    target = copy / "tailor_0001.safetensors"
+    changed = {k: v + 1 for k, v in load_file(target).items()}  # the same part, other values
+    save_file(changed, tmp_path / "new", metadata={"part": "1"})
+    hashed = kind.store.parts.sha256_file
+
+    def then_replaced(path):
+        digest = hashed(path)
+        if path == target:  # the verified file hashed, another renamed over it
+            (tmp_path / "new").rename(target)
+        return digest
+
+    monkeypatch.setattr(kind.store.parts, "sha256_file", then_replaced)
+    with pytest.raises(PartsError, match="tailor_0001.safetensors changed while it was read"):
+        load_parts(copy, ["one"])
 
 
 def test_manifest_records_sizes_and_classes(parts):

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from kind.data.store_format import FORMAT, LABELS_FILE, LATENTS_FILE, META_FILE
-from kind.data.vae import CONFIG_SHA, SPACE_KEYS, LatentError
+from kind.data.vae import CONFIG_SHA, SPACE_KEYS, LatentError, latent_problem
 from kind.io import is_a, read_json, verify_checksums
 
 FULL_CHECK_BYTES = 1 << 30  # latents.npy up to this size is hashed on every open (about 1 s)
@@ -124,14 +124,14 @@ class LatentStore:
             and all(_is_int(s, 1) for s in shape),
             "image_size": _is_int(meta["image_size"], 1),
             "vae": isinstance(meta["vae"], str),
-            **{k: is_a(meta[k], float) for k in ("scaling_factor", "shift_factor") if k in meta},
-            **{k: _is_int(meta[k], 1) for k in ("latent_channels", "downsampling") if k in meta},
         }
-        bad = [f"{k} {meta[k]!r}" for k, good in ok.items() if not good]
-        if bad:
+        bad = [f"a malformed {k} {meta[k]!r}" for k, good in ok.items() if not good]
+        # the latent space's keys, kinds as in a model's record
+        space = latent_problem({k: v for k, v in meta.items() if k not in ok}, prefix="")
+        if bad or space:
             raise LatentError(
-                f"{self.path / META_FILE} has a malformed {', '.join(bad)}; the store is "
-                "damaged: re-encode it."
+                f"{self.path / META_FILE}: {'; '.join(bad + [space] * bool(space))}; the store "
+                "is damaged: re-encode it."
             )
         return meta
 

@@ -201,18 +201,27 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, batch_size: int = 16) -> t
 
 
 # a model's latent record (run.json, model.json, a parts manifest, an export's kind_dit.json)
+# and a latent store's meta.json: each key's kind, the sizes at least 1
 LATENT_RECORD = {"vae": str | None, "image_size": int | None, "scaling_factor": float,
                  "shift_factor": float, "latent_channels": int, "downsampling": int,
                  CONFIG_SHA: str}  # fmt: skip
+_SIZES = ("image_size", "latent_channels", "downsampling")
 
 
-def latent_problem(latent) -> str | None:
+def latent_problem(latent, prefix: str = "latent.") -> str | None:
     """What is wrong with a model's latent record (a hand-edited `"vae": 5`), or None, so that
-    a damaged record is named where it is read rather than failing deep in decoding."""
+    a damaged record is named where it is read rather than failing deep in decoding. Keys the
+    record lacks are not problems here (records from before a key existed); a store's reader
+    checks the keys it needs itself."""
     if not isinstance(latent, dict):
         return f"its latent record is {latent!r:.60}, not a JSON object"
-    bad = [f"latent.{k} is {latent[k]!r:.60}, not {type_name(kind)}"
-           for k, kind in LATENT_RECORD.items() if k in latent and not is_a(latent[k], kind)]  # fmt: skip
+
+    def fits(key, kind) -> bool:
+        value = latent[key]
+        return is_a(value, kind) and not (key in _SIZES and value is not None and value < 1)
+
+    bad = [f"{prefix}{k} is {latent[k]!r:.60}, not {type_name(kind)}{' >= 1' * (k in _SIZES)}"
+           for k, kind in LATENT_RECORD.items() if k in latent and not fits(k, kind)]  # fmt: skip
     return "; ".join(bad) or None
 
 

@@ -248,7 +248,8 @@ def read_part(parts: Path, entry: dict, key: str) -> dict[str, torch.Tensor]:
             f"part file {path} is missing; copy the whole parts directory again or "
             "re-run `kind-dit decompose`"
         )
-    size = path.stat().st_size
+    seen = path.stat()  # to tell a file replaced between its check and its read (below)
+    size = seen.st_size
     if size != entry["bytes"]:
         raise PartsError(
             f"part file {path} has {size} bytes, the manifest says {entry['bytes']}: "
@@ -268,7 +269,16 @@ def read_part(parts: Path, entry: dict, key: str) -> dict[str, torch.Tensor]:
         ) from e
     if label != key:
         raise PartsError(f"part file {path} holds part {label!r}, the manifest expects {key!r}")
-    return read_tensors(path)
+    tensors = read_tensors(path)
+    now = path.stat()  # the same file (inode) unchanged since before its hash: the read is verified
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+        seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns, seen.st_ctime_ns
+    ):  # fmt: skip
+        raise PartsError(
+            f"part file {path} changed while it was read (something is writing into the parts "
+            "directory); read it again once that is done"
+        )
+    return tensors
 
 
 def load_parts(
