@@ -8,6 +8,7 @@ tailor rank 0 with a null tailor serves; the JSON endpoints and the page answer.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -23,11 +24,14 @@ import pytest
 import torch
 
 from kind.cli.main import main
+from kind.core.decomposition import PartsError
 from kind.core.diffusion import Diffusion, DiffusionConfig
 from kind.core.model import DiT, ModelConfig
+from kind.core.seeds import sample_seed
 from kind.serve.app import create_app
+from kind.serve.batcher import Batcher
 from kind.serve.cache import TailorCache
-from kind.serve.draw import Settings, draw
+from kind.serve.draw import Settings, draw, padding
 from kind.serve.server import Background
 from kind.store.parts import decompose
 
@@ -136,6 +140,11 @@ def test_unknown_class_and_out_of_range_fields_are_4xx_that_name_the_problem(url
     assert status == 422 and "n:" in detail and "steps:" in detail and "cfg_scale:" in detail
     status, _, body = post(url, {"class_name": "one", "steps": 5000})
     assert status == 422 and "1..1000" in json.loads(body)["detail"]
+    # a true or a "2" is a mistake to name, not a number to guess; a long name is cut short
+    status, _, body = post(url, {"class_name": "x" * 5000, "n": True, "cfg_scale": "1.5"})
+    detail = json.loads(body)["detail"]
+    assert status == 422 and "n: Input should be a valid integer" in detail
+    assert "cfg_scale: Input should be a valid number" in detail and len(detail) < 500
 
 
 def test_a_body_that_is_not_a_json_object_gets_a_message_that_says_how_to_send_one(url):
@@ -209,13 +218,133 @@ def together(url, *asks):
     return answers
 
 
+def test_other_guidance_runs_in_its_own_batch_with_its_own_scale(url, parts):
+    """Requests share a batch only with equal settings; a cfg_scale of 0 is 0, not the default."""
+    asks = [{"class_name": "one", "n": 2, "seed": 3, **SETTINGS},
+            {"class_name": "two", "n": 2, "seed": 4, **SETTINGS, "cfg_scale": 0.0}]  # fmt: skip
+    answers = together(url, *({"format": "npz"} | a for a in asks))
+    assert [a[0] for a in answers] == [200, 200]
+    assert answers[0][1]["X-Kind-Batch"] != answers[1][1]["X-Kind-Batch"]
+    cache, diffusion = TailorCache(parts), Diffusion(DiffusionConfig())
+    for ask, answer in zip(asks, answers, strict=True):
+        class_id = NAMES.index(ask["class_name"])
+        cache.acquire([cache.group_of(class_id)])
+        settings = Settings(ask["sampler"], ask["steps"], ask["cfg_scale"])
+        alone = draw(cache.model, diffusion, [cache.slot_class(class_id)] * 2,
+                     [sample_seed(ask["seed"], ask["class_name"], i) for i in range(2)],
+                     settings)  # fmt: skip
+        assert np.array_equal(images(answer[2]), alone.permute(0, 2, 3, 1).numpy())
+
+
+def missing_tailor(parts, tmp_path, group="2"):
+    """A copy of `parts` whose manifest lists no tailor for `group`."""
+    copy = shutil.copytree(parts, tmp_path / "parts")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["tailors"][group]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def batched(cache, asks, **options):
+    """Submit `asks` (class id, n, seed) to a Batcher in this order at once; their outcomes."""
+
+    async def run():
+        batcher = Batcher(cache, Diffusion(DiffusionConfig()), **options)
+        batcher.start()
+        settings = Settings("ddim", 2, 2.0)
+        try:
+            jobs = [batcher.submit(c, n, seed, settings) for c, n, seed in asks]
+            return await asyncio.gather(*jobs, return_exceptions=True), batcher
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(run())
+
+
+def test_a_request_after_a_failed_one_in_its_batch_gets_its_own_images(parts, tmp_path):
+    cache = TailorCache(missing_tailor(parts, tmp_path))
+    (failed, mate), _ = batched(cache, [(2, 3, 0), (1, 2, 5)], max_wait_ms=200)
+    assert isinstance(failed, PartsError) and mate.batch_samples == 2
+    cache.acquire([1])
+    alone = draw(cache.model, Diffusion(DiffusionConfig()), [cache.slot_class(1)] * 2,
+                 [sample_seed(5, "one", i) for i in range(2)], Settings("ddim", 2, 2.0))  # fmt: skip
+    assert torch.equal(mate.images, alone)
+
+
+def test_max_batch_bounds_the_forward_with_its_padding(parts, monkeypatch):
+    """Four classes of one sample each pad to 16 to fold (kind.serve.draw): with room for 12
+    samples a forward, padding included, they cannot all share one forward."""
+    import kind.serve.batcher
+
+    sizes, drawn = [], kind.serve.batcher.draw
+
+    def spy(model, diffusion, labels, seeds, settings, decode=None):
+        groups = len({int(model.host_slot_of[c]) for c in labels})
+        sizes.append(len(labels) + padding(model, len(labels), groups, True))
+        return drawn(model, diffusion, labels, seeds, settings, decode)
+
+    monkeypatch.setattr(kind.serve.batcher, "draw", spy)
+    cache = TailorCache(parts)
+    assert 4 + padding(cache.model, 4, 4, True) == 16  # the case
+    results, _ = batched(cache, [(c, 1, c) for c in range(4)], max_batch=12, max_wait_ms=200)
+    assert len({r.batch for r in results}) == 2 and max(sizes) <= 12
+
+
+def test_the_least_recently_used_tailor_is_the_one_evicted(parts):
+    cache = TailorCache(parts, capacity=2)
+    for group in (0, 1, 0, 2):  # 0 used again after 1: 1 is the least recently used
+        assert cache.acquire([group]) == {}
+        cache.release([group])
+    assert [t["classes"] for t in cache.stats()["loaded"]] == [["zero"], ["two"]]
+
+
+def test_a_stopped_batcher_fails_its_requests_and_health_says_so(parts, monkeypatch):
+    """Should a bug end the batcher's worker, requests fail with the cause instead of hanging,
+    and /health answers 503 for a load balancer to see."""
+    import kind.serve.batcher
+
+    def broken(self):
+        raise RuntimeError("a bug in the batcher")
+
+    monkeypatch.setattr(kind.serve.batcher.Batcher, "_select", broken)
+    with serving(parts, max_wait_ms=10) as url:
+        status, _, body = post(url, {"class_name": "one", "n": 1, **SETTINGS})
+        assert status == 500 and "batcher stopped (RuntimeError: a bug in the batcher)" in str(body)
+        assert post(url, {"class_name": "two", "n": 1, **SETTINGS})[0] == 500  # at once
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(url, "/health")
+        assert e.value.code == 503 and "restart the server" in json.loads(e.value.read())["status"]
+
+
+def test_stopping_fails_the_batch_in_flight_instead_of_leaving_it_pending(parts, monkeypatch):
+    import kind.serve.batcher
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow(*args, **kwargs):
+        started.set()
+        release.wait(10)
+        return torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+
+    monkeypatch.setattr(kind.serve.batcher, "draw", slow)
+
+    async def run():
+        batcher = Batcher(TailorCache(parts), Diffusion(DiffusionConfig()), max_wait_ms=0)
+        batcher.start()
+        job = asyncio.ensure_future(batcher.submit(1, 1, 0, Settings("ddim", 2, 2.0)))
+        await asyncio.to_thread(started.wait, 10)
+        await batcher.stop()
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(job, return_exceptions=True), 5)
+
+    (outcome,) = asyncio.run(run())
+    assert isinstance(outcome, asyncio.CancelledError)
+
+
 def test_a_tailor_missing_from_the_manifest_fails_its_requests_only_and_pins_nothing(
     parts, tmp_path
 ):
-    copy = shutil.copytree(parts, tmp_path / "parts")
-    manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["tailors"]["2"]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    copy = missing_tailor(parts, tmp_path)
     ask = {"n": 1, **SETTINGS, "format": "npz"}
     with serving(copy, cache_tailors=2, max_wait_ms=300) as url:
         one, two = together(url, ask | {"class_name": "one"}, ask | {"class_name": "two"})
@@ -288,8 +417,9 @@ def health(url) -> dict:
 
 
 def test_a_request_whose_client_disconnects_while_queued_is_not_computed(parts):
-    # its batch would start after 5 s; a request of max_batch samples starts one at once
-    with serving(parts, max_wait_ms=5000, max_batch=2) as url:
+    # its batch (8 samples with padding) would start after 5 s; a request of max_batch samples
+    # starts one at once
+    with serving(parts, max_wait_ms=5000, max_batch=16) as url:
         host, port = url.removeprefix("http://").split(":")
         body = json.dumps({"class_name": "two", "n": 1, **SETTINGS}).encode()
         with socket.create_connection((host, int(port))) as client:
@@ -301,9 +431,9 @@ def test_a_request_whose_client_disconnects_while_queued_is_not_computed(parts):
             time.sleep(0.02)
             waited += 0.02
         assert health(url)["queued"] == 0
-        status, headers, _ = post(url, {"class_name": "one", "n": 2, **SETTINGS})
+        status, headers, _ = post(url, {"class_name": "one", "n": 16, **SETTINGS})
         assert status == 200 and headers["X-Kind-Batch"] == "1"  # the first batch: its own
-        assert headers["X-Kind-Batch-Samples"] == "2" and health(url)["samples"] == 2
+        assert headers["X-Kind-Batch-Samples"] == "16" and health(url)["samples"] == 16
 
 
 def test_health_model_cache_page_and_png(url):

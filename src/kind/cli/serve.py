@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=count(),
         default=64,
-        help="requested samples per batched forward (default 64); the forward pads them "
-        "with null samples so each class computes as it would alone, more when many classes "
-        "share it",
+        help="samples per batched forward (default 64), counting the null samples it is padded "
+        "with so each class computes as it would alone (many classes need more): the bound on "
+        "a forward's memory; a single larger request runs alone",
     )
     p.add_argument(
         "--max-wait-ms",

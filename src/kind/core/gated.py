@@ -249,8 +249,11 @@ class KindLinear(nn.Module):
         """Whether a batch of `groups` tailor groups over `rows` rows (tokens) runs folded: each
         group's weight built in full (groups·in·out numbers) when that is no bigger than the
         layer's activations (rows·max(in, out)); else the learngene and the tailors run apart."""
-        fin, fout = self.in_features, self.out_features
-        return groups * fin * fout <= rows * max(fin, fout)
+        return rows >= self.fold_rows(groups)
+
+    def fold_rows(self, groups: int) -> int:
+        """The fewest rows at which `groups` groups fold: groups·in·out ≤ rows·max(in, out)."""
+        return groups * min(self.in_features, self.out_features)
 
     def materialises(self, rows: int, rank: int | None = None) -> bool:
         """Whether the learngene (at `rank` components, default its own) runs on `rows` rows as one

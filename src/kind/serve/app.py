@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_N = 64  # samples a request
 MAX_CFG = 20.0
+MAX_NAME = 1000  # characters of a class name (ImageNet's longest WordNet synonym lists: ~150)
 NPZ = "application/x-npz"
 EXAMPLE = 'a JSON object like {"class_name": "3", "n": 4}'  # what POST /generate takes
 # the model config fields GET /model shows
@@ -72,9 +73,12 @@ def prefers_npz(accept: str) -> bool:
 class GenerateRequest(BaseModel):
     """POST /generate: n samples of one class. Unset fields take the parts' sampling defaults."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: a JSON true or "2" is a mistake to name, not a number to guess (pydantic's lax
+    # mode takes true for 1)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    class_name: str = Field(min_length=1, description="a class of the model (GET /model)")
+    class_name: str = Field(min_length=1, max_length=MAX_NAME,
+                            description="a class of the model (GET /model)")  # fmt: skip
     n: int | None = Field(None, ge=1, le=MAX_N, description="samples")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="same seed, same samples")
     steps: int | None = Field(None, ge=1, description="sampling steps")
@@ -146,14 +150,16 @@ def create_app(
         return resources.files("kind.serve").joinpath("page.html").read_text()
 
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        ok = batcher.failure is None  # else every request fails: 503, for a load balancer
+        content = {
+            "status": "ok" if ok else batcher.failure,
             "queued": batcher.queued,
             "batches": batcher.batches,
             "samples": batcher.samples,
             "uptime_s": round(time.time() - started, 1),
         }
+        return JSONResponse(content, status_code=200 if ok else 503)
 
     @app.get("/model")
     async def model() -> dict:
@@ -226,12 +232,15 @@ def create_app(
             "X-Kind-Batch-Classes": str(result.batch_classes),
             "X-Kind-Seconds": f"{result.seconds:.3f}",
         }
+        # encoding takes up to a second for 64 large images: off the event loop, which keeps
+        # answering and batching meanwhile
         if wants_npz:
-            content = _npz(result, class_id, body.seed, settings, full.class_names)
+            content = await asyncio.to_thread(
+                _npz, result, class_id, body.seed, settings, full.class_names
+            )
             return Response(content, media_type=NPZ, headers=headers)
-        grid = io.BytesIO()
-        image_grid(result.images, min(n, 8)).save(grid, format="PNG")
-        return Response(grid.getvalue(), media_type="image/png", headers=headers)
+        content = await asyncio.to_thread(_png, result.images, min(n, 8))
+        return Response(content, media_type="image/png", headers=headers)
 
     return app
 
@@ -240,7 +249,7 @@ def _field_problem(error: dict) -> str:
     """`field: what is wrong (got what it got)` for one pydantic error."""
     where = ".".join(str(p) for p in error["loc"] if p != "body") or "body"
     got = error.get("input")
-    shown = f" (got {got!r})" if isinstance(got, str | int | float) else ""
+    shown = f" (got {got!r:.80})" if isinstance(got, str | int | float) else ""
     return f"{where}: {error['msg']}{shown}"
 
 
@@ -288,6 +297,12 @@ async def _disconnected(request: Request) -> None:
     server sends the app is `http.disconnect` (it comes only then, or never)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _png(images: torch.Tensor, columns: int) -> bytes:
+    grid = io.BytesIO()
+    image_grid(images, columns).save(grid, format="PNG")
+    return grid.getvalue()
 
 
 def _npz(result: Result, class_id: int, seed: int, settings: Settings, names: list[str]) -> bytes:

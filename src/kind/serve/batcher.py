@@ -3,9 +3,10 @@ batch through the KIND model (the per-sample class gate), one batch at a time.
 
 An asyncio queue and one worker task: the worker takes the oldest request, waits up to
 `max_wait` after its arrival for more, takes every queued request with the same sampling
-settings that fits (at most `max_batch` samples, at most as many tailor groups as the cache has
-slots; a single request larger than `max_batch` runs alone), and runs the batch in a thread so
-the event loop keeps answering. Requests left out wait for the next batch, oldest first.
+settings that fits (at most `max_batch` samples a forward, counting the null samples `draw` pads
+a batch of many classes with, at most as many tailor groups as the cache has slots; a single
+request larger runs alone), and runs the batch in a thread so the event loop keeps answering.
+Requests left out wait for the next batch, oldest first.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from kind.core.diffusion import Diffusion
 from kind.core.seeds import sample_seed
 from kind.serve.cache import TailorCache
-from kind.serve.draw import Settings, draw
+from kind.serve.draw import Settings, draw, padding
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +67,36 @@ class Batcher:
         self._queue: asyncio.Queue[Job] = asyncio.Queue()
         self._pending: list[Job] = []  # taken from the queue, not yet run, oldest first
         self._waiting: set[Job] = set()  # submitted, not yet in a batch, client still there
+        self._running: list[Job] = []  # the batch on the worker thread
         self._task: asyncio.Task | None = None
+        self.failure: str | None = None  # what stopped the worker, if anything did
         self.batches = self.samples = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._work())
+        self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._drain()
-        for job in self._pending:  # only at shutdown, after the server stopped taking requests
-            job.future.cancel()
+        for job in self._running + self._pending:  # only at shutdown, after the server stopped
+            job.future.cancel()  # taking requests; a batch still on the thread is not awaited
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The worker ends only when stopped; should a bug end it, every request waiting would
+        hang: fail them, and later ones at once, with the cause (and /health says so)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        error = task.exception()
+        log.error("the batcher stopped", exc_info=error)
+        self.failure = (f"the server's batcher stopped ({type(error).__name__}: {error}); "
+                        "restart the server (its log has the traceback)")  # fmt: skip
+        self._drain()
+        for job in self._running + self._pending:
+            if not job.future.done():
+                job.future.set_exception(RuntimeError(self.failure))
 
     @property
     def queued(self) -> int:
@@ -87,6 +105,8 @@ class Batcher:
         return len(self._waiting)
 
     async def submit(self, class_id: int, n: int, seed: int, settings: Settings) -> Result:
+        if self.failure is not None:
+            raise RuntimeError(self.failure)
         future = asyncio.get_running_loop().create_future()
         job = Job(class_id, self.cache.group_of(class_id), n, seed, settings, future)
         self._waiting.add(job)
@@ -101,7 +121,7 @@ class Batcher:
                 self._pending.append(await self._queue.get())
                 continue  # drain again: that request's client may already have gone
             deadline = self._pending[0].arrived + self.max_wait
-            while self._pending and sum(j.n for j in self._select()) < self.max_batch:
+            while self._pending and self._size(self._select()) < self.max_batch:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -115,7 +135,9 @@ class Batcher:
             taken = {id(j) for j in batch}
             self._pending = [j for j in self._pending if id(j) not in taken]
             self._waiting.difference_update(batch)
+            self._running = batch
             await self._run(batch)
+            self._running = []
 
     def _drain(self) -> None:
         """Move the queue into `_pending`, dropping requests whose client went away (`submit`
@@ -132,13 +154,27 @@ class Batcher:
         first = self._pending[0]
         batch, samples, groups = [], 0, set()
         for job in self._pending:
-            fits = not batch or samples + job.n <= self.max_batch
             room = job.group in groups or len(groups) < self.cache.capacity
-            if job.settings == first.settings and fits and room:
+            if job.settings != first.settings or not room:
+                continue
+            size = self._forward_size(samples + job.n, len(groups | {job.group}), job.settings)
+            if not batch or size <= self.max_batch:
                 batch.append(job)
                 samples += job.n
                 groups.add(job.group)
         return batch
+
+    def _size(self, batch: list[Job]) -> int:
+        if not batch:
+            return 0
+        groups = len({j.group for j in batch})
+        return self._forward_size(sum(j.n for j in batch), groups, batch[0].settings)
+
+    def _forward_size(self, samples: int, groups: int, settings: Settings) -> int:
+        """Samples a forward computes for `samples` requested ones of `groups` tailor groups:
+        with the null samples `draw` pads them with (many classes need many to fold)."""
+        guided = settings.cfg_scale != 1.0
+        return samples + padding(self.cache.model, samples, groups, guided)
 
     async def _run(self, batch: list[Job]) -> None:
         if not batch:  # every request pending was cancelled

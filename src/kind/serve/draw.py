@@ -63,12 +63,10 @@ def padding(model: DiT, samples: int, groups: int, guided: bool) -> int:
     copies = 2 if guided else 1  # guidance doubles the batch with its null half
     # the null tailor, if any, is one group more once null samples are present (conservative)
     present = groups + (model.config.null_group is not None)
-    total = samples
-    while (
-        (total * copies) % ROW_BLOCK
-        or total * copies < MIN_ROWS
-        or not all(m.folds(present, total * copies * per_sample) for _, m in model.gated)
-    ):
+    folds = max((m.fold_rows(present) for _, m in model.gated), default=0)  # tokens to fold
+    rows = max(MIN_ROWS, -(-folds // per_sample))  # the fewest per-sample rows (ceil)
+    total = max(samples, -(-rows // copies))
+    while (total * copies) % ROW_BLOCK:  # at most ROW_BLOCK - 1 more
         total += 1
     return total - samples
 
