@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/kind-dit demo $(DEMO_ARGS)
 
+# a pytest-xdist worker a core (at most 4; each worker runs torch on its share of the cores)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 --dist worksteal
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests scripts benchmarks
