@@ -118,6 +118,17 @@ def test_a_larger_budget_picks_a_larger_lora_rank_within_one_rank_step(source):
         assert abs(adapted.trainable - budget) <= step / 2
 
 
+def test_the_label_rows_count_toward_the_budget_when_they_outweigh_a_rank_step(source):
+    """At the paper's scale the new classes' label rows (461 × 1024) weigh about one LoRA rank
+    step of DiT-L: left out of the sizing, the rank would overshoot the budget."""
+    many = [f"c{i}" for i in range(160)]
+    step = sum(i + o for i, o in target_shapes(source))
+    assert len(many) * 128 > 2 * step  # the case: the rows outweigh two rank steps
+    budget = len(many) * 128 + 8 * step
+    adapted = adapt("lora", source, many, budget=budget)
+    assert abs(adapted.trainable - budget) <= step / 2
+
+
 def test_oft_rotations_stay_orthogonal_far_from_the_start(source):
     """OFT rotates each layer's input in orthogonal blocks, so every weight keeps its singular
     values however far training moves the generators (peft's default truncated Neumann series
@@ -250,6 +261,14 @@ UNSIZED = [m.name for m in METHODS.values() if not m.is_kind and not m.budgeted]
 def test_train_learngenes_is_refused_for_a_baseline(method, tmp_path):
     with pytest.raises(ValueError, match=f"--train-learngenes .*baseline '{method}' has none"):
         prepare(tmp_path / "dense", NEW, method, train_learngenes=True)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_a_group_file_is_refused_for_a_baseline(method, tmp_path):
+    """It groups KIND's tailors; a baseline run would record it as its own and ignore it, and a
+    comparison with a grouped KIND run would look matched when it was not."""
+    with pytest.raises(ValueError, match=f"group_file groups KIND's tailors; baseline '{method}'"):
+        prepare(tmp_path / "dense", NEW, method, class_to_group=[0] * len(NEW))
 
 
 def test_a_budget_is_recorded_where_it_sized_the_adapter_and_refused_elsewhere(source, tmp_path):

@@ -201,6 +201,10 @@ def test_transfer_takes_its_data_from_the_config_and_resumes_with_its_tailor_ran
     assert json.loads((tmp_path / "t" / "config.json").read_text())["data"] == "mnist:6,7"
     main([*args, "--steps", "3", "--resume"])
     assert "(3 steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # another tailor rank: named, not a shape error
+        main([*args[:5], "1", *args[6:], "--steps", "4", "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "started with other options: trainable_params" in err
     with pytest.raises(SystemExit) as e:  # neither --data nor a config that sets it
         main(["transfer", str(parts), "--out", str(tmp_path / "u"), *TRANSFER_SHORT])
     assert e.value.code == 2 and "give the target classes: --data" in capsys.readouterr().err

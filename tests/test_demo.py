@@ -149,3 +149,11 @@ def test_budget_curves_of_a_method_no_budget_sizes_are_refused_before_any_job(tm
     with pytest.raises(ValueError, match="--method full trains what its architecture fixes"):
         run_demo(tmp_path / "d", curves, jobs=1, device="cpu")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_null_tailor_variant_of_a_baseline_is_refused_before_any_job(tmp_path):
+    """A baseline has no tailors: its '+null' transfer would fail after pre-training had run."""
+    nulls = replace(TOY, methods=("kind", "lora"), null_methods=("lora",))
+    with pytest.raises(ValueError, match="null_methods names 'lora', a baseline"):
+        run_demo(tmp_path / "d", nulls, jobs=1, device="cpu")
+    assert not (tmp_path / "d").exists()

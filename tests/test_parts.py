@@ -15,7 +15,8 @@ from kind.io import OutputDirError
 from kind.store.load import load_model
 from kind.store.parts import assemble, decompose, load_learngene, load_parts
 from kind.store.sizes import size_table
-from kind.transfer.kind import inherit_learngenes
+from kind.transfer.kind import inherit_learngenes, kind_budget
+from kind.transfer.run import prepare
 
 NAMES = ["zero", "one", "two", "three"]
 
@@ -145,6 +146,33 @@ def test_transfer_carries_the_learngene_bit_for_bit_and_nothing_class_specific(s
         assert p.requires_grad == specific, name
     unfrozen, _ = inherit_learngenes(parts, ["cat"], train_learngenes=True)
     assert all(p.requires_grad for p in unfrozen.parameters())
+
+
+def test_fresh_tailors_start_outside_the_transferred_learngene(parts):
+    """KIND.md's initialisation: a new tailor's directions lie outside its layer's learngene
+    subspace, the transferred one (not the random one the model was built with)."""
+    model, _ = inherit_learngenes(parts, ["p", "q"])
+    chunks = model.tailors.rows.detach().split(model.tailors.widths, dim=1)
+    checked = 0
+    for _, layer in model.gated:
+        U, _, V = layer.unpack(chunks[layer.bank_slot])  # [G, out, r], [G, r], [G, in, r]
+        if layer.rank_learngene + U.shape[0] * layer.rank_tailor > min(V.shape[1], U.shape[1]):
+            continue  # no room outside the subspace
+        for tailor, learngene in ((U, layer.U), (V, layer.V)):
+            basis = torch.linalg.qr(learngene.detach().double())[0]  # [out, r_G]
+            assert (basis.T @ tailor.double()).abs().max() < 1e-6  # [G, r_G, r]
+        checked += 1
+    assert checked
+
+
+def test_a_transfer_trains_exactly_the_new_tailors_and_label_rows(parts):
+    """The budget the baselines match (`kind_budget`): each new group's tailor row, every new
+    class's label row, nothing else; counted by hand from the layers' shapes."""
+    names = ["p", "q", "r"]
+    model, _ = inherit_learngenes(parts, names)
+    row = sum(m.rank_tailor * (m.in_features + m.out_features + 1) for _, m in model.gated)
+    by_hand = len(set(model.config.tau)) * row + len(names) * model.x_embedder.out_channels
+    assert kind_budget(parts, names) == prepare(parts, names).meta["trainable_params"] == by_hand
 
 
 def test_learngene_of_another_shape_is_refused(parts):
@@ -323,3 +351,11 @@ def test_a_damaged_manifest_is_refused_naming_the_problem(parts, tmp_path, edit,
     copy = _edit_manifest(parts, tmp_path, edit)
     with pytest.raises(PartsError, match=f"manifest.json: .*{problem}.*the file is damaged"):
         load_parts(copy, ["three"])
+
+
+def test_a_transfer_start_leaves_the_callers_random_stream_alone(parts):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    inherit_learngenes(parts, ["p"], seed=1)
+    assert torch.equal(torch.rand(3), expected)

@@ -214,6 +214,12 @@ def run_demo(
         preset = replace(preset, methods=tuple(methods))
     for method in preset.methods + preset.budget_methods + preset.null_methods:
         get(method)  # an unknown name fails here, before any job starts
+    for method in preset.null_methods:  # (one not in `methods` has no run to vary)
+        if not get(method).is_kind:
+            raise ValueError(
+                f"null_methods names {method!r}, a baseline: the null-tailor variant is of KIND "
+                "methods (a baseline has no tailors; its transfer would fail after pre-training)"
+            )
     if preset.budget_scales:  # a method no budget sizes would train its 1x model at every scale
         for method in preset.budget_methods:
             if not get(method).is_kind:

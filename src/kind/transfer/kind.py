@@ -47,10 +47,11 @@ def inherit_learngenes(
         raise PartsError("carried source tailors keep the source's tailor rank; drop rank_tailor")
     config = replace(source, class_names=list(class_names), class_to_group=class_to_group,
                      groups=None, rank_tailor=rank, null_tailor=null_tailor)  # fmt: skip
-    torch.manual_seed(seed)
-    model = DiT(config)
-    load_learngene(model, parts)
-    model.reset_tailors()  # fresh tailors outside the transferred learngene
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own
+        torch.manual_seed(seed)
+        model = DiT(config)
+        load_learngene(model, parts)
+        model.reset_tailors()  # fresh tailors outside the transferred learngene
     if carry_tailors:
         source_groups = sorted(int(g) for g in manifest["tailors"] if int(g) != source.null_group)
         state = model.part_state()

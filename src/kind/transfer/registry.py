@@ -87,6 +87,11 @@ def _start_baseline(name: str, budgeted: bool, source, class_names, *, class_to_
             f"--null-tailor and --rank-tailor shape KIND's tailors; baseline {name!r} has none "
             "(a baseline adapts its whole unconditional network already)"
         )
+    if class_to_group is not None:  # it would be recorded as the run's and ignored
+        raise ValueError(
+            f"group_file groups KIND's tailors; baseline {name!r} has none (it adapts one "
+            "network for all classes): leave group_file out of its config"
+        )
     if train_learngenes:
         raise ValueError(
             f"--train-learngenes trains a KIND transfer's learngenes; baseline {name!r} has none "

@@ -12,6 +12,7 @@ from kind.data.dataset import open_dataset
 from kind.data.vae import check_space
 from kind.store.load import load_model
 from kind.store.parts import read_manifest
+from kind.store.runs import read_run_record
 from kind.training.config import Config, read_group_file
 from kind.training.loop import TrainResult, train
 from kind.transfer.registry import Start, check_budget, get
@@ -97,7 +98,31 @@ def run_transfer(
         null_tailor=null_tailor,
         seed=cfg.train.seed,
     )
+    if resume:
+        _check_same_transfer(Path(out), start.meta)
     cfg = replace(cfg, model=start.model.config, diffusion=start.diffusion)
     return train(cfg, out, model=start.model, resume=resume, restart=restart,
                  meta={"transfer": start.meta},
                  data=data, export=start.export)  # fmt: skip
+
+
+# what a transfer's start fixes: its method and what sizes what it trains
+SAME_ON_RESUME = ("method", "budget", "null_tailor", "train_learngenes", "trainable_params")
+
+
+def _check_same_transfer(out: Path, meta: dict) -> None:
+    """A resume rebuilds the start from the options given now; other options (a --match-kind or
+    --null-tailor left out, another --rank-tailor) would fail on the checkpoint's shapes with a
+    message that names none of them, so the run's record is compared first."""
+    then = read_run_record(out).get("transfer")
+    if then is None:
+        return
+    differ = [f"{k} {then.get(k)!r} (now {meta.get(k)!r})" for k in SAME_ON_RESUME
+              if (k in then or k in meta) and then.get(k) != meta.get(k)]  # fmt: skip
+    if differ:
+        raise ValueError(
+            f"--resume: the transfer in {out} started with other options: {'; '.join(differ)}; "
+            "resume with the options it started with (--method, --budget or --match-kind, "
+            "--null-tailor, --rank-tailor, --train-learngenes), or start a new run (--restart "
+            "or another --out)"
+        )
