@@ -105,6 +105,15 @@ def test_transfer_gives_a_fresh_null_tailor_and_carries_the_learngene_only(model
     assert "tailors.rows" in trainable and "blocks.0.attn.q.U" not in trainable
 
 
+def test_a_transfer_without_a_null_tailor_from_a_source_with_one_is_warned_about(parts, caplog):
+    """The source's learngenes alone never were its unconditional model: guiding with them is
+    allowed (an ablation) but said."""
+    inherit_learngenes(parts, ["cat"], null_tailor=True)
+    assert "pre-trained with a null tailor" not in caplog.text
+    inherit_learngenes(parts, ["cat"])
+    assert "pre-trained with a null tailor" in caplog.text and "--null-tailor" in caplog.text
+
+
 def test_kind_sigma_trains_the_learngene_singular_values_only(parts):
     new, _ = inherit_learngenes(parts, ["cat"], train_sigma=True)
     trainable = {n for n, p in new.named_parameters() if p.requires_grad}

@@ -4,6 +4,7 @@ gets fresh tailors and label rows (docs/KIND.md, "Novel classes" and "Large doma
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from kind.core.decomposition import BANKS, PartsError
 from kind.core.diffusion import DiffusionConfig
 from kind.core.model import DiT, ModelConfig, count_params, load_state
 from kind.store.parts import load_learngene, read_manifest, read_part
+
+log = logging.getLogger(__name__)
 
 
 def inherit_learngenes(
@@ -45,6 +48,13 @@ def inherit_learngenes(
     rank = source.rank_tailor if rank_tailor is None else rank_tailor
     if carry_tailors and rank != source.rank_tailor:
         raise PartsError("carried source tailors keep the source's tailor rank; drop rank_tailor")
+    if source.null_tailor and not null_tailor:
+        log.warning(
+            "%s was pre-trained with a null tailor, so its learngenes alone never served as the "
+            "unconditional model; without --null-tailor this transfer guides with them alone "
+            "(pass --null-tailor to give the null class a fresh tailor)",
+            parts,
+        )
     config = replace(source, class_names=list(class_names), class_to_group=class_to_group,
                      groups=None, rank_tailor=rank, null_tailor=null_tailor)  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # the caller's random stream stays its own
