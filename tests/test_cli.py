@@ -2,6 +2,7 @@
 transfer (KIND and a baseline) -> evaluate, and the errors a user sees."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -209,6 +210,21 @@ def test_transfer_takes_its_data_from_the_config_and_resumes_with_its_tailor_ran
         main(["transfer", str(parts), "--out", str(tmp_path / "u"), *TRANSFER_SHORT])
     assert e.value.code == 2 and "give the target classes: --data" in capsys.readouterr().err
     assert not (tmp_path / "u").exists()
+
+
+def test_a_transfer_resume_compares_what_the_run_recorded(tmp_path):
+    """Keys an older run did not record are not compared (its resume goes on); a budget it did
+    not have, or another method, is named."""
+    from kind.transfer.run import _check_same_transfer
+
+    (tmp_path / "run.json").write_text(json.dumps({"transfer": {"method": "kind"}}))
+    now = {"method": "kind", "null_tailor": False, "train_learngenes": False,
+           "trainable_params": 5}  # fmt: skip
+    _check_same_transfer(tmp_path, now)
+    for changed, named in (({"method": "lora"}, "method 'kind' (now 'lora')"),
+                           ({"budget": 10}, "budget None (now 10)")):  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(named)):
+            _check_same_transfer(tmp_path, now | changed)
 
 
 def test_auto_resume_serves_a_jobs_first_start_and_its_restarts(run, tmp_path, caplog):

@@ -117,8 +117,10 @@ def _check_same_transfer(out: Path, meta: dict) -> None:
     then = read_run_record(out).get("transfer")
     if then is None:
         return
-    differ = [f"{k} {then.get(k)!r} (now {meta.get(k)!r})" for k in SAME_ON_RESUME
-              if (k in then or k in meta) and then.get(k) != meta.get(k)]  # fmt: skip
+    # keys an older run did not record are not compared; a budget it did not have is
+    keys = [k for k in SAME_ON_RESUME if k in then or k == "budget"]
+    differ = [f"{k} {then.get(k)!r} (now {meta.get(k)!r})" for k in keys
+              if then.get(k) != meta.get(k)]  # fmt: skip
     if differ:
         raise ValueError(
             f"--resume: the transfer in {out} started with other options: {'; '.join(differ)}; "
