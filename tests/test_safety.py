@@ -138,6 +138,16 @@ def _restart(tmp: Path, made: Path) -> list[str]:
     return ["train", *QUICK, "--steps", "2", "--restart", "--out", str(run)]
 
 
+def _restart_through_a_link(tmp: Path, made: Path) -> list[str]:
+    """checkpoints/ linked to a scratch disk that holds more than the run's checkpoints."""
+    run = _copy(made, tmp)
+    scratch = tmp / "scratch"
+    (run / "checkpoints").rename(scratch)
+    (scratch / "other-project.txt").write_text("not this run's")
+    (run / "checkpoints").symlink_to(scratch)
+    return ["train", *QUICK, "--steps", "2", "--restart", "--out", str(run)]
+
+
 def _auto(prune: tuple[str, ...] = (), *extra: str) -> Callable[[Path, Path], list[str]]:
     """--auto-resume into a copy of the finished run with `prune` removed from it."""
 
@@ -486,6 +496,12 @@ CASES = [
     Case("truncated latest checkpoint", _truncated_checkpoint, 0, "falling back", False),
     Case("resume without a checkpoint", _no_checkpoint, 2, "--restart"),
     Case("--restart a run, stale temporary files", _restart, 0, "removing", False),
+    Case(
+        "--restart through a linked checkpoints/",
+        _restart_through_a_link,
+        2,
+        "empty what it points to",
+    ),
     Case("--auto-resume a run with checkpoints", _auto(), 0, "resumed", False),
     Case(
         "--auto-resume before the first checkpoint",

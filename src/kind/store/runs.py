@@ -275,6 +275,13 @@ def check_run_dir(out: Path, resume: bool, restart: bool) -> None:
         )
     if restart and not is_owned(out):
         raise RunDirError(f"--restart: {out} holds no kind-dit run to start again")
+    linked = [out / name for name in RUN_FILES if (out / name).is_symlink()]
+    if restart and linked:  # removing through a link could reach what else its target holds
+        raise RunDirError(
+            f"--restart removes a run's files, but {linked[0]} is a symbolic link (to "
+            f"{linked[0].resolve()}); empty what it points to yourself (or remove the link), "
+            "then --restart (nothing was touched)"
+        )
 
 
 def has_checkpoint(out: Path) -> bool:
