@@ -91,6 +91,59 @@ def test_sample_refuses_to_overwrite_and_unknown_classes(run, tmp_path, capsys):
     assert e.value.code == 2 and "holds no class to sample" in capsys.readouterr().err
 
 
+def test_a_stopped_sampling_continues_with_resume_and_draws_only_what_is_missing(
+    run, tmp_path, capsys, monkeypatch
+):
+    """A preempted FID job keeps its finished chunks: --resume draws the rest, to the samples an
+    uninterrupted job writes; other settings are refused by name; --overwrite starts again."""
+    import kind.core.sampling as sampling
+
+    argv = ["sample", str(run), "--classes", "0,1,2", "--n", "3", "--steps", "2",
+            "--batch-size", "4", "--out"]  # fmt: skip
+    main([*argv, str(tmp_path / "straight")])
+    drawn, calls = sampling.generate, []
+
+    def preempted_after(chunks: int):
+        def draw(model, diffusion, labels, **kwargs):
+            if len(calls) == chunks:
+                raise RuntimeError("preempted")
+            calls.append(len(labels))
+            return drawn(model, diffusion, labels, **kwargs)
+
+        return draw
+
+    out = tmp_path / "job"
+    monkeypatch.setattr(sampling, "generate", preempted_after(1))
+    with pytest.raises(SystemExit):
+        main([*argv, str(out)])
+    partial = out / ".samples.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["chunk_000000.safetensors", "job.json",
+                                                         "lock"]  # fmt: skip
+    capsys.readouterr()
+    for extra, message in (([], "unfinished sampling (1 of 3 chunks of 4 samples drawn): pass "
+                                "--resume"),
+                           (["--resume", "--seed", "1"], "seed 0 (now 1)"),
+                           (["--resume", "--batch-size", "2"], "batch_size 4 (now 2)")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main([*argv, str(out), *extra])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    calls.clear()
+    monkeypatch.setattr(sampling, "generate", preempted_after(10))
+    main([*argv, str(out), "--resume"])
+    assert calls == [4, 1]  # chunks 1 and 2 drawn; chunk 0 read
+    a, b = (np.load(d / "samples.npz") for d in (tmp_path / "straight", out))
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert not partial.exists()  # its chunks are in samples.npz
+    calls.clear()
+    monkeypatch.setattr(sampling, "generate", preempted_after(1))
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "again")])
+    calls.clear()
+    monkeypatch.setattr(sampling, "generate", preempted_after(10))
+    main([*argv, str(tmp_path / "again"), "--overwrite"])  # starts again: every chunk drawn
+    assert calls == [4, 4, 1]
+
+
 def test_sample_refuses_bad_guidance_options_before_sampling(run, tmp_path, capsys):
     for argv, message in (
         (["--guided-channels", "2"], "give at most 1"),  # a 1-channel model

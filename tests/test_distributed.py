@@ -133,6 +133,34 @@ def test_sampling_over_two_ranks_gathers_what_one_process_draws(trained, tmp_pat
     assert lone["labels"].tolist() == [0]
 
 
+def test_a_sampling_stopped_in_one_process_resumes_over_two_ranks(trained, tmp_path, monkeypatch):
+    """Rank 0 alone keeps the chunks (no shared file system needed); a job preempted on one
+    process continues on two ranks, which draw only the chunks left, to the same samples."""
+    import kind.core.sampling as sampling
+    from kind.cli.main import main
+
+    argv = ["sample", str(trained), "--per-class", "3", "--steps", "2", "--device", "cpu",
+            "--classes", "0,1,2", "--batch-size", "2"]  # fmt: skip
+    main([*argv, "--out", str(tmp_path / "straight")])
+    drawn = sampling.generate
+
+    def preempted(model, diffusion, labels, **kwargs):
+        if preempted.calls == 2:
+            raise RuntimeError("preempted")
+        preempted.calls += 1
+        return drawn(model, diffusion, labels, **kwargs)
+
+    preempted.calls = 0
+    monkeypatch.setattr(sampling, "generate", preempted)
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", str(tmp_path / "job")])
+    assert len(list((tmp_path / "job" / ".samples.partial").glob("chunk_*"))) == 2  # of 5
+    _cli(2, *argv, "--resume", "--out", str(tmp_path / "job"))
+    a, b = (np.load(tmp_path / d / "samples.npz") for d in ("straight", "job"))
+    assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
+    assert not (tmp_path / "job" / ".samples.partial").exists()
+
+
 SHARES = """
 import atexit, os, sys, torch
 import torch.distributed as dist

@@ -519,7 +519,7 @@ CASES = [
     Case("resume with changed settings", _resume_changes, 0, "train.steps 2 -> 3", False),
     Case("a replace interrupted between its renames", _interrupted_replace, 0, "restoring", False),
     Case("a run written before markers resumes", _before_markers, 0, "resumed", False),
-    Case("resume with another method", _other_method, 2, "another --method"),
+    Case("resume with another method", _other_method, 2, "method 'kind' (now 'kind-sigma')"),
     Case(
         "state.json with a negative step",
         _edited_state(lambda s: s.update(step=-2)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 
 from kind.cli.common import classes, count, number
@@ -14,7 +15,8 @@ DESCRIPTION = (
     "Sample from a run directory, a parts directory or an "
     "assembled/merged model directory. Writes OUT/samples.npz (arr_0 uint8 NxHxWxC, "
     "labels, class_names: every sample) and OUT/samples.png, a preview grid with one row per "
-    "class (the first 16 samples of the first 64 classes)."
+    "class (the first 16 samples of the first 64 classes). Finished chunks are kept in "
+    "OUT/.samples.partial as they are drawn: a stopped job continues with --resume."
 )
 
 
@@ -68,7 +70,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--overwrite",
         action="store_true",
         help="replace samples already in --out (and remove their samples.eval.json, which scored "
-        "the samples replaced)",
+        "the samples replaced), or start an unfinished sampling there again",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the unfinished sampling in --out (same settings; any number of ranks), "
+        "or start one: safe on every start of a job a scheduler may requeue",
     )
     p.add_argument(
         "--compile",
@@ -90,6 +98,7 @@ def run(args: argparse.Namespace) -> None:
     from kind.core.images import save_grid, save_npz
     from kind.core.sampling import generate_sharded
     from kind.store.load import load_model
+    from kind.store.partial_samples import FORMAT, PARTIAL, PartialSamples, model_sha256
     from kind.training.config import SampleConfig
 
     out = Path(args.out)
@@ -97,7 +106,7 @@ def run(args: argparse.Namespace) -> None:
     scores = out / "samples.eval.json"  # what `evaluate` writes beside them
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a directory")
-    ours = {p.name for p in [*targets, scores]}
+    ours = {p.name for p in [*targets, scores]} | {PARTIAL}
     if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
         raise ValueError(
             f"{out} holds other files than samples; choose a new or empty --out "
@@ -106,6 +115,9 @@ def run(args: argparse.Namespace) -> None:
     for p in [*targets, scores]:  # --overwrite replaces files, never a directory
         if p.is_dir():
             raise ValueError(f"{p} is a directory where sample files go; choose another --out")
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues an unfinished sampling, --overwrite starts again: "
+                         "pass one")  # fmt: skip
     if not args.overwrite and any(p.exists() for p in [*targets, scores]):
         raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
@@ -116,6 +128,7 @@ def run(args: argparse.Namespace) -> None:
         )
     names = [] if args.unconditional else classes(args.classes)  # parts: no tailor to assemble
     model, diffusion, meta = load_model(Path(args.source), names)
+    weights = model_sha256(model) if info.is_main else None  # what a resumed job must sample
     defaults = SampleConfig.saved(meta.get("sample"))
     sampler = args.sampler or defaults.sampler
     steps = args.steps if args.steps is not None else defaults.steps
@@ -144,36 +157,66 @@ def run(args: argparse.Namespace) -> None:
         from kind.data.vae import decoder
 
         decode = decoder(meta.get("latent") or {}, args.vae, info.device)
-    images = generate_sharded(
-        model,
-        diffusion,
-        labels,
-        info,
-        seed=args.seed,
-        sampler=sampler,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        guided_channels=guided,
-        batch_size=args.batch_size,
-        progress=info.is_main,
-        decode=decode,
-    )
-    if not info.is_main:
-        return
-    save_grid(images, args.n, targets[0])
-    class_names = model.config.class_names + ([NULL_CLASS] if args.unconditional else [])
-    save_npz(
-        targets[1],
-        images,
-        labels,
-        class_names,
-        sampler=sampler,
-        steps=steps,
-        cfg_scale=cfg_scale,
-        guided_channels=guided or channels,
-        seed=args.seed,
-        checkpoint=str(Path(args.source).resolve()),
-    )
+    job = {
+        "format": FORMAT,
+        "model_sha256": weights,
+        "labels": [model.config.class_names[c] if c != model.null_id else NULL_CLASS
+                   for c in ids],
+        "per_class": args.n,
+        "count": len(labels),
+        "seed": args.seed,
+        "sampler": sampler,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "guided_channels": guided,
+        "vae": str(Path(args.vae).resolve()) if args.vae else (meta.get("latent") or {}).get("vae"),
+        "device_type": info.device.type,  # another device rounds otherwise
+        "batch_size": args.batch_size,
+        "chunk": min(args.batch_size, -(-len(labels) // info.world)),
+    }  # fmt: skip
+    with ExitStack() as stack:
+        chunks, problem = None, None
+        if info.is_main:  # rank 0 alone keeps the chunks; the others hear whether it can
+            try:
+                chunks = stack.enter_context(PartialSamples.open(
+                    out, job, resume=args.resume, overwrite=args.overwrite))  # fmt: skip
+            except ValueError as e:
+                problem = str(e)
+        problem = distributed.broadcast_object(problem, info)
+        if problem:
+            raise ValueError(problem)
+        images = generate_sharded(
+            model,
+            diffusion,
+            labels,
+            info,
+            seed=args.seed,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            guided_channels=guided,
+            batch_size=args.batch_size,
+            chunks=chunks,
+            progress=info.is_main,
+            decode=decode,
+        )
+        if not info.is_main:
+            return
+        save_grid(images, args.n, targets[0])
+        class_names = model.config.class_names + ([NULL_CLASS] if args.unconditional else [])
+        save_npz(
+            targets[1],
+            images,
+            labels,
+            class_names,
+            sampler=sampler,
+            steps=steps,
+            cfg_scale=cfg_scale,
+            guided_channels=guided or channels,
+            seed=args.seed,
+            checkpoint=str(Path(args.source).resolve()),
+        )
+        chunks.remove()  # they are in samples.npz now
     if scores.exists():  # --overwrite was given (checked above): it scored the samples replaced
         scores.unlink()
         print(f"removed {scores}: it scored the samples replaced")

@@ -90,3 +90,12 @@ def all_min(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.world > 1:
         dist.barrier()
+
+
+def broadcast_object(value, info: DistInfo):
+    """Rank 0's `value` on every rank (a small picklable object: a plan, an error message)."""
+    if info.world == 1:
+        return value
+    box = [value if info.is_main else None]
+    dist.broadcast_object_list(box, src=0, group=info.host)
+    return box[0]

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from kind.core.diffusion import Diffusion, DiffusionConfig
-from kind.core.distributed import DistInfo
+from kind.core.distributed import DistInfo, broadcast_object
 from kind.core.images import to_uint8
 from kind.core.seeds import NULL_CLASS, class_indices, sample_seed
 
@@ -82,41 +84,84 @@ def generate(
     return torch.cat(out)
 
 
-def generate_sharded(
-    model, diffusion, labels: list[int], info: DistInfo, **kwargs
-) -> torch.Tensor | None:
-    """`generate` spread over the ranks of a torchrun job (`info`: this rank's DistInfo):
-    each rank draws a contiguous share and rank 0 returns them all, in order (other ranks return
-    None). Per-sample seeds make the result the same as one process drawing everything. With
-    fewer labels than ranks·share, the last ranks draw nothing and send nothing.
+class Chunks(Protocol):
+    """Where `generate_sharded` keeps finished chunks so a stopped job continues (rank 0's; see
+    `kind.store.partial_samples`): their size, which are done, and reading and writing one."""
 
-    Rank 0 receives each share straight into its rows of the one output tensor, over
-    `info.host` (a gloo group under NCCL, so the shares stay in host memory): the samples are
-    held about once, not pickled, unpickled and concatenated (4x them with `gather_object`;
-    FID-50K at 256 px is 9.8 GB of uint8)."""
+    size: int
+
+    def done(self) -> set[int]: ...
+
+    def read(self, k: int) -> torch.Tensor: ...
+
+    def write(self, k: int, images: torch.Tensor) -> None: ...
+
+
+def generate_sharded(
+    model,
+    diffusion,
+    labels: list[int],
+    info: DistInfo,
+    *,
+    batch_size: int = 256,
+    chunks: Chunks | None = None,
+    progress: bool = False,
+    **kwargs,
+) -> torch.Tensor | None:
+    """`generate` spread over the ranks of a torchrun job (`info`: this rank's DistInfo): rank
+    0 returns every sample, in order (other ranks return None). Per-sample seeds make the result
+    the same as one process drawing everything.
+
+    The labels are cut into chunks (`labels[k·size : (k+1)·size]`, at most `batch_size` each
+    and, without `chunks`, at most an even share of the ranks), dealt out round by round: in
+    each round rank r draws the round's r-th chunk and rank 0 receives the others' straight into
+    its rows of the one output tensor, over `info.host` (a gloo group under NCCL, so they stay in
+    host memory): the samples are held about once, not pickled and concatenated (4x them with
+    `gather_object`; FID-50K at 256 px is 9.8 GB of uint8). With `chunks` (on rank 0) each
+    round's chunks are also written as they arrive, and chunks already written are read
+    instead of drawn: a stopped job continues, on any number of ranks."""
     if not labels:  # on every rank, before any of them waits for the others
         raise ValueError("nothing to sample: the label list is empty")
-    per = -(-len(labels) // info.world)
-    starts = range(0, len(labels), per)  # rank r draws labels[starts[r] : starts[r] + per]
-    lo, hi = info.rank * per, (info.rank + 1) * per
-    share, mine = labels[lo:hi], None
-    if share:
-        indices = class_indices(labels)[lo:hi]  # each sample's index in the whole list's class
-        mine = generate(model, diffusion, share, indices=indices, device=info.device, **kwargs)
-    if info.world == 1:
-        return mine
-    import torch.distributed as dist
-
+    n = len(labels)
+    plan = None
+    if info.is_main:
+        size = chunks.size if chunks is not None else min(batch_size, -(-n // info.world))
+        plan = (size, sorted(chunks.done()) if chunks is not None else [])
+    size, done = broadcast_object(plan, info)  # one small collective a call
+    todo = [k for k in range(-(-n // size)) if k not in set(done)]
+    rows = lambda k: slice(k * size, min(n, (k + 1) * size))  # noqa: E731 (chunk k's samples)
+    indices = class_indices(labels)  # each sample's index in the whole list's class
+    out = None
+    bar = tqdm(total=sum(rows(k).stop - rows(k).start for k in todo), desc="sampling",
+               unit="sample", disable=not (progress and info.is_main), leave=False)  # fmt: skip
+    for first in range(0, len(todo), info.world):
+        round_ = todo[first : first + info.world]  # rank r draws round_[r]
+        mine = None
+        if info.rank < len(round_):
+            part = rows(round_[info.rank])
+            mine = generate(model, diffusion, labels[part], indices=indices[part],
+                            batch_size=batch_size, device=info.device, **kwargs)  # fmt: skip
+        if not info.is_main:
+            if mine is not None:
+                dist.send(mine.contiguous(), dst=0, group=info.host)
+            continue
+        if out is None:  # rank 0 draws in every round: its chunk gives the per-sample shape
+            out = mine.new_empty((n, *mine.shape[1:]))  # [N, C, H, W]
+        out[rows(round_[0])] = mine
+        del mine
+        for rank, k in enumerate(round_[1:], start=1):
+            dist.recv(out[rows(k)], src=rank, group=info.host)
+        for k in round_ if chunks is not None else ():
+            chunks.write(k, out[rows(k)])
+        bar.update(sum(rows(k).stop - rows(k).start for k in round_))
+    bar.close()
     if not info.is_main:
-        if mine is not None:
-            dist.send(mine.contiguous(), dst=0, group=info.host)
         return None
-    # rank 0 always draws (its share is the first), so its images give the per-sample shape
-    out = mine.new_empty((len(labels), *mine.shape[1:]))  # [N, C, H, W]
-    out[: len(mine)] = mine
-    del mine
-    for rank, start in enumerate(starts[1:], start=1):
-        dist.recv(out[start : start + per], src=rank, group=info.host)
+    for k in done:  # drawn by an earlier start of this job
+        images = chunks.read(k)  # [chunk, C, H, W]
+        if out is None:
+            out = images.new_empty((n, *images.shape[1:]))
+        out[rows(k)] = images
     return out
 
 
