@@ -834,9 +834,19 @@ def test_checkpoints_past_step_9999999_keep_their_step_order(tmp_path):
         checkpoint_dir(tmp_path, step).mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_notes").mkdir()  # not a checkpoint: never pruned
     assert latest_checkpoint(tmp_path).name == "step_10000000"
-    prune_checkpoints(tmp_path, keep=2)
+    prune_checkpoints(tmp_path, keep=2, step=10_000_000)
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_9999999", "step_10000000"]
     assert (tmp_path / "checkpoints" / "step_notes").is_dir()
+
+
+def test_pruning_after_a_fallback_past_a_damaged_checkpoint_keeps_the_new_ones(tmp_path):
+    """A resume fell back from an unreadable step 4 to step 2 and wrote step 3: with
+    keep_checkpoints=1 step 3 must stay (pruning by step kept only the damaged step 4, and the
+    next resume found nothing readable); step 4 is neither counted nor removed."""
+    for step in (2, 3, 4):
+        checkpoint_dir(tmp_path, step).mkdir(parents=True)
+    prune_checkpoints(tmp_path, keep=1, step=3)
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000003", "step_0000004"]
 
 
 def test_outputs_go_into_a_users_empty_folder_or_its_link_and_keep_them(made, tmp_path):

@@ -500,3 +500,57 @@ def test_a_sparse_row_gradient_is_summed_per_row_without_coalescing():
     assert torch.equal(rows_of_grad(grad, rows), dense[rows])
     assert torch.equal(rows_of_grad(grad.coalesce(), rows), dense[rows])
     assert torch.equal(rows_of_grad(dense, rows), dense[rows])
+
+
+def test_a_transfer_step_whose_batch_is_all_null_samples_trains_nothing_and_goes_on(tmp_path):
+    """A KIND transfer (learngenes frozen, no null tailor) has no gradient at all on a batch
+    whose labels all dropped to the null class: the step goes on (it failed with "Tensor list
+    must have at least one tensor", and a resume replayed the same batch)."""
+    from kind.core.diffusion import DiffusionConfig
+    from kind.core.model import DiT, ModelConfig
+    from kind.store.parts import decompose
+    from kind.transfer.run import prepare
+
+    torch.manual_seed(0)
+    source = DiT(ModelConfig(class_names=["a", "b"], rank_tailor=4))
+    decompose(source.eval(), DiffusionConfig(), tmp_path / "parts")
+    start = prepare(tmp_path / "parts", CLASSES)
+    cfg = _cfg(3, batch_size=1, class_dropout=0.99)  # every batch of one: null, at this seed
+    assert train(cfg, tmp_path / "run", model=start.model).steps == 3
+
+
+def test_a_resume_with_fewer_steps_than_the_run_has_taken_is_refused(tmp_path):
+    train(_cfg(2), tmp_path / "run")
+    with pytest.raises(TrainingError, match="is at step 2, past --steps 1; give --steps 2 or more"):
+        train(_cfg(1), tmp_path / "run", resume=True)
+
+
+def test_a_model_handed_over_in_eval_mode_trains_with_gradient_checkpointing(tmp_path, monkeypatch):
+    """`load_model` returns models in eval mode, where the blocks skip checkpointing."""
+    from kind.core.model import DiT, ModelConfig
+
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *a, **k: calls.append(1) or checkpoint(*a, **k))  # fmt: skip
+    model = DiT(ModelConfig(class_names=CLASSES, rank_tailor=4)).eval()
+    train(_cfg(1, grad_checkpointing=True), tmp_path / "run", model=model)
+    assert calls
+
+
+def test_a_resume_on_another_device_type_than_the_checkpoints_is_named(tmp_path):
+    """A GPU run's noise generator state (16 bytes of Philox) resumed on a CPU: one clear error,
+    not torch's "Expected a CPUGeneratorImplState of size 5056"."""
+    from safetensors.torch import save_file
+
+    from kind.io import write_checksums
+
+    train(_cfg(2), tmp_path / "run")
+    step = tmp_path / "run" / "checkpoints" / "step_0000002"
+    rng = read_tensors(step / "rng.safetensors")
+    rng["gen.noise"] = torch.zeros(16, dtype=torch.uint8)  # what a CUDA generator saves
+    save_file(rng, step / "rng.safetensors")
+    (step / "checksums.json").unlink()
+    write_checksums(step)
+    with pytest.raises(ValueError, match="noise random stream was saved on another device type"):
+        train(_cfg(3), tmp_path / "run", resume=True)

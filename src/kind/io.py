@@ -77,7 +77,10 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict
     previous file, rather than becoming what the file's checksum records."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in (meta or {}).items()})
+        # safetensors 0.8 writes no tensors with an empty metadata dict as invalid JSON (an
+        # optimiser that has stepped nothing yet): no metadata at all there
+        metadata = {k: str(v) for k, v in (meta or {}).items()} if meta or tensors else None
+        save_file(tensors, tmp, metadata=metadata)
         with safe_open(tmp, "pt") as written:  # one tensor at a time: memory stays flat
             same = set(written.keys()) == set(tensors) and all(
                 _same_bytes(written.get_tensor(k), v) for k, v in tensors.items()

@@ -65,8 +65,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+def prune_checkpoints(run_dir: Path, keep: int, step: int) -> None:
+    """Keep the `keep` newest checkpoints up to `step` (the one just written). Any later one was
+    left by a resume that fell back past it (unreadable): it is neither counted nor removed, so
+    the good checkpoints written since are not pruned in its favour."""
+    upto = [p for p in checkpoint_dirs(run_dir) if checkpoint_step(p) <= step]
+    for old in upto[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
 
 

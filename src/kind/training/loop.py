@@ -222,7 +222,7 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
     # grids from a latent store decode with its VAE, on every rank (each draws a share): loaded
     # here, so a VAE a rank cannot read stops the run before it writes anything
     decode = decoder(data.latent, device=info.device) if data.latent else None
-    model.to(info.device)
+    model.to(info.device).train()  # a model loaded for sampling comes in eval mode
     model.grad_checkpointing = tc.grad_checkpointing
     state = TrainState.create(model, tc, info.device)
     if info.is_main:  # the first write: everything above was checked
@@ -235,6 +235,11 @@ def _setup(cfg: Config, out: Path, model: DiT | None, resume: bool, restart: boo
         if path is None:
             raise TrainingError(f"--resume: no readable checkpoint in {out}/checkpoints")
         state.restore(path)
+        if tc.steps < state.step:  # it would stop at once, its records saying tc.steps
+            raise TrainingError(
+                f"--resume: the run in {out} is at step {state.step}, past --steps {tc.steps}; "
+                f"give --steps {state.step} or more"
+            )
         log.info("resumed %s at step %d from %s", out, state.step, path.name)
         if info.is_main:
             _record_changes(cfg, out, state.step)
@@ -417,6 +422,8 @@ def _clip_grad_norm(opt: torch.optim.Optimizer, max_norm: float) -> torch.Tensor
     # the list the foreach kernels take, as torch's own clip_grad_norm_ builds it every call
     grads = [p.grad._values() if p.grad.is_sparse else p.grad
              for g in opt.param_groups for p in g["params"] if p.grad is not None]  # fmt: skip
+    if not grads:  # nothing trained this step: a KIND transfer's batch all null samples
+        return torch.zeros((), device=next(iter(opt.param_groups[0]["params"])).device)
     norm = torch.nn.utils.get_total_norm(grads)
     if math.isfinite(max_norm):
         torch._foreach_mul_(grads, torch.clamp(max_norm / (norm + 1e-6), max=1.0))

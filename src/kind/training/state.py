@@ -107,7 +107,7 @@ class TrainState:
             }
             write_json(d / "state.json", state)
             write_checksums(d)
-        prune_checkpoints(run_dir, keep)
+        prune_checkpoints(run_dir, keep, self.step)
         return path
 
     def restore(self, path: Path) -> None:
@@ -191,6 +191,12 @@ class TrainState:
 
     def _restore_rng(self, state: dict[str, torch.Tensor]) -> None:
         for k, g in self.gens.items():
+            if state[f"gen.{k}"].numel() != g.get_state().numel():  # a CUDA Philox state on a CPU
+                raise ValueError(
+                    f"the checkpoint's {k} random stream was saved on another device type than "
+                    f"{g.device.type}; resume on the device type the run trained on (its samples "
+                    "would not continue bit for bit), or start again with --restart"
+                )
             g.set_state(state[f"gen.{k}"])
         torch.set_rng_state(state["torch.cpu"])
         cuda = [state[k] for k in sorted(state) if k.startswith("torch.cuda.")]
