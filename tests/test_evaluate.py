@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,23 @@ def test_channels_first_npz_is_refused(tmp_path):
     np.savez(path, arr_0=np.zeros((4, 1, 28, 28), np.uint8))
     with pytest.raises(ValueError, match="channels last"):
         ev.load_samples(path)
+
+
+def test_non_square_or_cut_short_npz_is_refused_by_name(tmp_path):
+    """A non-square set would meet a square reference at its width; a member whose data is cut
+    short named the file nowhere."""
+    path = tmp_path / "wide.npz"
+    np.savez(path, arr_0=np.zeros((4, 28, 14, 1), np.uint8))
+    with pytest.raises(ValueError, match="must be square"):
+        ev.load_samples(path)
+    full = tmp_path / "full.npz"
+    np.savez(full, arr_0=np.zeros((64, 28, 28, 1), np.uint8))
+    with zipfile.ZipFile(full) as z:
+        member = z.read("arr_0.npy")
+    with zipfile.ZipFile(tmp_path / "short.npz", "w") as z:  # an intact zip, a short member
+        z.writestr("arr_0.npy", member[: len(member) // 2])
+    with pytest.raises(ValueError, match=r"short\.npz is a damaged sample \.npz"):
+        ev.load_samples(tmp_path / "short.npz")
 
 
 def test_sample_class_not_in_reference_is_refused(tmp_path, random_net):

@@ -335,3 +335,38 @@ def test_cli_writes_a_reference_and_scores_against_it(tmp_path, shifted, capsys)
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, err
+
+
+def test_fid_comes_from_the_files_stored_statistics_not_its_images(tmp_path, shifted):
+    """ADM's batches hold statistics of their full set beside a few images: FID must use the
+    stored mu and sigma (a file whose mu is moved off its images' own mean shows which)."""
+    images, labels, names = shifted
+    written = reference.write_adm_reference("mnist:0-1", tmp_path / "ref.npz")
+    with np.load(written, allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    arrays["mu"] = arrays["mu"] + 0.5
+    np.savez(tmp_path / "moved.npz", **arrays)
+    net = features.load_feature_net("mnist")
+    stats = metrics.feature_statistics(net.extract(images).pool)
+    expected = metrics.frechet_distance_from_stats(*stats, torch.from_numpy(arrays["mu"]),
+                                                   torch.from_numpy(arrays["sigma"]))  # fmt: skip
+    result = ev.evaluate_images(images, labels, names, str(tmp_path / "moved.npz"))
+    assert rel(result["fid"], float(expected)) < 1e-3
+    assert rel(result["fid"], ev.evaluate_images(images, labels, names, str(written))["fid"]) > 0.1
+
+
+def test_a_spec_reference_converted_to_the_samples_shape_is_warned_about(shifted, tiny_inception):
+    """Grey copies of a colour set would match grey samples perfectly: a data-spec reference
+    loaded at other channels or another size than the data's own is said in the result."""
+    images, labels, names = shifted
+    rgb = images.repeat(1, 3, 1, 1)
+    small = torch.nn.functional.interpolate(images.float(), size=(14, 14)).to(torch.uint8)
+    for samples, needle in ((rgb, "converted from its 1 channel(s) to the samples' 3"),
+                            (small, "resized from its 28x28 images to the samples' 14x14")):  # fmt: skip
+        result = ev.evaluate_images(samples, labels, names, "mnist:0-1", feature_net=tiny_inception)
+        assert any(needle in w for w in result["warnings"]), result["warnings"]
+    plain = ev.evaluate_images(images, labels, names, "mnist:0-1", feature_net=tiny_inception)
+    assert not any("converted" in w or "resized" in w for w in plain["warnings"])
+    flat = ev.evaluate_images((images > 127).to(torch.uint8), labels, names, "mnist:0-1",
+                              feature_net=tiny_inception)  # fmt: skip
+    assert any("cast to uint8" in w for w in flat["warnings"])

@@ -100,6 +100,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", 
 SPLITS = ("train", "test")
 TEST_EVERY = 5  # index % TEST_EVERY == TEST_EVERY - 1 within a class -> test
 FOLDER_IMAGE_SIZE, FOLDER_CHANNELS = 32, 3
+BUNDLED_SIZE = 28  # the bundled sets' own size (grey)
 
 
 class DataError(ValueError):
@@ -729,3 +730,11 @@ def load_images(
     log.info("loaded %s %s: %d images of %s", spec, split, len(labels), tuple(images.shape[1:]))
     dataset = " + ".join(dataset for dataset, _ in parts)
     return ImageSet(images, labels.to(torch.int64), class_names, spec.strip(), dataset)
+
+
+def default_shape(spec: str) -> tuple[int, int]:
+    """(image size, channels) `load_images` gives `spec` unasked: the data's own, 28 and 1 for
+    bundled sets, 32 and 3 (RGB) once a part is a folder."""
+    if any(dataset not in BUNDLED for dataset, _ in parse_parts(spec)):
+        return FOLDER_IMAGE_SIZE, FOLDER_CHANNELS
+    return BUNDLED_SIZE, 1

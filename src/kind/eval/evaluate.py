@@ -28,6 +28,7 @@ import torch
 
 from kind.core.seeds import NULL_CLASS
 from kind.data.dataset import class_names as spec_classes
+from kind.data.images import BUNDLED_SIZE, default_shape
 from kind.eval import metrics
 from kind.eval.features import FeatureNet, fits, resolve_feature_net
 from kind.eval.npz import name_list, nchw, open_npz, scalars, tool_version
@@ -85,8 +86,8 @@ def load_samples(path: str | Path) -> SampleSet:
     images = nchw(arr)
     if images is None:
         raise ValueError(
-            f"{path}: 'arr_0' must be uint8 [N, H, W, C] with C = 1 or 3 (channels last, the ADM "
-            f"layout), got {arr.dtype} {arr.shape}"
+            f"{path}: 'arr_0' must be square uint8 images [N, H, W, C] with C = 1 or 3 (channels "
+            f"last, the ADM layout), got {arr.dtype} {arr.shape}"
         )
     if labels is not None and names is None:
         raise ValueError(f"{path} has 'labels' but no 'class_names' to say what they mean")
@@ -99,6 +100,34 @@ def load_samples(path: str | Path) -> SampleSet:
         generation=generation,
         path=str(path.resolve()),
     )
+
+
+def _converted(ref: str, channels: int, size: int) -> list[str]:
+    """Warnings for a data-spec reference loaded at the samples' channels or size other than the
+    data's own: the score then compares against converted images (grey copies of colour data
+    match grey samples perfectly), not what a statistics file of the data holds."""
+    own_size, own_channels = default_shape(ref)
+    warnings = []
+    if channels != own_channels:
+        warnings.append(
+            f"reference {ref.strip()} was converted from its {own_channels} channel(s) to the "
+            f"samples' {channels}: the score compares against converted images, not the data's "
+            "own (a reference written with --write-ref keeps them)"
+        )
+    if own_size == BUNDLED_SIZE and size != own_size:  # a folder's images have no one size
+        warnings.append(
+            f"reference {ref.strip()} was resized from its {own_size}x{own_size} images to the "
+            f"samples' {size}x{size}: the score measures the resize as much as the model"
+        )
+    return warnings
+
+
+def _range_warnings(images: torch.Tensor) -> list[str]:
+    """Images whose values are all 0 or 1 are most likely [0, 1] floats cast to uint8."""
+    if images.numel() and int(images.max()) <= 1:
+        return ["the samples' values are all 0 or 1: images in [0, 1] cast to uint8? sample "
+                "files hold uint8 values 0..255"]  # fmt: skip
+    return []
 
 
 def _small_set_warnings(n: int, n_ref: int | None, spaces: list[tuple[str, int]]) -> list[str]:
@@ -263,6 +292,7 @@ def evaluate_images(
         reference = file_reference(stats, net)
     else:
         reference = spec_reference(net, ref, split, images.shape[-1], images.shape[1])
+        coverage += _converted(ref, images.shape[1], images.shape[-1])
     feats = net.extract(images)
     fid = metrics.frechet_distance_from_stats(*metrics.feature_statistics(feats.pool),
                                               *reference.pool)  # fmt: skip
@@ -291,7 +321,7 @@ def evaluate_images(
     for metric in ("precision_recall", "sfid"):
         if metric in notes and (metric != "sfid" or feats.spatial is not None):
             log.info("%s not computed: %s", metric.replace("_", " and "), notes[metric])
-    warnings = coverage + _small_set_warnings(n, reference.count, spaces)
+    warnings = coverage + _range_warnings(images) + _small_set_warnings(n, reference.count, spaces)
     for warning in warnings:
         log.warning("%s", warning)
 

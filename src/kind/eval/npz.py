@@ -51,6 +51,8 @@ def open_npz(path: Path, what: str, expected: str, hint: str) -> Iterator[np.lib
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise ValueError(f"{path} is a damaged {what} .npz ({e}); pass {hint}") from e
         except ValueError as e:
+            if str(e).startswith(("EOF", "cannot reshape")):  # numpy: a member cut short
+                raise ValueError(f"{path} is a damaged {what} .npz ({e}); pass {hint}") from e
             if "allow_pickle" not in str(e):  # ours, or a layout check: already says what
                 raise
             raise ValueError(
@@ -98,8 +100,10 @@ def name_list(path: Path, names: np.ndarray | None) -> list[str] | None:
 
 
 def nchw(arr: np.ndarray) -> torch.Tensor | None:
-    """ADM images (uint8 ``[N, H, W, C]``, C = 1 or 3) as uint8 ``[N, C, H, W]``; None when
-    ``arr`` is not in that layout (the caller says what it expected)."""
+    """ADM images (uint8 ``[N, H, W, C]``, C = 1 or 3, square) as uint8 ``[N, C, H, W]``; None
+    when ``arr`` is not in that layout (the caller says what it expected)."""
     if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        return None
+    if arr.shape[1] != arr.shape[2]:  # evaluation loads a square reference at their size
         return None
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(0, 3, 1, 2)))  # NHWC → NCHW

@@ -225,8 +225,8 @@ def read_reference_stats(path: str | Path) -> ReferenceStats:
         images = nchw(arr)
         if images is None:
             raise ValueError(
-                f"{path}: 'arr_0' must be uint8 reference images [N, H, W, C] with C = 1 or 3 "
-                f"(the ADM layout), got {arr.dtype} {arr.shape}"
+                f"{path}: 'arr_0' must be square uint8 reference images [N, H, W, C] with C = 1 "
+                f"or 3 (the ADM layout), got {arr.dtype} {arr.shape}"
             )
     return ReferenceStats(
         path=path.resolve(),
