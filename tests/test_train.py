@@ -140,9 +140,11 @@ def test_masked_adamw_counts_each_plain_parameter_and_resumes_from_its_state_dic
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     data = _data([0, 1, 2, 3])
-    train(_cfg(4, weight_decay=0.05), tmp_path / "straight", data=data)
-    train(_cfg(2, weight_decay=0.05), tmp_path / "resumed", data=data)
-    train(_cfg(4, weight_decay=0.05), tmp_path / "resumed", resume=True, data=data)
+    # a warm-up past the resume point: its learning rate counts the run's steps, not the resume's
+    settings = dict(weight_decay=0.05, warmup_steps=3)
+    train(_cfg(4, **settings), tmp_path / "straight", data=data)
+    train(_cfg(2, **settings), tmp_path / "resumed", data=data)
+    train(_cfg(4, **settings), tmp_path / "resumed", resume=True, data=data)
     _assert_same_checkpoint(tmp_path / "straight", tmp_path / "resumed", 4)
     rows = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
     assert [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4"]
@@ -554,3 +556,41 @@ def test_a_resume_on_another_device_type_than_the_checkpoints_is_named(tmp_path)
     write_checksums(step)
     with pytest.raises(ValueError, match="noise random stream was saved on another device type"):
         train(_cfg(3), tmp_path / "run", resume=True)
+
+
+def test_the_average_follows_the_warmed_up_decay_worked_by_hand():
+    """EMA weight 1 - min(decay, (1 + n) / (10 + n)) after n updates of that parameter (or row):
+    a plain parameter every step, a bank's rows only in the steps that updated them."""
+    from kind.training.ema import EMA
+
+    p, bank = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, 2))
+    ema = EMA([("p", p), ("bank", bank)], decay=0.2, banks={"bank": "bank"})
+    want_p, want_rows, counts = torch.zeros(3), torch.zeros(4, 2), [0] * 4
+    weight = lambda n: 1 - min(0.2, (1 + n) / (10 + n))  # noqa: E731 (the clamp bites from n = 2)
+    for step, rows in enumerate(([0, 1], [1], [1, 3]), start=1):
+        with torch.no_grad():
+            p.fill_(step), bank.fill_(step)
+        p.grad, bank.grad = torch.zeros(3), torch.zeros(4, 2)
+        ema.update({"bank": torch.tensor(rows)})
+        want_p += weight(step - 1) * (step - want_p)
+        for r in rows:
+            want_rows[r] += weight(counts[r]) * (step - want_rows[r])
+            counts[r] += 1
+    torch.testing.assert_close(ema.shadow["p"], want_p)
+    torch.testing.assert_close(ema.shadow["bank"], want_rows)
+    assert ema.shadow["bank"][2].abs().sum() == 0  # never updated: still the start
+
+
+def test_clipping_scales_dense_and_sparse_gradients_by_their_joint_norm():
+    from kind.training.loop import _clip_grad_norm
+
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(4, 2))
+    a.grad = torch.tensor([3.0, 0.0, 4.0])
+    rows = torch.tensor([[1.0, 2.0], [2.0, 0.0]])
+    b.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), rows.clone(), (4, 2))  # rows 1, 3
+    opt = torch.optim.SGD([a, b], lr=1.0)
+    norm = _clip_grad_norm(opt, 1.0)
+    total = 34**0.5  # sqrt(9 + 16 + 1 + 4 + 4)
+    assert abs(float(norm) - total) < 1e-5
+    torch.testing.assert_close(a.grad, torch.tensor([3.0, 0.0, 4.0]) / total)
+    torch.testing.assert_close(b.grad.to_dense()[[1, 3]], rows / total)
