@@ -120,7 +120,7 @@ def test_a_stopped_sampling_continues_with_resume_and_draws_only_what_is_missing
     assert sorted(p.name for p in partial.iterdir()) == ["chunk_000000.safetensors", "job.json",
                                                          "lock"]  # fmt: skip
     capsys.readouterr()
-    for extra, message in (([], "unfinished sampling (1 of 3 chunks of 4 samples drawn): pass "
+    for extra, message in (([], "unfinished sampling (1 of 3 chunks of 3 samples drawn): pass "
                                 "--resume"),
                            (["--resume", "--seed", "1"], "seed 0 (now 1)"),
                            (["--resume", "--batch-size", "2"], "batch_size 4 (now 2)")):  # fmt: skip
@@ -130,7 +130,7 @@ def test_a_stopped_sampling_continues_with_resume_and_draws_only_what_is_missing
     calls.clear()
     monkeypatch.setattr(sampling, "generate", preempted_after(10))
     main([*argv, str(out), "--resume"])
-    assert calls == [4, 1]  # chunks 1 and 2 drawn; chunk 0 read
+    assert calls == [3, 3]  # chunks 1 and 2 drawn; chunk 0 read
     a, b = (np.load(d / "samples.npz") for d in (tmp_path / "straight", out))
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert not partial.exists()  # its chunks are in samples.npz
@@ -141,7 +141,30 @@ def test_a_stopped_sampling_continues_with_resume_and_draws_only_what_is_missing
     calls.clear()
     monkeypatch.setattr(sampling, "generate", preempted_after(10))
     main([*argv, str(tmp_path / "again"), "--overwrite"])  # starts again: every chunk drawn
-    assert calls == [4, 4, 1]
+    assert calls == [3, 3, 3]
+    # a requeued --resume of the finished job draws nothing; one stopped while writing its
+    # files (a kill, a full disk) or an --overwrite job stopped early continue
+    capsys.readouterr()
+    main([*argv, str(out), "--resume"])
+    assert "already holds this job's samples" in capsys.readouterr().out
+    (tmp_path / "again" / "samples.eval.json").write_text("{}")  # it scored the old samples
+    monkeypatch.setattr(sampling, "generate", preempted_after(len(calls) + 1))
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "again"), "--overwrite", "--seed", "3"])
+    monkeypatch.setattr(sampling, "generate", drawn)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kind.core.images.save_npz", full_disk)
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "again"), "--resume", "--seed", "3"])
+    monkeypatch.undo()
+    main([*argv, str(tmp_path / "again"), "--resume", "--seed", "3"])
+    c = np.load(tmp_path / "again" / "samples.npz")
+    assert int(c["seed"]) == 3 and not (tmp_path / "again" / "samples.eval.json").exists()
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["samples.npz",
+                                                                      "samples.png"]  # fmt: skip
 
 
 def test_sample_refuses_bad_guidance_options_before_sampling(run, tmp_path, capsys):

@@ -139,13 +139,15 @@ def test_a_sampling_stopped_in_one_process_resumes_over_two_ranks(trained, tmp_p
     import kind.core.sampling as sampling
     from kind.cli.main import main
 
-    argv = ["sample", str(trained), "--per-class", "3", "--steps", "2", "--device", "cpu",
-            "--classes", "0,1,2", "--batch-size", "2"]  # fmt: skip
+    # 12 samples at 5 a batch: one process draws chunks of 4; two ranks would cut chunks of 3,
+    # so the resume must keep the job's own
+    argv = ["sample", str(trained), "--per-class", "4", "--steps", "2", "--device", "cpu",
+            "--classes", "0,1,2", "--batch-size", "5"]  # fmt: skip
     main([*argv, "--out", str(tmp_path / "straight")])
     drawn = sampling.generate
 
     def preempted(model, diffusion, labels, **kwargs):
-        if preempted.calls == 2:
+        if preempted.calls == 1:
             raise RuntimeError("preempted")
         preempted.calls += 1
         return drawn(model, diffusion, labels, **kwargs)
@@ -154,7 +156,7 @@ def test_a_sampling_stopped_in_one_process_resumes_over_two_ranks(trained, tmp_p
     monkeypatch.setattr(sampling, "generate", preempted)
     with pytest.raises(SystemExit):
         main([*argv, "--out", str(tmp_path / "job")])
-    assert len(list((tmp_path / "job" / ".samples.partial").glob("chunk_*"))) == 2  # of 5
+    assert len(list((tmp_path / "job" / ".samples.partial").glob("chunk_*"))) == 1  # of 3
     _cli(2, *argv, "--resume", "--out", str(tmp_path / "job"))
     a, b = (np.load(tmp_path / d / "samples.npz") for d in ("straight", "job"))
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import re
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 
 from kind.cli.common import classes, count, number
@@ -93,12 +95,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Draw --n samples a class (sharded over ranks under torchrun); rank 0 writes PNG + npz."""
+    import torch
+
     from kind.core import distributed
     from kind.core.decomposition import resolve_classes
     from kind.core.images import save_grid, save_npz
-    from kind.core.sampling import generate_sharded
+    from kind.core.sampling import chunk_size, generate_sharded
     from kind.store.load import load_model
-    from kind.store.partial_samples import FORMAT, PARTIAL, PartialSamples, model_sha256
+    from kind.store.partial_samples import (
+        FORMAT,
+        PARTIAL,
+        PartialSamples,
+        drawn,
+        job_sha256,
+        model_sha256,
+    )
     from kind.training.config import SampleConfig
 
     out = Path(args.out)
@@ -107,7 +118,9 @@ def run(args: argparse.Namespace) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; choose a directory")
     ours = {p.name for p in [*targets, scores]} | {PARTIAL}
-    if out.is_dir() and any(p.name not in ours for p in out.iterdir()):
+    left = re.compile(r"\.samples\.(png|npz)\..+\.tmp")  # a write of them a kill stopped
+    if out.is_dir() and any(p.name not in ours and not left.fullmatch(p.name)
+                            for p in out.iterdir()):  # fmt: skip
         raise ValueError(
             f"{out} holds other files than samples; choose a new or empty --out "
             "(nothing was touched)"
@@ -118,7 +131,7 @@ def run(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise ValueError("--resume continues an unfinished sampling, --overwrite starts again: "
                          "pass one")  # fmt: skip
-    if not args.overwrite and any(p.exists() for p in [*targets, scores]):
+    if not (args.overwrite or args.resume) and any(p.exists() for p in [*targets, scores]):
         raise ValueError(f"{out} already holds samples; pass --overwrite or choose another --out")
     info = distributed.setup(args.device)  # under torchrun every rank draws a share
     if args.unconditional and args.classes:
@@ -142,8 +155,6 @@ def run(args: argparse.Namespace) -> None:
         )
     model.to(info.device)
     if args.compile:  # sampling hands a compiled model the static route (kind.core.diffusion)
-        import torch
-
         model = torch.compile(model)
     ids = [model.null_id] if args.unconditional else resolve_classes(model.config, names)
     if not ids:
@@ -170,21 +181,33 @@ def run(args: argparse.Namespace) -> None:
         "cfg_scale": cfg_scale,
         "guided_channels": guided,
         "vae": str(Path(args.vae).resolve()) if args.vae else (meta.get("latent") or {}).get("vae"),
-        "device_type": info.device.type,  # another device rounds otherwise
+        "diffusion": asdict(diffusion),
+        "compile": args.compile,  # the static route rounds otherwise
+        "device": torch.cuda.get_device_name(info.device) if info.device.type == "cuda"
+                  else info.device.type,  # another device rounds otherwise
         "batch_size": args.batch_size,
-        "chunk": min(args.batch_size, -(-len(labels) // info.world)),
+        "chunk": chunk_size(len(labels), info.world, args.batch_size),
     }  # fmt: skip
     with ExitStack() as stack:
-        chunks, problem = None, None
-        if info.is_main:  # rank 0 alone keeps the chunks; the others hear whether it can
+        chunks, status, error = None, None, None
+        if info.is_main:  # rank 0 alone keeps the chunks; the others hear what it found
             try:
-                chunks = stack.enter_context(PartialSamples.open(
-                    out, job, resume=args.resume, overwrite=args.overwrite))  # fmt: skip
-            except ValueError as e:
-                problem = str(e)
-        problem = distributed.broadcast_object(problem, info)
-        if problem:
-            raise ValueError(problem)
+                if args.resume and drawn(targets[1], job):
+                    status = "drawn"  # a requeued job that had finished
+                else:
+                    chunks = stack.enter_context(PartialSamples.open(
+                        out, job, resume=args.resume, overwrite=args.overwrite,
+                        replaces=[*targets, scores]))  # fmt: skip
+            except Exception as e:  # any: the other ranks must not wait for a plan
+                status, error = str(e) or type(e).__name__, e
+        status = distributed.broadcast_object(status, info)
+        if status == "drawn":
+            if info.is_main:
+                PartialSamples.discard(out)
+                print(f"{out} already holds this job's samples; nothing to draw")
+            return
+        if status:
+            raise error if error is not None else ValueError(status)
         images = generate_sharded(
             model,
             diffusion,
@@ -202,7 +225,6 @@ def run(args: argparse.Namespace) -> None:
         )
         if not info.is_main:
             return
-        save_grid(images, args.n, targets[0])
         class_names = model.config.class_names + ([NULL_CLASS] if args.unconditional else [])
         save_npz(
             targets[1],
@@ -215,7 +237,9 @@ def run(args: argparse.Namespace) -> None:
             guided_channels=guided or channels,
             seed=args.seed,
             checkpoint=str(Path(args.source).resolve()),
+            job_sha256=job_sha256(job),
         )
+        save_grid(images, args.n, targets[0])
         chunks.remove()  # they are in samples.npz now
     if scores.exists():  # --overwrite was given (checked above): it scored the samples replaced
         scores.unlink()

@@ -97,6 +97,14 @@ class Chunks(Protocol):
     def write(self, k: int, images: torch.Tensor) -> None: ...
 
 
+def chunk_size(n: int, world: int, batch_size: int) -> int:
+    """Samples a chunk for `n` samples over `world` ranks: at most `batch_size`, and as many
+    chunks as the rounds need, evenly (1,024 over 3 ranks at 256 a batch: 6 chunks of 171,
+    2 rounds; not 4 of 256, where a second round would keep rank 0 alone at work)."""
+    rounds = -(-n // (world * batch_size))
+    return -(-n // (world * rounds))
+
+
 def generate_sharded(
     model,
     diffusion,
@@ -112,8 +120,8 @@ def generate_sharded(
     0 returns every sample, in order (other ranks return None). Per-sample seeds make the result
     the same as one process drawing everything.
 
-    The labels are cut into chunks (`labels[k·size : (k+1)·size]`, at most `batch_size` each
-    and, without `chunks`, at most an even share of the ranks), dealt out round by round: in
+    The labels are cut into chunks (`labels[k·size : (k+1)·size]`, `chunk_size` samples,
+    or `chunks.size` for a job that keeps them), dealt out round by round: in
     each round rank r draws the round's r-th chunk and rank 0 receives the others' straight into
     its rows of the one output tensor, over `info.host` (a gloo group under NCCL, so they stay in
     host memory): the samples are held about once, not pickled and concatenated (4x them with
@@ -125,7 +133,7 @@ def generate_sharded(
     n = len(labels)
     plan = None
     if info.is_main:
-        size = chunks.size if chunks is not None else min(batch_size, -(-n // info.world))
+        size = chunks.size if chunks is not None else chunk_size(n, info.world, batch_size)
         plan = (size, sorted(chunks.done()) if chunks is not None else [])
     size, done = broadcast_object(plan, info)  # one small collective a call
     todo = [k for k in range(-(-n // size)) if k not in set(done)]

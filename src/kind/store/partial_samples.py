@@ -18,12 +18,15 @@ samples.npz is written.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from kind.io import (
@@ -38,6 +41,22 @@ from kind.io import (
 PARTIAL = ".samples.partial"
 FORMAT = "kind-samples-partial/1"
 _CHUNK = re.compile(r"chunk_(\d{6})\.safetensors")
+
+
+def job_sha256(job: dict) -> str:
+    """The job's identity (chunk size aside): samples.npz records it, so that a requeued
+    `--resume` of a finished job knows its samples are drawn."""
+    same = {k: v for k, v in job.items() if k != "chunk"}
+    return hashlib.sha256(json.dumps(same, sort_keys=True).encode()).hexdigest()
+
+
+def drawn(samples: Path, job: dict) -> bool:
+    """Whether the sample file `samples` holds this job's samples."""
+    try:
+        with np.load(samples, allow_pickle=False) as npz:
+            return "job_sha256" in npz.files and str(npz["job_sha256"]) == job_sha256(job)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent or damaged: not drawn
+        return False
 
 
 def model_sha256(model: torch.nn.Module) -> str:
@@ -58,11 +77,14 @@ class PartialSamples:
     @classmethod
     @contextmanager
     def open(
-        cls, out: Path, job: dict, *, resume: bool, overwrite: bool
+        cls, out: Path, job: dict, *, resume: bool, overwrite: bool, replaces: list[Path]
     ) -> Iterator[PartialSamples]:
         """The job's chunks under `out` while the block runs, locked: an unfinished job's with
         `resume` (refused when it differs from `job` in anything but the chunk size, which it
-        keeps), else a new one (an unfinished job there is refused unless `overwrite`)."""
+        keeps), else a new one (an unfinished job there is refused unless `overwrite`). The
+        files in `replaces` (the outputs) are replaced at the end only with `overwrite`, or
+        when resuming the unfinished job (started with `--overwrite`, or stopped while writing
+        them)."""
         root = Path(out) / PARTIAL
         if root.is_dir() and not resume:
             if not overwrite:
@@ -70,6 +92,11 @@ class PartialSamples:
                     f"{out} holds an unfinished sampling ({cls._progress(root)}): pass --resume "
                     "to continue it, or --overwrite to start again (nothing was touched)"
                 )
+        if not overwrite and not root.is_dir() and any(p.exists() for p in replaces):
+            raise ValueError(
+                f"{out} already holds samples of another job; pass --overwrite or choose "
+                "another --out"
+            )
         root.mkdir(parents=True, exist_ok=True)
         with hold_lock(root / "lock", lambda holder: ValueError(
                 f"{out} is being sampled into by {holder}; wait for it or choose another --out")):  # fmt: skip
@@ -132,5 +159,14 @@ class PartialSamples:
         atomic_save_tensors(self._path(k), {"images": images})
 
     def remove(self) -> None:
-        """Once the samples are written: the chunks are in samples.npz."""
+        """Once the samples are written: the chunks are in samples.npz (and what a write of
+        them stopped by a kill left, hidden temporary files, goes too)."""
         shutil.rmtree(self.root)
+        for stale in self.root.parent.glob(".samples.*.tmp"):
+            stale.unlink()
+
+    @staticmethod
+    def discard(out: Path) -> None:
+        """What a job killed after writing its samples left (the chunks are in them)."""
+        if (Path(out) / PARTIAL).is_dir():
+            shutil.rmtree(Path(out) / PARTIAL)
