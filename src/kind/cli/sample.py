@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> None:
         )
         save_grid(images, args.n, targets[0])
         chunks.remove()  # they are in samples.npz now
-    if scores.exists():  # --overwrite was given (checked above): it scored the samples replaced
+    if scores.exists():  # --overwrite, or a resumed job that replaces them: it scored others
         scores.unlink()
         print(f"removed {scores}: it scored the samples replaced")
     print(f"{len(labels)} samples -> {targets[0]}, {targets[1]}")

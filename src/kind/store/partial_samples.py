@@ -86,12 +86,11 @@ class PartialSamples:
         when resuming the unfinished job (started with `--overwrite`, or stopped while writing
         them)."""
         root = Path(out) / PARTIAL
-        if root.is_dir() and not resume:
-            if not overwrite:
-                raise ValueError(
-                    f"{out} holds an unfinished sampling ({cls._progress(root)}): pass --resume "
-                    "to continue it, or --overwrite to start again (nothing was touched)"
-                )
+        if root.is_dir() and not resume and not overwrite:
+            raise ValueError(
+                f"{out} holds an unfinished sampling ({cls._progress(root)}): pass --resume "
+                "to continue it, or --overwrite to start again (nothing was touched)"
+            )
         if not overwrite and not root.is_dir() and any(p.exists() for p in replaces):
             raise ValueError(
                 f"{out} already holds samples of another job; pass --overwrite or choose "
@@ -112,7 +111,8 @@ class PartialSamples:
     @staticmethod
     def _same(saved: dict, job: dict, root: Path) -> dict:
         """The saved job when `job` asks for the same samples (its chunk size: the saved one)."""
-        differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in job.items()
+        as_saved = json.loads(json.dumps(job))  # as JSON holds it (a tuple reads back a list)
+        differ = [f"{k} {saved.get(k)!r} (now {v!r})" for k, v in as_saved.items()
                   if k != "chunk" and saved.get(k) != v]  # fmt: skip
         if differ:
             raise ValueError(
@@ -131,8 +131,8 @@ class PartialSamples:
             total = -(-job["count"] // job["chunk"])
         except (ValueError, KeyError, TypeError, ZeroDivisionError, FileNotFoundError):
             return "its job record unreadable"
-        drawn = sum(1 for p in root.iterdir() if _CHUNK.fullmatch(p.name))
-        return f"{drawn} of {total} chunks of {job['chunk']} samples drawn"
+        kept = sum(1 for p in root.iterdir() if _CHUNK.fullmatch(p.name))
+        return f"{kept} of {total} chunks of {job['chunk']} samples drawn"
 
     def _path(self, k: int) -> Path:
         return self.root / f"chunk_{k:06d}.safetensors"
