@@ -594,3 +594,15 @@ def test_clipping_scales_dense_and_sparse_gradients_by_their_joint_norm():
     assert abs(float(norm) - total) < 1e-5
     torch.testing.assert_close(a.grad, torch.tensor([3.0, 0.0, 4.0]) / total)
     torch.testing.assert_close(b.grad.to_dense()[[1, 3]], rows / total)
+
+
+def test_a_damaged_row_in_the_log_is_dropped_with_a_warning_and_the_run_resumes(tmp_path, caplog):
+    """metrics.csv is a record, not the run's state: a garbage line (a full disk mid-write) no
+    longer stops a resume with "invalid literal for int()", a message naming no file."""
+    train(_cfg(2), tmp_path / "r")
+    log_file = tmp_path / "r" / "metrics.csv"
+    log_file.write_text(log_file.read_text() + "\x00garbage,1,2\n")
+    train(_cfg(3), tmp_path / "r", resume=True)
+    assert "metrics.csv: dropped 1 unreadable row(s)" in caplog.text
+    steps = [r.split(",")[0] for r in log_file.read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3"]

@@ -4,9 +4,20 @@ optionally, TensorBoard scalars."""
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 from kind.io import atomic_file
+
+log = logging.getLogger(__name__)
+
+
+def _step(row: dict) -> int | None:
+    """A row's step, None for a row that is not one (a damaged file)."""
+    try:
+        return int(row["step"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class CsvLog:
@@ -19,8 +30,18 @@ class CsvLog:
         self.path = path
         rows = []
         if resume_step is not None and path.exists():
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            try:
+                with path.open(newline="") as f:
+                    read = [(_step(r), r) for r in csv.DictReader(f)]
+            except (csv.Error, UnicodeDecodeError) as e:
+                raise ValueError(
+                    f"{path} cannot be read ({e}); repair it or move it aside (the run's weights "
+                    "are in its checkpoints), then --resume again"
+                ) from e
+            rows = [r for step, r in read if step is not None and step <= resume_step]
+            if any(step is None for step, _ in read):  # a log, not the run's state: go on
+                log.warning("%s: dropped %d unreadable row(s) (the file was damaged)", path,
+                            sum(step is None for step, _ in read))  # fmt: skip
         with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:  # a kill keeps the old log
             w = csv.DictWriter(f, self.FIELDS)
             w.writeheader()
