@@ -184,10 +184,33 @@ for n in (7, 2):  # shares of 3, 3, 1 and of 1, 1, 0 over three ranks
         sys.exit(f"{n} samples gathered as {out.flatten(1)[:, 0].tolist()}")
     if not info.is_main and out is not None:
         sys.exit("only rank 0 returns the samples")
+
+class Kept:  # rank 0's chunk store, in memory (kind.store.partial_samples keeps them on disk)
+    size = 2
+    def __init__(self): self.chunks = {}
+    def done(self): return set(self.chunks)
+    def read(self, k): return self.chunks[k]
+    def write(self, k, images): self.chunks[k] = images.clone()
+
+labels = list(range(11))  # 6 chunks of 2 (the last of 1): two rounds over three ranks
+want = fake(None, None, labels, indices=None, device="cpu")
+kept = Kept() if info.is_main else None
+out = sampling.generate_sharded(None, None, labels, info, chunks=kept)
+if info.is_main:  # each chunk written as received: the other ranks' too
+    for k, images in kept.chunks.items():
+        if not torch.equal(images, want[2 * k : 2 * k + 2]):
+            sys.exit(f"chunk {k} was kept as {images.flatten(1)[:, 0].tolist()}")
+    for k in (1, 4):  # as if the job had stopped before them: drawn again, the rest read
+        del kept.chunks[k]
+out = sampling.generate_sharded(None, None, labels, info, chunks=kept)
+if info.is_main and not torch.equal(out, want):
+    sys.exit(f"a resumed job gathered {out.flatten(1)[:, 0].tolist()}")
 """
 
 
 def test_uneven_shares_arrive_in_order_on_rank_zero_and_the_group_ends_at_exit(tmp_path):
+    """Shares in order whatever their sizes; kept chunks hold what each rank drew, and a job
+    resumed with some chunks missing draws those and reads the rest."""
     script = tmp_path / "shares.py"
     script.write_text(SHARES)
     _launch(3, str(script))
